@@ -1,0 +1,81 @@
+"""Plain-jnp attention kernels: the oracle for every Pallas kernel and the CPU/TPU fallback.
+
+Shapes follow the kernel contract (DESIGN.md section 4):
+  q     [B, Hq, D]            one query token per sequence
+  k, v  [B, Hkv, S, P, D]     a pool of S page slots of P tokens per KV head
+  fill  [B, Hkv, S] int32     tokens held by each slot (0 = empty)
+  slots [B, Hkv, K] int32     optional: attend only these slots (Quest); -1 = no slot
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+MASK_VALUE = -1e30  # finite, so a fully masked row gives zeros instead of NaN
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def decode_attention(q, k, v, fill, slots=None, *, scale=None):
+    """Softmax attention of one query per sequence over the resident pages.
+
+    Returns (out [B, Hq, D] in q's dtype, mass [B, Hkv, S or K] float32): mass is the softmax
+    probability each slot received, max over the query heads of the KV group.
+    """
+    b, hq, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    scale = d**-0.5 if scale is None else scale
+    if slots is not None:
+        valid_slot = slots >= 0  # [B, Hkv, K]
+        safe = jnp.where(valid_slot, slots, 0)
+        k = jnp.take_along_axis(k, safe[..., None, None], axis=2)  # [B, Hkv, K, P, D]
+        v = jnp.take_along_axis(v, safe[..., None, None], axis=2)
+        fill = jnp.where(valid_slot, jnp.take_along_axis(fill, safe, axis=2), 0)  # [B, Hkv, K]
+    page = k.shape[3]
+    qg = q.reshape(b, hkv, group, d).astype(jnp.float32) * scale  # [B, Hkv, G, D]
+    logits = jnp.einsum("bhgd,bhspd->bhgsp", qg, k.astype(jnp.float32), precision=HIGHEST)  # [B, Hkv, G, S, P]
+    token_valid = jnp.arange(page)[None, None, None, :] < fill[..., None]  # [B, Hkv, S, P]
+    logits = jnp.where(token_valid[:, :, None], logits, MASK_VALUE)
+    row_max = jnp.max(logits, axis=(-2, -1), keepdims=True)
+    probs = jnp.exp(logits - row_max) * token_valid[:, :, None]
+    probs = probs / jnp.maximum(jnp.sum(probs, axis=(-2, -1), keepdims=True), 1e-30)
+    out = jnp.einsum("bhgsp,bhspd->bhgd", probs, v.astype(jnp.float32), precision=HIGHEST)  # [B, Hkv, G, D]
+    mass = jnp.max(jnp.sum(probs, axis=-1), axis=2)  # [B, Hkv, S]
+    return out.reshape(b, hq, d).astype(q.dtype), mass
+
+
+def page_scores(q, kmin, kmax, fill):
+    """Quest upper bound of q.k over each page, max over the query heads of the group.
+
+    q [B, Hq, D], kmin/kmax [B, Hkv, S, D], fill [B, Hkv, S] -> U [B, Hkv, S] float32, -inf on empty slots.
+    """
+    b, hq, d = q.shape
+    hkv = kmin.shape[1]
+    qg = q.reshape(b, hkv, hq // hkv, d).astype(jnp.float32)  # [B, Hkv, G, D]
+    hi = qg[:, :, :, None, :] * kmax.astype(jnp.float32)[:, :, None]  # [B, Hkv, G, S, D]
+    lo = qg[:, :, :, None, :] * kmin.astype(jnp.float32)[:, :, None]
+    bound = jnp.sum(jnp.maximum(hi, lo), axis=-1)  # [B, Hkv, G, S]
+    bound = jnp.max(bound, axis=2)  # [B, Hkv, S]
+    return jnp.where(fill > 0, bound, -jnp.inf)
+
+
+def causal_attention(q, k, v, q_positions, k_positions, *, scale=None):
+    """Dense attention for a block of queries (prefill / full forward), GQA, float32 softmax.
+
+    q [B, T, Hq, D], k/v [B, Tk, Hkv, D], q_positions [B, T], k_positions [B, Tk] (-1 = padding).
+    A query sees the keys at positions <= its own. Returns [B, T, Hq, D] in q's dtype.
+    """
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    group = hq // hkv
+    scale = d**-0.5 if scale is None else scale
+    qg = q.reshape(b, t, hkv, group, d).astype(jnp.float32) * scale
+    logits = jnp.einsum("bthgd,bshd->bhgts", qg, k.astype(jnp.float32),
+                        precision=HIGHEST)  # [B, Hkv, G, T, Tk]
+    visible = (k_positions[:, None, :] <= q_positions[:, :, None]) & (k_positions[:, None, :] >= 0)
+    logits = jnp.where(visible[:, None, None], logits, MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhgts,bshd->bthgd", probs, v.astype(jnp.float32),
+                     precision=HIGHEST)
+    return out.reshape(b, t, hq, d).astype(q.dtype)

@@ -1,0 +1,178 @@
+"""Decoder-only transformer for the Llama family (Llama 2/3/3.1, Mistral, SmolLM2) and Qwen2/Qwen3.
+
+Flax linen used functionally:
+
+    logits, cache = Transformer(cfg, cache_ops).apply({"params": params}, tokens, positions, cache)
+
+* `params` is a plain nested dict; the layers are stacked on a leading axis (`nn.scan`).
+* `cache` is `None` (a full causal forward) or a dict of arrays stacked over layers; the model never
+  looks inside it: `cache_ops` (a frozen, hashable object from `raas_jax.cache`) writes keys and
+  values into it and runs decode attention over it. With `decode=False` the tokens are a prompt: they
+  attend to each other causally (dense) and are written into the cache; with `decode=True` there is
+  one token per sequence and attention goes through `cache_ops.decode`.
+* `positions[b, t] = -1` marks padding: it is neither attended to nor cached.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from raas_jax.kernels import causal_attention
+
+from .config import ModelConfig, RopeScaling
+
+
+class CacheOps(Protocol):
+    """What the model needs from a KV cache (implemented in `raas_jax.cache`)."""
+
+    def prefill(self, layer_cache: Any, k: jax.Array, v: jax.Array, positions: jax.Array) -> Any: ...
+
+    def decode(self, layer_cache: Any, q: jax.Array, k: jax.Array, v: jax.Array,
+               positions: jax.Array) -> tuple[jax.Array, Any]: ...
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:
+    """Inverse RoPE frequencies [D/2] float32, with HF's `linear` and `llama3` scalings."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    inv_freq = inv_freq.astype(np.float32)
+    if scaling.rope_type == "linear":
+        return (inv_freq / scaling.factor).astype(np.float32)
+    if scaling.rope_type == "llama3":
+        old_ctx = scaling.original_max_position_embeddings
+        low_wavelen = old_ctx / scaling.low_freq_factor
+        high_wavelen = old_ctx / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (old_ctx / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(is_medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """x [B, T, H, D], positions [B, T] -> x rotated (HF's rotate_half convention)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, D]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return weight * normed.astype(x.dtype)
+
+
+def _dense(features: int, use_bias: bool, dtype: Any, name: str) -> nn.Dense:
+    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=dtype,
+                    precision=precision, name=name)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    dtype: Any
+    cache_ops: CacheOps | None
+
+    @nn.compact
+    def __call__(self, x, positions, layer_cache, decode: bool):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = _dense(hq * d, cfg.qkv_bias, self.dtype, "q_proj")(x).reshape(b, t, hq, d)  # [B, T, Hq, D]
+        k = _dense(hkv * d, cfg.qkv_bias, self.dtype, "k_proj")(x).reshape(b, t, hkv, d)  # [B, T, Hkv, D]
+        v = _dense(hkv * d, cfg.qkv_bias, self.dtype, "v_proj")(x).reshape(b, t, hkv, d)  # [B, T, Hkv, D]
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.rms_norm_eps, self.dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, self.dtype, name="k_norm")(k)
+        inv_freq = rope_inv_freq(d, cfg.rope_theta, cfg.rope_scaling)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        if decode:
+            out, layer_cache = self.cache_ops.decode(layer_cache, q[:, 0], k[:, 0], v[:, 0], positions[:, 0])
+            out = out[:, None]  # [B, 1, Hq, D]
+        else:
+            out = causal_attention(q, k, v, positions, positions)  # [B, T, Hq, D]
+            if layer_cache is not None:
+                layer_cache = self.cache_ops.prefill(layer_cache, k, v, positions)
+        out = _dense(cfg.hidden_size, cfg.o_bias, self.dtype, "o_proj")(out.reshape(b, t, hq * d))
+        return out, layer_cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        gate = _dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, "gate_proj")(x)
+        up = _dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, "up_proj")(x)
+        return _dense(cfg.hidden_size, cfg.mlp_bias, self.dtype, "down_proj")(nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    dtype: Any
+    cache_ops: CacheOps | None
+    decode: bool
+
+    @nn.compact
+    def __call__(self, x, layer_cache, positions):
+        cfg = self.cfg
+        h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
+        h, layer_cache = Attention(cfg, self.dtype, self.cache_ops, name="self_attn")(
+            h, positions, layer_cache, self.decode)
+        x = x + h
+        h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
+        x = x + MLP(cfg, self.dtype, name="mlp")(h)
+        return x, layer_cache
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+    dtype: Any = jnp.float32
+    cache_ops: CacheOps | None = None
+
+    @nn.compact
+    def __call__(self, tokens, positions, cache=None, *, decode: bool = False, logits_index=None):
+        """tokens, positions [B, T] int32 -> (logits float32 [B, T, V] or [B, V], cache).
+
+        `logits_index` [B] (optional): compute logits only at x[b, logits_index[b]] -> [B, V].
+        """
+        cfg = self.cfg
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
+                         name="embed_tokens")
+        x = embed(tokens)  # [B, T, H]
+        layers = nn.scan(
+            Block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast),
+            length=cfg.num_layers,
+        )(cfg, self.dtype, self.cache_ops, decode, name="layers")
+        x, cache = layers(x, cache, positions)
+        x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
+        if logits_index is not None:
+            x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]  # [B, H]
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = _dense(cfg.vocab_size, False, self.dtype, "lm_head")(x)
+        return logits.astype(jnp.float32), cache

@@ -1,0 +1,235 @@
+"""The Python API: `raas_jax.load(...)` -> `Model` with `.logits(...)` and `.generate(...)`."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from raas_jax import checkpoint
+from raas_jax.cache import DenseCache, cache_bytes
+from raas_jax.generate import Generator, run_generation, trim_at_eos
+from raas_jax.models.config import ModelConfig
+from raas_jax.models.transformer import Transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    stats: dict[str, Any]
+
+
+def default_dtype() -> Any:
+    """bf16 on accelerators, f32 on CPU (where bf16 matmuls are slow)."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+class Model:
+    """A loaded checkpoint: config, device params, tokenizer (optional) and EOS ids."""
+
+    def __init__(self, cfg: ModelConfig, params: dict, dtype: Any, tokenizer: Any = None,
+                 eos_ids: Sequence[int] = (), path: Path | None = None):
+        self.cfg = cfg
+        self.params = params
+        self.dtype = dtype
+        self.tokenizer = tokenizer
+        self.eos_ids = tuple(int(i) for i in eos_ids)
+        self.path = path
+        self._generators: dict[Any, Generator] = {}
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (f"Model({c.model_type}, layers={c.num_layers}, heads={c.num_heads}/{c.num_kv_heads}, "
+                f"hidden={c.hidden_size}, vocab={c.vocab_size}, dtype={jnp.dtype(self.dtype).name}, path={self.path})")
+
+    # ------------------------------------------------------------------------------- logits
+    @functools.cached_property
+    def _forward(self) -> Callable:
+        module = Transformer(self.cfg, self.dtype)
+
+        def forward(params, tokens):
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+            return module.apply({"params": params}, tokens, positions)[0]
+
+        return jax.jit(forward)
+
+    def logits(self, token_ids) -> np.ndarray:
+        """Full causal forward without cache: int [B, T] (or [T]) -> float32 numpy [B, T, vocab]."""
+        tokens = np.asarray(token_ids)
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2 or tokens.shape[1] == 0 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"token_ids must be a non-empty integer array [B, T]; got shape {tokens.shape}, "
+                             f"dtype {tokens.dtype}")
+        self._check_ids(tokens)
+        return np.asarray(self._forward(self.params, jnp.asarray(tokens, jnp.int32)))
+
+    def _check_ids(self, tokens: np.ndarray) -> None:
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.cfg.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}); got "
+                             f"[{tokens.min()}, {tokens.max()}]")
+
+    # ----------------------------------------------------------------------------- generate
+    def encode(self, prompt: str | Sequence[int], chat: bool = True) -> list[int]:
+        """A prompt string (chat template applied when asked and available) or token ids -> ids."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError("empty prompt: give some text (or a list of token ids)")
+            tok = self._require_tokenizer()
+            if chat and getattr(tok, "chat_template", None):
+                ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                              tokenize=True)
+                if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in newer transformers
+                    ids = ids["input_ids"]
+                return list(ids)
+            return list(tok.encode(prompt, add_special_tokens=True))
+        ids = [int(i) for i in prompt]
+        if not ids:
+            raise ValueError("empty prompt: a token-id prompt needs at least one id")
+        self._check_ids(np.asarray(ids))
+        return ids
+
+    def decode_text(self, ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError(f"this model has no tokenizer (no tokenizer.json / tokenizer_config.json in "
+                             f"{self.path}): copy the tokenizer files next to config.json, or pass token ids")
+        return self.tokenizer
+
+    def _generator(self, policy: Any) -> Generator:
+        cache_ops = DenseCache() if policy is None else policy
+        if cache_ops not in self._generators:
+            self._generators[cache_ops] = Generator(self.cfg, self.dtype, cache_ops)
+        return self._generators[cache_ops]
+
+    def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]], max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                 policy: Any = None, chat: bool = True, chunk: int | None = None,
+                 on_text: Callable[[int, str], None] | None = None) -> list[GenerationResult]:
+        """Generate for one prompt or a batch (strings or token-id lists); one result per prompt.
+
+        `on_text(index, new_text)` streams decoded text as it is produced (every `chunk` steps).
+        """
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
+                                        and isinstance(prompts[0], (int, np.integer))):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("no prompts given")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise ValueError(f"bad sampling parameters: temperature={temperature} (>= 0), top_p={top_p} "
+                             f"(in (0, 1]), top_k={top_k} (>= 0)")
+        ids = [self.encode(p, chat) for p in prompts]
+        longest = max(len(p) for p in ids) + max_new_tokens
+        if self.cfg.sliding_window and longest > self.cfg.sliding_window:
+            raise ValueError(f"prompt + max_new_tokens = {longest} exceeds this model's sliding window "
+                             f"({self.cfg.sliding_window}); sliding-window attention is not implemented")
+        gen = self._generator(policy)
+        streamer = _TextStreamer(self, len(ids), on_text) if on_text else None
+        start = time.perf_counter()
+        out, state = run_generation(gen, self.params, ids, max_new_tokens=max_new_tokens, eos_ids=self.eos_ids,
+                                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                    chunk=chunk or (16 if on_text else None),
+                                    on_chunk=streamer.update if streamer else None)
+        seconds = time.perf_counter() - start
+        steps = int(state.step)
+        nbytes = cache_bytes(state.cache)
+        results = []
+        for i, row in enumerate(out):
+            new = trim_at_eos(row, self.eos_ids, steps)
+            results.append(GenerationResult(
+                text=self.decode_text(new), token_ids=new,
+                stats={"prompt_tokens": len(ids[i]), "new_tokens": len(new), "seconds": seconds,
+                       "tokens_per_second": len(new) / seconds if seconds > 0 else float("nan"),
+                       "cache_bytes": nbytes, "batch": len(ids)}))
+        return results
+
+
+class _TextStreamer:
+    """Turns growing token rows into text deltas per sequence."""
+
+    def __init__(self, model: Model, n: int, on_text: Callable[[int, str], None]):
+        self.model, self.on_text = model, on_text
+        self.sent = [""] * n
+
+    def update(self, tokens: np.ndarray, step: int) -> None:
+        for i, row in enumerate(tokens):
+            text = self.model.decode_text(trim_at_eos(row, self.model.eos_ids, step))
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+                continue
+            if len(text) > len(self.sent[i]) and text.startswith(self.sent[i]):
+                self.on_text(i, text[len(self.sent[i]):])
+                self.sent[i] = text
+
+
+# ------------------------------------------------------------------------------------- load
+
+def _load_tokenizer(path: Path):
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # a broken tokenizer should not hide a usable model
+        raise ValueError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {e}") from None
+
+
+def _eos_ids(path: Path, cfg: ModelConfig, tokenizer: Any) -> tuple[int, ...]:
+    gen_file = path / "generation_config.json"
+    if gen_file.is_file():
+        eos = json.loads(gen_file.read_text()).get("eos_token_id")
+        if eos is not None:
+            return tuple(eos) if isinstance(eos, list) else (int(eos),)
+    if cfg.eos_token_ids:
+        return cfg.eos_token_ids
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        return (int(tokenizer.eos_token_id),)
+    return ()
+
+
+def load(path: str | Path | None = None, dtype: Any = None) -> Model:
+    """Load a converted directory, an HF directory or a .gguf file (`None`: the default model)."""
+    from raas_jax import default_model
+
+    if path is None:
+        path = default_model.ensure_converted()
+    path = Path(path).expanduser()
+    dtype = checkpoint.resolve_dtype(dtype) or default_dtype()
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {path}: give a converted directory, an HF directory or a .gguf file")
+    if checkpoint.is_converted(path):
+        cfg = ModelConfig.from_json(path / "config.json")
+        params = checkpoint.restore_params(path, cfg, dtype)
+        tokenizer_dir = path
+    elif path.suffix == ".gguf":
+        import tempfile
+
+        from raas_jax import gguf_reader
+
+        hf_config, np_params = checkpoint.read_source(path, dtype)
+        cfg = ModelConfig.from_hf_dict(hf_config)
+        params = jax.device_put(np_params)
+        tokenizer_dir = Path(tempfile.mkdtemp(prefix="raas-jax-tok-"))
+        gguf_reader.save_gguf_tokenizer(path, tokenizer_dir)
+    else:
+        hf_config, np_params = checkpoint.read_source(path, dtype)
+        cfg = ModelConfig.from_hf_dict(hf_config)
+        params = jax.device_put(np_params)
+        tokenizer_dir = path
+    tokenizer = _load_tokenizer(tokenizer_dir)
+    return Model(cfg, params, dtype, tokenizer, _eos_ids(tokenizer_dir, cfg, tokenizer), path)

@@ -1,0 +1,151 @@
+"""Batched generation: one jitted prefill, then a jitted `lax.while_loop` decode run in chunks.
+
+Shapes are bucketed (batch and prompt length to powers of two, the cache to a power-of-two number of
+pages, the output buffer to a power of two) so that new request sizes rarely compile anything new.
+The decode state is one pytree, donated to every chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from raas_jax.cache import DenseCache
+from raas_jax.models.config import ModelConfig
+from raas_jax.models.transformer import Transformer
+from raas_jax.sampling import sample_tokens
+
+MIN_PROMPT_BUCKET = 16
+MIN_OUT_BUCKET = 16
+
+
+class DecodeState(NamedTuple):
+    cache: dict  # the policy's cache pytree, arrays stacked over layers
+    tokens: jax.Array  # [B, O] int32 generated tokens (O = output bucket)
+    last: jax.Array  # [B] int32 last sampled token (next input)
+    pos: jax.Array  # [B] int32 position of `last`
+    done: jax.Array  # [B] bool sequence has emitted an EOS (or is batch padding)
+    step: jax.Array  # [] int32 tokens generated so far (columns of `tokens` in use)
+    key: jax.Array  # PRNG key
+
+
+class SamplingParams(NamedTuple):
+    temperature: jax.Array  # [] float32, 0 = greedy
+    top_k: jax.Array  # [] int32, 0 = off
+    top_p: jax.Array  # [] float32, 1 = off
+
+
+def next_pow2(n: int, minimum: int = 1) -> int:
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class Generator:
+    """Compiled prefill/decode functions for one (model config, dtype, cache policy)."""
+
+    cfg: ModelConfig
+    dtype: Any
+    cache_ops: Any = DenseCache()
+
+    @functools.cached_property
+    def module(self) -> Transformer:
+        return Transformer(self.cfg, self.dtype, self.cache_ops)
+
+    @functools.cached_property
+    def start(self) -> Callable:
+        return jax.jit(self._start, static_argnames=("num_slots", "out_len"))
+
+    @functools.cached_property
+    def decode(self) -> Callable:
+        return jax.jit(self._decode, donate_argnums=(1,))
+
+    def _start(self, params, prompt, lengths, done, eos_ids, sampling: SamplingParams, key, *, num_slots: int,
+               out_len: int) -> DecodeState:
+        """Prefill the prompts [B, T] (right-padded, `lengths` [B]) and sample the first token."""
+        batch, t = prompt.shape
+        positions = jnp.where(jnp.arange(t)[None, :] < lengths[:, None], jnp.arange(t)[None, :], -1)
+        cache = self.cache_ops.init(self.cfg, batch, num_slots, self.dtype)
+        logits, cache = self.module.apply({"params": params}, prompt, positions, cache,
+                                          logits_index=lengths - 1)  # [B, V]
+        key, sub = jax.random.split(key)
+        first = sample_tokens(logits, sub, *sampling)  # [B]
+        tokens = jnp.zeros((batch, out_len), jnp.int32).at[:, 0].set(first)
+        done = done | jnp.isin(first, eos_ids)
+        return DecodeState(cache, tokens, first, lengths, done, jnp.int32(1), key)
+
+    def _decode(self, params, state: DecodeState, stop_step, eos_ids, sampling: SamplingParams) -> DecodeState:
+        """Decode until `step == stop_step` or every sequence is done."""
+
+        def cond(s: DecodeState):
+            return (s.step < stop_step) & ~jnp.all(s.done)
+
+        def body(s: DecodeState):
+            logits, cache = self.module.apply({"params": params}, s.last[:, None], s.pos[:, None], s.cache,
+                                              decode=True, logits_index=jnp.zeros_like(s.pos))  # [B, V]
+            key, sub = jax.random.split(s.key)
+            token = sample_tokens(logits, sub, *sampling)
+            token = jnp.where(s.done, 0, token)
+            tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step))
+            pos = s.pos + (~s.done).astype(jnp.int32)  # finished sequences stop moving
+            done = s.done | jnp.isin(token, eos_ids)
+            return DecodeState(cache, tokens, token, pos, done, s.step + 1, key)
+
+        return jax.lax.while_loop(cond, body, state)
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Right-pad to bucketed [B', T'] -> (tokens, lengths [B'], padding-row mask [B'])."""
+    batch = next_pow2(len(prompts))
+    longest = max(len(p) for p in prompts)
+    t = next_pow2(longest, MIN_PROMPT_BUCKET)
+    tokens = np.zeros((batch, t), np.int32)
+    lengths = np.ones((batch,), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+        lengths[i] = len(p)
+    is_padding = np.arange(batch) >= len(prompts)
+    return tokens, lengths, is_padding
+
+
+def run_generation(gen: Generator, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                   eos_ids: Sequence[int], temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                   seed: int = 0, chunk: int | None = None,
+                   on_chunk: Callable[[np.ndarray, int], None] | None = None) -> tuple[np.ndarray, DecodeState]:
+    """Generate for a batch of token-id prompts; returns (tokens [len(prompts), max_new_tokens], final state).
+
+    `on_chunk(tokens_so_far, step)` is called after each chunk of `chunk` decode steps (streaming).
+    """
+    tokens, lengths, is_padding = pad_prompts(prompts)
+    page = gen.cache_ops.page_size
+    num_slots = next_pow2(-(-(int(lengths.max()) + max_new_tokens) // page), 16)
+    out_len = next_pow2(max_new_tokens, MIN_OUT_BUCKET)
+    sampling = SamplingParams(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+    eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+    state = gen.start(params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(is_padding), eos,
+                      sampling, jax.random.PRNGKey(seed), num_slots=num_slots, out_len=out_len)
+    chunk = chunk or max_new_tokens
+    step = 1
+    while True:
+        if on_chunk is not None:
+            on_chunk(np.asarray(state.tokens[:len(prompts)]), int(state.step))
+        if step >= max_new_tokens or bool(jnp.all(state.done)):
+            break
+        step = min(step + chunk, max_new_tokens)
+        state = gen.decode(params, state, jnp.int32(step), eos, sampling)
+    out = np.asarray(state.tokens[:len(prompts), :max_new_tokens])
+    return out, state
+
+
+def trim_at_eos(row: np.ndarray, eos_ids: Sequence[int], steps: int) -> list[int]:
+    """Tokens up to and including the first EOS (as HF's generate returns them)."""
+    row = row[:steps].tolist()
+    for i, tok in enumerate(row):
+        if tok in eos_ids:
+            return row[:i + 1]
+    return row

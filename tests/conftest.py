@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny random HF checkpoints (saved with save_pretrained) and a small tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import pytest
+
+jax.config.update("jax_enable_x64", False)
+
+VOCAB = 320
+
+
+def pytest_collection_modifyitems(config, items):
+    has_gpu = any(d.platform == "gpu" for d in jax.devices()) if jax.default_backend() == "gpu" else False
+    skip_gpu = pytest.mark.skip(reason="needs a GPU (jax.default_backend() != 'gpu')")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip_gpu)
+
+
+def save_tokenizer(out: Path, vocab_size: int = VOCAB) -> None:
+    """A byte-level BPE tokenizer of exactly `vocab_size` ids with a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    text = ["the quick brown fox jumps over the lazy dog " * 20, "1 2 3 4 5 6 7 8 9 10 plus minus equals"]
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert len(fast) <= vocab_size, len(fast)
+    fast.save_pretrained(str(out))
+
+
+def make_hf_model(out: Path, kind: str = "llama", seed: int = 0, tokenizer: bool = True, **overrides):
+    """Save a tiny random HF model of `kind` (llama | mistral | qwen2 | qwen3) to `out`; return the torch model."""
+    import torch
+    import transformers as tf
+
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=0, eos_token_id=2)
+    base.update(overrides)
+    config_cls, model_cls = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+    }[kind]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**base)).eval()
+    with torch.no_grad():  # random norm weights, so a wrong norm cannot hide behind ones
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(str(out))
+    if tokenizer:
+        save_tokenizer(out)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_llama")
+    make_hf_model(out, "llama")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_converted(tiny_llama_dir, tmp_path_factory) -> Path:
+    from raas_jax.checkpoint import convert
+
+    out = tmp_path_factory.mktemp("converted") / "tiny_llama"
+    convert(tiny_llama_dir, out, dtype="f32", progress=False)
+    return out
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
