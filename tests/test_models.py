@@ -1,0 +1,87 @@
+"""Model forward against HF transformers (torch, fp32) on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import raas_jax
+from raas_jax.checkpoint import convert
+from raas_jax.models.config import ModelConfig, UnsupportedModelError
+
+from conftest import VOCAB, make_hf_model
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+CASES = {
+    "llama-gqa-untied": ("llama", {}),
+    "llama-mha-tied": ("llama", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
+    "llama3-rope-scaling": ("llama", {"rope_scaling": LLAMA3_ROPE, "rope_theta": 500000.0}),
+    "llama-linear-rope-bias": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0},
+                                         "attention_bias": True, "mlp_bias": True}),
+    "llama-mqa-headdim": ("llama", {"num_attention_heads": 8, "num_key_value_heads": 1, "head_dim": 24}),
+    "mistral": ("mistral", {"sliding_window": None}),
+    "qwen2-bias-tied": ("qwen2", {"tie_word_embeddings": True}),
+    "qwen2-gqa": ("qwen2", {"num_attention_heads": 6, "num_key_value_heads": 2, "hidden_size": 96}),
+    "qwen3-qknorm": ("qwen3", {"head_dim": 40}),
+    "qwen3-mha-tied": ("qwen3", {"num_key_value_heads": 4, "tie_word_embeddings": True, "head_dim": 16}),
+}
+
+
+def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_match_transformers(case, tmp_path):
+    kind, overrides = CASES[case]
+    hf_model = make_hf_model(tmp_path / "hf", kind, seed=hash(case) % 1000, tokenizer=False, **overrides)
+    convert(tmp_path / "hf", tmp_path / "ours", dtype="f32", progress=False)
+    model = raas_jax.load(tmp_path / "ours", dtype="f32")
+    tokens = np.random.default_rng(1).integers(0, VOCAB, (2, 37))
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(tokens)).logits.float().numpy()
+    ours = model.logits(tokens)
+    assert ours.shape == ref.shape and ours.dtype == np.float32
+    assert relative_error(ours, ref) <= 1e-4
+
+
+def test_hf_directory_loads_without_conversion(tiny_llama_dir):
+    import transformers
+
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+    tokens = np.arange(30)[None] % VOCAB
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(tokens)).logits.numpy()
+    assert relative_error(raas_jax.load(tiny_llama_dir, dtype="f32").logits(tokens), ref) <= 1e-4
+
+
+def test_bf16_logits_close_to_f32(tiny_llama_dir):
+    tokens = np.arange(40)[None] % VOCAB
+    f32 = raas_jax.load(tiny_llama_dir, dtype="f32").logits(tokens)
+    bf16 = raas_jax.load(tiny_llama_dir, dtype="bf16").logits(tokens)
+    assert np.isfinite(bf16).all()
+    assert relative_error(bf16, f32) <= 3e-2
+
+
+def test_unknown_architecture_names_the_supported_ones():
+    with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM.*Qwen3ForCausalLM"):
+        ModelConfig.from_hf_dict({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+
+
+def test_unsupported_rope_scaling_is_named():
+    hf = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 8, "hidden_size": 8,
+          "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+          "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+    with pytest.raises(UnsupportedModelError, match="yarn.*default, linear, llama3"):
+        ModelConfig.from_hf_dict(hf)
+
+
+def test_bad_token_ids_are_rejected(tiny_llama_dir):
+    model = raas_jax.load(tiny_llama_dir, dtype="f32")
+    with pytest.raises(ValueError, match=r"\[0, 320\)"):
+        model.logits([[1, 2, VOCAB]])
+    with pytest.raises(ValueError, match="non-empty integer"):
+        model.logits(np.zeros((1, 0), np.int32))
