@@ -85,8 +85,8 @@ def _open_reader(path: str | os.PathLike[str]) -> GGUFReader:
         reader = GGUFReader(path, "r")
     except (ValueError, IndexError, TypeError, KeyError, OverflowError, UnicodeDecodeError) as e:
         raise ValueError(
-            f"{path!r} is a corrupt or truncated GGUF file: its header/metadata could not be "
-            f"parsed ({type(e).__name__}: {e})"
+            f"{path!r} is not a readable GGUF file: it is truncated or corrupt (file size "
+            f"{os.path.getsize(path)} bytes; gguf reader: {type(e).__name__}: {e})"
         ) from None
     _check_tensor_extent(path, reader)
     return reader
@@ -275,7 +275,9 @@ def read_gguf_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     Both the legacy ``rope_theta``/``rope_scaling`` keys and the transformers-5
     ``rope_parameters`` dict are filled in. ``tie_word_embeddings`` is True iff the file
     has no ``output.weight``; ``attention_bias``/``mlp_bias`` reflect whether layer 0 has
-    q/up-projection biases. float32 metadata (eps, theta) is rounded to its shortest
+    q/up-projection biases. ``eos_token_id`` is the GGUF eos id, or the list
+    ``[eos, eot, eom]`` when the GGUF also names distinct end-of-turn/-message tokens (as HF
+    instruct configs do). float32 metadata (eps, theta) is rounded to its shortest
     decimal (``9.99999974e-06`` -> ``1e-05``).
     """
     path = os.fspath(path)
@@ -306,7 +308,7 @@ def read_gguf_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         "max_position_embeddings": int(_require(reader, f"{arch}.context_length", path)),
         "tie_word_embeddings": "output.weight" not in tensors,
         "bos_token_id": _get(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _get(reader, "tokenizer.ggml.eos_token_id"),
+        "eos_token_id": _eos_token_id(reader),
         "pad_token_id": _get(reader, "tokenizer.ggml.padding_token_id"),
         "attention_bias": "blk.0.attn_q.bias" in tensors,
         "mlp_bias": "blk.0.ffn_up.bias" in tensors,
@@ -401,18 +403,24 @@ def _eos_ids(reader: GGUFReader) -> list[int]:
     return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
+def _eos_token_id(reader: GGUFReader) -> int | list[int] | None:
+    """HF-style ``eos_token_id``: an int for a single end token, else the list ``[eos, eot, eom]``."""
+    eos = _eos_ids(reader)
+    return eos[0] if len(eos) == 1 else (eos or None)
+
+
 def save_gguf_generation_config(path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> None:
     """Write ``out_dir/generation_config.json`` with bos/eos/pad ids from the GGUF metadata.
 
-    ``eos_token_id`` is an int when the GGUF names a single end token, otherwise the list
-    ``[eos, eot, eom]`` (deduplicated, in that order). Keys that the GGUF lacks are omitted.
+    ``eos_token_id`` as in ``read_gguf_config``: an int when the GGUF names a single end token,
+    otherwise the list ``[eos, eot, eom]`` (deduplicated, in that order). Keys that the GGUF
+    lacks are omitted.
     """
     path = os.fspath(path)
     reader = _open_reader(path)
-    eos = _eos_ids(reader)
     generation_config: dict[str, Any] = {
         "bos_token_id": _get(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "eos_token_id": _eos_token_id(reader),
         "pad_token_id": _get(reader, "tokenizer.ggml.padding_token_id"),
     }
     generation_config = {k: v for k, v in generation_config.items() if v is not None}

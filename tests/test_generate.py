@@ -1,0 +1,127 @@
+"""Generation: cached decode against the full forward, ragged batches, EOS, streaming, recompiles."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import raas_jax
+from raas_jax.cache import DenseCache
+from raas_jax.models.transformer import Transformer
+
+from conftest import VOCAB, make_hf_model
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama_converted):
+    return raas_jax.load(tiny_llama_converted, dtype="f32")
+
+
+def test_decode_logits_match_full_forward(model):
+    """Prefill a ragged batch, then teacher-force tokens one by one: every step's logits equal the
+    full causal forward's logits at that position."""
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(0, VOCAB, 40), rng.integers(0, VOCAB, 40)]
+    prompt_lens = np.array([5, 17])
+    cache_ops = DenseCache(page_size=4)
+    module = Transformer(model.cfg, model.dtype, cache_ops)
+    prefill = jax.jit(lambda *a: module.apply({"params": model.params}, *a[:3], logits_index=a[3]))
+    step = jax.jit(lambda *a: module.apply({"params": model.params}, *a, decode=True,
+                                           logits_index=jnp.zeros(2, jnp.int32)))
+    cache = cache_ops.init(model.cfg, 2, num_slots=12, dtype=model.dtype)
+    prompt = np.zeros((2, 24), np.int32)
+    for b, n in enumerate(prompt_lens):
+        prompt[b, :n] = seqs[b][:n]
+    positions = np.where(np.arange(24)[None] < prompt_lens[:, None], np.arange(24)[None], -1)
+    logits, cache = prefill(jnp.asarray(prompt), jnp.asarray(positions), cache, jnp.asarray(prompt_lens - 1))
+    full = [model.logits(s[None])[0] for s in seqs]  # [T, V] each
+    for b, n in enumerate(prompt_lens):
+        np.testing.assert_allclose(logits[b], full[b][n - 1], rtol=1e-4, atol=1e-4)
+    pos = prompt_lens.copy()
+    for _ in range(20):
+        tokens = np.array([seqs[b][pos[b]] for b in range(2)], np.int32)
+        logits, cache = step(jnp.asarray(tokens[:, None]), jnp.asarray(pos[:, None]), cache)
+        for b in range(2):
+            np.testing.assert_allclose(logits[b], full[b][pos[b]], rtol=1e-4, atol=1e-4)
+        pos += 1
+
+
+def test_greedy_generation_equals_rerunning_logits(model):
+    prompt = [5, 9, 33, 101, 7, 250, 18]
+    result = model.generate([prompt], max_new_tokens=12, chat=False)[0]
+    seq = list(prompt)
+    for token in result.token_ids:
+        assert token == int(np.argmax(model.logits([seq])[0, -1]))
+        seq.append(token)
+    assert result.stats["new_tokens"] == len(result.token_ids)
+    assert result.stats["cache_bytes"] > 0 and result.stats["seconds"] > 0
+
+
+def test_ragged_batch_equals_one_by_one(model):
+    prompts = [[3, 4, 5], list(range(10, 40)), [200] * 17]
+    batched = model.generate(prompts, max_new_tokens=12, chat=False)
+    for prompt, result in zip(prompts, batched):
+        alone = model.generate([prompt], max_new_tokens=12, chat=False)[0]
+        assert result.token_ids == alone.token_ids
+
+
+def test_stops_at_eos(model):
+    prompt = [5, 9, 33, 101]
+    free = model.generate([prompt], max_new_tokens=16, chat=False)[0].token_ids
+    stop = free[5]
+    first = free.index(stop)
+    eos_model = raas_jax.Model(model.cfg, model.params, model.dtype, model.tokenizer, (stop,), model.path)
+    result = eos_model.generate([prompt], max_new_tokens=16, chat=False)[0]
+    assert result.token_ids == free[: first + 1]
+
+
+def test_sampling_is_seeded(model):
+    prompt = [[1, 2, 3, 4]]
+    a = model.generate(prompt, max_new_tokens=16, temperature=1.0, seed=1, chat=False)[0].token_ids
+    b = model.generate(prompt, max_new_tokens=16, temperature=1.0, seed=1, chat=False)[0].token_ids
+    c = model.generate(prompt, max_new_tokens=16, temperature=1.0, seed=2, chat=False)[0].token_ids
+    greedy = model.generate(prompt, max_new_tokens=16, chat=False)[0].token_ids
+    top1 = model.generate(prompt, max_new_tokens=16, temperature=1.0, top_k=1, seed=3, chat=False)[0].token_ids
+    assert a == b and a != c
+    assert top1 == greedy
+
+
+def test_text_prompts_stream_and_chat_template(model):
+    pieces: list[str] = []
+    result = model.generate("the quick fox", max_new_tokens=20, on_text=lambda i, t: pieces.append(t), chunk=4)[0]
+    assert "".join(pieces) == result.text
+    chat_ids = model.encode("the quick fox", chat=True)
+    plain_ids = model.encode("the quick fox", chat=False)
+    assert len(chat_ids) > len(plain_ids)
+    assert model.tokenizer.decode(chat_ids).startswith("<|im_start|>user\nthe quick fox<|im_end|>")
+    assert result.stats["prompt_tokens"] == len(chat_ids)
+
+
+def test_bad_generation_input(model):
+    with pytest.raises(ValueError, match="empty prompt"):
+        model.generate("   ")
+    with pytest.raises(ValueError, match="empty prompt"):
+        model.generate([[]])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate("hi", max_new_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate("hi", top_p=0.0)
+
+
+def test_missing_tokenizer_is_explained(tmp_path):
+    make_hf_model(tmp_path / "hf", "llama", tokenizer=False)
+    model = raas_jax.load(tmp_path / "hf", dtype="f32")
+    with pytest.raises(ValueError, match="no tokenizer"):
+        model.generate("hello")
+    assert len(model.generate([[1, 2, 3]], max_new_tokens=3)[0].token_ids) == 3
+
+
+def test_new_lengths_in_a_bucket_do_not_recompile(model):
+    model.generate([[1, 2, 3]], max_new_tokens=20, chat=False)
+    gen = model._generator(None)
+    compiled = (gen.start._cache_size(), gen.decode._cache_size())
+    model.generate([[4, 5, 6, 7, 8]], max_new_tokens=30, chat=False)
+    model.generate([[9, 10]], max_new_tokens=25, chat=False, temperature=0.7, top_p=0.9, top_k=5)
+    assert (gen.start._cache_size(), gen.decode._cache_size()) == compiled
