@@ -226,8 +226,11 @@ def load(path: str | Path | None = None, dtype: Any = None) -> Model:
         hf_config, np_params = checkpoint.read_source(path, dtype)
         cfg = ModelConfig.from_hf_dict(hf_config)
         params = jax.device_put(np_params)
-        tokenizer_dir = Path(tempfile.mkdtemp(prefix="raas-jax-tok-"))
-        gguf_reader.save_gguf_tokenizer(path, tokenizer_dir)
+        with tempfile.TemporaryDirectory(prefix="raas-jax-tok-") as tmp:
+            gguf_reader.save_gguf_tokenizer(path, Path(tmp))
+            tokenizer = _load_tokenizer(Path(tmp))
+            eos_ids = _eos_ids(Path(tmp), cfg, tokenizer)
+        return Model(cfg, params, dtype, tokenizer, eos_ids, path)
     else:
         hf_config, np_params = checkpoint.read_source(path, dtype)
         cfg = ModelConfig.from_hf_dict(hf_config)
