@@ -29,7 +29,9 @@ def page_scores(q, kmin, kmax, fill, *, backend: str = "auto"):
     return reference.page_scores(q, kmin, kmax, fill)
 
 
-def causal_attention(q, k, v, q_positions, k_positions, *, scale=None, backend: str = "auto"):
-    """Prefill attention: q [B,T,Hq,D], k/v [B,Tk,Hkv,D] -> [B,T,Hq,D]."""
+def causal_attention(q, k, v, q_positions, k_positions, *, scale=None, return_key_mass=False,
+                     backend: str = "auto"):
+    """Prefill attention: q [B,T,Hq,D], k/v [B,Tk,Hkv,D] -> [B,T,Hq,D] (and key mass [B,Hkv,Tk])."""
     _resolve(backend)
-    return reference.causal_attention(q, k, v, q_positions, k_positions, scale=scale)
+    return reference.causal_attention(q, k, v, q_positions, k_positions, scale=scale,
+                                      return_key_mass=return_key_mass)

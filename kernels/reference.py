@@ -60,11 +60,13 @@ def page_scores(q, kmin, kmax, fill):
     return jnp.where(fill > 0, bound, -jnp.inf)
 
 
-def causal_attention(q, k, v, q_positions, k_positions, *, scale=None):
+def causal_attention(q, k, v, q_positions, k_positions, *, scale=None, return_key_mass=False):
     """Dense attention for a block of queries (prefill / full forward), GQA, float32 softmax.
 
     q [B, T, Hq, D], k/v [B, Tk, Hkv, D], q_positions [B, T], k_positions [B, Tk] (-1 = padding).
-    A query sees the keys at positions <= its own. Returns [B, T, Hq, D] in q's dtype.
+    A query sees the keys at positions <= its own. Returns [B, T, Hq, D] in q's dtype, and with
+    `return_key_mass` also the attention mass each key received summed over the (non-padding)
+    queries, max over the query heads of its group: [B, Hkv, Tk] float32 (H2O's prefill scores).
     """
     b, t, hq, d = q.shape
     hkv = k.shape[2]
@@ -78,4 +80,9 @@ def causal_attention(q, k, v, q_positions, k_positions, *, scale=None):
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bhgts,bshd->bthgd", probs, v.astype(jnp.float32),
                      precision=HIGHEST)
-    return out.reshape(b, t, hq, d).astype(q.dtype)
+    out = out.reshape(b, t, hq, d).astype(q.dtype)
+    if not return_key_mass:
+        return out
+    query_valid = (q_positions >= 0)[:, None, None, :, None]  # [B, 1, 1, T, 1]
+    key_mass = jnp.max(jnp.sum(probs * query_valid, axis=3), axis=2)  # [B, Hkv, Tk]
+    return out, key_mass

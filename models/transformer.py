@@ -31,7 +31,7 @@ from .config import ModelConfig, RopeScaling
 class CacheOps(Protocol):
     """What the model needs from a KV cache (implemented in `raas_jax.cache`)."""
 
-    def prefill(self, layer_cache: Any, k: jax.Array, v: jax.Array, positions: jax.Array) -> Any: ...
+    def prefill(self, layer_cache: Any, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> Any: ...
 
     def decode(self, layer_cache: Any, q: jax.Array, k: jax.Array, v: jax.Array,
                positions: jax.Array) -> tuple[jax.Array, Any]: ...
@@ -110,7 +110,7 @@ class Attention(nn.Module):
         else:
             out = causal_attention(q, k, v, positions, positions)  # [B, T, Hq, D]
             if layer_cache is not None:
-                layer_cache = self.cache_ops.prefill(layer_cache, k, v, positions)
+                layer_cache = self.cache_ops.prefill(layer_cache, q, k, v, positions)
         out = _dense(cfg.hidden_size, cfg.o_bias, self.dtype, "o_proj")(out.reshape(b, t, hq * d))
         return out, layer_cache
 

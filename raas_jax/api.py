@@ -15,10 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from raas_jax import checkpoint
-from raas_jax.cache import DenseCache, cache_bytes
+from raas_jax.cache import cache_bytes
 from raas_jax.generate import Generator, run_generation, trim_at_eos
 from raas_jax.models.config import ModelConfig
 from raas_jax.models.transformer import Transformer
+from raas_jax.policies import Dense, Policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +110,11 @@ class Model:
                              f"{self.path}): copy the tokenizer files next to config.json, or pass token ids")
         return self.tokenizer
 
-    def _generator(self, policy: Any) -> Generator:
-        cache_ops = DenseCache() if policy is None else policy
+    def _generator(self, policy: Policy | None) -> Generator:
+        cache_ops = Dense() if policy is None else policy
+        if not isinstance(cache_ops, Policy):
+            raise ValueError(f"policy must be a raas_jax.policies object (Dense, RaaS, Quest, H2O, StreamingLLM) "
+                             f"or None, got {policy!r}")
         if cache_ops not in self._generators:
             self._generators[cache_ops] = Generator(self.cfg, self.dtype, cache_ops)
         return self._generators[cache_ops]

@@ -1,24 +1,28 @@
-"""The page-pool KV cache (DESIGN.md section 2) and its dense policy.
+"""The page-pool KV cache (DESIGN.md section 2): arrays and the pure functions that edit them.
 
-Per (layer, sequence, KV head) the cache owns S slots of P tokens. All arrays are stacked over layers
-so that the model can scan over them; the model only sees one layer's slice at a time:
+Per (layer, sequence, KV head) the cache owns S slots of P tokens. Arrays are stacked over layers so
+the model can scan over them; the policies (raas_jax/policies.py) see one layer at a time:
 
-    k, v   [L, B, Hkv, S, P, D]   the pages
-    fill   [L, B, Hkv, S] int32   tokens held by each slot (0 = empty)
+    k, v        [B, Hkv, S, P, D]   the pages
+    kmin, kmax  [B, Hkv, S, D]      per-channel key min / max of each page (Quest bound)
+    fill        [B, Hkv, S] int32   tokens held by the slot, 0 = free
+    start       [B, Hkv, S] int32   position of the slot's first token
+    stamp       [B, Hkv, S] int32   RaaS timestamp: last position at which the page was judged important
+    pinned      [B, Hkv, S] bool    prompt pages (never evicted)
+    cur         [B, Hkv]    int32   slot being filled
+    (+ policy-specific arrays, e.g. H2O's accumulated attention mass)
 
-`DenseCache` is the dense policy: slot s holds positions [s*P, (s+1)*P), nothing is evicted and
-decode attends to every resident token. Sparse policies add metadata and eviction on the same pool.
+Slot order does not matter to attention (RoPE is applied before caching), so evicting page X to start
+page Y is overwriting slot X.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from raas_jax import kernels
 from raas_jax.models.config import ModelConfig
 
 LayerCache = dict[str, jax.Array]
@@ -29,66 +33,115 @@ def cache_bytes(cache: dict[str, jax.Array]) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache)))
 
 
-def _write_prompt(pool: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """Scatter prompt tokens into a dense-layout pool.
+def init_pool(cfg: ModelConfig, batch: int, num_slots: int, page_size: int, dtype: Any) -> dict[str, jax.Array]:
+    """An empty pool, every array stacked over layers: [L, B, Hkv, S, ...]."""
+    slots = (cfg.num_layers, batch, cfg.num_kv_heads, num_slots)
+    return {
+        "k": jnp.zeros(slots + (page_size, cfg.head_dim), dtype),  # [L, B, Hkv, S, P, D]
+        "v": jnp.zeros(slots + (page_size, cfg.head_dim), dtype),  # [L, B, Hkv, S, P, D]
+        "kmin": jnp.zeros(slots + (cfg.head_dim,), dtype),  # [L, B, Hkv, S, D]
+        "kmax": jnp.zeros(slots + (cfg.head_dim,), dtype),  # [L, B, Hkv, S, D]
+        "fill": jnp.zeros(slots, jnp.int32),  # [L, B, Hkv, S]
+        "start": jnp.zeros(slots, jnp.int32),  # [L, B, Hkv, S]
+        "stamp": jnp.zeros(slots, jnp.int32),  # [L, B, Hkv, S]
+        "pinned": jnp.zeros(slots, jnp.bool_),  # [L, B, Hkv, S]
+        "cur": jnp.zeros(slots[:-1], jnp.int32),  # [L, B, Hkv]
+    }
 
-    pool [B, Hkv, S, P, D], new [B, T, Hkv, D], positions [B, T] (-1 = padding, dropped).
-    """
+
+def _scatter_prompt(pool: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """pool [B, Hkv, S, P, D], new [B, T, Hkv, D]: token at position p goes to slot p // P, offset p % P."""
     b, hkv, s, p, d = pool.shape
     flat = pool.transpose(0, 2, 3, 1, 4).reshape(b, s * p, hkv, d)  # [B, S*P, Hkv, D]
-    index = jnp.where(positions >= 0, positions, s * p)  # out of range -> dropped
+    index = jnp.where(positions >= 0, positions, s * p)  # padding -> out of range -> dropped
     flat = flat.at[jnp.arange(b)[:, None], index].set(new.astype(pool.dtype), mode="drop")
     return flat.reshape(b, s, p, hkv, d).transpose(0, 3, 1, 2, 4)
 
 
-def _write_token(pool: jax.Array, new: jax.Array, slot: jax.Array, offset: jax.Array) -> jax.Array:
-    """pool [B, Hkv, S, P, D], new [B, Hkv, D], slot/offset [B] -> pool with one token written."""
+def page_key_bounds(k: jax.Array, fill: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-channel min / max over the filled tokens of each page (0 on empty slots).
 
-    def one(pool_b, new_b, slot_b, offset_b):  # [Hkv, S, P, D], [Hkv, D]
-        return jax.lax.dynamic_update_slice(pool_b, new_b[:, None, None, :], (0, slot_b, offset_b, 0))
+    k [B, Hkv, S, P, D], fill [B, Hkv, S] -> kmin, kmax [B, Hkv, S, D].
+    """
+    valid = (jnp.arange(k.shape[3]) < fill[..., None])[..., None]  # [B, Hkv, S, P, 1]
+    kmin = jnp.min(jnp.where(valid, k, jnp.inf), axis=3)
+    kmax = jnp.max(jnp.where(valid, k, -jnp.inf), axis=3)
+    resident = (fill > 0)[..., None]
+    return jnp.where(resident, kmin, 0).astype(k.dtype), jnp.where(resident, kmax, 0).astype(k.dtype)
 
-    return jax.vmap(one)(pool, new.astype(pool.dtype), slot, offset)
+
+def write_prompt(layer: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array, page_size: int,
+                 pin: bool) -> LayerCache:
+    """Write a prompt into an empty layer cache, page j holding positions [jP, (j+1)P).
+
+    k, v [B, T, Hkv, D]; positions [B, T] (-1 = padding). Every prompt page gets stamp = the last
+    prompt position (all pages are new now); `pin` marks them pinned.
+    """
+    num_slots = layer["fill"].shape[-1]
+    length = jnp.max(positions, axis=1) + 1  # [B]
+    slot_start = jnp.arange(num_slots, dtype=jnp.int32) * page_size  # [S]
+    fill = jnp.clip(length[:, None] - slot_start[None, :], 0, page_size).astype(jnp.int32)  # [B, S]
+    fill = jnp.broadcast_to(fill[:, None, :], layer["fill"].shape)  # [B, Hkv, S]
+    resident = fill > 0
+    k_pool = _scatter_prompt(layer["k"], k, positions)
+    kmin, kmax = page_key_bounds(k_pool, fill)
+    cur = jnp.broadcast_to(((length - 1) // page_size)[:, None], layer["cur"].shape).astype(jnp.int32)
+    return {
+        **layer,
+        "k": k_pool,
+        "v": _scatter_prompt(layer["v"], v, positions),
+        "kmin": kmin,
+        "kmax": kmax,
+        "fill": fill,
+        "start": jnp.where(resident, slot_start, 0),
+        "stamp": jnp.where(resident, (length - 1)[:, None, None], 0).astype(jnp.int32),
+        "pinned": resident & pin,
+        "cur": cur,
+    }
 
 
-@dataclasses.dataclass(frozen=True)
-class DenseCache:
-    """Dense attention over a page pool sized for the whole sequence (O(N) memory)."""
+def slot_of(array: jax.Array, slot: jax.Array) -> jax.Array:
+    """array [B, Hkv, S, ...], slot [B, Hkv] -> array[b, h, slot[b, h]] [B, Hkv, ...]."""
+    index = slot.reshape(slot.shape + (1,) * (array.ndim - 2))
+    return jnp.take_along_axis(array, index, axis=2)[:, :, 0]
 
-    page_size: int = 16
-    backend: str = "auto"
 
-    def init(self, cfg: ModelConfig, batch: int, num_slots: int, dtype: Any) -> dict[str, jax.Array]:
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, num_slots)
-        return {
-            "k": jnp.zeros(shape + (self.page_size, cfg.head_dim), dtype),  # [L, B, Hkv, S, P, D]
-            "v": jnp.zeros(shape + (self.page_size, cfg.head_dim), dtype),  # [L, B, Hkv, S, P, D]
-            "fill": jnp.zeros(shape, jnp.int32),  # [L, B, Hkv, S]
-        }
+def append_token(layer: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array, victim: jax.Array,
+                 page_size: int) -> tuple[LayerCache, jax.Array, jax.Array]:
+    """Append one token per (sequence, KV head), opening a new page when the current one is full.
 
-    def capacity(self, cache: dict[str, jax.Array]) -> int:
-        """Tokens the cache can hold per sequence."""
-        return cache["k"].shape[3] * self.page_size
-
-    def prefill(self, layer: LayerCache, k, v, positions) -> LayerCache:
-        """k, v [B, T, Hkv, D], positions [B, T] -> the layer cache holding the prompt."""
-        num_slots = layer["k"].shape[2]
-        length = jnp.max(positions, axis=1) + 1  # [B]
-        slot_start = jnp.arange(num_slots) * self.page_size  # [S]
-        fill = jnp.clip(length[:, None] - slot_start[None, :], 0, self.page_size)  # [B, S]
-        fill = jnp.broadcast_to(fill[:, None, :], layer["fill"].shape).astype(jnp.int32)
-        return {
-            "k": _write_prompt(layer["k"], k, positions),
-            "v": _write_prompt(layer["v"], v, positions),
-            "fill": fill,
-        }
-
-    def decode(self, layer: LayerCache, q, k, v, positions):
-        """q [B, Hq, D], k/v [B, Hkv, D], positions [B] -> (out [B, Hq, D], layer cache)."""
-        slot, offset = positions // self.page_size, positions % self.page_size  # [B]
-        new_k = _write_token(layer["k"], k, slot, offset)
-        new_v = _write_token(layer["v"], v, slot, offset)
-        slot_ids = jnp.arange(layer["fill"].shape[-1])
-        fill = jnp.where(slot_ids[None, None, :] == slot[:, None, None], (offset + 1)[:, None, None],
-                         layer["fill"])  # [B, Hkv, S]
-        out, _ = kernels.decode_attention(q, new_k, new_v, fill, backend=self.backend)
-        return out, {"k": new_k, "v": new_v, "fill": fill}
+    A new page goes to the first free slot, else to `victim` [B, Hkv] (chosen by the policy from the
+    state before this token). k, v [B, Hkv, D], positions [B].
+    Returns (layer, slot written [B, Hkv], evicted slot or -1 [B, Hkv]).
+    """
+    b, hkv = layer["cur"].shape
+    fill = layer["fill"]
+    cur = layer["cur"]
+    cur_fill = slot_of(fill, cur)  # [B, Hkv]
+    need_new = cur_fill >= page_size
+    free = fill == 0
+    has_free = jnp.any(free, axis=-1)
+    fresh = jnp.where(has_free, jnp.argmax(free, axis=-1), victim).astype(jnp.int32)
+    slot = jnp.where(need_new, fresh, cur)  # [B, Hkv]
+    offset = jnp.where(need_new, 0, cur_fill)  # [B, Hkv]
+    evicted = jnp.where(need_new & ~has_free, victim, -1)
+    pos = jnp.broadcast_to(positions[:, None], (b, hkv)).astype(jnp.int32)
+    bi, hi = jnp.arange(b)[:, None], jnp.arange(hkv)[None, :]
+    k = k.astype(layer["k"].dtype)
+    old_min, old_max = slot_of(layer["kmin"], slot), slot_of(layer["kmax"], slot)  # [B, Hkv, D]
+    new_page = need_new[..., None]
+    kmin = jnp.where(new_page, k, jnp.minimum(old_min, k))
+    kmax = jnp.where(new_page, k, jnp.maximum(old_max, k))
+    out = {
+        **layer,
+        "k": layer["k"].at[bi, hi, slot, offset].set(k),
+        "v": layer["v"].at[bi, hi, slot, offset].set(v.astype(layer["v"].dtype)),
+        "kmin": layer["kmin"].at[bi, hi, slot].set(kmin),
+        "kmax": layer["kmax"].at[bi, hi, slot].set(kmax),
+        "fill": fill.at[bi, hi, slot].set(offset + 1),
+        "start": layer["start"].at[bi, hi, slot].set(jnp.where(need_new, pos, slot_of(layer["start"], slot))),
+        "stamp": layer["stamp"].at[bi, hi, slot].set(jnp.where(need_new, pos, slot_of(layer["stamp"], slot))),
+        "pinned": layer["pinned"].at[bi, hi, slot].set(~need_new & slot_of(layer["pinned"], slot)),
+        "cur": slot,
+    }
+    return out, slot, evicted

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from raas_jax.cache import DenseCache
+from raas_jax.policies import Dense, next_pow2
 from raas_jax.models.config import ModelConfig
 from raas_jax.models.transformer import Transformer
 from raas_jax.sampling import sample_tokens
@@ -41,17 +41,13 @@ class SamplingParams(NamedTuple):
     top_p: jax.Array  # [] float32, 1 = off
 
 
-def next_pow2(n: int, minimum: int = 1) -> int:
-    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
-
-
 @dataclasses.dataclass(frozen=True)
 class Generator:
     """Compiled prefill/decode functions for one (model config, dtype, cache policy)."""
 
     cfg: ModelConfig
     dtype: Any
-    cache_ops: Any = DenseCache()
+    cache_ops: Any = Dense()
 
     @functools.cached_property
     def module(self) -> Transformer:
@@ -121,9 +117,9 @@ def run_generation(gen: Generator, params, prompts: Sequence[Sequence[int]], *, 
 
     `on_chunk(tokens_so_far, step)` is called after each chunk of `chunk` decode steps (streaming).
     """
+    gen.cache_ops.check_prompts([len(p) for p in prompts])
     tokens, lengths, is_padding = pad_prompts(prompts)
-    page = gen.cache_ops.page_size
-    num_slots = next_pow2(-(-(int(lengths.max()) + max_new_tokens) // page), 16)
+    num_slots = gen.cache_ops.num_slots(int(lengths.max()), max_new_tokens)
     out_len = next_pow2(max_new_tokens, MIN_OUT_BUCKET)
     sampling = SamplingParams(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import raas_jax
-from raas_jax.cache import DenseCache
+from raas_jax.policies import Dense
 from raas_jax.models.transformer import Transformer
 
 from conftest import VOCAB, make_hf_model
@@ -25,7 +25,7 @@ def test_decode_logits_match_full_forward(model):
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, VOCAB, 40), rng.integers(0, VOCAB, 40)]
     prompt_lens = np.array([5, 17])
-    cache_ops = DenseCache(page_size=4)
+    cache_ops = Dense(page_size=4)
     module = Transformer(model.cfg, model.dtype, cache_ops)
     prefill = jax.jit(lambda *a: module.apply({"params": model.params}, *a[:3], logits_index=a[3]))
     step = jax.jit(lambda *a: module.apply({"params": model.params}, *a, decode=True,
