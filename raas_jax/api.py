@@ -16,7 +16,7 @@ import numpy as np
 
 from raas_jax import checkpoint
 from raas_jax.cache import cache_bytes
-from raas_jax.generate import Generator, run_generation, trim_at_eos
+from raas_jax.generate import Generator, forced_logits, run_generation, trim_at_eos
 from raas_jax.models.config import ModelConfig
 from raas_jax.models.transformer import Transformer
 from raas_jax.policies import Dense, Policy
@@ -163,6 +163,15 @@ class Model:
                        "tokens_per_second": len(new) / seconds if seconds > 0 else float("nan"),
                        "cache_bytes": nbytes, "batch": len(ids)}))
         return results
+
+
+def teacher_forced_logits(model: Model, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+                          policy: Policy | None = None) -> list[np.ndarray]:
+    """Logits [len(continuation), V] per prompt when `policy` decodes `continuations` token by token."""
+    if len(prompts) != len(continuations) or any(len(c) == 0 for c in continuations):
+        raise ValueError("give one non-empty continuation per prompt")
+    ids = [model.encode(p, chat=False) for p in prompts]
+    return forced_logits(model._generator(policy), model.params, ids, continuations)
 
 
 class _TextStreamer:

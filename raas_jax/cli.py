@@ -16,9 +16,47 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def policy_from_args(args: argparse.Namespace):
+    """The policy object the --policy/--budget/... flags describe (None: dense)."""
+    from raas_jax.policies import make_policy
+
+    options: dict = {}
+    if args.policy == "raas":
+        refresh = args.refresh
+        options = {"refresh": refresh if refresh == "top_half" else _alpha(refresh), "score": args.score,
+                   "pin_prefill": not args.no_pin_prefill, "dense_layers": args.dense_layers or 0}
+    elif args.policy == "quest":
+        options = {"dense_layers": 2 if args.dense_layers is None else args.dense_layers}
+    elif args.policy == "h2o":
+        options = {"recent_fraction": args.recent_fraction}
+    elif args.policy == "streaming":
+        options = {"sink_tokens": args.sink_tokens}
+    return make_policy(args.policy, budget=args.budget, page_size=args.page_size, **options)
+
+
+def _alpha(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--refresh takes 'top_half' or a number alpha in (0, 1), got {text!r}") from None
+
+
+def add_policy_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", default="dense", help="dense | raas | quest | h2o | streaming (default dense)")
+    p.add_argument("--budget", type=int, default=None, help="KV budget in tokens (sparse policies)")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per page (default 16; 1 = token level)")
+    p.add_argument("--refresh", default="top_half", help="RaaS: 'top_half' or an alpha threshold, e.g. 0.01")
+    p.add_argument("--score", default="estimate", choices=["estimate", "exact"], help="RaaS page score")
+    p.add_argument("--no-pin-prefill", action="store_true", help="RaaS: let prompt pages be evicted")
+    p.add_argument("--dense-layers", type=int, default=None, help="Quest: leading dense layers (default 2)")
+    p.add_argument("--recent-fraction", type=float, default=0.5, help="H2O: recent window share (default 0.5)")
+    p.add_argument("--sink-tokens", type=int, default=4, help="StreamingLLM: sink tokens (default 4)")
+
+
 def _generate(args: argparse.Namespace) -> int:
     import raas_jax
 
+    policy = policy_from_args(args)
     model = raas_jax.load(args.model, dtype=args.dtype)
     prompts = args.prompt
 
@@ -27,7 +65,7 @@ def _generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     results = model.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             top_p=args.top_p, top_k=args.top_k, seed=args.seed, chat=not args.no_chat,
+                             top_p=args.top_p, top_k=args.top_k, seed=args.seed, chat=not args.no_chat, policy=policy,
                              on_text=stream if len(prompts) == 1 else None)
     if len(prompts) == 1:
         sys.stdout.write("\n")
@@ -65,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    add_policy_flags(p)
     p.set_defaults(func=_generate)
     return parser
 

@@ -23,15 +23,17 @@ from raas_jax.sampling import sample_tokens
 
 MIN_PROMPT_BUCKET = 16
 MIN_OUT_BUCKET = 16
+DECODE_CHUNK = 128  # tokens buffered on device per decode call; the host drains it between calls
 
 
 class DecodeState(NamedTuple):
     cache: dict  # the policy's cache pytree, arrays stacked over layers
-    tokens: jax.Array  # [B, O] int32 generated tokens (O = output bucket)
+    tokens: jax.Array  # [B, DECODE_CHUNK] int32 tokens generated since `base`
     last: jax.Array  # [B] int32 last sampled token (next input)
     pos: jax.Array  # [B] int32 position of `last`
     done: jax.Array  # [B] bool sequence has emitted an EOS (or is batch padding)
-    step: jax.Array  # [] int32 tokens generated so far (columns of `tokens` in use)
+    step: jax.Array  # [] int32 tokens generated so far
+    base: jax.Array  # [] int32 value of `step` when `tokens` was last drained
     key: jax.Array  # PRNG key
 
 
@@ -55,14 +57,34 @@ class Generator:
 
     @functools.cached_property
     def start(self) -> Callable:
-        return jax.jit(self._start, static_argnames=("num_slots", "out_len"))
+        return jax.jit(self._start, static_argnames=("num_slots",))
 
     @functools.cached_property
     def decode(self) -> Callable:
         return jax.jit(self._decode, donate_argnums=(1,))
 
-    def _start(self, params, prompt, lengths, done, eos_ids, sampling: SamplingParams, key, *, num_slots: int,
-               out_len: int) -> DecodeState:
+    @functools.cached_property
+    def forced(self) -> Callable:
+        return jax.jit(self._forced, static_argnames=("num_slots",))
+
+    def _forced(self, params, prompt, lengths, forced, *, num_slots: int) -> jax.Array:
+        """Teacher forcing: logits [B, N, V] predicting forced[:, i] after the prompt and forced[:, :i]."""
+        batch, t = prompt.shape
+        positions = jnp.where(jnp.arange(t)[None, :] < lengths[:, None], jnp.arange(t)[None, :], -1)
+        cache = self.cache_ops.init(self.cfg, batch, num_slots, self.dtype)
+        first, cache = self.module.apply({"params": params}, prompt, positions, cache, logits_index=lengths - 1)
+
+        def step(carry, token):  # token [B]: the forced token fed at position carry[1]
+            cache, pos = carry
+            logits, cache = self.module.apply({"params": params}, token[:, None], pos[:, None], cache,
+                                              decode=True, logits_index=jnp.zeros_like(pos))
+            return (cache, pos + 1), logits
+
+        _, rest = jax.lax.scan(step, (cache, lengths), forced[:, :-1].T)  # [N-1, B, V]
+        return jnp.concatenate([first[:, None], rest.transpose(1, 0, 2)], axis=1)
+
+    def _start(self, params, prompt, lengths, done, eos_ids, sampling: SamplingParams, key, *,
+               num_slots: int) -> DecodeState:
         """Prefill the prompts [B, T] (right-padded, `lengths` [B]) and sample the first token."""
         batch, t = prompt.shape
         positions = jnp.where(jnp.arange(t)[None, :] < lengths[:, None], jnp.arange(t)[None, :], -1)
@@ -71,12 +93,12 @@ class Generator:
                                           logits_index=lengths - 1)  # [B, V]
         key, sub = jax.random.split(key)
         first = sample_tokens(logits, sub, *sampling)  # [B]
-        tokens = jnp.zeros((batch, out_len), jnp.int32).at[:, 0].set(first)
+        tokens = jnp.zeros((batch, DECODE_CHUNK), jnp.int32).at[:, 0].set(first)
         done = done | jnp.isin(first, eos_ids)
-        return DecodeState(cache, tokens, first, lengths, done, jnp.int32(1), key)
+        return DecodeState(cache, tokens, first, lengths, done, jnp.int32(1), jnp.int32(0), key)
 
     def _decode(self, params, state: DecodeState, stop_step, eos_ids, sampling: SamplingParams) -> DecodeState:
-        """Decode until `step == stop_step` or every sequence is done."""
+        """Decode until `step == stop_step` (at most DECODE_CHUNK past `base`) or every sequence is done."""
 
         def cond(s: DecodeState):
             return (s.step < stop_step) & ~jnp.all(s.done)
@@ -87,10 +109,10 @@ class Generator:
             key, sub = jax.random.split(s.key)
             token = sample_tokens(logits, sub, *sampling)
             token = jnp.where(s.done, 0, token)
-            tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step))
+            tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step - s.base))
             pos = s.pos + (~s.done).astype(jnp.int32)  # finished sequences stop moving
             done = s.done | jnp.isin(token, eos_ids)
-            return DecodeState(cache, tokens, token, pos, done, s.step + 1, key)
+            return DecodeState(cache, tokens, token, pos, done, s.step + 1, s.base, key)
 
         return jax.lax.while_loop(cond, body, state)
 
@@ -113,29 +135,45 @@ def run_generation(gen: Generator, params, prompts: Sequence[Sequence[int]], *, 
                    eos_ids: Sequence[int], temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                    seed: int = 0, chunk: int | None = None,
                    on_chunk: Callable[[np.ndarray, int], None] | None = None) -> tuple[np.ndarray, DecodeState]:
-    """Generate for a batch of token-id prompts; returns (tokens [len(prompts), max_new_tokens], final state).
+    """Generate for a batch of token-id prompts; returns (tokens [len(prompts), steps], final state).
 
     `on_chunk(tokens_so_far, step)` is called after each chunk of `chunk` decode steps (streaming).
     """
     gen.cache_ops.check_prompts([len(p) for p in prompts])
     tokens, lengths, is_padding = pad_prompts(prompts)
     num_slots = gen.cache_ops.num_slots(int(lengths.max()), max_new_tokens)
-    out_len = next_pow2(max_new_tokens, MIN_OUT_BUCKET)
     sampling = SamplingParams(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
     state = gen.start(params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(is_padding), eos,
-                      sampling, jax.random.PRNGKey(seed), num_slots=num_slots, out_len=out_len)
-    chunk = chunk or max_new_tokens
-    step = 1
+                      sampling, jax.random.PRNGKey(seed), num_slots=num_slots)
+    chunk = min(chunk or DECODE_CHUNK, DECODE_CHUNK)
+    drained: list[np.ndarray] = []
     while True:
+        step, base = int(state.step), int(state.base)
+        drained.append(np.asarray(state.tokens[:len(prompts), :step - base]))
         if on_chunk is not None:
-            on_chunk(np.asarray(state.tokens[:len(prompts)]), int(state.step))
+            on_chunk(np.concatenate(drained, axis=1), step)
         if step >= max_new_tokens or bool(jnp.all(state.done)):
             break
-        step = min(step + chunk, max_new_tokens)
-        state = gen.decode(params, state, jnp.int32(step), eos, sampling)
-    out = np.asarray(state.tokens[:len(prompts), :max_new_tokens])
+        state = state._replace(base=jnp.int32(step))
+        state = gen.decode(params, state, jnp.int32(min(step + chunk, max_new_tokens)), eos, sampling)
+    out = np.concatenate(drained, axis=1)
     return out, state
+
+
+def forced_logits(gen: Generator, params, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+                  ) -> list[np.ndarray]:
+    """Teacher-forced logits of each continuation under `gen`'s policy: one [len(cont), V] array per prompt."""
+    gen.cache_ops.check_prompts([len(p) for p in prompts])
+    tokens, lengths, _ = pad_prompts(prompts)
+    steps = next_pow2(max(len(c) for c in continuations), MIN_OUT_BUCKET)
+    forced = np.zeros((tokens.shape[0], steps), np.int32)
+    for i, c in enumerate(continuations):
+        forced[i, :len(c)] = c
+    num_slots = gen.cache_ops.num_slots(int(lengths.max()), steps)
+    logits = np.asarray(gen.forced(params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(forced),
+                                   num_slots=num_slots))
+    return [logits[i, :len(c)] for i, c in enumerate(continuations)]
 
 
 def trim_at_eos(row: np.ndarray, eos_ids: Sequence[int], steps: int) -> list[int]:

@@ -1,0 +1,276 @@
+"""Policies: equal to dense when nothing must be evicted, and eviction/refresh/selection rules
+checked against brute force on random score sequences."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import raas_jax
+from raas_jax.api import teacher_forced_logits
+from raas_jax.models.config import ModelConfig
+from raas_jax.policies import (H2O, Dense, Quest, RaaS, StreamingLLM, make_policy, oldest_victim, quest_select,
+                               top_half_mask)
+
+PROMPTS = [[5, 9, 33, 101, 7], list(range(1, 22))]
+BIG = 256  # budget >= prompt + max_new_tokens for every prompt here
+
+ALL_POLICIES = {
+    "raas": RaaS(budget=BIG, page_size=4),
+    "raas-exact-alpha": RaaS(budget=BIG, page_size=4, score="exact", refresh=0.01),
+    "raas-token": RaaS(budget=BIG, page_size=1),
+    "quest": Quest(budget=BIG, page_size=4, dense_layers=0),
+    "quest-token": Quest(budget=BIG, page_size=1, dense_layers=1),
+    "h2o": H2O(budget=BIG, page_size=4),
+    "h2o-token": H2O(budget=BIG, page_size=1),
+    "streaming": StreamingLLM(budget=BIG, page_size=4),
+    "streaming-token": StreamingLLM(budget=BIG, page_size=1),
+}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama_converted):
+    return raas_jax.load(tiny_llama_converted, dtype="f32")
+
+
+@pytest.fixture(scope="module")
+def dense_run(model):
+    tokens = [r.token_ids for r in model.generate(PROMPTS, max_new_tokens=40, chat=False)]
+    return tokens, teacher_forced_logits(model, PROMPTS, tokens, Dense())
+
+
+@pytest.mark.parametrize("name", sorted(ALL_POLICIES))
+def test_large_budget_equals_dense(model, dense_run, name):
+    policy = ALL_POLICIES[name]
+    dense_tokens, dense_logits = dense_run
+    tokens = [r.token_ids for r in model.generate(PROMPTS, max_new_tokens=40, chat=False, policy=policy)]
+    assert tokens == dense_tokens
+    for ours, ref in zip(teacher_forced_logits(model, PROMPTS, dense_tokens, policy), dense_logits):
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_forced_dense_matches_full_forward(model, dense_run):
+    tokens, logits = dense_run
+    for prompt, cont, lg in zip(PROMPTS, tokens, logits):
+        full = model.logits([prompt + cont])[0, len(prompt) - 1:len(prompt) + len(cont) - 1]
+        np.testing.assert_allclose(lg, full, rtol=1e-4, atol=1e-4)
+
+
+def test_cache_bytes_do_not_grow_with_new_tokens(model):
+    for policy in (RaaS(budget=64, page_size=4), H2O(budget=64, page_size=4), StreamingLLM(budget=64, page_size=4)):
+        short = model.generate(PROMPTS, max_new_tokens=20, chat=False, policy=policy)[0].stats["cache_bytes"]
+        long = model.generate(PROMPTS, max_new_tokens=200, chat=False, policy=policy)[0].stats["cache_bytes"]
+        assert short == long
+    dense_short = model.generate(PROMPTS, max_new_tokens=20, chat=False)[0].stats["cache_bytes"]
+    dense_long = model.generate(PROMPTS, max_new_tokens=600, chat=False)[0].stats["cache_bytes"]
+    assert dense_long > dense_short
+
+
+def test_twice_the_tokens_compiles_nothing_new(model):
+    policy = RaaS(budget=64, page_size=4)
+    model.generate(PROMPTS, max_new_tokens=50, chat=False, policy=policy)
+    gen = model._generator(policy)
+    compiled = (gen.start._cache_size(), gen.decode._cache_size())
+    model.generate(PROMPTS, max_new_tokens=100, chat=False, policy=policy)
+    assert (gen.start._cache_size(), gen.decode._cache_size()) == compiled
+
+
+def test_prompt_larger_than_budget_is_explained(model):
+    with pytest.raises(ValueError, match=r"21 tokens needs 6 pages of 4 plus 2.*budget >= 32.*Quest"):
+        model.generate(PROMPTS, max_new_tokens=5, chat=False, policy=RaaS(budget=28, page_size=4))
+
+
+def test_bad_policy_configs():
+    with pytest.raises(ValueError, match="not a multiple of page_size"):
+        RaaS(budget=100, page_size=16)
+    with pytest.raises(ValueError, match="unknown policy 'foo'"):
+        make_policy("foo", budget=64)
+    with pytest.raises(ValueError, match="refresh"):
+        RaaS(budget=64, page_size=4, refresh=2.0)
+    with pytest.raises(ValueError, match="needs a budget"):
+        make_policy("raas")
+    assert make_policy("StreamingLLM", budget=64, page_size=4) == StreamingLLM(budget=64, page_size=4)
+
+
+# ----------------------------------------------------------------- selection primitives (brute force)
+
+score_arrays = st.integers(0, 2**31 - 1).map(lambda seed: np.random.default_rng(seed))
+
+
+@settings(max_examples=40, deadline=None)
+@given(rng=score_arrays, slots=st.integers(2, 9))
+def test_top_half_refreshes_exactly_the_top_resident_pages(rng, slots):
+    scores = rng.permutation(slots * 6).reshape(2, 3, slots)[..., :slots].astype(np.float32)  # distinct
+    resident = rng.random((2, 3, slots)) < 0.7
+    got = np.asarray(top_half_mask(jnp.asarray(scores), jnp.asarray(resident)))
+    keep = (slots + 1) // 2
+    for b in range(2):
+        for h in range(3):
+            idx = [s for s in np.argsort(-scores[b, h]) if resident[b, h, s]][:keep]
+            want = np.zeros(slots, bool)
+            want[idx] = True
+            assert (got[b, h] == want).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(rng=score_arrays, slots=st.integers(1, 12), k=st.integers(1, 12))
+def test_quest_selection_is_brute_force_top_k(rng, slots, k):
+    scores = rng.normal(size=(2, 2, slots)).astype(np.float32)
+    fill = (rng.random((2, 2, slots)) < 0.8).astype(np.int32)
+    cur = rng.integers(0, slots, (2, 2))
+    fill[np.arange(2)[:, None], np.arange(2)[None, :], cur] = 1
+    got = np.asarray(quest_select(jnp.asarray(scores), jnp.asarray(cur), jnp.asarray(fill), k))
+    for b in range(2):
+        for h in range(2):
+            resident = [s for s in range(slots) if fill[b, h, s] and s != cur[b, h]]
+            ranked = [cur[b, h]] + sorted(resident, key=lambda s: -scores[b, h, s])
+            want = ranked[:min(k, slots)]
+            assert [s for s in got[b, h] if s >= 0] == want
+            assert (got[b, h][len(want):] == -1).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(rng=score_arrays, slots=st.integers(2, 10))
+def test_oldest_victim_is_brute_force_argmin(rng, slots):
+    stamps = rng.integers(0, 5, (3, slots)).astype(np.int32)  # many ties
+    candidates = rng.random((3, slots)) < 0.6
+    candidates[:, 0] |= ~candidates.any(axis=1)
+    got = np.asarray(oldest_victim(jnp.asarray(stamps)[None], jnp.asarray(candidates)[None]))[0]
+    for row in range(3):
+        pool = [s for s in range(slots) if candidates[row, s]]
+        assert got[row] == min(pool, key=lambda s: (stamps[row, s], s))
+
+
+# -------------------------------------------------------------- pool simulation against brute force
+
+B, HKV, GROUP, D = 2, 2, 2, 8
+SIM_CFG = ModelConfig(model_type="llama", vocab_size=8, hidden_size=32, intermediate_size=8, num_layers=1,
+                      num_heads=HKV * GROUP, num_kv_heads=HKV, head_dim=D)
+
+
+_JITTED: dict = {}
+
+
+def jitted(policy):
+    """One compiled (prefill, decode) pair per policy, shared by every hypothesis example."""
+    if policy not in _JITTED:
+        _JITTED[policy] = (jax.jit(policy.prefill), jax.jit(policy.decode))
+    return _JITTED[policy]
+
+
+def simulate(policy, prompt_lengths, steps, seed, max_prompt=9):
+    """Run prefill + `steps` decode steps on one layer with random q/k/v; yield (before, after, pos, q)."""
+    rng = np.random.default_rng(seed)
+    prefill, decode = jitted(policy)
+    slots = policy.budget // policy.page_size
+    t = max_prompt
+    layer = jax.tree.map(lambda x: x[0], policy.init(SIM_CFG, B, slots, jnp.float32))
+    positions = np.where(np.arange(t)[None] < np.array(prompt_lengths)[:, None], np.arange(t)[None], -1)
+    q = rng.normal(size=(B, t, HKV * GROUP, D)).astype(np.float32)
+    k = rng.normal(size=(B, t, HKV, D)).astype(np.float32)
+    layer = prefill(layer, q, k, k, jnp.asarray(positions))
+    pos = np.array(prompt_lengths, np.int32)
+    for _ in range(steps):
+        q1 = rng.normal(size=(B, HKV * GROUP, D)).astype(np.float32) * 3
+        k1 = rng.normal(size=(B, HKV, D)).astype(np.float32)
+        before = jax.tree.map(np.asarray, layer)
+        _, layer = decode(layer, q1, k1, k1, jnp.asarray(pos))
+        yield before, jax.tree.map(np.asarray, layer), pos.copy(), q1
+        pos += 1
+
+
+def check_common(policy, before, after, pos, victim_rule):
+    page = policy.page_size
+    slots = after["fill"].shape[-1]
+    for b in range(B):
+        for h in range(HKV):
+            assert (after["fill"][b, h] <= page).all() and (after["fill"][b, h] >= 0).all()
+            assert (after["fill"][b, h] > 0).sum() <= slots
+            cur = before["cur"][b, h]
+            needs_page = before["fill"][b, h, cur] >= page
+            free = np.flatnonzero(before["fill"][b, h] == 0)
+            slot = after["cur"][b, h]
+            if not needs_page:
+                assert slot == cur and after["fill"][b, h, cur] == before["fill"][b, h, cur] + 1
+                continue
+            assert after["start"][b, h, slot] == pos[b] and after["fill"][b, h, slot] == 1
+            if len(free):
+                assert slot == free[0]
+                continue
+            assert slot != cur, "the page filled at this step was evicted"
+            assert not before["pinned"][b, h, slot], "a pinned page was evicted"
+            candidates = [s for s in range(slots) if before["fill"][b, h, s] == page and not before["pinned"][b, h, s]
+                          and s != cur]
+            assert slot == victim_rule(before, b, h, candidates)
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 10_000), lengths=st.tuples(st.integers(1, 8), st.integers(1, 8)))
+def test_raas_evicts_the_oldest_stamp_and_refreshes_the_top_half(seed, lengths):
+    policy = RaaS(budget=6 * 2, page_size=2)
+    for before, after, pos, q in simulate(policy, lengths, 30, seed):
+        check_common(policy, before, after, pos,
+                     lambda st_, b, h, c: min(c, key=lambda s: (st_["stamp"][b, h, s], s)))
+        # refresh: brute-force Quest bound on the post-append pages, max over the group
+        qg = q.reshape(B, HKV, GROUP, D)
+        bound = np.maximum(qg[:, :, :, None] * after["kmax"][:, :, None], qg[:, :, :, None] * after["kmin"][:, :, None])
+        bound = bound.sum(-1).max(2)  # [B, Hkv, S]
+        for b in range(B):
+            for h in range(HKV):
+                resident = np.flatnonzero(after["fill"][b, h] > 0)
+                top = sorted(resident, key=lambda s: (-bound[b, h, s], s))[:(bound.shape[-1] + 1) // 2]
+                refreshed = set(np.flatnonzero(after["stamp"][b, h] == pos[b]))
+                opened = {after["cur"][b, h]} if after["start"][b, h, after["cur"][b, h]] == pos[b] else set()
+                assert refreshed == set(top) | opened
+
+
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 10_000), lengths=st.tuples(st.integers(1, 9), st.integers(1, 9)))
+def test_streaming_keeps_sinks_and_newest_pages(seed, lengths):
+    policy = StreamingLLM(budget=6 * 2, page_size=2, sink_tokens=3)
+    for before, after, pos, _ in simulate(policy, lengths, 30, seed):
+        check_common(policy, before, after, pos,
+                     lambda st_, b, h, c: min([s for s in c if st_["start"][b, h, s] >= 3],
+                                              key=lambda s: (st_["start"][b, h, s], s)))
+        for b in range(B):
+            for h in range(HKV):
+                starts = sorted(after["start"][b, h][after["fill"][b, h] > 0])
+                sinks = [s for s in (0, 2) if s <= pos[b]]  # the sink tokens 0..2 live in pages 0 and 1
+                assert starts[:len(sinks)] == sinks
+                rest = starts[len(sinks):]
+                if rest:
+                    assert rest == list(range(rest[0], rest[0] + 2 * len(rest), 2))  # contiguous newest pages
+                    assert rest[-1] <= pos[b] < rest[-1] + 2
+
+
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 10_000), lengths=st.tuples(st.integers(1, 9), st.integers(1, 9)))
+def test_h2o_keeps_its_recent_window_and_evicts_the_lightest(seed, lengths):
+    policy = H2O(budget=8 * 2, page_size=2, recent_fraction=0.5)
+    for before, after, pos, _ in simulate(policy, lengths, 30, seed):
+        def lightest(st_, b, h, c):
+            newest = st_["start"][b, h][st_["fill"][b, h] > 0].max()
+            outside = [s for s in c if st_["start"][b, h, s] < newest - 2 * (4 - 1)]
+            return min(outside, key=lambda s: (st_["mass"][b, h, s], s))
+
+        check_common(policy, before, after, pos, lightest)
+        for b in range(B):
+            for h in range(HKV):
+                starts = set(after["start"][b, h][after["fill"][b, h] > 0])
+                newest = max(starts)
+                assert {newest - 2 * i for i in range(4) if newest - 2 * i >= 0} <= starts
+
+
+def test_token_level_raas_step():
+    """page_size=1: every decode step opens a page and (once full) evicts exactly one."""
+    policy = RaaS(budget=6, page_size=1)
+    evictions = 0
+    for before, after, pos, _ in simulate(policy, (3, 2), 12, 0):
+        check_common(policy, before, after, pos,
+                     lambda st_, b, h, c: min(c, key=lambda s: (st_["stamp"][b, h, s], s)))
+        evictions += int((before["fill"] > 0).all())
+    assert evictions > 0
