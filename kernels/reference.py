@@ -33,14 +33,17 @@ def decode_attention(q, k, v, fill, slots=None, *, scale=None):
         v = jnp.take_along_axis(v, safe[..., None, None], axis=2)
         fill = jnp.where(valid_slot, jnp.take_along_axis(fill, safe, axis=2), 0)  # [B, Hkv, K]
     page = k.shape[3]
-    qg = q.reshape(b, hkv, group, d).astype(jnp.float32) * scale  # [B, Hkv, G, D]
-    logits = jnp.einsum("bhgd,bhspd->bhgsp", qg, k.astype(jnp.float32), precision=HIGHEST)  # [B, Hkv, G, S, P]
+    # Inputs stay in the cache dtype (no float32 copy of the pool); products accumulate in float32.
+    qg = (q.reshape(b, hkv, group, d).astype(jnp.float32) * scale).astype(k.dtype)  # [B, Hkv, G, D]
+    logits = jnp.einsum("bhgd,bhspd->bhgsp", qg, k, precision=HIGHEST,
+                        preferred_element_type=jnp.float32)  # [B, Hkv, G, S, P]
     token_valid = jnp.arange(page)[None, None, None, :] < fill[..., None]  # [B, Hkv, S, P]
     logits = jnp.where(token_valid[:, :, None], logits, MASK_VALUE)
     row_max = jnp.max(logits, axis=(-2, -1), keepdims=True)
     probs = jnp.exp(logits - row_max) * token_valid[:, :, None]
     probs = probs / jnp.maximum(jnp.sum(probs, axis=(-2, -1), keepdims=True), 1e-30)
-    out = jnp.einsum("bhgsp,bhspd->bhgd", probs, v.astype(jnp.float32), precision=HIGHEST)  # [B, Hkv, G, D]
+    out = jnp.einsum("bhgsp,bhspd->bhgd", probs.astype(v.dtype), v, precision=HIGHEST,
+                     preferred_element_type=jnp.float32)  # [B, Hkv, G, D]
     mass = jnp.max(jnp.sum(probs, axis=-1), axis=2)  # [B, Hkv, S]
     return out.reshape(b, hq, d).astype(q.dtype), mass
 

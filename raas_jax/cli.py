@@ -79,6 +79,38 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import raas_jax
+    from raas_jax.eval.datasets import load_samples
+    from raas_jax.eval.runner import EvalConfig, grid, run_eval, summarize, write_plots, write_summary
+
+    try:
+        budgets = tuple(int(b) for b in _csv(args.budgets))
+    except ValueError:
+        raise ValueError(f"--budgets takes comma-separated integers, got {args.budgets!r}") from None
+    config = EvalConfig(dataset=args.dataset, policies=_csv(args.policies), budgets=budgets,
+                        page_size=args.page_size, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                        limit=args.limit, fidelity=args.fidelity, model=args.model)
+    grid(config)  # validates policy names and budgets before anything slow
+    samples = load_samples(args.dataset, args.data_dir, args.question_field, args.answer_field, args.limit)
+    model = raas_jax.load(args.model, dtype=args.dtype)
+    out = Path(args.out)
+    rows = run_eval(model, samples, config, out, progress=not args.quiet)
+    table = summarize(rows)
+    title = f"{Path(args.dataset).stem}, {len(samples)} samples, {args.max_new_tokens} new tokens, page {args.page_size}"
+    write_summary(table, out, title)
+    write_plots(table, out, title)
+    print((out / "summary.md").read_text())
+    print(f"wrote {out / 'samples.jsonl'}, summary.csv, summary.md and plots")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raas-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +137,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     add_policy_flags(p)
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("eval", help="accuracy and fidelity-to-dense over policies x budgets on a math dataset")
+    p.add_argument("--dataset", default="gsm8k", help="gsm8k | math500 | aime24 | PATH.jsonl (default gsm8k)")
+    p.add_argument("--data-dir", default=None, help="folder holding the known datasets (default: shared/data)")
+    p.add_argument("--question-field", default=None, help="JSONL field of the question (custom datasets)")
+    p.add_argument("--answer-field", default=None, help="JSONL field of the gold answer (custom datasets)")
+    p.add_argument("--limit", type=int, default=None, help="first N samples only")
+    p.add_argument("--policies", default="dense,raas,quest,h2o,streaming")
+    p.add_argument("--budgets", default="256,512,1024", help="comma-separated KV budgets in tokens")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--fidelity", action="store_true", help="also measure agreement / KL / divergence vs dense")
+    p.add_argument("--model", default=None, help="model path (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "f32"])
+    p.add_argument("--out", default="out/eval", help="output folder; re-running resumes (default out/eval)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_eval)
     return parser
 
 

@@ -108,3 +108,18 @@ def test_cli_generate_on_the_default_model(ours, capsys):
     captured = capsys.readouterr()
     assert captured.out.strip() and "tokens in" in captured.err
 
+
+
+def test_policies_with_room_for_everything_equal_dense(ours):
+    from raas_jax.api import teacher_forced_logits
+    from raas_jax.policies import H2O, Quest, RaaS, StreamingLLM
+
+    prompts = [ours.encode("Natalia sold 48 clips in April and half as many in May. How many in total?"),
+               ours.encode("What is 15% of 80?")]
+    dense = [r.token_ids for r in ours.generate(prompts, max_new_tokens=48)]
+    dense_logits = teacher_forced_logits(ours, prompts, dense)
+    for policy in (RaaS(budget=256), RaaS(budget=256, page_size=1, score="exact"), Quest(budget=256),
+                   H2O(budget=256), StreamingLLM(budget=256)):
+        assert [r.token_ids for r in ours.generate(prompts, max_new_tokens=48, policy=policy)] == dense, policy
+        for mine, ref in zip(teacher_forced_logits(ours, prompts, dense, policy), dense_logits):
+            np.testing.assert_allclose(mine, ref, rtol=1e-4, atol=1e-4)
