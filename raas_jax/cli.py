@@ -111,6 +111,38 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import jax
+
+    from raas_jax import bench
+
+    if args.what != "e2e":
+        raise NotImplementedError("only `bench e2e` exists so far (the kernel benchmark comes with the Pallas kernels)")
+    if jax.default_backend() == "cpu" and not args.allow_cpu:
+        raise ValueError("bench e2e times 8B-parameter models: it needs a GPU (pass --allow-cpu with "
+                         "--models tiny to try the machinery on a CPU)")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    policies = {k: v for k, v in bench.default_policies().items() if k in _csv(args.policies)}
+    positions = [int(x) for x in _csv(args.positions)]
+    batches = [int(x) for x in _csv(args.batches)]
+    rows = []
+    for model in _csv(args.models):
+        rows += bench.run_e2e(model, policies, positions, batches, args.steps, out / f"e2e_{model}.json",
+                              largest_batch=not args.no_largest_batch)
+    if args.real_tokens:
+        real = bench.real_run(_csv(args.models)[0], policies.get("raas", bench.RaaS(budget=1024)), args.real_batch,
+                              args.real_tokens)
+        print(f"real run: {real}")
+        (out / "e2e_real_run.json").write_text(json.dumps(real, indent=1))
+    for batch in batches:
+        bench.plot_e2e(rows, out, batch)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raas-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/eval", help="output folder; re-running resumes (default out/eval)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("bench", help="benchmarks (GPU): `bench e2e` = decode time and memory vs position")
+    p.add_argument("what", choices=["e2e", "kernels"])
+    p.add_argument("--models", default="llama3-8b", help="llama3-8b,qwen2.5-7b")
+    p.add_argument("--policies", default="dense,quest,raas")
+    p.add_argument("--positions", default="1024,2048,4096,8192,16384,32768")
+    p.add_argument("--batches", default="1,16,64")
+    p.add_argument("--steps", type=int, default=64, help="timed decode steps per configuration (<= 126)")
+    p.add_argument("--no-largest-batch", action="store_true", help="skip the largest batch that fits")
+    p.add_argument("--real-tokens", type=int, default=0, help="also time a real RaaS run of this many tokens")
+    p.add_argument("--real-batch", type=int, default=16)
+    p.add_argument("--out-dir", default="out/bench")
+    p.add_argument("--allow-cpu", action="store_true")
+    p.set_defaults(func=_bench)
     return parser
 
 

@@ -1,0 +1,270 @@
+"""End-to-end decode benchmark: time per token and memory vs decode position for Dense, Quest and RaaS.
+
+Random-weight models of real shapes are built on the device. Reaching position N by decoding N tokens
+would take too long, so the cache a run would hold at position N is synthesised (pages of random keys
+and values, consistent fill / start / stamp / key bounds / pinned prompt pages), then at least 32 decode
+steps are timed inside one jitted `lax.while_loop` call after a warm-up call that compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from raas_jax.cache import cache_bytes, page_key_bounds
+from raas_jax.checkpoint import param_shapes
+from raas_jax.generate import DecodeState, Generator, SamplingParams, DECODE_CHUNK
+from raas_jax.models.config import ModelConfig
+from raas_jax.policies import Dense, Policy, Quest, RaaS
+
+MODEL_SHAPES = {
+    "llama3-8b": ModelConfig(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                             num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0),
+    "qwen2.5-7b": ModelConfig(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                              num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128, rope_theta=1e6,
+                              qkv_bias=True),
+    # for trying the machinery on a CPU (`--models tiny --allow-cpu`) and for tests
+    "tiny": ModelConfig(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+                        num_heads=4, num_kv_heads=2, head_dim=16),
+}
+
+
+def random_params(cfg: ModelConfig, dtype: Any, seed: int = 0) -> dict:
+    """Random weights of the model's shapes, made on the device (norm weights near one)."""
+    shapes = param_shapes(cfg, dtype)
+    leaves, treedef = jax.tree.flatten_with_path(shapes)
+
+    @jax.jit
+    def make(key):
+        keys = jax.random.split(key, len(leaves))
+        out = []
+        for k, (path, s) in zip(keys, leaves):
+            name = jax.tree_util.keystr(path)
+            if "norm" in name:
+                out.append((1.0 + 0.1 * jax.random.normal(k, s.shape, jnp.float32)).astype(s.dtype))
+            else:
+                out.append((0.02 * jax.random.normal(k, s.shape, jnp.float32)).astype(s.dtype))
+        return out
+
+    return jax.tree.unflatten(treedef, make(jax.random.PRNGKey(seed)))
+
+
+def synthetic_cache(policy: Policy, cfg: ModelConfig, batch: int, position: int, prompt_len: int,
+                    headroom: int, dtype: Any, seed: int = 0) -> dict:
+    """The cache a run would hold after `position` tokens (prompt `prompt_len`), room for `headroom` more."""
+    page = policy.page_size
+    slots = policy.num_slots(prompt_len, position - prompt_len + headroom)
+    pool = jax.eval_shape(lambda: policy.init(cfg, batch, slots, dtype))
+    shape = pool["fill"].shape  # [L, B, Hkv, S]
+    prompt_pages = -(-prompt_len // page)
+    rng = np.random.default_rng(seed)
+    if policy.fixed_budget:
+        # pinned prompt pages, then the newest decode pages in random slot order; the current page is partial
+        decode_pages = slots - prompt_pages
+        last_page = (position - 1) // page
+        pages = np.concatenate([np.arange(prompt_pages), np.arange(last_page - decode_pages + 1, last_page + 1)])
+        start = np.broadcast_to(pages * page, shape).copy()
+        fill = np.full(shape, page, np.int32)
+        cur_slot = slots - 1
+        fill[..., cur_slot] = position - last_page * page
+        stamp = rng.integers(start, position, size=shape).astype(np.int32)
+        pinned = np.zeros(shape, bool)
+        pinned[..., :prompt_pages] = True
+    else:
+        resident = -(-position // page)
+        starts = np.arange(slots) * page
+        fill = np.broadcast_to(np.clip(position - starts, 0, page), shape).astype(np.int32)
+        start = np.broadcast_to(np.where(fill[0, 0, 0] > 0, starts, 0), shape)
+        stamp = start.copy()
+        pinned = np.zeros(shape, bool)
+        cur_slot = resident - 1
+
+    small = {name: x for name, x in jax.eval_shape(lambda: pool).items() if name not in ("k", "v")}
+    del pool  # only shapes are kept; k and v are made below without an all-zero copy
+    k_shape = (*shape, page, cfg.head_dim)
+
+    @jax.jit
+    def make_pages(fill):
+        k_key, v_key = jax.random.split(jax.random.PRNGKey(seed))
+        k = jax.random.normal(k_key, k_shape, dtype)  # unfilled tokens hold noise; `fill` masks them
+        v = jax.random.normal(v_key, k_shape, dtype)
+        kmin, kmax = jax.lax.map(lambda kf: page_key_bounds(*kf), (k, fill))  # one layer at a time
+        return k, v, kmin, kmax
+
+    k, v, kmin, kmax = make_pages(jnp.asarray(fill))
+    cache = {"k": k, "v": v, "kmin": kmin, "kmax": kmax, "fill": jnp.asarray(fill),
+             "start": jnp.asarray(start, jnp.int32), "stamp": jnp.asarray(stamp), "pinned": jnp.asarray(pinned),
+             "cur": jnp.full(shape[:-1], cur_slot, jnp.int32)}
+    for name, spec in small.items():  # policy-specific extras (e.g. Quest's layer index)
+        if name not in cache:
+            cache[name] = jnp.arange(spec.shape[0], dtype=spec.dtype) if name == "layer" else jnp.zeros(
+                spec.shape, spec.dtype)
+    return cache
+
+
+def kv_bytes_read(policy: Policy, cfg: ModelConfig, batch: int, position: int, dtype: Any) -> int:
+    """KV bytes one decode step must read under the policy (keys + values, plus Quest's key bounds)."""
+    item = jnp.dtype(dtype).itemsize
+    per_token = 2 * cfg.num_kv_heads * cfg.head_dim * item  # k and v, one layer
+    if isinstance(policy, RaaS):
+        return batch * cfg.num_layers * policy.budget * per_token
+    if isinstance(policy, Quest):
+        pages = -(-position // policy.page_size)
+        bounds = 2 * cfg.num_kv_heads * cfg.head_dim * item * pages  # kmin + kmax
+        sparse_layers = cfg.num_layers - policy.dense_layers
+        sparse = sparse_layers * (min(policy.budget, position) * per_token + bounds)
+        return batch * (sparse + policy.dense_layers * position * per_token)
+    return batch * cfg.num_layers * position * per_token
+
+
+def copy_bandwidth(gib: float = 4.0, reps: int = 20) -> float:
+    """Device copy bandwidth in bytes/s (bytes read + written), timed inside one jitted loop."""
+    x = jnp.ones((int(gib * 2**30) // 4,), jnp.float32)
+
+    @jax.jit
+    def loop(x):
+        return jax.lax.fori_loop(0, reps, lambda i, y: y * 1.0001 + 1e-7, x)
+
+    loop(x).block_until_ready()
+    start = time.perf_counter()
+    loop(x).block_until_ready()
+    return 2 * x.nbytes * reps / (time.perf_counter() - start)
+
+
+@dataclasses.dataclass
+class Measurement:
+    model: str
+    policy: str
+    batch: int
+    position: int
+    step_ms: float
+    tokens_per_s: float
+    cache_gib: float
+    bytes_in_use_gib: float
+    roofline_ms: float
+    compiled_during_timing: bool
+
+
+def time_decode(gen: Generator, params: dict, cache: dict, batch: int, position: int, steps: int,
+                seed: int = 0) -> tuple[float, bool]:
+    """Seconds per decode step over `steps` steps (after a 2-step warm-up call), and whether the timed call
+    compiled anything."""
+    key = jax.random.PRNGKey(seed)
+    tokens = jax.random.randint(key, (batch,), 0, gen.cfg.vocab_size, jnp.int32)
+    state = DecodeState(cache, jnp.zeros((batch, DECODE_CHUNK), jnp.int32), tokens,
+                        jnp.full((batch,), position, jnp.int32), jnp.zeros((batch,), bool), jnp.int32(0),
+                        jnp.int32(0), key)
+    eos = jnp.asarray([-1], jnp.int32)
+    greedy = SamplingParams(jnp.float32(0), jnp.int32(0), jnp.float32(1))
+    state = gen.decode(params, state, jnp.int32(2), eos, greedy)
+    jax.block_until_ready(state)
+    compiled = gen.decode._cache_size()
+    state = state._replace(base=jnp.int32(2))
+    start = time.perf_counter()
+    state = gen.decode(params, state, jnp.int32(2 + steps), eos, greedy)
+    jax.block_until_ready(state)
+    seconds = (time.perf_counter() - start) / steps
+    assert int(state.step) == 2 + steps
+    return seconds, gen.decode._cache_size() != compiled
+
+
+def run_e2e(model: str, policies: dict[str, Policy], positions: list[int], batches: list[int], steps: int,
+            out: Path, prompt_len: int = 128, dtype: Any = jnp.bfloat16, largest_batch: bool = True) -> list[dict]:
+    cfg = MODEL_SHAPES[model]
+    params = random_params(cfg, dtype)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    bandwidth = copy_bandwidth(4.0 if jax.default_backend() != "cpu" else 0.125)
+    stats = jax.devices()[0].memory_stats() or {}
+    limit = stats.get("bytes_limit", 0)
+    print(f"{model}: {weight_bytes / 2**30:.1f} GiB weights, copy bandwidth {bandwidth / 1e12:.2f} TB/s, "
+          f"device limit {limit / 2**30:.0f} GiB", flush=True)
+    rows = []
+    for name, policy in policies.items():
+        gen = Generator(cfg, dtype, policy)
+        for position in positions:
+            per_seq = cache_bytes(jax.eval_shape(lambda: policy.init(
+                cfg, 1, policy.num_slots(prompt_len, position - prompt_len + steps + 2), dtype)))
+            fit = int((limit - weight_bytes - 6 * 2**30) // (per_seq * 1.05)) if limit else max(batches)
+            todo = [b for b in batches if b <= fit]
+            if largest_batch and fit > 0 and fit not in todo:
+                todo.append(min(fit, 1024))
+            for batch in sorted(set(todo)):
+                cache = synthetic_cache(policy, cfg, batch, position, prompt_len, steps + 2, dtype)
+                try:
+                    seconds, compiled = time_decode(gen, params, cache, batch, position, steps)
+                except Exception as e:  # out of memory at the estimated largest batch: report and go on
+                    print(f"  {name} N={position} B={batch}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                    del cache
+                    continue
+                in_use = (jax.devices()[0].memory_stats() or {}).get("bytes_in_use", 0)
+                roofline = (weight_bytes + kv_bytes_read(policy, cfg, batch, position, dtype)) / bandwidth
+                m = Measurement(model, name, batch, position, seconds * 1e3, batch / seconds,
+                                per_seq * batch / 2**30, in_use / 2**30, roofline * 1e3, compiled)
+                rows.append(dataclasses.asdict(m))
+                print(f"  {name:6s} N={position:6d} B={batch:4d} {m.step_ms:8.2f} ms/step {m.tokens_per_s:9.0f} tok/s "
+                      f"cache {m.cache_gib:7.2f} GiB roofline {m.roofline_ms:7.2f} ms"
+                      + (" COMPILED" if compiled else ""), flush=True)
+                del cache
+                out.write_text(json.dumps({"rows": rows, "copy_bandwidth": bandwidth, "weight_bytes": weight_bytes,
+                                           "jax": jax.__version__, "device": str(jax.devices()[0])}, indent=1))
+    return rows
+
+
+def plot_e2e(rows: list[dict], out_dir: Path, batch: int) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for metric, label in (("step_ms", "ms per decode step"), ("cache_gib", "KV cache (GiB)")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for model in dict.fromkeys(r["model"] for r in rows):
+            for policy in dict.fromkeys(r["policy"] for r in rows):
+                pts = sorted((r["position"], r[metric]) for r in rows
+                             if r["model"] == model and r["policy"] == policy and r["batch"] == batch)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=f"{policy} ({model})")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("decode position N")
+        ax.set_ylabel(label)
+        ax.set_title(f"batch {batch}, bf16, H200")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        path = out_dir / f"e2e_{metric}_b{batch}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def default_policies() -> dict[str, Policy]:
+    return {"dense": Dense(), "quest": Quest(budget=1024), "raas": RaaS(budget=1024)}
+
+
+def log2_positions(lo: int = 1024, hi: int = 32768) -> list[int]:
+    return [2**i for i in range(int(math.log2(lo)), int(math.log2(hi)) + 1)]
+
+
+def real_run(model: str, policy: Policy, batch: int, new_tokens: int, prompt_len: int = 128,
+             dtype: Any = jnp.bfloat16) -> dict:
+    """A real generation (random weights, no EOS) of `new_tokens` tokens: ms per step over the whole run."""
+    from raas_jax.api import Model
+
+    cfg = MODEL_SHAPES[model]
+    params = random_params(cfg, dtype)
+    lm = Model(cfg, params, dtype, tokenizer=None, eos_ids=())
+    prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len)).tolist()
+    lm.generate(prompts, max_new_tokens=200, policy=policy)  # compile
+    result = lm.generate(prompts, max_new_tokens=new_tokens, policy=policy)[0]
+    return {"model": model, "policy": policy.name, "batch": batch, "new_tokens": result.stats["new_tokens"],
+            "step_ms": 1e3 * result.stats["seconds"] / result.stats["new_tokens"]}

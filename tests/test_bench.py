@@ -1,0 +1,60 @@
+"""The e2e benchmark's machinery on a tiny model (the real runs need a GPU)."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from raas_jax import bench
+from raas_jax.cli import main as cli_main
+from raas_jax.generate import Generator
+from raas_jax.policies import Dense, Quest, RaaS
+
+CFG = bench.MODEL_SHAPES["tiny"]
+
+
+@pytest.mark.parametrize("policy", [Dense(page_size=4), Quest(budget=32, page_size=4, dense_layers=1),
+                                    RaaS(budget=32, page_size=4)])
+def test_synthetic_state_is_consistent_and_decodes(policy):
+    position, prompt = 100, 12
+    cache = bench.synthetic_cache(policy, CFG, 2, position, prompt, 10, jnp.float32)
+    fill, start = np.asarray(cache["fill"]), np.asarray(cache["start"])
+    page = policy.page_size
+    assert (fill <= page).all() and (start % page == 0).all()
+    resident_tokens = fill.sum(axis=-1)
+    if policy.fixed_budget:
+        assert (fill > 0).all() and np.asarray(cache["pinned"])[..., :3].all()  # 12 prompt tokens = 3 pages
+        assert (np.asarray(cache["stamp"]) >= start).all() and (np.asarray(cache["stamp"]) < position).all()
+        assert (start + fill).max() == position  # the current page ends at the position
+    else:
+        assert (resident_tokens == position).all()
+    k = np.asarray(cache["k"])
+    valid = np.arange(page)[None, None, None, None, :, None] < fill[..., None, None]
+    np.testing.assert_allclose(np.asarray(cache["kmax"]), np.where(valid, k, -np.inf).max(4).clip(
+        min=np.where(fill[..., None] > 0, -np.inf, 0)), rtol=1e-6)
+    gen = Generator(CFG, jnp.float32, policy)
+    params = bench.random_params(CFG, jnp.float32)
+    seconds, compiled = bench.time_decode(gen, params, cache, 2, position, 8)
+    assert seconds > 0 and not compiled
+
+
+def test_kv_bytes_read_by_policy():
+    cfg = bench.MODEL_SHAPES["llama3-8b"]
+    per_token = 2 * 8 * 128 * 2 * 32  # k+v, 8 KV heads, head_dim 128, bf16, 32 layers
+    assert bench.kv_bytes_read(Dense(), cfg, 1, 4096, jnp.bfloat16) == 4096 * per_token
+    assert bench.kv_bytes_read(RaaS(budget=1024), cfg, 2, 32768, jnp.bfloat16) == 2 * 1024 * per_token
+    quest = bench.kv_bytes_read(Quest(budget=1024), cfg, 1, 32768, jnp.bfloat16)
+    assert 1024 * per_token < quest < 32768 * per_token
+
+
+def test_bench_cli_on_cpu(tmp_path, capsys):
+    assert cli_main(["bench", "e2e"]) == 2
+    assert "needs a GPU" in capsys.readouterr().err
+    assert cli_main(["bench", "e2e", "--models", "tiny", "--allow-cpu", "--positions", "256", "--batches", "1",
+                     "--steps", "4", "--no-largest-batch", "--out-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "e2e_tiny.json").read_text())["rows"]
+    assert {r["policy"] for r in rows} == {"dense", "quest", "raas"}
+    assert (tmp_path / "e2e_step_ms_b1.png").is_file()
