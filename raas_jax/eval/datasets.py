@@ -1,0 +1,83 @@
+"""Math datasets as (id, question, gold answer) samples: GSM8K, MATH500, AIME24 or any JSONL file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from raas_jax.eval.answers import extract_answer
+
+# name -> (file, question field, answer field)
+KNOWN_DATASETS = {
+    "gsm8k": ("gsm8k_test.jsonl", "question", "answer"),
+    "math500": ("math500_test.jsonl", "problem", "answer"),
+    "aime24": ("aime24_test.jsonl", "problem", "answer"),
+}
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    id: str
+    question: str
+    gold: str
+
+
+def default_data_dir() -> Path | None:
+    """$RAAS_JAX_DATA, else the first `shared/data` found beside or above the cwd or this package."""
+    if os.environ.get("RAAS_JAX_DATA"):
+        return Path(os.environ["RAAS_JAX_DATA"])
+    for base in (Path.cwd(), Path(__file__).resolve()):
+        for parent in [base, *base.parents]:
+            candidate = parent / "shared" / "data"
+            if (candidate / KNOWN_DATASETS["gsm8k"][0]).is_file():
+                return candidate
+    return None
+
+
+def dataset_path(dataset: str, data_dir: str | os.PathLike | None) -> Path:
+    if dataset in KNOWN_DATASETS:
+        root = Path(data_dir) if data_dir else default_data_dir()
+        if root is None:
+            raise FileNotFoundError(f"cannot find the {dataset} data: pass --data-dir DIR (holding "
+                                    f"{KNOWN_DATASETS[dataset][0]}) or set RAAS_JAX_DATA")
+        path = root / KNOWN_DATASETS[dataset][0]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: pass --data-dir DIR holding {KNOWN_DATASETS[dataset][0]}")
+        return path
+    path = Path(dataset).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset {dataset!r} is neither one of {', '.join(KNOWN_DATASETS)} nor a JSONL file")
+    return path
+
+
+def load_samples(dataset: str, data_dir: str | os.PathLike | None = None, question_field: str | None = None,
+                 answer_field: str | None = None, limit: int | None = None) -> list[Sample]:
+    """Read up to `limit` samples; GSM8K-style golds ("... #### 18") are reduced to the final answer."""
+    path = dataset_path(dataset, data_dir)
+    _, default_q, default_a = KNOWN_DATASETS.get(dataset, (None, "question", "answer"))
+    q_field, a_field = question_field or default_q, answer_field or default_a
+    samples = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise ValueError(f"{path}:{line_no} is not valid JSON") from None
+            if q_field not in row or a_field not in row:
+                raise ValueError(f"{path}:{line_no} lacks field {q_field!r} or {a_field!r} (has {sorted(row)}); "
+                                 "use --question-field / --answer-field")
+            gold = str(row[a_field])
+            if "####" in gold:
+                gold = extract_answer(gold) or gold
+            sample_id = str(row.get("id", row.get("idx", row.get("unique_id", line_no - 1))))
+            samples.append(Sample(sample_id, str(row[q_field]), gold))
+            if limit is not None and len(samples) >= limit:
+                break
+    if not samples:
+        raise ValueError(f"{path} holds no samples")
+    return samples

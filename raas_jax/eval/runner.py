@@ -1,0 +1,275 @@
+"""The accuracy eval: a grid of (policy, budget) cells over a math dataset, resumable, with fidelity.
+
+Output directory:
+    config.json     the run's settings (a resumed run must match them)
+    samples.jsonl   one line per (cell, sample), appended as soon as the sample is done
+    summary.csv / summary.md, accuracy_vs_budget.png, agreement_vs_budget.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from raas_jax.api import Model, teacher_forced_logits
+from raas_jax.eval.answers import extract_answer, is_equivalent
+from raas_jax.eval.datasets import INSTRUCTION, Sample
+from raas_jax.fidelity import compare
+from raas_jax.policies import Dense, Policy, make_policy
+
+SAMPLES_FILE = "samples.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    dataset: str
+    policies: tuple[str, ...] = ("dense", "raas", "quest", "h2o", "streaming")
+    budgets: tuple[int, ...] = (256, 512, 1024)
+    page_size: int = 16
+    max_new_tokens: int = 1024
+    batch_size: int = 8
+    limit: int | None = None
+    fidelity: bool = False
+    model: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    policy_name: str
+    budget: int | None  # None for dense
+    policy: Policy
+
+    @property
+    def key(self) -> str:
+        return self.policy_name if self.budget is None else f"{self.policy_name}@{self.budget}"
+
+
+def grid(config: EvalConfig) -> list[Cell]:
+    """Dense once (it has no budget), then every other policy at every budget."""
+    cells = []
+    names = [n.strip().lower() for n in config.policies if n.strip()]
+    if "dense" in names or config.fidelity:
+        cells.append(Cell("dense", None, Dense(page_size=config.page_size)))
+    for name in names:
+        if name == "dense":
+            continue
+        for budget in config.budgets:
+            cells.append(Cell(name, budget, make_policy(name, budget=budget, page_size=config.page_size)))
+    return cells
+
+
+def build_prompt(model: Model, question: str) -> list[int]:
+    return model.encode(f"{question}\n{INSTRUCTION}", chat=True)
+
+
+def read_done(path: Path) -> dict[tuple[str, str], dict]:
+    """Finished (cell key, sample id) -> row, skipping a torn last line."""
+    done: dict[tuple[str, str], dict] = {}
+    if not path.is_file():
+        return done
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        done[(row["cell"], row["id"])] = row
+    return done
+
+
+class _Appender:
+    """Appends JSON lines and flushes each one (an interrupted run loses at most the line being written)."""
+
+    def __init__(self, path: Path):
+        needs_newline = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+        self.file = open(path, "a")
+        if needs_newline:
+            self.file.write("\n")
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def check_config(out: Path, config: EvalConfig) -> None:
+    """Write config.json, or check that a resumed run uses the same settings."""
+    path = out / "config.json"
+    current = dataclasses.asdict(config)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        fixed = ("dataset", "page_size", "max_new_tokens", "model")
+        changed = [k for k in fixed if saved.get(k) != current.get(k)]
+        if changed:
+            raise ValueError(f"{out} holds a run with different {', '.join(changed)} "
+                             f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}): use another --out")
+    path.write_text(json.dumps(current, indent=2))
+
+
+def run_eval(model: Model, samples: Sequence[Sample], config: EvalConfig, out: str | Path,
+             progress: bool = True) -> list[dict]:
+    """Run every (cell, sample) not yet in out/samples.jsonl; return all rows."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    check_config(out, config)
+    cells = grid(config)
+    done = read_done(out / SAMPLES_FILE)
+    prompts = {s.id: build_prompt(model, s.question) for s in samples}
+    todo = sum((c.key, s.id) not in done for c in cells for s in samples)
+    bar = tqdm(total=len(cells) * len(samples), initial=len(cells) * len(samples) - todo, desc="eval",
+               unit="sample", disable=not progress)
+    appender = _Appender(out / SAMPLES_FILE)
+    try:
+        for start in range(0, len(samples), config.batch_size):
+            batch = list(samples[start:start + config.batch_size])
+            dense_logits: dict[str, np.ndarray] = {}
+            for cell in cells:
+                pending = [s for s in batch if (cell.key, s.id) not in done]
+                if not pending:
+                    continue
+                rows = _run_cell(model, cell, pending, prompts, done, dense_logits, config)
+                for row in rows:
+                    appender.write(row)
+                    done[(cell.key, row["id"])] = row
+                    bar.update(1)
+    finally:
+        appender.close()
+        bar.close()
+    return [done[(c.key, s.id)] for c in cells for s in samples if (c.key, s.id) in done]
+
+
+def _run_cell(model: Model, cell: Cell, pending: list[Sample], prompts: dict[str, list[int]],
+              done: dict, dense_logits: dict[str, np.ndarray], config: EvalConfig) -> list[dict]:
+    base = {"cell": cell.key, "policy": cell.policy_name, "budget": cell.budget}
+    rows, runnable = [], []
+    for sample in pending:
+        try:
+            cell.policy.check_prompts([len(prompts[sample.id])])
+            runnable.append(sample)
+        except ValueError as e:
+            rows.append({**base, "id": sample.id, "gold": sample.gold, "skipped": True, "reason": str(e)})
+    if not runnable:
+        return rows
+    results = model.generate([prompts[s.id] for s in runnable], max_new_tokens=config.max_new_tokens,
+                             policy=cell.policy)
+    batch_tokens = sum(r.stats["new_tokens"] for r in results)
+    fidelity = {}
+    if config.fidelity and cell.budget is not None:
+        fidelity = _fidelity(model, cell, runnable, results, prompts, done, dense_logits)
+    for sample, result in zip(runnable, results):
+        predicted = extract_answer(result.text)
+        share = result.stats["new_tokens"] / max(batch_tokens, 1)
+        rows.append({**base, "id": sample.id, "gold": sample.gold, "skipped": False, "predicted": predicted,
+                     "correct": bool(is_equivalent(predicted, sample.gold)), "text": result.text,
+                     "token_ids": result.token_ids, "new_tokens": result.stats["new_tokens"],
+                     "seconds": result.stats["seconds"] * share, "cache_bytes": result.stats["cache_bytes"],
+                     **fidelity.get(sample.id, {})})
+    return rows
+
+
+def _fidelity(model: Model, cell: Cell, runnable: list[Sample], results, prompts, done, dense_logits) -> dict:
+    """Teacher-forced agreement, KL and first divergence against the dense rows of these samples."""
+    dense_rows = [done.get(("dense", s.id)) for s in runnable]
+    if any(r is None or r.get("skipped") or not r["token_ids"] for r in dense_rows):
+        return {}
+    missing = [s for s in runnable if s.id not in dense_logits]
+    if missing:
+        logits = teacher_forced_logits(model, [prompts[s.id] for s in missing],
+                                       [done[("dense", s.id)]["token_ids"] for s in missing], Dense())
+        dense_logits.update({s.id: lg for s, lg in zip(missing, logits)})
+    forced = teacher_forced_logits(model, [prompts[s.id] for s in runnable], [r["token_ids"] for r in dense_rows],
+                                   cell.policy)
+    metrics = {}
+    for sample, row, logits, result in zip(runnable, dense_rows, forced, results):
+        f = compare(row["token_ids"], dense_logits[sample.id], logits, result.token_ids)
+        metrics[sample.id] = {"agreement": f.agreement, "kl": f.kl, "first_divergence": f.first_divergence}
+    return metrics
+
+
+# ------------------------------------------------------------------------------------ summary
+
+def summarize(rows: Sequence[dict]) -> list[dict[str, Any]]:
+    """One row per cell: accuracy, fidelity, tokens and speed."""
+    table = []
+    for key in dict.fromkeys(r["cell"] for r in rows):
+        cell_rows = [r for r in rows if r["cell"] == key]
+        ran = [r for r in cell_rows if not r["skipped"]]
+        seconds = sum(r["seconds"] for r in ran)
+        tokens = sum(r["new_tokens"] for r in ran)
+
+        def mean(field: str) -> float | None:
+            values = [r[field] for r in ran if field in r]
+            return float(np.mean(values)) if values else None
+
+        table.append({
+            "policy": cell_rows[0]["policy"], "budget": cell_rows[0]["budget"], "samples": len(ran),
+            "skipped": len(cell_rows) - len(ran), "accuracy": mean("correct"), "agreement": mean("agreement"),
+            "kl": mean("kl"), "first_divergence": mean("first_divergence"), "new_tokens": mean("new_tokens"),
+            "tokens_per_second": tokens / seconds if seconds > 0 else None,
+            "cache_mib": (max(r["cache_bytes"] for r in ran) / 2**20) if ran else None,
+        })
+    return table
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+COLUMNS = ("policy", "budget", "samples", "skipped", "accuracy", "agreement", "kl", "first_divergence",
+           "new_tokens", "tokens_per_second", "cache_mib")
+
+
+def write_summary(table: list[dict], out: Path, title: str) -> None:
+    lines = [",".join(COLUMNS)] + [",".join("" if r[c] is None else str(r[c]) for c in COLUMNS) for r in table]
+    (out / "summary.csv").write_text("\n".join(lines) + "\n")
+    md = [f"# {title}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in table:
+        md.append("| " + " | ".join(_fmt(r[c], 4 if c == "kl" else 3) for c in COLUMNS) + " |")
+    skipped = [r for r in table if r["skipped"]]
+    if skipped:
+        md += ["", "Skipped: samples whose prompt does not fit the budget (see `reason` in samples.jsonl): "
+               + ", ".join(f"{r['policy']}@{r['budget']}: {r['skipped']}" for r in skipped) + "."]
+    (out / "summary.md").write_text("\n".join(md) + "\n")
+
+
+def write_plots(table: list[dict], out: Path, title: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for metric, label in (("accuracy", "accuracy"), ("agreement", "teacher-forced top-1 agreement with dense")):
+        if all(r[metric] is None for r in table if r["budget"] is not None):
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        dense = next((r for r in table if r["policy"] == "dense"), None)
+        for policy in dict.fromkeys(r["policy"] for r in table if r["budget"] is not None):
+            points = [(r["budget"], r[metric]) for r in table if r["policy"] == policy and r[metric] is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=policy)
+        if dense is not None and dense[metric] is not None:
+            ax.axhline(dense[metric], color="black", linestyle="--", label="dense")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("KV budget (tokens)")
+        ax.set_ylabel(label)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = out / f"{metric}_vs_budget.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written

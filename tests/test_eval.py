@@ -1,0 +1,104 @@
+"""The eval runner on a tiny model: grid, resume after interruption, skipped cells, outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import raas_jax
+from raas_jax.cli import main as cli_main
+from raas_jax.eval import runner
+from raas_jax.eval.datasets import load_samples
+from raas_jax.eval.runner import EvalConfig, grid, run_eval, summarize, write_plots, write_summary
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama_converted):
+    return raas_jax.load(tiny_llama_converted, dtype="f32")
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    rows = [{"q": "the quick fox " * n, "a": str(n)} for n in (1, 2, 12)]
+    path = tmp_path / "toy.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_grid_runs_dense_once():
+    cells = grid(EvalConfig(dataset="x", policies=("dense", "raas", "h2o"), budgets=(64, 128), page_size=4))
+    assert [c.key for c in cells] == ["dense", "raas@64", "raas@128", "h2o@64", "h2o@128"]
+    assert grid(EvalConfig(dataset="x", policies=("raas",), budgets=(64,), fidelity=True))[0].key == "dense"
+    with pytest.raises(ValueError, match="unknown policy"):
+        grid(EvalConfig(dataset="x", policies=("nope",), budgets=(64,)))
+
+
+def test_eval_writes_rows_summary_and_plots(model, dataset, tmp_path):
+    samples = load_samples(str(dataset), question_field="q", answer_field="a")
+    config = EvalConfig(dataset=str(dataset), policies=("dense", "raas", "streaming"), budgets=(112, 256),
+                        page_size=4, max_new_tokens=12, batch_size=2, fidelity=True)
+    out = tmp_path / "out"
+    rows = run_eval(model, samples, config, out, progress=False)
+    assert len(rows) == 3 * 5
+    lines = (out / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 15
+    skipped = [r for r in rows if r["skipped"]]
+    # with the template and instruction the prompts are 88, 91 and 121 tokens: only 121 needs > 112
+    assert {r["cell"] for r in skipped} == {"raas@112", "streaming@112"} and all("budget" in r["reason"] for r in skipped)
+    ran = [r for r in rows if not r["skipped"] and r["policy"] != "dense"]
+    assert all(0 <= r["agreement"] <= 1 and r["kl"] >= -1e-9 and r["first_divergence"] >= 0 for r in ran)
+    table = summarize(rows)
+    write_summary(table, out, "toy")
+    plots = write_plots(table, out, "toy")
+    assert {p.name for p in plots} == {"accuracy_vs_budget.png", "agreement_vs_budget.png"}
+    md = (out / "summary.md").read_text()
+    assert "raas@112: 1" in md and "| raas | 256 | 3 | 0 |" in md
+    assert (out / "summary.csv").read_text().splitlines()[0].startswith("policy,budget,samples,skipped,accuracy")
+
+
+def test_interrupted_eval_resumes_without_redoing(model, dataset, tmp_path, monkeypatch):
+    samples = load_samples(str(dataset), question_field="q", answer_field="a")
+    config = EvalConfig(dataset=str(dataset), policies=("dense", "raas"), budgets=(64,), page_size=4,
+                        max_new_tokens=8, batch_size=1)
+    out = tmp_path / "out"
+    full = run_eval(model, samples, config, out, progress=False)
+    path = out / "samples.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])  # killed while writing the 4th line
+
+    calls = []
+    real = runner._run_cell
+    monkeypatch.setattr(runner, "_run_cell", lambda m, cell, pending, *a: calls.append(
+        (cell.key, [s.id for s in pending])) or real(m, cell, pending, *a))
+    resumed = run_eval(model, samples, config, out, progress=False)
+    assert sorted(k for k, _ in calls) == sorted([json.loads(line)["cell"] for line in lines[3:]])
+    assert [(r["cell"], r["id"], r.get("token_ids")) for r in resumed] == \
+           [(r["cell"], r["id"], r.get("token_ids")) for r in full]
+    assert run_eval(model, samples, config, out, progress=False) and len(calls) == len(lines) - 3  # nothing left
+
+
+def test_resume_with_other_settings_is_refused(model, dataset, tmp_path):
+    samples = load_samples(str(dataset), question_field="q", answer_field="a", limit=1)
+    config = EvalConfig(dataset=str(dataset), policies=("dense",), budgets=(64,), page_size=4, max_new_tokens=4)
+    run_eval(model, samples, config, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        run_eval(model, samples, EvalConfig(**{**config.__dict__, "max_new_tokens": 5}), tmp_path, progress=False)
+
+
+def test_dataset_errors(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="neither one of gsm8k"):
+        load_samples(str(tmp_path / "missing.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q"}) + "\n")
+    with pytest.raises(ValueError, match="--question-field"):
+        load_samples(str(bad))
+    assert cli_main(["eval", "--dataset", str(bad), "--policies", "dense,bogus"]) == 2
+    assert "unknown policy 'bogus'" in capsys.readouterr().err
+
+
+def test_known_datasets_from_shared_data():
+    gsm8k = load_samples("gsm8k", limit=3)
+    assert gsm8k[0].gold == "18" and "Janet" in gsm8k[0].question
+    assert len(load_samples("aime24")) == 30
+    assert load_samples("math500", limit=1)[0].gold
