@@ -5,9 +5,10 @@ Flax linen used functionally:
     logits, cache = Transformer(cfg, cache_ops).apply({"params": params}, tokens, positions, cache)
 
 * `params` is a plain nested dict; the layers are stacked on a leading axis (`nn.scan`).
-* `cache` is `None` (a full causal forward) or a dict of arrays stacked over layers; the model never
-  looks inside it: `cache_ops` (a frozen, hashable object from `raas_jax.cache`) writes keys and
-  values into it and runs decode attention over it. With `decode=False` the tokens are a prompt: they
+* `cache` is `None` (a full causal forward) or a dict of arrays stacked over layers, carried through the
+  layer scan (so one decode step writes one token per layer in place); the model never looks inside it:
+  `cache_ops` (a frozen, hashable policy from `raas_jax.policies`) writes keys and values into it and
+  runs decode attention over it. With `decode=False` the tokens are a prompt: they
   attend to each other causally (dense) and are written into the cache; with `decode=True` there is
   one token per sequence and attention goes through `cache_ops.decode`.
 * `positions[b, t] = -1` marks padding: it is neither attended to nor cached.
@@ -29,11 +30,16 @@ from .config import ModelConfig, RopeScaling
 
 
 class CacheOps(Protocol):
-    """What the model needs from a KV cache (implemented in `raas_jax.cache`)."""
+    """What the model needs from a KV cache (the policies in `raas_jax.policies`).
 
-    def prefill(self, layer_cache: Any, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> Any: ...
+    `cache` is the whole cache, stacked over layers; `layer` is the calling layer's (traced) index, so a
+    policy can update one token of one layer in place instead of copying a layer per step.
+    """
 
-    def decode(self, layer_cache: Any, q: jax.Array, k: jax.Array, v: jax.Array,
+    def prefill(self, cache: Any, layer: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
+                positions: jax.Array) -> Any: ...
+
+    def decode(self, cache: Any, layer: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
                positions: jax.Array) -> tuple[jax.Array, Any]: ...
 
 
@@ -91,7 +97,7 @@ class Attention(nn.Module):
     cache_ops: CacheOps | None
 
     @nn.compact
-    def __call__(self, x, positions, layer_cache, decode: bool):
+    def __call__(self, x, positions, cache, layer, decode: bool):
         cfg = self.cfg
         b, t, _ = x.shape
         hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -105,14 +111,14 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         if decode:
-            out, layer_cache = self.cache_ops.decode(layer_cache, q[:, 0], k[:, 0], v[:, 0], positions[:, 0])
+            out, cache = self.cache_ops.decode(cache, layer, q[:, 0], k[:, 0], v[:, 0], positions[:, 0])
             out = out[:, None]  # [B, 1, Hq, D]
         else:
             out = causal_attention(q, k, v, positions, positions)  # [B, T, Hq, D]
-            if layer_cache is not None:
-                layer_cache = self.cache_ops.prefill(layer_cache, q, k, v, positions)
+            if cache is not None:
+                cache = self.cache_ops.prefill(cache, layer, q, k, v, positions)
         out = _dense(cfg.hidden_size, cfg.o_bias, self.dtype, "o_proj")(out.reshape(b, t, hq * d))
-        return out, layer_cache
+        return out, cache
 
 
 class MLP(nn.Module):
@@ -134,15 +140,16 @@ class Block(nn.Module):
     decode: bool
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions):
+    def __call__(self, carry, layer, positions):
+        x, cache = carry  # the cache rides in the carry: layers update it in place
         cfg = self.cfg
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
-        h, layer_cache = Attention(cfg, self.dtype, self.cache_ops, name="self_attn")(
-            h, positions, layer_cache, self.decode)
+        h, cache = Attention(cfg, self.dtype, self.cache_ops, name="self_attn")(h, positions, cache, layer,
+                                                                                self.decode)
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
         x = x + MLP(cfg, self.dtype, name="mlp")(h)
-        return x, layer_cache
+        return (x, cache), None
 
 
 class Transformer(nn.Module):
@@ -167,7 +174,7 @@ class Transformer(nn.Module):
             in_axes=(0, nn.broadcast),
             length=cfg.num_layers,
         )(cfg, self.dtype, self.cache_ops, decode, name="layers")
-        x, cache = layers(x, cache, positions)
+        (x, cache), _ = layers((x, cache), jnp.arange(cfg.num_layers, dtype=jnp.int32), positions)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]  # [B, H]

@@ -192,7 +192,7 @@ def run_e2e(model: str, policies: dict[str, Policy], positions: list[int], batch
         for position in positions:
             per_seq = cache_bytes(jax.eval_shape(lambda: policy.init(
                 cfg, 1, policy.num_slots(prompt_len, position - prompt_len + steps + 2), dtype)))
-            fit = int((limit - weight_bytes - 6 * 2**30) // (per_seq * 1.05)) if limit else max(batches)
+            fit = int(0.8 * (limit - weight_bytes - 8 * 2**30) // per_seq) if limit else max(batches)
             todo = [b for b in batches if b <= fit]
             if largest_batch and fit > 0 and fit not in todo:
                 todo.append(min(fit, 1024))

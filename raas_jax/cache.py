@@ -106,17 +106,27 @@ def slot_of(array: jax.Array, slot: jax.Array) -> jax.Array:
     return jnp.take_along_axis(array, index, axis=2)[:, :, 0]
 
 
-def append_token(layer: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array, victim: jax.Array,
-                 page_size: int) -> tuple[LayerCache, jax.Array, jax.Array]:
-    """Append one token per (sequence, KV head), opening a new page when the current one is full.
+def layer_at(cache: dict[str, jax.Array], layer: jax.Array, pages: bool = True) -> LayerCache:
+    """One layer's view of the stacked cache (`layer` may be traced); `pages=False` leaves out k and v."""
+    return {name: array[layer] for name, array in cache.items() if pages or name not in ("k", "v")}
 
-    A new page goes to the first free slot, else to `victim` [B, Hkv] (chosen by the policy from the
-    state before this token). k, v [B, Hkv, D], positions [B].
-    Returns (layer, slot written [B, Hkv], evicted slot or -1 [B, Hkv]).
+
+def store_layer(cache: dict[str, jax.Array], layer: jax.Array, values: LayerCache) -> dict[str, jax.Array]:
+    """Write whole-layer arrays back into the stacked cache (prefill and small metadata)."""
+    return {**cache, **{name: cache[name].at[layer].set(value) for name, value in values.items()}}
+
+
+def append_token(cache: dict[str, jax.Array], layer: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
+                 victim: jax.Array, page_size: int) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
+    """Append one token per (sequence, KV head) of `layer`, opening a new page when the current one is full.
+
+    Works on the stacked cache and writes only what changes (one token of k/v, one slot of metadata per
+    (sequence, head)), so the pages are updated in place. A new page goes to the first free slot, else
+    to `victim` [B, Hkv] (chosen by the policy from the state before this token).
+    k, v [B, Hkv, D], positions [B]. Returns (cache, slot written [B, Hkv], evicted slot or -1 [B, Hkv]).
     """
-    b, hkv = layer["cur"].shape
-    fill = layer["fill"]
-    cur = layer["cur"]
+    fill, cur = cache["fill"][layer], cache["cur"][layer]  # [B, Hkv, S], [B, Hkv]
+    b, hkv = cur.shape
     cur_fill = slot_of(fill, cur)  # [B, Hkv]
     need_new = cur_fill >= page_size
     free = fill == 0
@@ -127,21 +137,24 @@ def append_token(layer: LayerCache, k: jax.Array, v: jax.Array, positions: jax.A
     evicted = jnp.where(need_new & ~has_free, victim, -1)
     pos = jnp.broadcast_to(positions[:, None], (b, hkv)).astype(jnp.int32)
     bi, hi = jnp.arange(b)[:, None], jnp.arange(hkv)[None, :]
-    k = k.astype(layer["k"].dtype)
-    old_min, old_max = slot_of(layer["kmin"], slot), slot_of(layer["kmax"], slot)  # [B, Hkv, D]
+    k = k.astype(cache["k"].dtype)
+
+    def at_slot(name: str) -> jax.Array:  # [B, Hkv, ...] value of `name` in the written slot
+        return slot_of(cache[name][layer], slot)
+
     new_page = need_new[..., None]
-    kmin = jnp.where(new_page, k, jnp.minimum(old_min, k))
-    kmax = jnp.where(new_page, k, jnp.maximum(old_max, k))
-    out = {
-        **layer,
-        "k": layer["k"].at[bi, hi, slot, offset].set(k),
-        "v": layer["v"].at[bi, hi, slot, offset].set(v.astype(layer["v"].dtype)),
-        "kmin": layer["kmin"].at[bi, hi, slot].set(kmin),
-        "kmax": layer["kmax"].at[bi, hi, slot].set(kmax),
-        "fill": fill.at[bi, hi, slot].set(offset + 1),
-        "start": layer["start"].at[bi, hi, slot].set(jnp.where(need_new, pos, slot_of(layer["start"], slot))),
-        "stamp": layer["stamp"].at[bi, hi, slot].set(jnp.where(need_new, pos, slot_of(layer["stamp"], slot))),
-        "pinned": layer["pinned"].at[bi, hi, slot].set(~need_new & slot_of(layer["pinned"], slot)),
-        "cur": slot,
-    }
-    return out, slot, evicted
+    kmin = jnp.where(new_page, k, jnp.minimum(at_slot("kmin"), k))
+    kmax = jnp.where(new_page, k, jnp.maximum(at_slot("kmax"), k))
+    index = (layer, bi, hi, slot)
+    return {
+        **cache,
+        "k": cache["k"].at[index + (offset,)].set(k),
+        "v": cache["v"].at[index + (offset,)].set(v.astype(cache["v"].dtype)),
+        "kmin": cache["kmin"].at[index].set(kmin),
+        "kmax": cache["kmax"].at[index].set(kmax),
+        "fill": cache["fill"].at[index].set(offset + 1),
+        "start": cache["start"].at[index].set(jnp.where(need_new, pos, at_slot("start"))),
+        "stamp": cache["stamp"].at[index].set(jnp.where(need_new, pos, at_slot("stamp"))),
+        "pinned": cache["pinned"].at[index].set(~need_new & at_slot("pinned")),
+        "cur": cache["cur"].at[layer].set(slot),
+    }, slot, evicted

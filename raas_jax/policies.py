@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from raas_jax import kernels
-from raas_jax.cache import LayerCache, append_token, init_pool, write_prompt
+from raas_jax.cache import LayerCache, append_token, init_pool, layer_at, store_layer, write_prompt
 from raas_jax.models.config import ModelConfig
 
 INT32_MAX = jnp.iinfo(jnp.int32).max
@@ -48,11 +48,11 @@ def oldest_victim(order_key: jax.Array, candidates: jax.Array) -> jax.Array:
     return jnp.argmin(jnp.where(candidates, order_key, INT32_MAX), axis=-1).astype(jnp.int32)
 
 
-def evictable(layer: LayerCache, page_size: int) -> jax.Array:
+def evictable(view: LayerCache, page_size: int) -> jax.Array:
     """Full, unpinned slots other than the one being filled: [B, Hkv, S] bool."""
-    slot_ids = jnp.arange(layer["fill"].shape[-1])
-    not_current = slot_ids[None, None, :] != layer["cur"][..., None]
-    return (layer["fill"] >= page_size) & ~layer["pinned"] & not_current
+    slot_ids = jnp.arange(view["fill"].shape[-1])
+    not_current = slot_ids[None, None, :] != view["cur"][..., None]
+    return (view["fill"] >= page_size) & ~view["pinned"] & not_current
 
 
 def top_half_mask(scores: jax.Array, resident: jax.Array) -> jax.Array:
@@ -109,27 +109,30 @@ class Policy:
     def init(self, cfg: ModelConfig, batch: int, num_slots: int, dtype: Any) -> dict[str, jax.Array]:
         return init_pool(cfg, batch, num_slots, self.page_size, dtype)
 
-    # model hooks ----------------------------------------------------------------------------
-    def prefill(self, layer: LayerCache, q, k, v, positions) -> LayerCache:
-        """q [B, T, Hq, D], k/v [B, T, Hkv, D], positions [B, T] -> the layer cache holding the prompt."""
-        return write_prompt(layer, k, v, positions, self.page_size, pin=self.pin_prompt)
+    # model hooks: `cache` is stacked over layers, `layer` the (traced) index of the calling layer -----
+    def prefill(self, cache, layer, q, k, v, positions):
+        """q [B, T, Hq, D], k/v [B, T, Hkv, D], positions [B, T] -> the cache with this layer's prompt."""
+        view = write_prompt(layer_at(cache, layer), k, v, positions, self.page_size, pin=self.pin_prompt)
+        return store_layer(cache, layer, view)
 
-    def decode(self, layer: LayerCache, q, k, v, positions) -> tuple[jax.Array, LayerCache]:
-        """q [B, Hq, D], k/v [B, Hkv, D], positions [B] -> (out [B, Hq, D], layer cache)."""
-        layer, _, _ = append_token(layer, k, v, positions, self.victim(layer), self.page_size)
-        out, mass = self.attend(layer, q)
-        return out, self.update_stats(layer, q, mass, positions)
+    def decode(self, cache, layer, q, k, v, positions):
+        """q [B, Hq, D], k/v [B, Hkv, D], positions [B] -> (out [B, Hq, D], cache)."""
+        victim = self.victim(layer_at(cache, layer, pages=False))
+        cache, slot, _ = append_token(cache, layer, k, v, positions, victim, self.page_size)
+        view = layer_at(cache, layer)
+        out, mass = self.attend(view, q, layer)
+        return out, self.update_stats(cache, layer, view, q, mass, positions, slot)
 
     # policy-specific ------------------------------------------------------------------------
-    def victim(self, layer: LayerCache) -> jax.Array:
+    def victim(self, view: LayerCache) -> jax.Array:
         """The slot to evict if a new page is needed and none is free: [B, Hkv]."""
-        return jnp.zeros(layer["cur"].shape, jnp.int32)  # O(N) policies never evict
+        return jnp.zeros(view["cur"].shape, jnp.int32)  # O(N) policies never evict
 
-    def attend(self, layer: LayerCache, q) -> tuple[jax.Array, jax.Array]:
-        return kernels.decode_attention(q, layer["k"], layer["v"], layer["fill"], backend=self.backend)
+    def attend(self, view: LayerCache, q, layer) -> tuple[jax.Array, jax.Array | None]:
+        return kernels.decode_attention(q, view["k"], view["v"], view["fill"], backend=self.backend)
 
-    def update_stats(self, layer: LayerCache, q, mass, positions) -> LayerCache:
-        return layer
+    def update_stats(self, cache, layer, view: LayerCache, q, mass, positions, slot):
+        return cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,25 +210,26 @@ class RaaS(_FixedBudget):
     def pin_prompt(self) -> bool:  # type: ignore[override]
         return self.pin_prefill
 
-    def victim(self, layer):
-        return oldest_victim(layer["stamp"], evictable(layer, self.page_size))
+    def victim(self, view):
+        return oldest_victim(view["stamp"], evictable(view, self.page_size))
 
-    def importance(self, layer, q, mass) -> jax.Array:
+    def importance(self, view, q, mass) -> jax.Array:
         """Pages judged important this step: [B, Hkv, S] bool."""
-        resident = layer["fill"] > 0
+        resident = view["fill"] > 0
         if self.score == "exact":
             scores = mass
             normalised = mass
         else:
-            scores = kernels.page_scores(q, layer["kmin"], layer["kmax"], layer["fill"], backend=self.backend)
+            scores = kernels.page_scores(q, view["kmin"], view["kmax"], view["fill"], backend=self.backend)
             normalised = softmax_over_resident(scores * q.shape[-1] ** -0.5, resident)
         if self.refresh == "top_half":
             return top_half_mask(scores, resident)
         return resident & (normalised > self.refresh)
 
-    def update_stats(self, layer, q, mass, positions):
-        important = self.importance(layer, q, mass)
-        return {**layer, "stamp": jnp.where(important, positions[:, None, None], layer["stamp"])}
+    def update_stats(self, cache, layer, view, q, mass, positions, slot):
+        important = self.importance(view, q, mass)
+        stamp = jnp.where(important, positions[:, None, None], view["stamp"])
+        return {**cache, "stamp": cache["stamp"].at[layer].set(stamp)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,24 +248,18 @@ class Quest(Policy):
         if self.budget % self.page_size:
             raise ValueError(f"budget {self.budget} is not a multiple of page_size {self.page_size}")
 
-    def init(self, cfg, batch, num_slots, dtype):
-        pool = super().init(cfg, batch, num_slots, dtype)
-        return {**pool, "layer": jnp.arange(cfg.num_layers, dtype=jnp.int32)}  # [L]: each layer its index
-
-    def attend(self, layer, q):
+    def attend(self, view, q, layer):
         def dense(_):
-            out, _ = kernels.decode_attention(q, layer["k"], layer["v"], layer["fill"], backend=self.backend)
+            out, _ = kernels.decode_attention(q, view["k"], view["v"], view["fill"], backend=self.backend)
             return out
 
         def sparse(_):
-            scores = kernels.page_scores(q, layer["kmin"], layer["kmax"], layer["fill"], backend=self.backend)
-            slots = quest_select(scores, layer["cur"], layer["fill"], self.budget // self.page_size)
-            out, _ = kernels.decode_attention(q, layer["k"], layer["v"], layer["fill"], slots,
-                                              backend=self.backend)
+            scores = kernels.page_scores(q, view["kmin"], view["kmax"], view["fill"], backend=self.backend)
+            slots = quest_select(scores, view["cur"], view["fill"], self.budget // self.page_size)
+            out, _ = kernels.decode_attention(q, view["k"], view["v"], view["fill"], slots, backend=self.backend)
             return out
 
-        out = jax.lax.cond(layer["layer"] < self.dense_layers, dense, sparse, None)
-        return out, None
+        return jax.lax.cond(layer < self.dense_layers, dense, sparse, None), None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,35 +285,33 @@ class H2O(_FixedBudget):
         pool = super().init(cfg, batch, num_slots, dtype)
         return {**pool, "mass": jnp.zeros(pool["fill"].shape, jnp.float32)}  # [L, B, Hkv, S]
 
-    def prefill(self, layer, q, k, v, positions):
-        layer = super().prefill(layer, q, k, v, positions)
+    def prefill(self, cache, layer, q, k, v, positions):
+        cache = super().prefill(cache, layer, q, k, v, positions)
         _, key_mass = kernels.causal_attention(q, k, v, positions, positions, return_key_mass=True,
                                                backend=self.backend)  # [B, Hkv, T]
-        page = jnp.where(positions >= 0, positions // self.page_size, layer["fill"].shape[-1])  # [B, T]
+        num_slots = cache["fill"].shape[-1]
+        page = jnp.where(positions >= 0, positions // self.page_size, num_slots)  # [B, T]
         b, hkv, _ = key_mass.shape
-        mass = jnp.zeros(layer["fill"].shape, jnp.float32)
+        mass = jnp.zeros((b, hkv, num_slots), jnp.float32)
         mass = mass.at[jnp.arange(b)[:, None, None], jnp.arange(hkv)[None, :, None], page[:, None, :]].add(
             key_mass, mode="drop")
-        return {**layer, "mass": mass}
+        return {**cache, "mass": cache["mass"].at[layer].set(mass)}
 
-    def recent(self, layer) -> jax.Array:
+    def recent(self, view) -> jax.Array:
         """The newest `recent_pages` pages (by start position), the current one included: [B, Hkv, S]."""
-        newest_start = jnp.max(jnp.where(layer["fill"] > 0, layer["start"], -1), axis=-1, keepdims=True)
+        newest_start = jnp.max(jnp.where(view["fill"] > 0, view["start"], -1), axis=-1, keepdims=True)
         window = (self.recent_pages() - 1) * self.page_size
-        return (layer["fill"] > 0) & (layer["start"] >= newest_start - window)
+        return (view["fill"] > 0) & (view["start"] >= newest_start - window)
 
-    def victim(self, layer):
-        candidates = evictable(layer, self.page_size) & ~self.recent(layer)
-        order = jnp.where(candidates, layer["mass"], jnp.inf)
+    def victim(self, view):
+        candidates = evictable(view, self.page_size) & ~self.recent(view)
+        order = jnp.where(candidates, view["mass"], jnp.inf)
         return jnp.argmin(order, axis=-1).astype(jnp.int32)
 
-    def decode(self, layer, q, k, v, positions):
-        layer, slot, _ = append_token(layer, k, v, positions, self.victim(layer), self.page_size)
-        slot_ids = jnp.arange(layer["fill"].shape[-1])
-        opened = (slot_ids == slot[..., None]) & (layer["fill"] == 1)  # a page started this step
-        layer = {**layer, "mass": jnp.where(opened, 0.0, layer["mass"])}
-        out, mass = self.attend(layer, q)
-        return out, {**layer, "mass": layer["mass"] + mass}
+    def update_stats(self, cache, layer, view, q, mass, positions, slot):
+        opened = (jnp.arange(view["fill"].shape[-1]) == slot[..., None]) & (view["fill"] == 1)  # new this step
+        total = jnp.where(opened, 0.0, view["mass"]) + mass  # [B, Hkv, S]
+        return {**cache, "mass": cache["mass"].at[layer].set(total)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,9 +329,9 @@ class StreamingLLM(_FixedBudget):
             raise ValueError(f"{self.sink_tokens} sink tokens fill the {self.budget // self.page_size}-page pool; "
                              "use fewer sink tokens or a larger budget")
 
-    def victim(self, layer):
-        candidates = evictable(layer, self.page_size) & (layer["start"] >= self.sink_tokens)
-        return oldest_victim(layer["start"], candidates)
+    def victim(self, view):
+        candidates = evictable(view, self.page_size) & (view["start"] >= self.sink_tokens)
+        return oldest_victim(view["start"], candidates)
 
 
 POLICIES = {"dense": Dense, "raas": RaaS, "quest": Quest, "h2o": H2O, "streaming": StreamingLLM}

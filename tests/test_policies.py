@@ -163,23 +163,24 @@ def jitted(policy):
 
 
 def simulate(policy, prompt_lengths, steps, seed, max_prompt=9):
-    """Run prefill + `steps` decode steps on one layer with random q/k/v; yield (before, after, pos, q)."""
+    """Run prefill + `steps` decode steps on a one-layer cache with random q/k/v; yield (before, after, pos, q)."""
     rng = np.random.default_rng(seed)
     prefill, decode = jitted(policy)
     slots = policy.budget // policy.page_size
     t = max_prompt
-    layer = jax.tree.map(lambda x: x[0], policy.init(SIM_CFG, B, slots, jnp.float32))
+    cache = policy.init(SIM_CFG, B, slots, jnp.float32)
     positions = np.where(np.arange(t)[None] < np.array(prompt_lengths)[:, None], np.arange(t)[None], -1)
     q = rng.normal(size=(B, t, HKV * GROUP, D)).astype(np.float32)
     k = rng.normal(size=(B, t, HKV, D)).astype(np.float32)
-    layer = prefill(layer, q, k, k, jnp.asarray(positions))
+    layer = jnp.int32(0)
+    cache = prefill(cache, layer, q, k, k, jnp.asarray(positions))
     pos = np.array(prompt_lengths, np.int32)
     for _ in range(steps):
         q1 = rng.normal(size=(B, HKV * GROUP, D)).astype(np.float32) * 3
         k1 = rng.normal(size=(B, HKV, D)).astype(np.float32)
-        before = jax.tree.map(np.asarray, layer)
-        _, layer = decode(layer, q1, k1, k1, jnp.asarray(pos))
-        yield before, jax.tree.map(np.asarray, layer), pos.copy(), q1
+        before = jax.tree.map(lambda x: np.asarray(x[0]), cache)
+        _, cache = decode(cache, layer, q1, k1, k1, jnp.asarray(pos))
+        yield before, jax.tree.map(lambda x: np.asarray(x[0]), cache), pos.copy(), q1
         pos += 1
 
 
