@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""Which compiled decode-loop instructions touch whole KV pools (copies, transposes, layer slices)?
+
+    python scripts/hlo_check.py --policy raas --batch 64 --position 16384 [--model llama3-8b]
+
+Prints, per instruction kind, how many instructions produce an array of the full stacked pool shape
+or of one layer's pool shape. A decode step should write one token per layer in place: any copy or
+transpose of those shapes inside the loop is traffic the roofline does not count.
+"""
+
+import argparse
+import collections
+import re
+
+import jax
+import jax.numpy as jnp
+
+from raas_jax import bench
+from raas_jax.generate import DECODE_CHUNK, DecodeState, Generator, SamplingParams
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama3-8b")
+    ap.add_argument("--policy", default="raas")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--position", type=int, default=16384)
+    args = ap.parse_args()
+    cfg = bench.MODEL_SHAPES[args.model]
+    policy = bench.default_policies()[args.policy]
+    dtype = jnp.bfloat16
+    shapes = jax.eval_shape(lambda: policy.init(cfg, args.batch, policy.num_slots(128, args.position), dtype))
+    params = jax.eval_shape(lambda: bench.random_params(cfg, dtype))
+    b = args.batch
+    state = DecodeState(shapes, jax.ShapeDtypeStruct((b, DECODE_CHUNK), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32),
+                        jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.bool_),
+                        jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
+                        jax.eval_shape(lambda: jax.random.PRNGKey(0)))
+    scalar_f, scalar_i = jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32)
+    gen = Generator(cfg, dtype, policy)
+    text = gen.decode.lower(params, state, scalar_i, jax.ShapeDtypeStruct((1,), jnp.int32),
+                            SamplingParams(scalar_f, scalar_i, scalar_f)).compile().as_text()
+    full = ",".join(map(str, shapes["k"].shape))
+    layer = ",".join(map(str, shapes["k"].shape[1:]))
+    counts = collections.Counter()
+    for line in text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?[\w.-]+ = bf16\[([\d,]+)\]\S* (\w[\w-]*)\(", line)
+        if m and m.group(1) in (full, layer):
+            counts[("stacked" if m.group(1) == full else "layer", m.group(2))] += 1
+    print(f"{args.policy} B={b} N={args.position}: pool {full}")
+    for (kind, op), n in sorted(counts.items()):
+        print(f"  {kind:8s} {op:28s} {n}")
+
+
+if __name__ == "__main__":
+    main()
