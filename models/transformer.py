@@ -156,6 +156,7 @@ class Transformer(nn.Module):
     cfg: ModelConfig
     dtype: Any = jnp.float32
     cache_ops: CacheOps | None = None
+    unroll_layers: bool = False  # unroll the layer scan: static weight slices (no per-layer copies on GPU)
 
     @nn.compact
     def __call__(self, tokens, positions, cache=None, *, decode: bool = False, logits_index=None):
@@ -173,6 +174,7 @@ class Transformer(nn.Module):
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast),
             length=cfg.num_layers,
+            unroll=cfg.num_layers if self.unroll_layers else 1,
         )(cfg, self.dtype, self.cache_ops, decode, name="layers")
         (x, cache), _ = layers((x, cache), jnp.arange(cfg.num_layers, dtype=jnp.int32), positions)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)

@@ -50,10 +50,11 @@ class Generator:
     cfg: ModelConfig
     dtype: Any
     cache_ops: Any = Dense()
+    unroll_layers: bool = False
 
     @functools.cached_property
     def module(self) -> Transformer:
-        return Transformer(self.cfg, self.dtype, self.cache_ops)
+        return Transformer(self.cfg, self.dtype, self.cache_ops, self.unroll_layers)
 
     @functools.cached_property
     def start(self) -> Callable:

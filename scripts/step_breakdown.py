@@ -19,8 +19,8 @@ from raas_jax.models.transformer import Transformer
 from raas_jax.policies import RaaS
 
 
-def time_no_cache(cfg, params, batch, steps=64):
-    module = Transformer(cfg, jnp.bfloat16)
+def time_no_cache(cfg, params, batch, unroll, steps=64):
+    module = Transformer(cfg, jnp.bfloat16, unroll_layers=unroll)
 
     @jax.jit
     def loop(params, tokens):
@@ -45,13 +45,14 @@ def main():
     params = bench.random_params(cfg, jnp.bfloat16)
     weights = sum(x.nbytes for x in jax.tree.leaves(params))
     policy = RaaS(budget=1024)
-    gen = Generator(cfg, jnp.bfloat16, policy)
-    for batch in map(int, args.batches.split(",")):
-        plain = time_no_cache(cfg, params, batch)
-        cache = bench.synthetic_cache(policy, cfg, batch, 4096, 128, 66, jnp.bfloat16)
-        raas, _ = bench.time_decode(gen, params, cache, batch, 4096, 64)
-        print(f"{args.model} B={batch}: no-cache step {plain * 1e3:.2f} ms, RaaS step {raas * 1e3:.2f} ms, "
-              f"weights alone at 4.0 TB/s {weights / 4.0e12 * 1e3:.2f} ms", flush=True)
+    for unroll in (False, True):
+        gen = Generator(cfg, jnp.bfloat16, policy, unroll_layers=unroll)
+        for batch in map(int, args.batches.split(",")):
+            plain = time_no_cache(cfg, params, batch, unroll)
+            cache = bench.synthetic_cache(policy, cfg, batch, 4096, 128, 66, jnp.bfloat16)
+            raas, _ = bench.time_decode(gen, params, cache, batch, 4096, 64)
+            print(f"{args.model} B={batch} unroll={unroll}: no-cache step {plain * 1e3:.2f} ms, RaaS step "
+                  f"{raas * 1e3:.2f} ms, weights alone at 4.0 TB/s {weights / 4.0e12 * 1e3:.2f} ms", flush=True)
 
 
 if __name__ == "__main__":
