@@ -188,7 +188,7 @@ def run_e2e(model: str, policies: dict[str, Policy], positions: list[int], batch
           f"device limit {limit / 2**30:.0f} GiB", flush=True)
     rows = []
     for name, policy in policies.items():
-        gen = Generator(cfg, dtype, policy)
+        gen = Generator(cfg, dtype, policy, unroll_layers=jax.default_backend() != "cpu")
         for position in positions:
             per_seq = cache_bytes(jax.eval_shape(lambda: policy.init(
                 cfg, 1, policy.num_slots(prompt_len, position - prompt_len + steps + 2), dtype)))
