@@ -180,8 +180,9 @@ class Transformer(nn.Module):
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]  # [B, H]
-        if cfg.tie_word_embeddings:
-            logits = embed.attend(x)
+        if cfg.tie_word_embeddings:  # (not embed.attend: it uses the default precision, TF32 on GPUs)
+            precision = jax.lax.Precision.HIGHEST if self.dtype == jnp.float32 else None
+            logits = jnp.einsum("...h,vh->...v", x, embed.embedding.astype(self.dtype), precision=precision)
         else:
             logits = _dense(cfg.vocab_size, False, self.dtype, "lm_head")(x)
         return logits.astype(jnp.float32), cache
