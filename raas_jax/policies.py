@@ -163,10 +163,6 @@ class _FixedBudget(Policy):
     def num_slots(self, longest_prompt: int, max_new_tokens: int) -> int:
         return self.budget // self.page_size
 
-    def kept_prompt_pages(self, length: int) -> int:
-        """Pages of a prompt that must stay resident while there is room to decode."""
-        return -(-length // self.page_size)
-
     def check_prompts(self, lengths: list[int]) -> None:
         slots = self.budget // self.page_size
         longest = max(lengths)
