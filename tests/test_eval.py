@@ -98,6 +98,10 @@ def test_dataset_errors(tmp_path, capsys):
 
 
 def test_known_datasets_from_shared_data():
+    from raas_jax.eval.datasets import default_data_dir
+
+    if default_data_dir() is None:
+        pytest.skip("no shared/data beside or above the checkout (set RAAS_JAX_DATA)")
     gsm8k = load_samples("gsm8k", limit=3)
     assert gsm8k[0].gold == "18" and "Janet" in gsm8k[0].question
     assert len(load_samples("aime24")) == 30
