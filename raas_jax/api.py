@@ -38,8 +38,9 @@ class Model:
     """A loaded checkpoint: config, device params, tokenizer (optional) and EOS ids."""
 
     def __init__(self, cfg: ModelConfig, params: dict, dtype: Any, tokenizer: Any = None,
-                 eos_ids: Sequence[int] = (), path: Path | None = None):
+                 eos_ids: Sequence[int] = (), path: Path | None = None, mesh: Any = None):
         self.cfg = cfg
+        self.mesh = mesh  # a (data, model) jax.sharding.Mesh, or None for one device
         self.params = params
         self.dtype = dtype
         self.tokenizer = tokenizer
@@ -115,6 +116,10 @@ class Model:
         if not isinstance(cache_ops, Policy):
             raise ValueError(f"policy must be a raas_jax.policies object (Dense, RaaS, Quest, H2O, StreamingLLM) "
                              f"or None, got {policy!r}")
+        if self.mesh is not None:
+            from raas_jax.sharding import ShardedPolicy
+
+            cache_ops = ShardedPolicy(cache_ops, self.mesh)
         if cache_ops not in self._generators:
             unroll = jax.default_backend() != "cpu"  # static weight slices; measured faster on the H200
             self._generators[cache_ops] = Generator(self.cfg, self.dtype, cache_ops, unroll_layers=unroll)
@@ -218,8 +223,13 @@ def _eos_ids(path: Path, cfg: ModelConfig, tokenizer: Any) -> tuple[int, ...]:
     return ()
 
 
-def load(path: str | Path | None = None, dtype: Any = None) -> Model:
-    """Load a converted directory, an HF directory or a .gguf file (`None`: the default model)."""
+def load(path: str | Path | None = None, dtype: Any = None, mesh: Any = None) -> Model:
+    """Load a converted directory, an HF directory or a .gguf file (`None`: the default model).
+
+    `mesh`: None (one device), a `jax.sharding.Mesh` with axes (data, model), a shape such as
+    "data=2,model=4", or "auto" (all devices: model up to the KV-head count, the rest data). The
+    parameters are placed (restored, for converted directories) straight into their shardings.
+    """
     from raas_jax import default_model
 
     if path is None:
@@ -230,7 +240,8 @@ def load(path: str | Path | None = None, dtype: Any = None) -> Model:
         raise FileNotFoundError(f"no model at {path}: give a converted directory, an HF directory or a .gguf file")
     if checkpoint.is_converted(path):
         cfg = ModelConfig.from_json(path / "config.json")
-        params = checkpoint.restore_params(path, cfg, dtype)
+        mesh = _resolve_mesh(cfg, mesh)
+        params = checkpoint.restore_params(path, cfg, dtype, mesh)
         tokenizer_dir = path
     elif path.suffix == ".gguf":
         import tempfile
@@ -239,16 +250,34 @@ def load(path: str | Path | None = None, dtype: Any = None) -> Model:
 
         hf_config, np_params = checkpoint.read_source(path, dtype)
         cfg = ModelConfig.from_hf_dict(hf_config)
-        params = jax.device_put(np_params)
+        mesh = _resolve_mesh(cfg, mesh)
+        params = _place(np_params, mesh)
         with tempfile.TemporaryDirectory(prefix="raas-jax-tok-") as tmp:
             gguf_reader.save_gguf_tokenizer(path, Path(tmp))
             tokenizer = _load_tokenizer(Path(tmp))
             eos_ids = _eos_ids(Path(tmp), cfg, tokenizer)
-        return Model(cfg, params, dtype, tokenizer, eos_ids, path)
+        return Model(cfg, params, dtype, tokenizer, eos_ids, path, mesh)
     else:
         hf_config, np_params = checkpoint.read_source(path, dtype)
         cfg = ModelConfig.from_hf_dict(hf_config)
-        params = jax.device_put(np_params)
+        mesh = _resolve_mesh(cfg, mesh)
+        params = _place(np_params, mesh)
         tokenizer_dir = path
     tokenizer = _load_tokenizer(tokenizer_dir)
-    return Model(cfg, params, dtype, tokenizer, _eos_ids(tokenizer_dir, cfg, tokenizer), path)
+    return Model(cfg, params, dtype, tokenizer, _eos_ids(tokenizer_dir, cfg, tokenizer), path, mesh)
+
+
+def _resolve_mesh(cfg: ModelConfig, mesh: Any) -> Any:
+    if mesh is None or isinstance(mesh, jax.sharding.Mesh):
+        return mesh
+    from raas_jax.sharding import make_mesh
+
+    return make_mesh(cfg, None if mesh == "auto" else mesh)
+
+
+def _place(np_params: dict, mesh: Any) -> dict:
+    if mesh is None:
+        return jax.device_put(np_params)
+    from raas_jax.sharding import param_shardings
+
+    return jax.device_put(np_params, param_shardings(np_params, mesh))

@@ -289,13 +289,20 @@ def is_converted(path: Path) -> bool:
     return path.is_dir() and (path / PARAMS_DIR).is_dir() and (path / "config.json").is_file()
 
 
-def restore_params(path: Path, cfg: ModelConfig, dtype: Any) -> dict:
-    """Restore the orbax params of a converted directory straight onto the device, as `dtype`."""
+def restore_params(path: Path, cfg: ModelConfig, dtype: Any, mesh: Any = None) -> dict:
+    """Restore the orbax params of a converted directory straight into their device placement (one device,
+    or the shardings of a (data, model) mesh), as `dtype`."""
     import orbax.checkpoint as ocp
 
     shapes = param_shapes(cfg, dtype)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+    if mesh is None:
+        single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: single, shapes)
+    else:
+        from raas_jax.sharding import param_shardings
+
+        shardings = param_shardings(shapes, mesh)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     try:
         return ocp.StandardCheckpointer().restore((path / PARAMS_DIR).absolute(), target)
     except Exception as e:  # orbax raises many types; say which directory is at fault

@@ -53,11 +53,16 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink-tokens", type=int, default=4, help="StreamingLLM: sink tokens (default 4)")
 
 
+def add_mesh_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh", default=None,
+                   help="spread over devices: 'auto' or e.g. data=2,model=4 (default: one device)")
+
+
 def _generate(args: argparse.Namespace) -> int:
     import raas_jax
 
     policy = policy_from_args(args)
-    model = raas_jax.load(args.model, dtype=args.dtype)
+    model = raas_jax.load(args.model, dtype=args.dtype, mesh=args.mesh)
     prompts = args.prompt
 
     def stream(index: int, text: str) -> None:
@@ -99,7 +104,7 @@ def _eval(args: argparse.Namespace) -> int:
                         limit=args.limit, fidelity=args.fidelity, model=args.model)
     grid(config)  # validates policy names and budgets before anything slow
     samples = load_samples(args.dataset, args.data_dir, args.question_field, args.answer_field, args.limit)
-    model = raas_jax.load(args.model, dtype=args.dtype)
+    model = raas_jax.load(args.model, dtype=args.dtype, mesh=args.mesh)
     out = Path(args.out)
     rows = run_eval(model, samples, config, out, progress=not args.quiet)
     table = summarize(rows)
@@ -167,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    add_mesh_flag(p)
     add_policy_flags(p)
     p.set_defaults(func=_generate)
 
@@ -185,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model path (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default=None, choices=["bf16", "f32"])
     p.add_argument("--out", default="out/eval", help="output folder; re-running resumes (default out/eval)")
+    add_mesh_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_eval)
 
@@ -207,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "mesh", None):
+            from raas_jax.sharding import maybe_initialize_distributed
+
+            maybe_initialize_distributed()
         return args.func(args)
     except USER_ERRORS as e:
         print(f"raas-jax {args.command}: error: {e}", file=sys.stderr)

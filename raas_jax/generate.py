@@ -118,9 +118,16 @@ class Generator:
         return jax.lax.while_loop(cond, body, state)
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Right-pad to bucketed [B', T'] -> (tokens, lengths [B'], padding-row mask [B'])."""
-    batch = next_pow2(len(prompts))
+def data_parallelism(cache_ops: Any) -> int:
+    """Size of the mesh's data axis when the policy runs sharded (the batch must divide it), else 1."""
+    mesh = getattr(cache_ops, "mesh", None)
+    return mesh.shape["data"] if mesh is not None else 1
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], multiple: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Right-pad to bucketed [B', T'] -> (tokens, lengths [B'], padding-row mask [B']); B' is a multiple of
+    `multiple` (the data-parallel width)."""
+    batch = -(-next_pow2(len(prompts)) // multiple) * multiple
     longest = max(len(p) for p in prompts)
     t = next_pow2(longest, MIN_PROMPT_BUCKET)
     tokens = np.zeros((batch, t), np.int32)
@@ -141,7 +148,7 @@ def run_generation(gen: Generator, params, prompts: Sequence[Sequence[int]], *, 
     `on_chunk(tokens_so_far, step)` is called after each chunk of `chunk` decode steps (streaming).
     """
     gen.cache_ops.check_prompts([len(p) for p in prompts])
-    tokens, lengths, is_padding = pad_prompts(prompts)
+    tokens, lengths, is_padding = pad_prompts(prompts, data_parallelism(gen.cache_ops))
     num_slots = gen.cache_ops.num_slots(int(lengths.max()), max_new_tokens)
     sampling = SamplingParams(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
@@ -166,7 +173,7 @@ def forced_logits(gen: Generator, params, prompts: Sequence[Sequence[int]], cont
                   ) -> list[np.ndarray]:
     """Teacher-forced logits of each continuation under `gen`'s policy: one [len(cont), V] array per prompt."""
     gen.cache_ops.check_prompts([len(p) for p in prompts])
-    tokens, lengths, _ = pad_prompts(prompts)
+    tokens, lengths, _ = pad_prompts(prompts, data_parallelism(gen.cache_ops))
     steps = next_pow2(max(len(c) for c in continuations), MIN_OUT_BUCKET)
     forced = np.zeros((tokens.shape[0], steps), np.int32)
     for i, c in enumerate(continuations):
