@@ -1,8 +1,9 @@
 """Batched generation: one jitted prefill, then a jitted `lax.while_loop` decode run in chunks.
 
-Shapes are bucketed (batch and prompt length to powers of two, the cache to a power-of-two number of
-pages, the output buffer to a power of two) so that new request sizes rarely compile anything new.
-The decode state is one pytree, donated to every chunk.
+Shapes are bucketed (batch and prompt length to powers of two, O(N) caches to a power-of-two number of
+pages; fixed-budget caches depend on the budget alone) and decoded tokens go through a fixed 128-column
+device buffer drained between chunks, so new request sizes and longer generations rarely compile anything
+new. The decode state is one pytree, donated to every chunk.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from raas_jax.models.transformer import Transformer
 from raas_jax.sampling import sample_tokens
 
 MIN_PROMPT_BUCKET = 16
-MIN_OUT_BUCKET = 16
+MIN_OUT_BUCKET = 16  # teacher-forced runs: continuation lengths go to powers of two, at least this
 DECODE_CHUNK = 128  # tokens buffered on device per decode call; the host drains it between calls
 
 
