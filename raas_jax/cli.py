@@ -1,4 +1,5 @@
-"""Command line: `raas-jax convert SRC OUT`, `raas-jax generate [--model PATH] "prompt"`."""
+"""Command line: `raas-jax convert SRC OUT`, `raas-jax generate [--model PATH] "prompt"`, `raas-jax eval ...`,
+`raas-jax bench e2e ...`."""
 
 from __future__ import annotations
 
@@ -18,20 +19,21 @@ def _convert(args: argparse.Namespace) -> int:
 
 def policy_from_args(args: argparse.Namespace):
     """The policy object the --policy/--budget/... flags describe (None: dense)."""
-    from raas_jax.policies import make_policy
+    from raas_jax.policies import make_policy, policy_key
 
     options: dict = {}
-    if args.policy == "raas":
+    name = policy_key(args.policy)
+    if name == "raas":
         refresh = args.refresh
         options = {"refresh": refresh if refresh == "top_half" else _alpha(refresh), "score": args.score,
                    "pin_prefill": not args.no_pin_prefill, "dense_layers": args.dense_layers or 0}
-    elif args.policy == "quest":
+    elif name == "quest":
         options = {"dense_layers": 2 if args.dense_layers is None else args.dense_layers}
-    elif args.policy == "h2o":
+    elif name == "h2o":
         options = {"recent_fraction": args.recent_fraction}
-    elif args.policy == "streaming":
+    elif name == "streaming":
         options = {"sink_tokens": args.sink_tokens}
-    return make_policy(args.policy, budget=args.budget, page_size=args.page_size, **options)
+    return make_policy(name, budget=args.budget, page_size=args.page_size, **options)
 
 
 def _alpha(text: str) -> float:

@@ -333,10 +333,15 @@ class StreamingLLM(_FixedBudget):
 POLICIES = {"dense": Dense, "raas": RaaS, "quest": Quest, "h2o": H2O, "streaming": StreamingLLM}
 
 
+def policy_key(name: str) -> str:
+    """Canonical CLI name: 'StreamingLLM', 'streaming-llm' -> 'streaming'."""
+    key = name.lower().replace("-", "").replace("_", "")
+    return {"streamingllm": "streaming"}.get(key, key)
+
+
 def make_policy(name: str, budget: int | None = None, page_size: int = 16, **options: Any) -> Policy:
     """A policy from its CLI name: dense | raas | quest | h2o | streaming."""
-    key = name.lower().replace("-", "").replace("_", "")
-    key = {"streamingllm": "streaming"}.get(key, key)
+    key = policy_key(name)
     if key not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
     cls = POLICIES[key]

@@ -21,7 +21,7 @@ from raas_jax.api import Model, teacher_forced_logits
 from raas_jax.eval.answers import extract_answer, is_equivalent
 from raas_jax.eval.datasets import INSTRUCTION, Sample
 from raas_jax.fidelity import compare
-from raas_jax.policies import Dense, Policy, make_policy
+from raas_jax.policies import Dense, Policy, make_policy, policy_key
 
 SAMPLES_FILE = "samples.jsonl"
 
@@ -53,7 +53,7 @@ class Cell:
 def grid(config: EvalConfig) -> list[Cell]:
     """Dense once (it has no budget), then every other policy at every budget."""
     cells = []
-    names = [n.strip().lower() for n in config.policies if n.strip()]
+    names = list(dict.fromkeys(policy_key(n) for n in config.policies if n.strip()))
     if "dense" in names or config.fidelity:
         cells.append(Cell("dense", None, Dense(page_size=config.page_size)))
     for name in names:
