@@ -1,25 +1,29 @@
 """Attention and page-scoring kernels behind one dispatch entry.
 
-`backend="reference"` is the plain-jnp oracle (kernels/reference.py), used on every platform until
-the Pallas backends land; `backend="auto"` picks the fastest available for the current platform.
+`backend="reference"` is the plain-jnp oracle (kernels/reference.py). `backend="pallas"` is the Pallas
+(Triton-lowered) decode attention of kernels/pallas_gpu.py, run in interpret mode off-GPU; it has only been
+checked in interpret mode so far, so `backend="auto"` still resolves to the reference everywhere.
 """
 
 from __future__ import annotations
 
-from . import reference
+import jax
 
-BACKENDS = ("auto", "reference")
+from . import pallas_gpu, reference
+
+BACKENDS = ("auto", "reference", "pallas")
 
 
 def _resolve(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    return "reference"
+    return "reference" if backend == "auto" else backend
 
 
 def decode_attention(q, k, v, fill, slots=None, *, scale=None, backend: str = "auto"):
     """q [B,Hq,D], k/v [B,Hkv,S,P,D], fill [B,Hkv,S] -> (out [B,Hq,D], mass [B,Hkv,S or K])."""
-    _resolve(backend)
+    if _resolve(backend) == "pallas" and slots is None and pallas_gpu.supports(q, k):
+        return pallas_gpu.decode_attention(q, k, v, fill, scale=scale, interpret=jax.default_backend() != "gpu")
     return reference.decode_attention(q, k, v, fill, slots, scale=scale)
 
 

@@ -33,7 +33,7 @@ def policy_from_args(args: argparse.Namespace):
         options = {"recent_fraction": args.recent_fraction}
     elif name == "streaming":
         options = {"sink_tokens": args.sink_tokens}
-    return make_policy(name, budget=args.budget, page_size=args.page_size, **options)
+    return make_policy(name, budget=args.budget, page_size=args.page_size, backend=args.kernels, **options)
 
 
 def _alpha(text: str) -> float:
@@ -53,6 +53,8 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dense-layers", type=int, default=None, help="Quest: leading dense layers (default 2)")
     p.add_argument("--recent-fraction", type=float, default=0.5, help="H2O: recent window share (default 0.5)")
     p.add_argument("--sink-tokens", type=int, default=4, help="StreamingLLM: sink tokens (default 4)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "reference", "pallas"],
+                   help="attention kernels (default auto = the jnp reference until Pallas is GPU-validated)")
 
 
 def add_mesh_flag(p: argparse.ArgumentParser) -> None:

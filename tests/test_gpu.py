@@ -30,6 +30,24 @@ def test_bf16_decode_attention_matches_f32_reference():
     assert np.abs(np.asarray(mass) - np.asarray(ref_mass)).max() <= 1e-2
 
 
+@pytest.mark.parametrize("group", [1, 4, 7, 8])
+def test_pallas_decode_attention_on_gpu(group):
+    from raas_jax.kernels import pallas_gpu
+
+    rng = np.random.default_rng(group)
+    b, hkv, s, p, d = 32, 8, 64, 16, 128
+    q = jnp.asarray(rng.normal(size=(b, hkv * group, d)), jnp.bfloat16)
+    k = jnp.asarray(rng.normal(size=(b, hkv, s, p, d)), jnp.bfloat16)
+    v = jnp.asarray(rng.normal(size=(b, hkv, s, p, d)), jnp.bfloat16)
+    fill = jnp.asarray(rng.integers(0, p + 1, (b, hkv, s)), jnp.int32)
+    out, mass = pallas_gpu.decode_attention(q, k, v, fill)
+    ref, ref_mass = kernels.decode_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                                             fill, backend="reference")
+    out, ref = np.asarray(out, np.float32), np.asarray(ref)
+    assert np.isfinite(out).all() and np.linalg.norm(out - ref) / np.linalg.norm(ref) <= 1e-2
+    assert np.abs(np.asarray(mass) - np.asarray(ref_mass)).max() <= 1e-2
+
+
 def test_policies_with_room_for_everything_equal_dense_in_bf16():
     cfg = bench.MODEL_SHAPES["tiny"]
     params = bench.random_params(cfg, jnp.bfloat16)

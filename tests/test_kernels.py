@@ -101,3 +101,22 @@ def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="unknown kernel backend"):
         kernels.page_scores(np.zeros((1, 1, 4)), np.zeros((1, 1, 1, 4)), np.zeros((1, 1, 1, 4)),
                             np.ones((1, 1, 1), np.int32), backend="cuda")
+
+
+@pytest.mark.parametrize("group,head_dim,page", [(1, 64, 16), (4, 128, 16), (7, 64, 32), (8, 128, 32)])
+def test_pallas_decode_attention_matches_reference_in_interpret_mode(group, head_dim, page):
+    from raas_jax.kernels import pallas_gpu
+
+    rng = np.random.default_rng(group * 100 + head_dim + page)  # fresh inputs per case
+    b, hkv, s = 2, 2, 32
+    q = rng.normal(size=(b, hkv * group, head_dim)).astype(np.float32)
+    k = rng.normal(size=(b, hkv, s, page, head_dim)).astype(np.float32)
+    v = rng.normal(size=(b, hkv, s, page, head_dim)).astype(np.float32)
+    fill = rng.integers(0, page + 1, (b, hkv, s)).astype(np.int32)  # partly filled and empty slots
+    fill[1, 0] = 0  # a head with no resident token at all
+    out, mass = pallas_gpu.decode_attention(q, k, v, fill, interpret=True)
+    ref_out, ref_mass = kernels.decode_attention(q, k, v, fill, backend="reference")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(mass), np.asarray(ref_mass), rtol=1e-5, atol=1e-6)
+    via_dispatch, _ = kernels.decode_attention(q, k, v, fill, backend="pallas")
+    np.testing.assert_allclose(np.asarray(via_dispatch), np.asarray(ref_out), rtol=1e-5, atol=1e-5)
