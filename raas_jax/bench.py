@@ -87,8 +87,7 @@ def synthetic_cache(policy: Policy, cfg: ModelConfig, batch: int, position: int,
         pinned = np.zeros(shape, bool)
         cur_slot = resident - 1
 
-    small = {name: x for name, x in jax.eval_shape(lambda: pool).items() if name not in ("k", "v")}
-    del pool  # only shapes are kept; k and v are made below without an all-zero copy
+    small = {name: x for name, x in pool.items() if name not in ("k", "v")}  # shapes only: k and v are made
     k_shape = (*shape, page, cfg.head_dim)
 
     @jax.jit
@@ -197,13 +196,14 @@ def run_e2e(model: str, policies: dict[str, Policy], positions: list[int], batch
             if largest_batch and fit > 0 and fit not in todo:
                 todo.append(min(fit, 1024))
             for batch in sorted(set(todo)):
-                cache = synthetic_cache(policy, cfg, batch, position, prompt_len, steps + 2, dtype)
                 try:
+                    cache = synthetic_cache(policy, cfg, batch, position, prompt_len, steps + 2, dtype)
                     seconds, compiled = time_decode(gen, params, cache, batch, position, steps)
                 except Exception as e:  # out of memory at the estimated largest batch: report and go on
                     print(f"  {name} N={position} B={batch}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-                    del cache
                     continue
+                finally:
+                    cache = None  # free the pool before the next configuration
                 in_use = (jax.devices()[0].memory_stats() or {}).get("bytes_in_use", 0)
                 roofline = (weight_bytes + kv_bytes_read(policy, cfg, batch, position, dtype)) / bandwidth
                 m = Measurement(model, name, batch, position, seconds * 1e3, batch / seconds,
@@ -212,38 +212,22 @@ def run_e2e(model: str, policies: dict[str, Policy], positions: list[int], batch
                 print(f"  {name:6s} N={position:6d} B={batch:4d} {m.step_ms:8.2f} ms/step {m.tokens_per_s:9.0f} tok/s "
                       f"cache {m.cache_gib:7.2f} GiB roofline {m.roofline_ms:7.2f} ms"
                       + (" COMPILED" if compiled else ""), flush=True)
-                del cache
                 out.write_text(json.dumps({"rows": rows, "copy_bandwidth": bandwidth, "weight_bytes": weight_bytes,
                                            "jax": jax.__version__, "device": str(jax.devices()[0])}, indent=1))
     return rows
 
 
 def plot_e2e(rows: list[dict], out_dir: Path, batch: int) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from raas_jax.plots import line_plot
 
     written = []
     for metric, label in (("step_ms", "ms per decode step"), ("cache_gib", "KV cache (GiB)")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for model in dict.fromkeys(r["model"] for r in rows):
-            for policy in dict.fromkeys(r["policy"] for r in rows):
-                pts = sorted((r["position"], r[metric]) for r in rows
-                             if r["model"] == model and r["policy"] == policy and r["batch"] == batch)
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=f"{policy} ({model})")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("decode position N")
-        ax.set_ylabel(label)
-        ax.set_title(f"batch {batch}, bf16, H200")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        path = out_dir / f"e2e_{metric}_b{batch}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        series = {f"{policy} ({model})": [(r["position"], r[metric]) for r in rows
+                                          if r["model"] == model and r["policy"] == policy and r["batch"] == batch]
+                  for model in dict.fromkeys(r["model"] for r in rows)
+                  for policy in dict.fromkeys(r["policy"] for r in rows)}
+        written.append(line_plot(series, out_dir / f"e2e_{metric}_b{batch}.png", "decode position N", label,
+                                 f"batch {batch}, bf16, {jax.devices()[0].device_kind}"))
     return written
 
 

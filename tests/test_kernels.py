@@ -11,7 +11,7 @@ from raas_jax import kernels
 def brute_decode(q, k, v, fill):
     """Loop over heads and tokens: softmax over every resident token of the KV head."""
     b, hq, d = q.shape
-    hkv, s, p = k.shape[1], k.shape[2], k.shape[3]
+    hkv, s = k.shape[1], k.shape[2]
     group = hq // hkv
     out = np.zeros_like(q)
     mass = np.zeros((b, hkv, s))

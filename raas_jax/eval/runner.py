@@ -244,32 +244,15 @@ def write_summary(table: list[dict], out: Path, title: str) -> None:
 
 
 def write_plots(table: list[dict], out: Path, title: str) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from raas_jax.plots import line_plot
 
     written = []
+    dense = next((r for r in table if r["policy"] == "dense"), None)
     for metric, label in (("accuracy", "accuracy"), ("agreement", "teacher-forced top-1 agreement with dense")):
         if all(r[metric] is None for r in table if r["budget"] is not None):
             continue
-        fig, ax = plt.subplots(figsize=(6, 4))
-        dense = next((r for r in table if r["policy"] == "dense"), None)
-        for policy in dict.fromkeys(r["policy"] for r in table if r["budget"] is not None):
-            points = [(r["budget"], r[metric]) for r in table if r["policy"] == policy and r[metric] is not None]
-            if points:
-                ax.plot(*zip(*points), marker="o", label=policy)
-        if dense is not None and dense[metric] is not None:
-            ax.axhline(dense[metric], color="black", linestyle="--", label="dense")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("KV budget (tokens)")
-        ax.set_ylabel(label)
-        ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        path = out / f"{metric}_vs_budget.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        series = {policy: [(r["budget"], r[metric]) for r in table if r["policy"] == policy and r[metric] is not None]
+                  for policy in dict.fromkeys(r["policy"] for r in table if r["budget"] is not None)}
+        hline = ("dense", dense[metric]) if dense is not None and dense[metric] is not None else None
+        written.append(line_plot(series, out / f"{metric}_vs_budget.png", "KV budget (tokens)", label, title, hline))
     return written
