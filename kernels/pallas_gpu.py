@@ -1,98 +1,219 @@
-"""Decode attention over the page pool in Pallas (Triton lowering), flash-decoding style, with per-slot mass.
+"""Pallas GPU kernels over the page pool: split decode attention with per-slot mass, and Quest page scores.
 
-Status: checked against `kernels/reference.py` in interpret mode on CPU only; not yet compiled or timed on a
-GPU, so `backend="auto"` still picks the reference. Select it with `backend="pallas"`.
+Lowered through Pallas' Triton backend (selected by passing `pltriton.CompilerParams`; without them JAX >= 0.10
+picks Mosaic GPU). The Triton lowering is deprecated since JAX 0.11 but is the one that takes these shapes
+(gathers of pages, small dots) today; `kernels/__init__.py` hides the choice so it can move to Mosaic GPU.
 
-One program per (sequence, KV head, block of SLOTS_PER_BLOCK slots) reads its keys and values once and
-computes, for all query heads of the group at once:
-  m [G]      the block's max logit,
-  l [G]      sum of exp(logit - m),
-  o [G, D]   sum of exp(logit - m) * v,
-  s [G, SB]  sum of exp(logit - m) per slot (a matmul with a token->slot indicator: no reshapes in-kernel).
-A jnp epilogue rescales the blocks to the global max and gives the output and each slot's softmax mass
-(max over the group), exactly the reference's contract.
+decode_attention: one program per (sequence, KV head, split). A split walks `blocks_per_split` blocks of
+`block_slots` slots (T = block_slots * page tokens) with an online softmax, all query heads of the group in
+one dot (rows padded to 16 for Triton). Per block it stores the per-slot sums of exp(logit - m_running) and
+m_running, so the jnp epilogue can turn them into each slot's softmax mass once the global max and sum are
+known (flash-decoding combine). With a slot list `[B, Hkv, K]` the same loop gathers only the listed pages
+(Quest), reading them straight from the pool: no XLA gather copy.
+
+page_scores: one program per (sequence, KV head, block of slots): the Quest bound sum_d max(q*kmin, q*kmax)
+for each query head of the group, max over the group, -inf on empty slots.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from .reference import MASK_VALUE
 
-SLOTS_PER_BLOCK = 16  # >= 16: the per-slot sums are a dot, and Triton dots need every dimension >= 16
-MIN_GROUP_ROWS = 16  # query heads of a group padded to this many rows (Triton dot minimum)
+MIN_ROWS = 16  # Triton dots need every dimension >= 16: the query heads of a group are padded to this
 
 
-def _block_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, m_ref, l_ref, s_ref, *, scale: float, page: int):
-    q = q_ref[...]  # [Gp, D]
-    k = k_ref[...]  # [T, D] with T = SB * P tokens
-    v = v_ref[...]  # [T, D]
-    valid = valid_ref[...] != 0  # [T]
-    logits = pl.dot(q, k, trans_b=True).astype(jnp.float32) * scale  # [Gp, T]
-    logits = jnp.where(valid[None, :], logits, MASK_VALUE)
-    m = jnp.max(logits, axis=1)  # [Gp]
-    p = jnp.exp(logits - m[:, None]) * valid[None, :].astype(jnp.float32)  # [Gp, T]
-    tokens, slots = k.shape[0], s_ref.shape[-1]
-    token_slot = jax.lax.broadcasted_iota(jnp.int32, (tokens, slots), 0) // page
-    indicator = (token_slot == jax.lax.broadcasted_iota(jnp.int32, (tokens, slots), 1)).astype(jnp.float32)
-    o_ref[...] = pl.dot(p.astype(v.dtype), v).astype(jnp.float32)  # [Gp, D]
+@dataclasses.dataclass(frozen=True)
+class AttentionTuning:
+    """Launch parameters of `decode_attention` (see scripts/bench.py kernels for how they were chosen)."""
+
+    block_tokens: int = 64  # tokens per loop iteration (rounded to whole pages)
+    target_programs: int = 1024  # splits grow until (B * Hkv * splits) reaches this
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+DEFAULT_TUNING = AttentionTuning()
+
+
+def _pow2_at_most(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def plan(batch: int, kv_heads: int, slots: int, page: int, tuning: AttentionTuning = DEFAULT_TUNING):
+    """(block_slots, splits, blocks_per_split) for a pool of `slots` pages, or None if the shape is unsupported."""
+    block_slots = _pow2_at_most(max(1, tuning.block_tokens // page))
+    while block_slots > 1 and slots % block_slots:
+        block_slots //= 2
+    if page & (page - 1) or slots % block_slots:
+        return None
+    blocks = slots // block_slots
+    splits = 1
+    while batch * kv_heads * splits < tuning.target_programs and blocks % (2 * splits) == 0:
+        splits *= 2
+    return block_slots, splits, blocks // splits
+
+
+def supports(q, k, slots=None) -> bool:
+    """Shapes the kernel handles (else the dispatch falls back to the reference)."""
+    d, page = q.shape[-1], k.shape[3]
+    listed = k.shape[2] if slots is None else slots.shape[-1]
+    return d >= 16 and d & (d - 1) == 0 and plan(q.shape[0], k.shape[1], listed, page) is not None
+
+
+def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, has_slots):
+    if has_slots:
+        q_ref, k_ref, v_ref, fill_ref, slots_ref, o_ref, m_ref, l_ref, sums_ref, block_max_ref = refs
+    else:
+        q_ref, k_ref, v_ref, fill_ref, o_ref, m_ref, l_ref, sums_ref, block_max_ref = refs
+    split = pl.program_id(2)
+    q = q_ref[...]  # [R, D]
+    rows, d = q.shape
+    tokens = block_slots * page
+
+    def body(i, carry):
+        o, m, l = carry  # [R, D], [R], [R]
+        first = (split * blocks_per_split + i) * block_slots
+        if has_slots:
+            ids = slots_ref[pl.ds(first, block_slots)]  # [SB]
+            present = ids >= 0
+            ids = jnp.maximum(ids, 0)
+            k = k_ref[ids]  # [SB, P, D] gathered pages
+            v = v_ref[ids]
+            fill = jnp.where(present, fill_ref[ids], 0)  # [SB]
+        else:
+            k = k_ref[pl.ds(first, block_slots)]  # [SB, P, D]
+            v = v_ref[pl.ds(first, block_slots)]
+            fill = fill_ref[pl.ds(first, block_slots)]  # [SB]
+        k = k.reshape(tokens, d)
+        v = v.reshape(tokens, d)
+        valid = (jax.lax.broadcasted_iota(jnp.int32, (block_slots, page), 1) < fill[:, None]).reshape(tokens)
+        logits = pltriton.dot(q, k, trans_b=True).astype(jnp.float32) * scale  # [R, T]
+        logits = jnp.where(valid[None, :], logits, MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=1))  # [R]
+        p = jnp.where(valid[None, :], jnp.exp(logits - m_new[:, None]), 0.0)  # [R, T]
+        correction = jnp.exp(m - m_new)
+        l = l * correction + jnp.sum(p, axis=1)
+        o = o * correction[:, None] + pltriton.dot(p.astype(v.dtype), v).astype(jnp.float32)
+        sums_ref[i] = jnp.sum(p.reshape(rows, block_slots, page), axis=2)  # [R, SB] relative to m_new
+        block_max_ref[i] = m_new
+        return o, m_new, l
+
+    init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+    o, m, l = jax.lax.fori_loop(0, blocks_per_split, body, init)
+    o_ref[...] = o
     m_ref[...] = m
-    l_ref[...] = jnp.sum(p, axis=1)
-    s_ref[...] = pl.dot(p, indicator)  # [Gp, SB]
+    l_ref[...] = l
 
 
-def supports(q, k) -> bool:
-    """Shapes this kernel handles (else the caller falls back to the reference)."""
-    return k.shape[2] % SLOTS_PER_BLOCK == 0 and q.shape[-1] % 16 == 0
-
-
-@functools.partial(jax.jit, static_argnames=("scale", "interpret"))
-def decode_attention(q, k, v, fill, *, scale: float | None = None, interpret: bool = False):
-    """q [B, Hq, D], k/v [B, Hkv, S, P, D], fill [B, Hkv, S] -> (out [B, Hq, D], mass [B, Hkv, S] f32)."""
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "tuning"))
+def decode_attention(q, k, v, fill, slots=None, *, scale: float | None = None, interpret: bool = False,
+                     tuning: AttentionTuning = DEFAULT_TUNING):
+    """q [B, Hq, D], k/v [B, Hkv, S, P, D], fill [B, Hkv, S], slots [B, Hkv, K] or None (-1 = none)
+    -> (out [B, Hq, D], mass [B, Hkv, S or K] float32), the contract of kernels/reference.py."""
     b, hq, d = q.shape
     _, hkv, s, page, _ = k.shape
     group = hq // hkv
-    rows = max(MIN_GROUP_ROWS, 1 << (group - 1).bit_length())
+    rows = max(MIN_ROWS, 1 << (group - 1).bit_length())
     scale = d**-0.5 if scale is None else scale
-    blocks = s // SLOTS_PER_BLOCK
-    tokens = SLOTS_PER_BLOCK * page
+    listed = s if slots is None else slots.shape[-1]
+    block_slots, splits, per_split = plan(b, hkv, listed, page, tuning)
     qg = jnp.pad(q.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0))).astype(k.dtype)
-    k_flat = k.reshape(b, hkv, s * page, d)  # contiguous: no copy
-    v_flat = v.reshape(b, hkv, s * page, d)
-    valid = (jnp.arange(page) < fill[..., None]).reshape(b, hkv, s * page).astype(jnp.int32)  # [B, Hkv, S*P]
-    kernel = functools.partial(_block_kernel, scale=scale, page=page)
-    o, m, l, sums = pl.pallas_call(
+    head = lambda i, h, j: (i, h, 0, 0, 0)  # noqa: E731  the whole pool of one (sequence, KV head)
+    in_specs = [
+        pl.BlockSpec((None, None, rows, d), lambda i, h, j: (i, h, 0, 0)),
+        pl.BlockSpec((None, None, s, page, d), head),
+        pl.BlockSpec((None, None, s, page, d), head),
+        pl.BlockSpec((None, None, s), lambda i, h, j: (i, h, 0)),
+    ]
+    inputs = [qg, k, v, fill.astype(jnp.int32)]
+    if slots is not None:
+        in_specs.append(pl.BlockSpec((None, None, listed), lambda i, h, j: (i, h, 0)))
+        inputs.append(slots.astype(jnp.int32))
+    blocks = splits * per_split
+    kernel = functools.partial(_attention_kernel, scale=scale, page=page, block_slots=block_slots,
+                               blocks_per_split=per_split, has_slots=slots is not None)
+    o, m, l, sums, block_max = pl.pallas_call(
         kernel,
-        grid=(b, hkv, blocks),
-        in_specs=[
-            pl.BlockSpec((None, None, rows, d), lambda i, h, j: (i, h, 0, 0)),
-            pl.BlockSpec((None, None, tokens, d), lambda i, h, j: (i, h, j, 0)),
-            pl.BlockSpec((None, None, tokens, d), lambda i, h, j: (i, h, j, 0)),
-            pl.BlockSpec((None, None, tokens), lambda i, h, j: (i, h, j)),
-        ],
+        grid=(b, hkv, splits),
+        in_specs=in_specs,
         out_specs=[
             pl.BlockSpec((None, None, None, rows, d), lambda i, h, j: (i, h, j, 0, 0)),
             pl.BlockSpec((None, None, None, rows), lambda i, h, j: (i, h, j, 0)),
             pl.BlockSpec((None, None, None, rows), lambda i, h, j: (i, h, j, 0)),
-            pl.BlockSpec((None, None, None, rows, SLOTS_PER_BLOCK), lambda i, h, j: (i, h, j, 0, 0)),
+            pl.BlockSpec((None, None, per_split, rows, block_slots), lambda i, h, j: (i, h, j, 0, 0)),
+            pl.BlockSpec((None, None, per_split, rows), lambda i, h, j: (i, h, j, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((b, hkv, blocks, rows, d), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, splits, rows, d), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, splits, rows), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, splits, rows), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, blocks, rows, block_slots), jnp.float32),
             jax.ShapeDtypeStruct((b, hkv, blocks, rows), jnp.float32),
-            jax.ShapeDtypeStruct((b, hkv, blocks, rows), jnp.float32),
-            jax.ShapeDtypeStruct((b, hkv, blocks, rows, SLOTS_PER_BLOCK), jnp.float32),
         ],
+        compiler_params=pltriton.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages),
         interpret=interpret,
-    )(qg, k_flat, v_flat, valid)
-    # combine the blocks: rescale each to the global max of its row
-    top = jnp.max(m, axis=2, keepdims=True)  # [B, Hkv, 1, Gp]
-    weight = jnp.exp(m - top)  # [B, Hkv, NB, Gp]
-    total = jnp.maximum(jnp.sum(l * weight, axis=2), 1e-30)  # [B, Hkv, Gp]
-    out = jnp.sum(o * weight[..., None], axis=2) / total[..., None]  # [B, Hkv, Gp, D]
-    mass = sums * (weight / total[:, :, None, :])[..., None]  # [B, Hkv, NB, Gp, SB]
-    mass = jnp.max(mass[:, :, :, :group], axis=3).reshape(b, hkv, s)  # max over the real query heads
+        name="raas_decode_attention",
+    )(*inputs)
+    # combine the splits at the global max of each row
+    top = jnp.max(m, axis=2)  # [B, Hkv, R]
+    weight = jnp.exp(m - top[:, :, None])  # [B, Hkv, splits, R]
+    total = jnp.maximum(jnp.sum(l * weight, axis=2), 1e-30)  # [B, Hkv, R]
+    out = jnp.sum(o * weight[..., None], axis=2) / total[..., None]  # [B, Hkv, R, D]
+    scale_rows = jnp.exp(block_max - top[:, :, None]) / total[:, :, None]  # [B, Hkv, NB, R]
+    mass = sums[:, :, :, :group] * scale_rows[:, :, :, :group, None]  # [B, Hkv, NB, G, SB]
+    mass = jnp.max(mass, axis=3).reshape(b, hkv, listed)  # max over the real query heads of the group
     return out[:, :, :group].reshape(b, hq, d).astype(q.dtype), mass
+
+
+def _scores_kernel(q_ref, kmin_ref, kmax_ref, fill_ref, u_ref, *, group):
+    kmin = kmin_ref[...].astype(jnp.float32)  # [SB, D]
+    kmax = kmax_ref[...].astype(jnp.float32)
+    bound = None
+    for g in range(group):  # static: a GQA group has a handful of query heads
+        qg = q_ref[g, :].astype(jnp.float32)[None, :]  # [1, D]
+        u = jnp.sum(jnp.maximum(qg * kmin, qg * kmax), axis=1)  # [SB]
+        bound = u if bound is None else jnp.maximum(bound, u)
+    u_ref[...] = jnp.where(fill_ref[...] > 0, bound, -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "block_slots"))
+def page_scores(q, kmin, kmax, fill, *, interpret: bool = False, block_slots: int = 64):
+    """q [B, Hq, D], kmin/kmax [B, Hkv, S, D], fill [B, Hkv, S] -> U [B, Hkv, S] f32 (-inf on empty slots)."""
+    b, hq, d = q.shape
+    _, hkv, s, _ = kmin.shape
+    group = hq // hkv
+    rows = 1 << (group - 1).bit_length()
+    block_slots = min(block_slots, _pow2_at_most(s))
+    while s % block_slots:
+        block_slots //= 2
+    qg = jnp.pad(q.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+    slot_block = lambda i, h, j: (i, h, j, 0)  # noqa: E731
+    return pl.pallas_call(
+        functools.partial(_scores_kernel, group=group),
+        grid=(b, hkv, s // block_slots),
+        in_specs=[
+            pl.BlockSpec((None, None, rows, d), lambda i, h, j: (i, h, 0, 0)),
+            pl.BlockSpec((None, None, block_slots, d), slot_block),
+            pl.BlockSpec((None, None, block_slots, d), slot_block),
+            pl.BlockSpec((None, None, block_slots), lambda i, h, j: (i, h, j)),
+        ],
+        out_specs=pl.BlockSpec((None, None, block_slots), lambda i, h, j: (i, h, j)),
+        out_shape=jax.ShapeDtypeStruct((b, hkv, s), jnp.float32),
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="raas_page_scores",
+    )(qg, kmin, kmax, fill.astype(jnp.int32))
+
+
+def page_scores_supported(q, kmin) -> bool:
+    d = q.shape[-1]
+    return d & (d - 1) == 0 and d >= 16

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError)
@@ -128,14 +129,15 @@ def _bench(args: argparse.Namespace) -> int:
 
     from raas_jax import bench
 
-    if args.what != "e2e":
-        raise NotImplementedError("only `bench e2e` exists so far (the kernel benchmark comes with the Pallas kernels)")
+    out = Path(args.out_dir)
+    if args.what == "kernels":
+        return _bench_kernels(args, out)
     if jax.default_backend() == "cpu" and not args.allow_cpu:
         raise ValueError("bench e2e times 8B-parameter models: it needs a GPU (pass --allow-cpu with "
                          "--models tiny to try the machinery on a CPU)")
-    out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    policies = {k: v for k, v in bench.default_policies().items() if k in _csv(args.policies)}
+    policies = {k: dataclasses.replace(v, backend=args.kernels) for k, v in bench.default_policies().items()
+                if k in _csv(args.policies)}
     positions = [int(x) for x in _csv(args.positions)]
     batches = [int(x) for x in _csv(args.batches)]
     rows = []
@@ -149,6 +151,26 @@ def _bench(args: argparse.Namespace) -> int:
         (out / "e2e_real_run.json").write_text(json.dumps(real, indent=1))
     for batch in batches:
         bench.plot_e2e(rows, out, batch)
+    return 0
+
+
+def _bench_kernels(args: argparse.Namespace, out) -> int:
+    import jax
+
+    from raas_jax import bench_kernels
+
+    if jax.default_backend() != "gpu" and not args.allow_cpu:
+        raise ValueError("bench kernels times GPU kernels at real sizes: it needs a GPU (pass --allow-cpu "
+                         "--shapes 'raas B=1 1K' to run the interpreter on a CPU)")
+    shapes = [s for s in bench_kernels.SHAPES if not args.shapes or s.name in _csv(args.shapes)]
+    if not shapes:
+        raise ValueError(f"no shape named {args.shapes!r}; choose from: "
+                         + ", ".join(s.name for s in bench_kernels.SHAPES))
+    out.mkdir(parents=True, exist_ok=True)
+    rows = bench_kernels.run_kernels(shapes, args.calls, args.sweep, out / "kernels.json")
+    table = bench_kernels.summary_table(rows)
+    (out / "kernels.md").write_text(table + "\n")
+    print(table)
     return 0
 
 
@@ -199,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("bench", help="benchmarks (GPU): `bench e2e` = decode time and memory vs position")
+    p = sub.add_parser("bench", help="benchmarks (GPU): `bench e2e` = decode time and memory vs position, "
+                       "`bench kernels` = attention kernels vs XLA, paged_attention and torch SDPA")
     p.add_argument("what", choices=["e2e", "kernels"])
     p.add_argument("--models", default="llama3-8b", help="llama3-8b,qwen2.5-7b")
     p.add_argument("--policies", default="dense,quest,raas")
@@ -209,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-largest-batch", action="store_true", help="skip the largest batch that fits")
     p.add_argument("--real-tokens", type=int, default=0, help="also time a real RaaS run of this many tokens")
     p.add_argument("--real-batch", type=int, default=16)
+    p.add_argument("--kernels", default="auto", choices=["auto", "reference", "pallas"],
+                   help="e2e: attention kernels the policies use (default auto)")
+    p.add_argument("--shapes", default="", help="kernels: comma-separated shape names (default: all)")
+    p.add_argument("--calls", type=int, default=None, help="kernels: calls per timed loop (default: ~20 GB read)")
+    p.add_argument("--sweep", action="store_true", help="kernels: also time a grid of launch parameters")
     p.add_argument("--out-dir", default="out/bench")
     p.add_argument("--allow-cpu", action="store_true")
     p.set_defaults(func=_bench)

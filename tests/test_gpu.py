@@ -21,7 +21,7 @@ def test_bf16_decode_attention_matches_f32_reference():
     k = rng.normal(size=(b, hkv, s, p, d)).astype(np.float32)
     v = rng.normal(size=(b, hkv, s, p, d)).astype(np.float32)
     fill = rng.integers(0, p + 1, (b, hkv, s)).astype(np.int32)
-    ref, ref_mass = kernels.decode_attention(jax.device_put(q, jax.devices("cpu")[0]), k, v, fill)
+    ref, ref_mass = kernels.decode_attention(q, k, v, fill, backend="reference")  # f32 oracle
     out, mass = kernels.decode_attention(jnp.asarray(q, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16),
                                          jnp.asarray(v, jnp.bfloat16), jnp.asarray(fill))
     out = np.asarray(out, np.float32)
@@ -30,22 +30,49 @@ def test_bf16_decode_attention_matches_f32_reference():
     assert np.abs(np.asarray(mass) - np.asarray(ref_mass)).max() <= 1e-2
 
 
-@pytest.mark.parametrize("group", [1, 4, 7, 8])
-def test_pallas_decode_attention_on_gpu(group):
+def _relative_error(got, want):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+
+@pytest.mark.parametrize("group,head_dim,page", [(1, 64, 16), (4, 128, 16), (7, 128, 32), (8, 64, 32)])
+@pytest.mark.parametrize("listed", [None, 64])
+def test_pallas_decode_attention_on_gpu(group, head_dim, page, listed):
     from raas_jax.kernels import pallas_gpu
 
-    rng = np.random.default_rng(group)
-    b, hkv, s, p, d = 32, 8, 64, 16, 128
-    q = jnp.asarray(rng.normal(size=(b, hkv * group, d)), jnp.bfloat16)
-    k = jnp.asarray(rng.normal(size=(b, hkv, s, p, d)), jnp.bfloat16)
-    v = jnp.asarray(rng.normal(size=(b, hkv, s, p, d)), jnp.bfloat16)
-    fill = jnp.asarray(rng.integers(0, p + 1, (b, hkv, s)), jnp.int32)
-    out, mass = pallas_gpu.decode_attention(q, k, v, fill)
+    rng = np.random.default_rng(group * 7 + head_dim + page)
+    b, hkv, s = 32, 8, 256
+    q = jnp.asarray(rng.normal(size=(b, hkv * group, head_dim)), jnp.bfloat16)
+    k = jnp.asarray(rng.normal(size=(b, hkv, s, page, head_dim)), jnp.bfloat16)
+    v = jnp.asarray(rng.normal(size=(b, hkv, s, page, head_dim)), jnp.bfloat16)
+    fill = rng.integers(0, page + 1, (b, hkv, s)).astype(np.int32)
+    fill[0, 0] = 0  # an empty head
+    slots = None
+    if listed:
+        slots = np.stack([[rng.permutation(s)[:listed] for _ in range(hkv)] for _ in range(b)]).astype(np.int32)
+        slots[1, 2, -5:] = -1
+        slots = jnp.asarray(slots)
+    out, mass = pallas_gpu.decode_attention(q, k, v, jnp.asarray(fill), slots)
     ref, ref_mass = kernels.decode_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
-                                             fill, backend="reference")
-    out, ref = np.asarray(out, np.float32), np.asarray(ref)
-    assert np.isfinite(out).all() and np.linalg.norm(out - ref) / np.linalg.norm(ref) <= 1e-2
-    assert np.abs(np.asarray(mass) - np.asarray(ref_mass)).max() <= 1e-2
+                                             jnp.asarray(fill), slots, backend="reference")
+    assert np.isfinite(np.asarray(out, np.float32)).all() and np.isfinite(np.asarray(mass)).all()
+    assert _relative_error(out[1:], ref[1:]) <= 1e-2
+    assert _relative_error(mass, ref_mass) <= 1e-2
+
+
+def test_pallas_page_scores_on_gpu():
+    rng = np.random.default_rng(3)
+    b, hkv, group, s, d = 32, 8, 4, 2048, 128
+    q = jnp.asarray(rng.normal(size=(b, hkv * group, d)), jnp.bfloat16)
+    kmin = rng.normal(size=(b, hkv, s, d)).astype(np.float32)
+    kmax = kmin + rng.random(size=kmin.shape).astype(np.float32)
+    kmin, kmax = jnp.asarray(kmin, jnp.bfloat16), jnp.asarray(kmax, jnp.bfloat16)
+    fill = jnp.asarray(rng.integers(0, 3, (b, hkv, s)), jnp.int32)
+    got = np.asarray(kernels.page_scores(q, kmin, kmax, fill, backend="pallas"))
+    want = np.asarray(kernels.page_scores(q, kmin, kmax, fill, backend="reference"))
+    empty = np.isneginf(want)
+    assert (np.isneginf(got) == empty).all()
+    assert _relative_error(got[~empty], want[~empty]) <= 1e-2
 
 
 def test_policies_with_room_for_everything_equal_dense_in_bf16():

@@ -103,20 +103,74 @@ def test_unknown_backend_is_refused():
                             np.ones((1, 1, 1), np.int32), backend="cuda")
 
 
-@pytest.mark.parametrize("group,head_dim,page", [(1, 64, 16), (4, 128, 16), (7, 64, 32), (8, 128, 32)])
+PALLAS_CASES = [(1, 64, 16), (4, 128, 16), (7, 64, 32), (8, 128, 32)]
+
+
+def _pool(rng, b, hkv, group, s, page, d):
+    q = rng.normal(size=(b, hkv * group, d)).astype(np.float32)
+    k = rng.normal(size=(b, hkv, s, page, d)).astype(np.float32)
+    v = rng.normal(size=(b, hkv, s, page, d)).astype(np.float32)
+    fill = rng.integers(0, page + 1, (b, hkv, s)).astype(np.int32)  # partly filled and empty slots
+    fill[1, 0] = 0  # a head with no resident token at all
+    return q, k, v, fill
+
+
+@pytest.mark.parametrize("group,head_dim,page", PALLAS_CASES)
 def test_pallas_decode_attention_matches_reference_in_interpret_mode(group, head_dim, page):
     from raas_jax.kernels import pallas_gpu
 
     rng = np.random.default_rng(group * 100 + head_dim + page)  # fresh inputs per case
-    b, hkv, s = 2, 2, 32
-    q = rng.normal(size=(b, hkv * group, head_dim)).astype(np.float32)
-    k = rng.normal(size=(b, hkv, s, page, head_dim)).astype(np.float32)
-    v = rng.normal(size=(b, hkv, s, page, head_dim)).astype(np.float32)
-    fill = rng.integers(0, page + 1, (b, hkv, s)).astype(np.int32)  # partly filled and empty slots
-    fill[1, 0] = 0  # a head with no resident token at all
-    out, mass = pallas_gpu.decode_attention(q, k, v, fill, interpret=True)
+    q, k, v, fill = _pool(rng, 2, 2, group, 32, page, head_dim)
     ref_out, ref_mass = kernels.decode_attention(q, k, v, fill, backend="reference")
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(mass), np.asarray(ref_mass), rtol=1e-5, atol=1e-6)
+    # default launch, then one that loops over several blocks per program, then one block per program
+    for tuning in (pallas_gpu.DEFAULT_TUNING, pallas_gpu.AttentionTuning(block_tokens=32, target_programs=1),
+                   pallas_gpu.AttentionTuning(block_tokens=256, target_programs=4096)):
+        out, mass = pallas_gpu.decode_attention(q, k, v, fill, interpret=True, tuning=tuning)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(mass), np.asarray(ref_mass), rtol=1e-5, atol=1e-6)
     via_dispatch, _ = kernels.decode_attention(q, k, v, fill, backend="pallas")
     np.testing.assert_allclose(np.asarray(via_dispatch), np.asarray(ref_out), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("group,head_dim,page", PALLAS_CASES)
+def test_pallas_slot_list_matches_reference_in_interpret_mode(group, head_dim, page):
+    from raas_jax.kernels import pallas_gpu
+
+    rng = np.random.default_rng(group * 1000 + head_dim + page)
+    b, hkv, s, listed = 2, 2, 32, 8
+    q, k, v, fill = _pool(rng, b, hkv, group, s, page, head_dim)
+    slots = np.stack([[rng.permutation(s)[:listed] for _ in range(hkv)] for _ in range(b)]).astype(np.int32)
+    slots[0, 1, -3:] = -1  # fewer resident pages than the budget: padded with -1
+    ref_out, ref_mass = kernels.decode_attention(q, k, v, fill, slots, backend="reference")
+    for tuning in (pallas_gpu.DEFAULT_TUNING, pallas_gpu.AttentionTuning(block_tokens=32, target_programs=1)):
+        out, mass = pallas_gpu.decode_attention(q, k, v, fill, slots, interpret=True, tuning=tuning)
+        assert mass.shape == (b, hkv, listed)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(mass), np.asarray(ref_mass), rtol=1e-5, atol=1e-6)
+    via_dispatch, _ = kernels.decode_attention(q, k, v, fill, slots, backend="pallas")
+    np.testing.assert_allclose(np.asarray(via_dispatch), np.asarray(ref_out), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("group,head_dim", [(1, 64), (4, 128), (7, 64), (8, 128)])
+def test_pallas_page_scores_match_reference_in_interpret_mode(group, head_dim):
+    rng = np.random.default_rng(group + head_dim)
+    b, hkv, s = 2, 2, 96
+    q = rng.normal(size=(b, hkv * group, head_dim)).astype(np.float32)
+    kmin = rng.normal(size=(b, hkv, s, head_dim)).astype(np.float32)
+    kmax = kmin + rng.random(size=kmin.shape).astype(np.float32)
+    fill = rng.integers(0, 3, (b, hkv, s)).astype(np.int32)  # empty slots score -inf
+    ref = np.asarray(kernels.page_scores(q, kmin, kmax, fill, backend="reference"))
+    got = np.asarray(kernels.page_scores(q, kmin, kmax, fill, backend="pallas"))
+    assert (np.isneginf(got) == np.isneginf(ref)).all()
+    np.testing.assert_allclose(got[~np.isneginf(ref)], ref[~np.isneginf(ref)], rtol=1e-5, atol=1e-4)
+
+
+def test_pallas_plan_splits_long_ranges_and_refuses_odd_pages():
+    from raas_jax.kernels import pallas_gpu
+
+    block_slots, splits, per_split = pallas_gpu.plan(32, 8, 2048, 16)  # dense-like: B=32, 32K tokens
+    assert block_slots * 16 == pallas_gpu.DEFAULT_TUNING.block_tokens and 32 * 8 * splits >= 1024
+    assert block_slots * splits * per_split == 2048
+    assert pallas_gpu.plan(1, 8, 64, 16)[1] > 1  # B=1: one head's 1K tokens are split across programs
+    assert pallas_gpu.plan(1, 1, 5, 16) is not None  # odd slot counts: one slot per block
+    assert pallas_gpu.plan(1, 1, 8, 12) is None  # pages of 12 tokens: not a power of two -> reference

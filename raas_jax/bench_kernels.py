@@ -1,0 +1,241 @@
+"""Kernel benchmark: decode attention over the page pool, ours against XLA, JAX's paged_attention and torch SDPA.
+
+Every JAX variant is timed as `calls` back-to-back calls inside one jitted `fori_loop` (each call's query
+depends on the previous output, so nothing is hoisted), torch as `calls` calls replayed from one CUDA graph:
+neither measures dispatch. Effective bandwidth = KV bytes the variant must read / time per call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from raas_jax import kernels
+from raas_jax.kernels import pallas_gpu, reference
+from raas_jax.policies import quest_select
+
+Q_HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    batch: int
+    tokens: int  # resident tokens per (sequence, KV head)
+    selected: int | None = None  # Quest: tokens attended (a slot list of selected // PAGE pages)
+
+    @property
+    def read_tokens(self) -> int:
+        return self.selected or self.tokens
+
+    def kv_bytes(self, itemsize: int = 2) -> int:
+        return 2 * self.batch * KV_HEADS * self.read_tokens * HEAD_DIM * itemsize
+
+
+SHAPES = (
+    Shape("raas B=1 1K", 1, 1024), Shape("raas B=1 4K", 1, 4096),
+    Shape("raas B=32 1K", 32, 1024), Shape("raas B=32 4K", 32, 4096),
+    Shape("raas B=128 1K", 128, 1024), Shape("raas B=128 4K", 128, 4096),
+    Shape("dense B=32 32K", 32, 32768),
+    Shape("quest B=32 32K sel 2K", 32, 32768, 2048),
+)
+
+
+def make_inputs(shape: Shape, seed: int = 0):
+    slots = shape.tokens // PAGE
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = jax.random.normal(keys[0], (shape.batch, Q_HEADS, HEAD_DIM), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (shape.batch, KV_HEADS, slots, PAGE, HEAD_DIM), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (shape.batch, KV_HEADS, slots, PAGE, HEAD_DIM), jnp.bfloat16)
+    fill = jnp.full((shape.batch, KV_HEADS, slots), PAGE, jnp.int32)
+    chosen = None
+    if shape.selected:
+        scores = jax.random.normal(keys[3], fill.shape)
+        chosen = jnp.sort(jax.lax.top_k(scores, shape.selected // PAGE)[1], axis=-1).astype(jnp.int32)
+    return q, k, v, fill, chosen
+
+
+def time_loop(step: Callable, q, calls: int, reps: int = 3) -> float:
+    """Seconds per call of `step(q) -> out [like q]`, `calls` dependent calls inside one jitted loop."""
+
+    @jax.jit
+    def loop(q):
+        return jax.lax.fori_loop(0, calls, lambda i, x: (x + 1e-3 * step(x)).astype(x.dtype), q)
+
+    jax.block_until_ready(loop(q))
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(loop(q))
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
+def time_torch_sdpa(shape: Shape, calls: int, reps: int = 3) -> float | None:
+    """torch SDPA (GQA) on an equal dense KV, `calls` calls replayed from one CUDA graph; None without CUDA."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    n = shape.read_tokens
+    q = torch.randn(shape.batch, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(shape.batch, KV_HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    sdpa = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            sdpa()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            sdpa()
+    best = float("inf")
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - start) / calls)
+    del graph, q, k, v
+    torch.cuda.empty_cache()
+    return best
+
+
+def paged_attention_variants(q, k, v, fill, chosen):
+    """JAX's ops.gpu.paged_attention on the same pages (pool re-laid out as [Hkv, B*S, P, D] once, untimed)."""
+    try:
+        from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+    except ImportError:
+        return {}
+    b, hkv, s, page, d = k.shape
+    k_pages = jnp.moveaxis(k, 1, 0).reshape(hkv, b * s, page, d)
+    v_pages = jnp.moveaxis(v, 1, 0).reshape(hkv, b * s, page, d)
+    if chosen is not None:  # one page list per sequence: the first KV head's selection
+        tables = (chosen[:, 0] + jnp.arange(b)[:, None] * s).astype(jnp.int32)
+    else:
+        tables = (jnp.arange(s)[None, :] + jnp.arange(b)[:, None] * s).astype(jnp.int32)
+    pages = tables.shape[1]
+    lengths = jnp.full((b,), pages * page, jnp.int32)
+    variants = {}
+    for per_block, splits in itertools.product((8, 16), (4, 16, 64)):
+        if pages % splits or (pages // splits) % min(per_block, pages // splits):
+            continue
+        variants[f"ops.gpu.paged_attention ppcb={per_block} splits={splits}"] = functools_partial(
+            paged_attention, k_pages=k_pages, v_pages=v_pages, block_tables=tables, lengths=lengths,
+            pages_per_compute_block=per_block, k_splits=splits)
+    return variants
+
+
+def functools_partial(fn, **bound):
+    return lambda q: fn(q, **bound)
+
+
+def our_variants(sweep: bool) -> dict[str, pallas_gpu.AttentionTuning]:
+    if not sweep:
+        return {"pallas (default)": pallas_gpu.DEFAULT_TUNING}
+    grid = [(tokens, 1024, warps, stages) for tokens in (32, 64, 128, 256) for warps, stages in ((4, 2), (8, 2), (4, 3))]
+    grid += [(64, target, 4, 2) for target in (256, 4096)]
+    return {f"pallas T={t} prog={p} w={w} s={s}": pallas_gpu.AttentionTuning(t, p, w, s) for t, p, w, s in grid}
+
+
+def calls_for(shape: Shape, target_bytes: float = 2e10) -> int:
+    """Enough calls that one timed loop reads ~20 GB (so host overhead is noise), between 20 and 2000."""
+    return int(np.clip(target_bytes / shape.kv_bytes(), 20, 2000))
+
+
+def run_kernels(shapes=SHAPES, calls: int | None = None, sweep: bool = False, out: Path | None = None,
+                verbose: bool = True) -> list[dict]:
+    """Time every variant at every shape; returns rows {shape, variant, us, tbps, ...} (also written to `out`)."""
+    interpret = jax.default_backend() != "gpu"
+    rows: list[dict] = []
+
+    def record(shape: Shape, variant: str, seconds: float | None, error: str = "", read_bytes: int | None = None):
+        read_bytes = shape.kv_bytes() if read_bytes is None else read_bytes
+        row = {"shape": shape.name, "batch": shape.batch, "tokens": shape.tokens, "selected": shape.selected,
+               "variant": variant, "us": None if seconds is None else seconds * 1e6,
+               "tbps": None if seconds is None else read_bytes / seconds / 1e12, "error": error[:300]}
+        rows.append(row)
+        if verbose:
+            figure = f"{row['us']:9.1f} us {row['tbps']:6.2f} TB/s" if seconds is not None else f"failed: {error[:100]}"
+            print(f"  {shape.name:22s} {variant:48s} {figure}", flush=True)
+        if out is not None:
+            out.write_text(json.dumps({"rows": rows, "jax": jax.__version__, "device": str(jax.devices()[0])}, indent=1))
+
+    for shape in shapes:
+        n = calls or calls_for(shape)
+        q, k, v, fill, chosen = make_inputs(shape)
+        mass_ref = None
+        timed: dict[str, Callable] = {
+            "jnp reference (XLA)": lambda q: reference.decode_attention(q, k, v, fill, chosen)[0]}
+        for name, tuning in our_variants(sweep).items():
+            timed[name] = (lambda t: lambda q: pallas_gpu.decode_attention(q, k, v, fill, chosen, tuning=t,
+                                                                           interpret=interpret)[0])(tuning)
+        if not interpret:
+            timed.update(paged_attention_variants(q, k, v, fill, chosen))
+        for variant, step in timed.items():
+            try:
+                if variant.startswith("pallas"):  # correctness at this shape before timing
+                    tuning = our_variants(sweep)[variant]
+                    out_p, mass_p = pallas_gpu.decode_attention(q, k, v, fill, chosen, tuning=tuning,
+                                                                interpret=interpret)
+                    if mass_ref is None:
+                        ref_out, mass_ref = reference.decode_attention(q, k, v, fill, chosen)
+                    err = float(jnp.linalg.norm((out_p - ref_out).astype(jnp.float32))
+                                / jnp.linalg.norm(ref_out.astype(jnp.float32)))
+                    mass_err = float(jnp.max(jnp.abs(mass_p - mass_ref)))
+                    if not err <= 1e-2 or not mass_err <= 1e-2:
+                        raise AssertionError(f"wrong result: rel. error {err:.2e}, mass error {mass_err:.2e}")
+                record(shape, variant, time_loop(step, q, n))
+            except Exception as e:  # a variant that does not compile at this shape is reported, not fatal
+                record(shape, variant, None, f"{type(e).__name__}: {e}")
+        if not interpret:
+            try:
+                record(shape, "torch SDPA (dense KV)", time_torch_sdpa(shape, n))
+            except Exception as e:
+                record(shape, "torch SDPA (dense KV)", None, f"{type(e).__name__}: {e}")
+        if shape.selected:  # the selection that feeds the Quest path: bounds over every resident page + top-k
+            kmin, kmax = jnp.min(k, axis=3), jnp.max(k, axis=3)
+            cur = jnp.zeros(fill.shape[:2], jnp.int32)
+            budget = shape.selected // PAGE
+            bound_bytes = 2 * kmin.size * kmin.dtype.itemsize
+            for backend in ("reference", "pallas"):
+                scores = lambda q, b=backend: kernels.page_scores(q, kmin, kmax, fill, backend=b)  # noqa: E731
+                select = lambda q, s=scores: quest_select(s(q), cur, fill, budget)  # noqa: E731
+                feed = lambda q, f=select: jnp.broadcast_to(  # noqa: E731
+                    jnp.sum(f(q)).astype(q.dtype) * 1e-9, q.shape)
+                record(shape, f"page_scores ({backend})",
+                       time_loop(lambda q, s=scores: jnp.broadcast_to(jnp.max(s(q)).astype(q.dtype) * 1e-9, q.shape),
+                                 q, n), read_bytes=bound_bytes)
+                record(shape, f"page_scores + top-k ({backend})", time_loop(feed, q, n), read_bytes=bound_bytes)
+        del q, k, v, fill, chosen
+    return rows
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Markdown: per shape, the best of each family (ours, XLA, paged_attention, SDPA) in us and TB/s."""
+    families = {"ours (Pallas)": "pallas", "jnp reference (XLA)": "jnp reference",
+                "ops.gpu.paged_attention (best)": "ops.gpu.paged_attention", "torch SDPA": "torch SDPA",
+                "page_scores + top-k (ours)": "page_scores + top-k (pallas)"}
+    lines = ["| shape | " + " | ".join(families) + " |", "|---" * (len(families) + 1) + "|"]
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        cells = []
+        for prefix in families.values():
+            timed = [r for r in rows if r["shape"] == shape and r["variant"].startswith(prefix) and r["us"]]
+            best = min(timed, key=lambda r: r["us"], default=None)
+            cells.append("-" if best is None else f"{best['us']:.1f} us / {best['tbps']:.2f} TB/s")
+        lines.append(f"| {shape} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
