@@ -88,12 +88,12 @@ def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, has_slo
             k = k_ref[ids]  # [SB, P, D] gathered pages
             v = v_ref[ids]
             fill = jnp.where(present, fill_ref[ids], 0)  # [SB]
-        else:
-            k = k_ref[pl.ds(first, block_slots)]  # [SB, P, D]
-            v = v_ref[pl.ds(first, block_slots)]
+            k = k.reshape(tokens, d)
+            v = v.reshape(tokens, d)
+        else:  # the pool of one head is contiguous: load [T, D] tiles, no reshape (layout change) in-kernel
+            k = k_ref[pl.ds(first * page, tokens)]  # [T, D]
+            v = v_ref[pl.ds(first * page, tokens)]
             fill = fill_ref[pl.ds(first, block_slots)]  # [SB]
-        k = k.reshape(tokens, d)
-        v = v.reshape(tokens, d)
         valid = (jax.lax.broadcasted_iota(jnp.int32, (block_slots, page), 1) < fill[:, None]).reshape(tokens)
         logits = pltriton.dot(q, k, trans_b=True).astype(jnp.float32) * scale  # [R, T]
         logits = jnp.where(valid[None, :], logits, MASK_VALUE)
@@ -127,11 +127,15 @@ def decode_attention(q, k, v, fill, slots=None, *, scale: float | None = None, i
     listed = s if slots is None else slots.shape[-1]
     block_slots, splits, per_split = plan(b, hkv, listed, page, tuning)
     qg = jnp.pad(q.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0))).astype(k.dtype)
-    head = lambda i, h, j: (i, h, 0, 0, 0)  # noqa: E731  the whole pool of one (sequence, KV head)
+    if slots is None:  # tokens of one head are contiguous: a free reshape to [B, Hkv, S * P, D]
+        kv_block, k, v = (None, None, s * page, d), k.reshape(b, hkv, s * page, d), v.reshape(b, hkv, s * page, d)
+    else:  # pages are gathered by slot id
+        kv_block = (None, None, s, page, d)
+    head = lambda i, h, j: (i, h) + (0,) * (len(kv_block) - 2)  # noqa: E731  the whole pool of one KV head
     in_specs = [
         pl.BlockSpec((None, None, rows, d), lambda i, h, j: (i, h, 0, 0)),
-        pl.BlockSpec((None, None, s, page, d), head),
-        pl.BlockSpec((None, None, s, page, d), head),
+        pl.BlockSpec(kv_block, head),
+        pl.BlockSpec(kv_block, head),
         pl.BlockSpec((None, None, s), lambda i, h, j: (i, h, 0)),
     ]
     inputs = [qg, k, v, fill.astype(jnp.int32)]

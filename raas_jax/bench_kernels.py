@@ -63,18 +63,20 @@ def make_inputs(shape: Shape, seed: int = 0):
     return q, k, v, fill, chosen
 
 
-def time_loop(step: Callable, q, calls: int, reps: int = 3) -> float:
-    """Seconds per call of `step(q) -> out [like q]`, `calls` dependent calls inside one jitted loop."""
+def time_loop(step: Callable, q, operands: tuple, calls: int, reps: int = 3) -> float:
+    """Seconds per call of `step(q, *operands) -> out [like q]`, `calls` dependent calls in one jitted loop.
+
+    The operands (the pool) are arguments of the jitted loop, not captured constants."""
 
     @jax.jit
-    def loop(q):
-        return jax.lax.fori_loop(0, calls, lambda i, x: (x + 1e-3 * step(x)).astype(x.dtype), q)
+    def loop(q, operands):
+        return jax.lax.fori_loop(0, calls, lambda i, x: (x + 1e-3 * step(x, *operands)).astype(x.dtype), q)
 
-    jax.block_until_ready(loop(q))
+    jax.block_until_ready(loop(q, operands))
     best = float("inf")
     for _ in range(reps):
         start = time.perf_counter()
-        jax.block_until_ready(loop(q))
+        jax.block_until_ready(loop(q, operands))
         best = min(best, (time.perf_counter() - start) / calls)
     return best
 
@@ -134,21 +136,18 @@ def paged_attention_variants(q, k, v, fill, chosen):
     for per_block, splits in itertools.product((8, 16), (4, 16, 64)):
         if pages % splits or (pages // splits) % min(per_block, pages // splits):
             continue
-        variants[f"ops.gpu.paged_attention ppcb={per_block} splits={splits}"] = functools_partial(
-            paged_attention, k_pages=k_pages, v_pages=v_pages, block_tables=tables, lengths=lengths,
-            pages_per_compute_block=per_block, k_splits=splits)
+        variants[f"ops.gpu.paged_attention ppcb={per_block} splits={splits}"] = (
+            lambda q, k_pages, v_pages, tables, lengths, ppcb=per_block, splits=splits: paged_attention(
+                q, k_pages, v_pages, tables, lengths, pages_per_compute_block=ppcb, k_splits=splits),
+            (k_pages, v_pages, tables, lengths))
     return variants
-
-
-def functools_partial(fn, **bound):
-    return lambda q: fn(q, **bound)
 
 
 def our_variants(sweep: bool) -> dict[str, pallas_gpu.AttentionTuning]:
     if not sweep:
         return {"pallas (default)": pallas_gpu.DEFAULT_TUNING}
-    grid = [(tokens, 1024, warps, stages) for tokens in (32, 64, 128, 256) for warps, stages in ((4, 2), (8, 2), (4, 3))]
-    grid += [(64, target, 4, 2) for target in (256, 4096)]
+    grid = [(64, 1024, 4, 2), (128, 1024, 4, 2), (256, 1024, 4, 2), (128, 1024, 8, 2), (256, 1024, 8, 2),
+            (64, 4096, 4, 2), (128, 4096, 4, 2), (64, 1024, 4, 3)]
     return {f"pallas T={t} prog={p} w={w} s={s}": pallas_gpu.AttentionTuning(t, p, w, s) for t, p, w, s in grid}
 
 
@@ -179,14 +178,15 @@ def run_kernels(shapes=SHAPES, calls: int | None = None, sweep: bool = False, ou
         n = calls or calls_for(shape)
         q, k, v, fill, chosen = make_inputs(shape)
         mass_ref = None
-        timed: dict[str, Callable] = {
-            "jnp reference (XLA)": lambda q: reference.decode_attention(q, k, v, fill, chosen)[0]}
+        pool = (k, v, fill, chosen)
+        timed: dict[str, tuple[Callable, tuple]] = {
+            "jnp reference (XLA)": (lambda q, *pool: reference.decode_attention(q, *pool)[0], pool)}
         for name, tuning in our_variants(sweep).items():
-            timed[name] = (lambda t: lambda q: pallas_gpu.decode_attention(q, k, v, fill, chosen, tuning=t,
-                                                                           interpret=interpret)[0])(tuning)
+            timed[name] = (lambda q, *pool, t=tuning: pallas_gpu.decode_attention(
+                q, *pool, tuning=t, interpret=interpret)[0], pool)
         if not interpret:
             timed.update(paged_attention_variants(q, k, v, fill, chosen))
-        for variant, step in timed.items():
+        for variant, (step, operands) in timed.items():
             try:
                 if variant.startswith("pallas"):  # correctness at this shape before timing
                     tuning = our_variants(sweep)[variant]
@@ -199,7 +199,7 @@ def run_kernels(shapes=SHAPES, calls: int | None = None, sweep: bool = False, ou
                     mass_err = float(jnp.max(jnp.abs(mass_p - mass_ref)))
                     if not err <= 1e-2 or not mass_err <= 1e-2:
                         raise AssertionError(f"wrong result: rel. error {err:.2e}, mass error {mass_err:.2e}")
-                record(shape, variant, time_loop(step, q, n))
+                record(shape, variant, time_loop(step, q, operands, n))
             except Exception as e:  # a variant that does not compile at this shape is reported, not fatal
                 record(shape, variant, None, f"{type(e).__name__}: {e}")
         if not interpret:
@@ -209,18 +209,21 @@ def run_kernels(shapes=SHAPES, calls: int | None = None, sweep: bool = False, ou
                 record(shape, "torch SDPA (dense KV)", None, f"{type(e).__name__}: {e}")
         if shape.selected:  # the selection that feeds the Quest path: bounds over every resident page + top-k
             kmin, kmax = jnp.min(k, axis=3), jnp.max(k, axis=3)
-            cur = jnp.zeros(fill.shape[:2], jnp.int32)
+            bounds = (kmin, kmax, fill, jnp.zeros(fill.shape[:2], jnp.int32))
             budget = shape.selected // PAGE
             bound_bytes = 2 * kmin.size * kmin.dtype.itemsize
             for backend in ("reference", "pallas"):
-                scores = lambda q, b=backend: kernels.page_scores(q, kmin, kmax, fill, backend=b)  # noqa: E731
-                select = lambda q, s=scores: quest_select(s(q), cur, fill, budget)  # noqa: E731
-                feed = lambda q, f=select: jnp.broadcast_to(  # noqa: E731
-                    jnp.sum(f(q)).astype(q.dtype) * 1e-9, q.shape)
-                record(shape, f"page_scores ({backend})",
-                       time_loop(lambda q, s=scores: jnp.broadcast_to(jnp.max(s(q)).astype(q.dtype) * 1e-9, q.shape),
-                                 q, n), read_bytes=bound_bytes)
-                record(shape, f"page_scores + top-k ({backend})", time_loop(feed, q, n), read_bytes=bound_bytes)
+                def scores(q, kmin, kmax, fill, cur, backend=backend):
+                    u = kernels.page_scores(q, kmin, kmax, fill, backend=backend)
+                    return jnp.broadcast_to(jnp.max(u).astype(q.dtype) * 1e-9, q.shape)
+
+                def select(q, kmin, kmax, fill, cur, backend=backend):
+                    chosen = quest_select(kernels.page_scores(q, kmin, kmax, fill, backend=backend), cur, fill, budget)
+                    return jnp.broadcast_to(jnp.sum(chosen).astype(q.dtype) * 1e-9, q.shape)
+
+                record(shape, f"page_scores ({backend})", time_loop(scores, q, bounds, n), read_bytes=bound_bytes)
+                record(shape, f"page_scores + top-k ({backend})", time_loop(select, q, bounds, n),
+                       read_bytes=bound_bytes)
         del q, k, v, fill, chosen
     return rows
 

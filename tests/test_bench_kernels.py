@@ -1,0 +1,21 @@
+"""The kernel benchmark's machinery on a CPU (interpreted Pallas, tiny shapes): every family is timed and checked."""
+
+from __future__ import annotations
+
+import json
+
+from raas_jax import bench_kernels
+
+
+def test_run_kernels_times_every_variant_and_writes_json(tmp_path):
+    shapes = [bench_kernels.Shape("tiny", 1, 64), bench_kernels.Shape("tiny quest", 1, 128, 32)]
+    rows = bench_kernels.run_kernels(shapes, calls=2, out=tmp_path / "k.json", verbose=False)
+    assert all(r["error"] == "" for r in rows), [r for r in rows if r["error"]]
+    variants = {(r["shape"], r["variant"]) for r in rows}
+    assert ("tiny", "pallas (default)") in variants and ("tiny", "jnp reference (XLA)") in variants
+    assert ("tiny quest", "page_scores + top-k (pallas)") in variants
+    assert all(r["us"] > 0 and r["tbps"] > 0 for r in rows)
+    saved = json.loads((tmp_path / "k.json").read_text())
+    assert len(saved["rows"]) == len(rows)
+    table = bench_kernels.summary_table(rows)
+    assert table.count("\n") == 3 and "tiny quest" in table
