@@ -81,20 +81,21 @@ def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, has_slo
     def body(i, carry):
         o, m, l = carry  # [R, D], [R], [R]
         first = (split * blocks_per_split + i) * block_slots
+        token = jax.lax.broadcasted_iota(jnp.int32, (tokens,), 0)  # [T]
+        offset = token % page  # position of each token in its page
+        # every load below is [T] or [T, D]: no reshape (layout change) of tiles in-kernel
         if has_slots:
-            ids = slots_ref[pl.ds(first, block_slots)]  # [SB]
+            ids = slots_ref[first + token // page]  # [T] the slot each token comes from (repeated per page)
             present = ids >= 0
             ids = jnp.maximum(ids, 0)
-            k = k_ref[ids]  # [SB, P, D] gathered pages
-            v = v_ref[ids]
-            fill = jnp.where(present, fill_ref[ids], 0)  # [SB]
-            k = k.reshape(tokens, d)
-            v = v.reshape(tokens, d)
-        else:  # the pool of one head is contiguous: load [T, D] tiles, no reshape (layout change) in-kernel
+            k = k_ref[ids * page + offset]  # [T, D] rows gathered from the flat pool
+            v = v_ref[ids * page + offset]
+            token_fill = jnp.where(present, fill_ref[ids], 0)  # [T]
+        else:  # the slot range of one head is contiguous
             k = k_ref[pl.ds(first * page, tokens)]  # [T, D]
             v = v_ref[pl.ds(first * page, tokens)]
-            fill = fill_ref[pl.ds(first, block_slots)]  # [SB]
-        valid = (jax.lax.broadcasted_iota(jnp.int32, (block_slots, page), 1) < fill[:, None]).reshape(tokens)
+            token_fill = fill_ref[first + token // page]  # [T]
+        valid = offset < token_fill  # [T]
         logits = pltriton.dot(q, k, trans_b=True).astype(jnp.float32) * scale  # [R, T]
         logits = jnp.where(valid[None, :], logits, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(logits, axis=1))  # [R]
@@ -127,18 +128,16 @@ def decode_attention(q, k, v, fill, slots=None, *, scale: float | None = None, i
     listed = s if slots is None else slots.shape[-1]
     block_slots, splits, per_split = plan(b, hkv, listed, page, tuning)
     qg = jnp.pad(q.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0))).astype(k.dtype)
-    if slots is None:  # tokens of one head are contiguous: a free reshape to [B, Hkv, S * P, D]
-        kv_block, k, v = (None, None, s * page, d), k.reshape(b, hkv, s * page, d), v.reshape(b, hkv, s * page, d)
-    else:  # pages are gathered by slot id
-        kv_block = (None, None, s, page, d)
-    head = lambda i, h, j: (i, h) + (0,) * (len(kv_block) - 2)  # noqa: E731  the whole pool of one KV head
+    k_flat = k.reshape(b, hkv, s * page, d)  # tokens of one head are contiguous: a free reshape
+    v_flat = v.reshape(b, hkv, s * page, d)
+    head = lambda i, h, j: (i, h, 0, 0)  # noqa: E731  the whole pool of one KV head
     in_specs = [
         pl.BlockSpec((None, None, rows, d), lambda i, h, j: (i, h, 0, 0)),
-        pl.BlockSpec(kv_block, head),
-        pl.BlockSpec(kv_block, head),
+        pl.BlockSpec((None, None, s * page, d), head),
+        pl.BlockSpec((None, None, s * page, d), head),
         pl.BlockSpec((None, None, s), lambda i, h, j: (i, h, 0)),
     ]
-    inputs = [qg, k, v, fill.astype(jnp.int32)]
+    inputs = [qg, k_flat, v_flat, fill.astype(jnp.int32)]
     if slots is not None:
         in_specs.append(pl.BlockSpec((None, None, listed), lambda i, h, j: (i, h, 0)))
         inputs.append(slots.astype(jnp.int32))
