@@ -113,7 +113,7 @@ def kv_bytes_read(policy: Policy, cfg: ModelConfig, batch: int, position: int, d
     """KV bytes one decode step must read under the policy (keys + values, plus Quest's key bounds)."""
     item = jnp.dtype(dtype).itemsize
     per_token = 2 * cfg.num_kv_heads * cfg.head_dim * item  # k and v, one layer
-    if isinstance(policy, RaaS):
+    if policy.fixed_budget:  # RaaS, H2O, StreamingLLM: the whole fixed pool
         return batch * cfg.num_layers * policy.budget * per_token
     if isinstance(policy, Quest):
         pages = -(-position // policy.page_size)
@@ -147,15 +147,16 @@ class Measurement:
     step_ms: float
     tokens_per_s: float
     cache_gib: float
-    bytes_in_use_gib: float
+    live_gib: float  # device memory in use right after the timed steps (weights + pool + decode state)
+    peak_gib: float  # the process's peak device memory so far (monotone: includes earlier configurations)
     roofline_ms: float
     compiled_during_timing: bool
 
 
 def time_decode(gen: Generator, params: dict, cache: dict, batch: int, position: int, steps: int,
-                seed: int = 0) -> tuple[float, bool]:
-    """Seconds per decode step over `steps` steps (after a 2-step warm-up call), and whether the timed call
-    compiled anything."""
+                seed: int = 0) -> tuple[float, bool, dict]:
+    """Seconds per decode step over `steps` steps (after a 2-step warm-up call), whether the timed call
+    compiled anything, and the device's memory_stats() read while the pool and state are still alive."""
     key = jax.random.PRNGKey(seed)
     tokens = jax.random.randint(key, (batch,), 0, gen.cfg.vocab_size, jnp.int32)
     state = DecodeState(cache, jnp.zeros((batch, DECODE_CHUNK), jnp.int32), tokens,
@@ -172,7 +173,8 @@ def time_decode(gen: Generator, params: dict, cache: dict, batch: int, position:
     jax.block_until_ready(state)
     seconds = (time.perf_counter() - start) / steps
     assert int(state.step) == 2 + steps
-    return seconds, gen.decode._cache_size() != compiled
+    memory = jax.devices()[0].memory_stats() or {}
+    return seconds, gen.decode._cache_size() != compiled, memory
 
 
 def run_e2e(model: str, policies: dict[str, Policy], positions: list[int], batches: list[int], steps: int,
@@ -198,26 +200,26 @@ def run_e2e(model: str, policies: dict[str, Policy], positions: list[int], batch
             for batch in sorted(set(todo)):
                 try:
                     cache = synthetic_cache(policy, cfg, batch, position, prompt_len, steps + 2, dtype)
-                    seconds, compiled = time_decode(gen, params, cache, batch, position, steps)
+                    seconds, compiled, memory = time_decode(gen, params, cache, batch, position, steps)
                 except Exception as e:  # out of memory at the estimated largest batch: report and go on
                     print(f"  {name} N={position} B={batch}: {type(e).__name__}: {str(e)[:120]}", flush=True)
                     continue
                 finally:
                     cache = None  # free the pool before the next configuration
-                in_use = (jax.devices()[0].memory_stats() or {}).get("bytes_in_use", 0)
                 roofline = (weight_bytes + kv_bytes_read(policy, cfg, batch, position, dtype)) / bandwidth
                 m = Measurement(model, name, batch, position, seconds * 1e3, batch / seconds,
-                                per_seq * batch / 2**30, in_use / 2**30, roofline * 1e3, compiled)
+                                per_seq * batch / 2**30, memory.get("bytes_in_use", 0) / 2**30,
+                                memory.get("peak_bytes_in_use", 0) / 2**30, roofline * 1e3, compiled)
                 rows.append(dataclasses.asdict(m))
                 print(f"  {name:6s} N={position:6d} B={batch:4d} {m.step_ms:8.2f} ms/step {m.tokens_per_s:9.0f} tok/s "
-                      f"cache {m.cache_gib:7.2f} GiB roofline {m.roofline_ms:7.2f} ms"
+                      f"cache {m.cache_gib:7.2f} GiB live {m.live_gib:6.1f} GiB roofline {m.roofline_ms:7.2f} ms"
                       + (" COMPILED" if compiled else ""), flush=True)
                 out.write_text(json.dumps({"rows": rows, "copy_bandwidth": bandwidth, "weight_bytes": weight_bytes,
                                            "jax": jax.__version__, "device": str(jax.devices()[0])}, indent=1))
     return rows
 
 
-def plot_e2e(rows: list[dict], out_dir: Path, batch: int) -> list[Path]:
+def plot_e2e(rows: list[dict], out_dir: Path, batch: int, device: str | None = None) -> list[Path]:
     from raas_jax.plots import line_plot
 
     written = []
@@ -227,7 +229,7 @@ def plot_e2e(rows: list[dict], out_dir: Path, batch: int) -> list[Path]:
                   for model in dict.fromkeys(r["model"] for r in rows)
                   for policy in dict.fromkeys(r["policy"] for r in rows)}
         written.append(line_plot(series, out_dir / f"e2e_{metric}_b{batch}.png", "decode position N", label,
-                                 f"batch {batch}, bf16, {jax.devices()[0].device_kind}"))
+                                 f"batch {batch}, bf16, {device or jax.devices()[0].device_kind}"))
     return written
 
 

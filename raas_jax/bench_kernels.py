@@ -228,17 +228,39 @@ def run_kernels(shapes=SHAPES, calls: int | None = None, sweep: bool = False, ou
     return rows
 
 
+FAMILIES = {"ours (Pallas)": "pallas", "jnp reference (XLA)": "jnp reference",
+            "ops.gpu.paged_attention (best)": "ops.gpu.paged_attention", "torch SDPA": "torch SDPA",
+            "page_scores + top-k (ours)": "page_scores + top-k (pallas)"}
+
+
+def best_per_family(rows: list[dict]) -> dict[str, dict[str, dict | None]]:
+    """shape -> family -> the fastest timed row of that family (None if none ran)."""
+    table = {}
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        table[shape] = {}
+        for family, prefix in FAMILIES.items():
+            timed = [r for r in rows if r["shape"] == shape and r["variant"].startswith(prefix) and r["us"]]
+            table[shape][family] = min(timed, key=lambda r: r["us"], default=None)
+    return table
+
+
 def summary_table(rows: list[dict]) -> str:
     """Markdown: per shape, the best of each family (ours, XLA, paged_attention, SDPA) in us and TB/s."""
-    families = {"ours (Pallas)": "pallas", "jnp reference (XLA)": "jnp reference",
-                "ops.gpu.paged_attention (best)": "ops.gpu.paged_attention", "torch SDPA": "torch SDPA",
-                "page_scores + top-k (ours)": "page_scores + top-k (pallas)"}
-    lines = ["| shape | " + " | ".join(families) + " |", "|---" * (len(families) + 1) + "|"]
-    for shape in dict.fromkeys(r["shape"] for r in rows):
-        cells = []
-        for prefix in families.values():
-            timed = [r for r in rows if r["shape"] == shape and r["variant"].startswith(prefix) and r["us"]]
-            best = min(timed, key=lambda r: r["us"], default=None)
-            cells.append("-" if best is None else f"{best['us']:.1f} us / {best['tbps']:.2f} TB/s")
+    lines = ["| shape | " + " | ".join(FAMILIES) + " |", "|---" * (len(FAMILIES) + 1) + "|"]
+    for shape, best in best_per_family(rows).items():
+        cells = ["-" if r is None else f"{r['us']:.1f} us / {r['tbps']:.2f} TB/s" for r in best.values()]
         lines.append(f"| {shape} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def plot_kernels(rows: list[dict], path: Path, device: str | None = None, copy_tbps: float | None = None) -> Path:
+    """Effective bandwidth per shape, one bar per family (attention families only)."""
+    from raas_jax.plots import bar_plot
+
+    best = best_per_family(rows)
+    attention = [f for f in FAMILIES if not f.startswith("page_scores")]
+    series = {f: [None if best[s][f] is None else best[s][f]["tbps"] for s in best] for f in attention}
+    device = device or jax.devices()[0].device_kind
+    return bar_plot(list(best), series, path, "effective TB/s (KV bytes read / time)",
+                    f"decode attention, bf16, 32/8 heads, head_dim 128, page 16 ({device})",
+                    None if copy_tbps is None else ("device copy bandwidth (read + write)", copy_tbps))

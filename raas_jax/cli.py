@@ -170,6 +170,7 @@ def _bench_kernels(args: argparse.Namespace, out) -> int:
     rows = bench_kernels.run_kernels(shapes, args.calls, args.sweep, out / "kernels.json")
     table = bench_kernels.summary_table(rows)
     (out / "kernels.md").write_text(table + "\n")
+    bench_kernels.plot_kernels(rows, out / "kernels_tbps.png")
     print(table)
     return 0
 

@@ -50,7 +50,7 @@ def main():
         for batch in map(int, args.batches.split(",")):
             plain = time_no_cache(cfg, params, batch, unroll)
             cache = bench.synthetic_cache(policy, cfg, batch, 4096, 128, 66, jnp.bfloat16)
-            raas, _ = bench.time_decode(gen, params, cache, batch, 4096, 64)
+            raas, _, _ = bench.time_decode(gen, params, cache, batch, 4096, 64)
             print(f"{args.model} B={batch} unroll={unroll}: no-cache step {plain * 1e3:.2f} ms, RaaS step "
                   f"{raas * 1e3:.2f} ms, weights alone at 4.0 TB/s {weights / 4.0e12 * 1e3:.2f} ms", flush=True)
 

@@ -19,3 +19,5 @@ def test_run_kernels_times_every_variant_and_writes_json(tmp_path):
     assert len(saved["rows"]) == len(rows)
     table = bench_kernels.summary_table(rows)
     assert table.count("\n") == 3 and "tiny quest" in table
+    png = bench_kernels.plot_kernels(rows, tmp_path / "k.png", device="cpu", copy_tbps=1.0)
+    assert png.read_bytes()[:4] == b"\x89PNG"
