@@ -14,14 +14,15 @@ from . import pallas_gpu, reference
 
 BACKENDS = ("auto", "reference", "pallas")
 AUTO_ON_GPU = "pallas"  # measured faster than XLA at every bench kernels shape (docs/performance.md)
+AUTO_SELECT_ON_GPU = "reference"  # top_k_mask: the Pallas kernel is not yet timed on a GPU
 
 
-def resolve(backend: str) -> str:
+def resolve(backend: str, auto_on_gpu: str = AUTO_ON_GPU) -> str:
     """The backend that `backend` means on this machine ("reference" or "pallas")."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return AUTO_ON_GPU if jax.default_backend() == "gpu" else "reference"
+        return auto_on_gpu if jax.default_backend() == "gpu" else "reference"
     return backend
 
 
@@ -41,6 +42,13 @@ def page_scores(q, kmin, kmax, fill, *, backend: str = "auto"):
     if resolve(backend) == "pallas" and pallas_gpu.page_scores_supported(q, kmin):
         return pallas_gpu.page_scores(q, kmin, kmax, fill, interpret=_interpret())
     return reference.page_scores(q, kmin, kmax, fill)
+
+
+def top_k_mask(scores, k: int, *, backend: str = "auto"):
+    """scores [B,Hkv,S] -> bool [B,Hkv,S]: the min(k, S) highest of each row (ties: lower slot first)."""
+    if resolve(backend, AUTO_SELECT_ON_GPU) == "pallas" and pallas_gpu.top_k_supported(scores):
+        return pallas_gpu.top_k_mask(scores, k, interpret=_interpret())
+    return reference.top_k_mask(scores, k)
 
 
 def causal_attention(q, k, v, q_positions, k_positions, *, scale=None, return_key_mass=False,

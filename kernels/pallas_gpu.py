@@ -16,6 +16,11 @@ shape (5.8x on the Quest path), 4.0 TB/s at B=32 with 32K tokens; `backend="auto
 
 page_scores: one program per (sequence, KV head, block of slots): the Quest bound sum_d max(q*kmin, q*kmax)
 for each query head of the group, max over the group, -inf on empty slots.
+
+top_k_mask: one program per row of scores: the k-th largest value found by a 32-step bisection on the bits of
+order-preserving integer keys, in registers, then ties broken towards lower slots with a cumulative count.
+Checked in interpret mode and through the Triton lowering on a CPU only: not yet timed on a GPU, so the
+dispatch keeps `lax.top_k` under `auto` (kernels.AUTO_SELECT_ON_GPU).
 """
 
 from __future__ import annotations
@@ -223,3 +228,52 @@ def page_scores(q, kmin, kmax, fill, *, interpret: bool = False, block_slots: in
 def page_scores_supported(q, kmin) -> bool:
     d = q.shape[-1]
     return d & (d - 1) == 0 and d >= 16
+
+
+INT32_MIN = -(2**31)
+MAX_TOP_K_ROW = 8192  # a row lives in registers: longer rows fall back to lax.top_k
+
+
+def _order_keys(x):
+    """float32 -> int32 with the same order (-0.0 just below +0.0)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
+def _top_k_kernel(scores_ref, mask_ref, *, k):
+    key = _order_keys(scores_ref[...])  # [S]
+
+    def set_bit(i, threshold):  # threshold kept with its sign bit flipped, so bits can be set from the top
+        candidate = threshold | jax.lax.shift_left(jnp.int32(1), 31 - i)
+        count = jnp.sum((key >= (candidate ^ jnp.int32(INT32_MIN))).astype(jnp.int32))
+        return jnp.where(count >= k, candidate, threshold)
+
+    kth = jax.lax.fori_loop(0, 32, set_bit, jnp.int32(0)) ^ jnp.int32(INT32_MIN)  # the k-th largest key
+    above = key > kth
+    need = k - jnp.sum(above.astype(jnp.int32))  # how many of the ties at the k-th value to take
+    ties = key == kth
+    tie_rank = jnp.cumsum(ties.astype(jnp.int32))  # 1-based among the ties, lower slots first
+    mask_ref[...] = (above | (ties & (tie_rank <= need))).astype(jnp.int32)
+
+
+def top_k_supported(scores) -> bool:
+    s = scores.shape[-1]
+    return s & (s - 1) == 0 and 16 <= s <= MAX_TOP_K_ROW
+
+
+@functools.partial(jax.jit, static_argnames=("k", "interpret"))
+def top_k_mask(scores, k: int, *, interpret: bool = False):
+    """scores [B, Hkv, S] f32 -> bool [B, Hkv, S]: the min(k, S) highest of each row, ties to lower slots."""
+    b, hkv, s = scores.shape
+    k = min(k, s)
+    mask = pl.pallas_call(
+        functools.partial(_top_k_kernel, k=k),
+        grid=(b, hkv),
+        in_specs=[pl.BlockSpec((None, None, s), lambda i, h: (i, h, 0))],
+        out_specs=pl.BlockSpec((None, None, s), lambda i, h: (i, h, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, hkv, s), jnp.int32),
+        compiler_params=pltriton.CompilerParams(num_warps=4 if s <= 2048 else 8, num_stages=1),
+        interpret=interpret,
+        name="raas_top_k_mask",
+    )(scores.astype(jnp.float32))
+    return mask != 0

@@ -89,3 +89,11 @@ def causal_attention(q, k, v, q_positions, k_positions, *, scale=None, return_ke
     query_valid = (q_positions >= 0)[:, None, None, :, None]  # [B, 1, 1, T, 1]
     key_mass = jnp.max(jnp.sum(probs * query_valid, axis=3), axis=2)  # [B, Hkv, Tk]
     return out, key_mass
+
+
+def top_k_mask(scores, k: int):
+    """The `k` highest scores of each row (ties: lower slot first): [B, Hkv, S] f32 -> bool mask, k per row."""
+    k = min(k, scores.shape[-1])
+    _, top = jax.lax.top_k(scores, k)  # lax.top_k is stable: equal values keep the lower index first
+    chosen = jnp.zeros(scores.shape, jnp.bool_)
+    return jnp.put_along_axis(chosen, top, True, axis=-1, inplace=False)

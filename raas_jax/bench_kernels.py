@@ -221,7 +221,13 @@ def run_kernels(shapes=SHAPES, calls: int | None = None, sweep: bool = False, ou
                     chosen = quest_select(kernels.page_scores(q, kmin, kmax, fill, backend=backend), cur, fill, budget)
                     return jnp.broadcast_to(jnp.sum(chosen).astype(q.dtype) * 1e-9, q.shape)
 
+                def top_k(q, kmin, kmax, fill, cur, backend=backend):  # selection alone, on fixed scores
+                    u = jnp.where(fill > 0, kmin[..., 0].astype(jnp.float32), -jnp.inf) + q[0, 0, 0].astype(jnp.float32)
+                    chosen = kernels.top_k_mask(u, budget, backend=backend)
+                    return jnp.broadcast_to(jnp.sum(chosen).astype(q.dtype) * 1e-9, q.shape)
+
                 record(shape, f"page_scores ({backend})", time_loop(scores, q, bounds, n), read_bytes=bound_bytes)
+                record(shape, f"top_k_mask ({backend})", time_loop(top_k, q, bounds, n), read_bytes=fill.size * 4)
                 record(shape, f"page_scores + top-k ({backend})", time_loop(select, q, bounds, n),
                        read_bytes=bound_bytes)
         del q, k, v, fill, chosen

@@ -21,3 +21,12 @@ def test_run_kernels_times_every_variant_and_writes_json(tmp_path):
     assert table.count("\n") == 3 and "tiny quest" in table
     png = bench_kernels.plot_kernels(rows, tmp_path / "k.png", device="cpu", copy_tbps=1.0)
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_kernels_cli_refuses_cpu_and_unknown_shapes(tmp_path, capsys):
+    from raas_jax.cli import main as cli_main
+
+    assert cli_main(["bench", "kernels", "--out-dir", str(tmp_path)]) == 2
+    assert "needs a GPU" in capsys.readouterr().err
+    assert cli_main(["bench", "kernels", "--allow-cpu", "--shapes", "no such shape", "--out-dir", str(tmp_path)]) == 2
+    assert "raas B=32 1K" in capsys.readouterr().err  # the error lists the shapes there are

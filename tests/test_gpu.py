@@ -30,6 +30,10 @@ def test_bf16_decode_attention_matches_f32_reference():
     assert np.abs(np.asarray(mass) - np.asarray(ref_mass)).max() <= 1e-2
 
 
+def test_auto_backend_is_pallas_on_gpu():
+    assert kernels.resolve("auto") == "pallas" and kernels.resolve("reference") == "reference"
+
+
 def _relative_error(got, want):
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     return np.linalg.norm(got - want) / np.linalg.norm(want)
@@ -86,3 +90,16 @@ def test_policies_with_room_for_everything_equal_dense_in_bf16():
         out, _ = run_generation(Generator(cfg, jnp.bfloat16, policy, unroll_layers=True), params, prompts,
                                 max_new_tokens=64, eos_ids=())
         assert (out == dense).all(), policy
+
+
+@pytest.mark.parametrize("slots,k", [(2048, 128), (64, 32), (8192, 512)])
+def test_pallas_top_k_mask_on_gpu(slots, k):
+    from raas_jax.kernels import pallas_gpu
+
+    rng = np.random.default_rng(slots + k)
+    scores = rng.normal(size=(32, 8, slots)).astype(np.float32)
+    scores[:, :, ::7] = np.round(scores[:, :, ::7])  # ties
+    scores[:, 0, :100] = -np.inf
+    got = np.asarray(pallas_gpu.top_k_mask(jnp.asarray(scores), k))
+    want = np.asarray(kernels.top_k_mask(jnp.asarray(scores), k, backend="reference"))
+    assert (got == want).all()

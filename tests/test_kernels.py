@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from raas_jax import kernels
 
@@ -174,3 +176,26 @@ def test_pallas_plan_splits_long_ranges_and_refuses_odd_pages():
     assert pallas_gpu.plan(1, 8, 64, 16)[1] > 1  # B=1: one head's 1K tokens are split across programs
     assert pallas_gpu.plan(1, 1, 5, 16) is not None  # odd slot counts: one slot per block
     assert pallas_gpu.plan(1, 1, 8, 12) is None  # pages of 12 tokens: not a power of two -> reference
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(4, 8), st.integers(1, 300), st.integers(0, 2**31 - 1), st.sampled_from(["ties", "normal", "inf"]))
+def test_pallas_top_k_mask_equals_lax_top_k_in_interpret_mode(log_slots, k, seed, kind):
+    from raas_jax.kernels import pallas_gpu
+
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(size=(2, 3, 2**log_slots)).astype(np.float32)
+    if kind == "ties":  # many equal values: lower slots must win
+        scores = np.round(scores * 2) / 2
+    elif kind == "inf":  # empty slots (-inf) and a forced current slot (+inf)
+        scores[..., rng.integers(0, scores.shape[-1], 5)] = -np.inf
+        scores[..., 0] = np.inf
+    got = np.asarray(pallas_gpu.top_k_mask(scores, k, interpret=True))
+    want = np.asarray(kernels.top_k_mask(scores, k, backend="reference"))
+    assert (got == want).all()
+    assert (got.sum(-1) == min(k, scores.shape[-1])).all()
+    np.testing.assert_array_equal(np.asarray(kernels.top_k_mask(scores, k, backend="pallas")), want)
+
+
+def test_auto_backend_is_the_reference_on_cpu():
+    assert kernels.resolve("auto") == "reference"
