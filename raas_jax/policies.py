@@ -55,28 +55,29 @@ def evictable(view: LayerCache, page_size: int) -> jax.Array:
     return (view["fill"] >= page_size) & ~view["pinned"] & not_current
 
 
-def top_half_mask(scores: jax.Array, resident: jax.Array) -> jax.Array:
+def top_half_mask(scores: jax.Array, resident: jax.Array, backend: str = "auto") -> jax.Array:
     """The top ceil(S/2) resident slots by score (lower slot wins ties): [B, Hkv, S] bool."""
-    num_slots = scores.shape[-1]
-    keep = (num_slots + 1) // 2
+    keep = (scores.shape[-1] + 1) // 2
     masked = jnp.where(resident, scores, -jnp.inf)
-    _, top = jax.lax.top_k(masked, keep)  # [B, Hkv, keep]
-    chosen = jnp.zeros(scores.shape, jnp.bool_)
-    chosen = jnp.put_along_axis(chosen, top, True, axis=-1, inplace=False)
-    return chosen & resident
+    return kernels.top_k_mask(masked, keep, backend=backend) & resident
 
 
-def quest_select(scores: jax.Array, cur: jax.Array, fill: jax.Array, k: int) -> jax.Array:
-    """The K slots with the highest bound, the current slot always first; -1 pads past the resident ones.
+def quest_select(scores: jax.Array, cur: jax.Array, fill: jax.Array, k: int, backend: str = "auto") -> jax.Array:
+    """The K resident slots with the highest bound, the current slot always among them (ties: lower slot),
+    listed in slot order; -1 pads past the resident ones.
 
     scores/fill [B, Hkv, S], cur [B, Hkv] -> slots [B, Hkv, min(K, S)] int32.
     """
-    k = min(k, scores.shape[-1])
-    slot_ids = jnp.arange(scores.shape[-1])
+    b, h, num_slots = scores.shape
+    k = min(k, num_slots)
+    slot_ids = jnp.arange(num_slots, dtype=jnp.int32)
     ranked = jnp.where(slot_ids[None, None, :] == cur[..., None], jnp.inf, scores)
     ranked = jnp.where(fill > 0, ranked, -jnp.inf)
-    values, slots = jax.lax.top_k(ranked, k)
-    return jnp.where(values > -jnp.inf, slots, -1).astype(jnp.int32)
+    chosen = kernels.top_k_mask(ranked, k, backend=backend) & (ranked > -jnp.inf)  # [B, Hkv, S]
+    position = jnp.where(chosen, jnp.cumsum(chosen, axis=-1) - 1, k)  # k = not listed (dropped below)
+    slots = jnp.full((b, h, k), -1, jnp.int32)
+    return slots.at[jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None], position].set(
+        jnp.broadcast_to(slot_ids, chosen.shape), mode="drop")
 
 
 def softmax_over_resident(scores: jax.Array, resident: jax.Array) -> jax.Array:
@@ -219,7 +220,7 @@ class RaaS(_FixedBudget):
             scores = kernels.page_scores(q, view["kmin"], view["kmax"], view["fill"], backend=self.backend)
             normalised = softmax_over_resident(scores * q.shape[-1] ** -0.5, resident)
         if self.refresh == "top_half":
-            return top_half_mask(scores, resident)
+            return top_half_mask(scores, resident, self.backend)
         return resident & (normalised > self.refresh)
 
     def update_stats(self, cache, layer, view, q, mass, positions, slot):
@@ -251,7 +252,7 @@ class Quest(Policy):
 
         def sparse(_):
             scores = kernels.page_scores(q, view["kmin"], view["kmax"], view["fill"], backend=self.backend)
-            slots = quest_select(scores, view["cur"], view["fill"], self.budget // self.page_size)
+            slots = quest_select(scores, view["cur"], view["fill"], self.budget // self.page_size, self.backend)
             out, _ = kernels.decode_attention(q, view["k"], view["v"], view["fill"], slots, backend=self.backend)
             return out
 

@@ -128,7 +128,8 @@ def test_quest_selection_is_brute_force_top_k(rng, slots, k):
         for h in range(2):
             resident = [s for s in range(slots) if fill[b, h, s] and s != cur[b, h]]
             ranked = [cur[b, h]] + sorted(resident, key=lambda s: -scores[b, h, s])
-            want = ranked[:min(k, slots)]
+            want = sorted(ranked[:min(k, slots)])  # listed in slot order
+            assert got.shape[-1] == min(k, slots)
             assert [s for s in got[b, h] if s >= 0] == want
             assert (got[b, h][len(want):] == -1).all()
 
