@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--policy", default="raas")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--position", type=int, default=16384)
+    ap.add_argument("--rolled", action="store_true", help="keep the layer scan rolled (generation unrolls on GPU)")
     args = ap.parse_args()
     cfg = bench.MODEL_SHAPES[args.model]
     policy = bench.default_policies()[args.policy]
@@ -37,19 +38,22 @@ def main() -> None:
                         jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
                         jax.eval_shape(lambda: jax.random.PRNGKey(0)))
     scalar_f, scalar_i = jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32)
-    gen = Generator(cfg, dtype, policy)
+    gen = Generator(cfg, dtype, policy, unroll_layers=not args.rolled and jax.default_backend() != "cpu")
     text = gen.decode.lower(params, state, scalar_i, jax.ShapeDtypeStruct((1,), jnp.int32),
                             SamplingParams(scalar_f, scalar_i, scalar_f)).compile().as_text()
-    full = ",".join(map(str, shapes["k"].shape))
-    layer = ",".join(map(str, shapes["k"].shape[1:]))
+    k_shape = shapes["k"].shape  # [L, B, Hkv, S, P, D]
+    flat = (*k_shape[:3], k_shape[3] * k_shape[4], k_shape[5])  # the Pallas kernel's [.., S*P, D] view
+    kinds = {",".join(map(str, k_shape)): "stacked", ",".join(map(str, k_shape[1:])): "layer",
+             ",".join(map(str, flat)): "stacked flat", ",".join(map(str, flat[1:])): "layer flat"}
+    full = ",".join(map(str, k_shape))
     counts = collections.Counter()
     for line in text.splitlines():
         m = re.match(r"\s*(?:ROOT )?%?[\w.-]+ = bf16\[([\d,]+)\]\S* (\w[\w-]*)\(", line)
-        if m and m.group(1) in (full, layer):
-            counts[("stacked" if m.group(1) == full else "layer", m.group(2))] += 1
+        if m and m.group(1) in kinds:
+            counts[(kinds[m.group(1)], m.group(2))] += 1
     print(f"{args.policy} B={b} N={args.position}: pool {full}")
     for (kind, op), n in sorted(counts.items()):
-        print(f"  {kind:8s} {op:28s} {n}")
+        print(f"  {kind:12s} {op:28s} {n}")
 
 
 if __name__ == "__main__":
