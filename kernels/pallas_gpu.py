@@ -69,11 +69,15 @@ def plan(batch: int, kv_heads: int, slots: int, page: int, tuning: AttentionTuni
     return block_slots, splits, blocks // splits
 
 
+MAX_POOL_ELEMENTS = 2**31 - 1  # Triton addresses the pool with int32 element offsets: larger pools use the reference
+
+
 def supports(q, k, slots=None) -> bool:
     """Shapes the kernel handles (else the dispatch falls back to the reference)."""
     d, page = q.shape[-1], k.shape[3]
     listed = k.shape[2] if slots is None else slots.shape[-1]
-    return d >= 16 and d & (d - 1) == 0 and plan(q.shape[0], k.shape[1], listed, page) is not None
+    small_enough = k.size <= MAX_POOL_ELEMENTS
+    return small_enough and d >= 16 and d & (d - 1) == 0 and plan(q.shape[0], k.shape[1], listed, page) is not None
 
 
 def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, has_slots):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -176,6 +177,9 @@ def test_pallas_plan_splits_long_ranges_and_refuses_odd_pages():
     assert pallas_gpu.plan(1, 8, 64, 16)[1] > 1  # B=1: one head's 1K tokens are split across programs
     assert pallas_gpu.plan(1, 1, 5, 16) is not None  # odd slot counts: one slot per block
     assert pallas_gpu.plan(1, 1, 8, 12) is None  # pages of 12 tokens: not a power of two -> reference
+    q = jax.ShapeDtypeStruct((64, 32, 128), np.float32)
+    assert pallas_gpu.supports(q, jax.ShapeDtypeStruct((64, 8, 1024, 16, 128), np.float32))
+    assert not pallas_gpu.supports(q, jax.ShapeDtypeStruct((64, 8, 2048, 16, 128), np.float32))  # > 2^31 elements
 
 
 @settings(max_examples=40, deadline=None)
