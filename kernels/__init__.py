@@ -13,16 +13,15 @@ import jax
 from . import pallas_gpu, reference
 
 BACKENDS = ("auto", "reference", "pallas")
-AUTO_ON_GPU = "pallas"  # measured faster than XLA at every bench kernels shape (docs/performance.md)
-AUTO_SELECT_ON_GPU = "pallas"  # top_k_mask: 15 vs 43 us (lax.top_k) at the Quest shape, same masks on the H200
+AUTO_ON_GPU = "pallas"  # measured faster than XLA for every kernel and bench shape (docs/performance.md 5, 8)
 
 
-def resolve(backend: str, auto_on_gpu: str = AUTO_ON_GPU) -> str:
+def resolve(backend: str) -> str:
     """The backend that `backend` means on this machine ("reference" or "pallas")."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return auto_on_gpu if jax.default_backend() == "gpu" else "reference"
+        return AUTO_ON_GPU if jax.default_backend() == "gpu" else "reference"
     return backend
 
 
@@ -46,7 +45,7 @@ def page_scores(q, kmin, kmax, fill, *, backend: str = "auto"):
 
 def top_k_mask(scores, k: int, *, backend: str = "auto"):
     """scores [B,Hkv,S] -> bool [B,Hkv,S]: the min(k, S) highest of each row (ties: lower slot first)."""
-    if resolve(backend, AUTO_SELECT_ON_GPU) == "pallas" and pallas_gpu.top_k_supported(scores):
+    if resolve(backend) == "pallas" and pallas_gpu.top_k_supported(scores):
         return pallas_gpu.top_k_mask(scores, k, interpret=_interpret())
     return reference.top_k_mask(scores, k)
 

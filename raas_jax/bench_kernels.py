@@ -181,16 +181,16 @@ def run_kernels(shapes=SHAPES, calls: int | None = None, sweep: bool = False, ou
         pool = (k, v, fill, chosen)
         timed: dict[str, tuple[Callable, tuple]] = {
             "jnp reference (XLA)": (lambda q, *pool: reference.decode_attention(q, *pool)[0], pool)}
-        for name, tuning in our_variants(sweep).items():
+        ours = our_variants(sweep)
+        for name, tuning in ours.items():
             timed[name] = (lambda q, *pool, t=tuning: pallas_gpu.decode_attention(
                 q, *pool, tuning=t, interpret=interpret)[0], pool)
         if not interpret:
             timed.update(paged_attention_variants(q, k, v, fill, chosen))
         for variant, (step, operands) in timed.items():
             try:
-                if variant.startswith("pallas"):  # correctness at this shape before timing
-                    tuning = our_variants(sweep)[variant]
-                    out_p, mass_p = pallas_gpu.decode_attention(q, k, v, fill, chosen, tuning=tuning,
+                if variant in ours:  # correctness at this shape before timing
+                    out_p, mass_p = pallas_gpu.decode_attention(q, k, v, fill, chosen, tuning=ours[variant],
                                                                 interpret=interpret)
                     if mass_ref is None:
                         ref_out, mass_ref = reference.decode_attention(q, k, v, fill, chosen)
