@@ -9,6 +9,7 @@ take fall back to the reference.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from . import pallas_gpu, reference
 
@@ -29,17 +30,27 @@ def _interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
-def decode_attention(q, k, v, fill, slots=None, *, scale=None, backend: str = "auto"):
-    """q [B,Hq,D], k/v [B,Hkv,S,P,D], fill [B,Hkv,S] -> (out [B,Hq,D], mass [B,Hkv,S or K])."""
-    if resolve(backend) == "pallas" and pallas_gpu.supports(q, k, slots):
-        return pallas_gpu.decode_attention(q, k, v, fill, slots, scale=scale, interpret=_interpret())
+def decode_attention(q, k, v, fill, slots=None, *, layer=None, scale=None, backend: str = "auto"):
+    """q [B,Hq,D], k/v [B,Hkv,S,P,D], fill [B,Hkv,S] -> (out [B,Hq,D], mass [B,Hkv,S or K]).
+
+    With `layer` (a scalar, may be traced), k/v are stacked over layers [L,B,Hkv,S,P,D] and layer `layer` is
+    read: the Pallas kernel reads it in place, where slicing it first would copy a pool per layer and step.
+    """
+    stacked = layer is not None
+    if resolve(backend) == "pallas" and pallas_gpu.supports(q, k, slots, stacked=stacked):
+        return pallas_gpu.decode_attention(q, k, v, fill, slots, layer=layer, scale=scale, interpret=_interpret())
+    if stacked:
+        k, v = jnp.asarray(k)[layer], jnp.asarray(v)[layer]
     return reference.decode_attention(q, k, v, fill, slots, scale=scale)
 
 
-def page_scores(q, kmin, kmax, fill, *, backend: str = "auto"):
-    """q [B,Hq,D], kmin/kmax [B,Hkv,S,D], fill [B,Hkv,S] -> U [B,Hkv,S] (-inf on empty slots)."""
+def page_scores(q, kmin, kmax, fill, *, layer=None, backend: str = "auto"):
+    """q [B,Hq,D], kmin/kmax [B,Hkv,S,D] (or [L,B,Hkv,S,D] with `layer`), fill [B,Hkv,S] -> U [B,Hkv,S]
+    (-inf on empty slots)."""
     if resolve(backend) == "pallas" and pallas_gpu.page_scores_supported(q, kmin):
-        return pallas_gpu.page_scores(q, kmin, kmax, fill, interpret=_interpret())
+        return pallas_gpu.page_scores(q, kmin, kmax, fill, layer=layer, interpret=_interpret())
+    if layer is not None:
+        kmin, kmax = jnp.asarray(kmin)[layer], jnp.asarray(kmax)[layer]
     return reference.page_scores(q, kmin, kmax, fill)
 
 

@@ -69,23 +69,27 @@ def plan(batch: int, kv_heads: int, slots: int, page: int, tuning: AttentionTuni
     return block_slots, splits, blocks // splits
 
 
-MAX_POOL_ELEMENTS = 2**31 - 1  # Triton addresses the pool with int32 element offsets: larger pools use the reference
+def offsets_fit(array) -> bool:
+    """Whether Triton's element offsets into `array` cannot overflow: Pallas switches them to int64 only for
+    arrays over 4 GiB, so a 1-byte array of 2^31 to 2^32 elements would wrap int32."""
+    return array.size <= 2**31 or array.size * array.dtype.itemsize > 2**32  # offsets reach size - 1
 
 
-def supports(q, k, slots=None) -> bool:
-    """Shapes the kernel handles (else the dispatch falls back to the reference)."""
-    d, page = q.shape[-1], k.shape[3]
-    listed = k.shape[2] if slots is None else slots.shape[-1]
-    small_enough = k.size <= MAX_POOL_ELEMENTS
-    return small_enough and d >= 16 and d & (d - 1) == 0 and plan(q.shape[0], k.shape[1], listed, page) is not None
+def supports(q, k, slots=None, stacked: bool = False) -> bool:
+    """Shapes the kernel handles (else the dispatch falls back to the reference); `stacked`: k is [L, B, ...]."""
+    _, hkv, s, page, _ = k.shape[1:] if stacked else k.shape
+    d = q.shape[-1]
+    listed = s if slots is None else slots.shape[-1]
+    return offsets_fit(k) and d >= 16 and d & (d - 1) == 0 and plan(q.shape[0], hkv, listed, page) is not None
 
 
 def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, has_slots):
     if has_slots:
-        q_ref, k_ref, v_ref, fill_ref, slots_ref, o_ref, m_ref, l_ref, sums_ref, block_max_ref = refs
+        layer_ref, q_ref, k_ref, v_ref, fill_ref, slots_ref, o_ref, m_ref, l_ref, sums_ref, block_max_ref = refs
     else:
-        q_ref, k_ref, v_ref, fill_ref, o_ref, m_ref, l_ref, sums_ref, block_max_ref = refs
+        layer_ref, q_ref, k_ref, v_ref, fill_ref, o_ref, m_ref, l_ref, sums_ref, block_max_ref = refs
     split = pl.program_id(2)
+    layer = layer_ref[0]  # k_ref / v_ref hold this head's pool in every layer: [L, S*P, D]
     q = q_ref[...]  # [R, D]
     rows, d = q.shape
     tokens = block_slots * page
@@ -100,12 +104,12 @@ def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, has_slo
             ids = slots_ref[first + token // page]  # [T] the slot each token comes from (repeated per page)
             present = ids >= 0
             ids = jnp.maximum(ids, 0)
-            k = k_ref[ids * page + offset]  # [T, D] rows gathered from the flat pool
-            v = v_ref[ids * page + offset]
+            k = k_ref[layer, ids * page + offset]  # [T, D] rows gathered from the flat pool
+            v = v_ref[layer, ids * page + offset]
             token_fill = jnp.where(present, fill_ref[ids], 0)  # [T]
         else:  # the slot range of one head is contiguous
-            k = k_ref[pl.ds(first * page, tokens)]  # [T, D]
-            v = v_ref[pl.ds(first * page, tokens)]
+            k = k_ref[layer, pl.ds(first * page, tokens)]  # [T, D]
+            v = v_ref[layer, pl.ds(first * page, tokens)]
             token_fill = fill_ref[first + token // page]  # [T]
         valid = offset < token_fill  # [T]
         logits = pltriton.dot(q, k, trans_b=True).astype(jnp.float32) * scale  # [R, T]
@@ -128,28 +132,37 @@ def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, has_slo
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "tuning"))
-def decode_attention(q, k, v, fill, slots=None, *, scale: float | None = None, interpret: bool = False,
-                     tuning: AttentionTuning = DEFAULT_TUNING):
+def decode_attention(q, k, v, fill, slots=None, *, layer=None, scale: float | None = None,
+                     interpret: bool = False, tuning: AttentionTuning = DEFAULT_TUNING):
     """q [B, Hq, D], k/v [B, Hkv, S, P, D], fill [B, Hkv, S], slots [B, Hkv, K] or None (-1 = none)
-    -> (out [B, Hq, D], mass [B, Hkv, S or K] float32), the contract of kernels/reference.py."""
-    b, hq, d = q.shape
-    _, hkv, s, page, _ = k.shape
+    -> (out [B, Hq, D], mass [B, Hkv, S or K] float32), the contract of kernels/reference.py.
+
+    With `layer` (an int32 scalar, may be traced) k/v are the pools of every layer [L, B, Hkv, S, P, D] and the
+    kernel reads layer `layer` of them in place: slicing the layer outside would copy it (XLA materialises a
+    custom call's operands), one pool-sized copy per layer and step.
+    """
+    if layer is None:
+        k, v, layer = k[None], v[None], 0
+    num_layers, b, hkv, s, page, d = k.shape
+    hq = q.shape[1]
     group = hq // hkv
     rows = max(MIN_ROWS, 1 << (group - 1).bit_length())
     scale = d**-0.5 if scale is None else scale
     listed = s if slots is None else slots.shape[-1]
     block_slots, splits, per_split = plan(b, hkv, listed, page, tuning)
     qg = jnp.pad(q.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0))).astype(k.dtype)
-    k_flat = k.reshape(b, hkv, s * page, d)  # tokens of one head are contiguous: a free reshape
-    v_flat = v.reshape(b, hkv, s * page, d)
-    head = lambda i, h, j: (i, h, 0, 0)  # noqa: E731  the whole pool of one KV head
+    k_flat = k.reshape(num_layers, b, hkv, s * page, d)  # tokens of one head are contiguous: a free reshape
+    v_flat = v.reshape(num_layers, b, hkv, s * page, d)
+    head = lambda i, h, j: (0, i, h, 0, 0)  # noqa: E731  the whole pool of one KV head, every layer
     in_specs = [
+        pl.BlockSpec((1,), lambda i, h, j: (0,)),
         pl.BlockSpec((None, None, rows, d), lambda i, h, j: (i, h, 0, 0)),
-        pl.BlockSpec((None, None, s * page, d), head),
-        pl.BlockSpec((None, None, s * page, d), head),
+        pl.BlockSpec((num_layers, None, None, s * page, d), head),
+        pl.BlockSpec((num_layers, None, None, s * page, d), head),
         pl.BlockSpec((None, None, s), lambda i, h, j: (i, h, 0)),
     ]
-    inputs = [qg, k_flat, v_flat, fill.astype(jnp.int32)]
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    inputs = [layer, qg, k_flat, v_flat, fill.astype(jnp.int32)]
     if slots is not None:
         in_specs.append(pl.BlockSpec((None, None, listed), lambda i, h, j: (i, h, 0)))
         inputs.append(slots.astype(jnp.int32))
@@ -189,9 +202,10 @@ def decode_attention(q, k, v, fill, slots=None, *, scale: float | None = None, i
     return out[:, :, :group].reshape(b, hq, d).astype(q.dtype), mass
 
 
-def _scores_kernel(q_ref, kmin_ref, kmax_ref, fill_ref, u_ref, *, group):
-    kmin = kmin_ref[...].astype(jnp.float32)  # [SB, D]
-    kmax = kmax_ref[...].astype(jnp.float32)
+def _scores_kernel(layer_ref, q_ref, kmin_ref, kmax_ref, fill_ref, u_ref, *, group, block_slots):
+    slots = pl.ds(pl.program_id(2) * block_slots, block_slots)
+    kmin = kmin_ref[layer_ref[0], slots].astype(jnp.float32)  # [SB, D]
+    kmax = kmax_ref[layer_ref[0], slots].astype(jnp.float32)
     bound = None
     for g in range(group):  # static: a GQA group has a handful of query heads
         qg = q_ref[g, :].astype(jnp.float32)[None, :]  # [1, D]
@@ -201,24 +215,29 @@ def _scores_kernel(q_ref, kmin_ref, kmax_ref, fill_ref, u_ref, *, group):
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_slots"))
-def page_scores(q, kmin, kmax, fill, *, interpret: bool = False, block_slots: int = 64):
-    """q [B, Hq, D], kmin/kmax [B, Hkv, S, D], fill [B, Hkv, S] -> U [B, Hkv, S] f32 (-inf on empty slots)."""
+def page_scores(q, kmin, kmax, fill, *, layer=None, interpret: bool = False, block_slots: int = 64):
+    """q [B, Hq, D], kmin/kmax [B, Hkv, S, D], fill [B, Hkv, S] -> U [B, Hkv, S] f32 (-inf on empty slots).
+
+    With `layer`, kmin/kmax are every layer's bounds [L, B, Hkv, S, D], read in place (see decode_attention)."""
+    if layer is None:
+        kmin, kmax, layer = kmin[None], kmax[None], 0
+    num_layers, _, hkv, s, _ = kmin.shape
     b, hq, d = q.shape
-    _, hkv, s, _ = kmin.shape
     group = hq // hkv
     rows = 1 << (group - 1).bit_length()
     block_slots = min(block_slots, _pow2_at_most(s))
     while s % block_slots:
         block_slots //= 2
     qg = jnp.pad(q.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
-    slot_block = lambda i, h, j: (i, h, j, 0)  # noqa: E731
+    head = lambda i, h, j: (0, i, h, 0, 0)  # noqa: E731  one KV head's bounds in every layer
     return pl.pallas_call(
-        functools.partial(_scores_kernel, group=group),
+        functools.partial(_scores_kernel, group=group, block_slots=block_slots),
         grid=(b, hkv, s // block_slots),
         in_specs=[
+            pl.BlockSpec((1,), lambda i, h, j: (0,)),
             pl.BlockSpec((None, None, rows, d), lambda i, h, j: (i, h, 0, 0)),
-            pl.BlockSpec((None, None, block_slots, d), slot_block),
-            pl.BlockSpec((None, None, block_slots, d), slot_block),
+            pl.BlockSpec((num_layers, None, None, s, d), head),
+            pl.BlockSpec((num_layers, None, None, s, d), head),
             pl.BlockSpec((None, None, block_slots), lambda i, h, j: (i, h, j)),
         ],
         out_specs=pl.BlockSpec((None, None, block_slots), lambda i, h, j: (i, h, j)),
@@ -226,12 +245,12 @@ def page_scores(q, kmin, kmax, fill, *, interpret: bool = False, block_slots: in
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="raas_page_scores",
-    )(qg, kmin, kmax, fill.astype(jnp.int32))
+    )(jnp.asarray(layer, jnp.int32).reshape(1), qg, kmin, kmax, fill.astype(jnp.int32))
 
 
 def page_scores_supported(q, kmin) -> bool:
     d = q.shape[-1]
-    return d & (d - 1) == 0 and d >= 16
+    return offsets_fit(kmin) and d & (d - 1) == 0 and d >= 16
 
 
 INT32_MIN = -(2**31)

@@ -106,9 +106,15 @@ def slot_of(array: jax.Array, slot: jax.Array) -> jax.Array:
     return jnp.take_along_axis(array, index, axis=2)[:, :, 0]
 
 
+PAGE_ARRAYS = ("k", "v", "kmin", "kmax")  # pool-sized: the kernels read them stacked, in place
+
+
 def layer_at(cache: dict[str, jax.Array], layer: jax.Array, pages: bool = True) -> LayerCache:
-    """One layer's view of the stacked cache (`layer` may be traced); `pages=False` leaves out k and v."""
-    return {name: array[layer] for name, array in cache.items() if pages or name not in ("k", "v")}
+    """One layer's view of the stacked cache (`layer` may be traced).
+
+    `pages=False` leaves out the pool-sized arrays (PAGE_ARRAYS): decode passes those to the kernels stacked,
+    with the layer index, since a slice of them handed to a custom call is a copy."""
+    return {name: array[layer] for name, array in cache.items() if pages or name not in PAGE_ARRAYS}
 
 
 def store_layer(cache: dict[str, jax.Array], layer: jax.Array, values: LayerCache) -> dict[str, jax.Array]:

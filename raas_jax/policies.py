@@ -120,8 +120,8 @@ class Policy:
         """q [B, Hq, D], k/v [B, Hkv, D], positions [B] -> (out [B, Hq, D], cache)."""
         victim = self.victim(layer_at(cache, layer, pages=False))
         cache, slot, _ = append_token(cache, layer, k, v, positions, victim, self.page_size)
-        view = layer_at(cache, layer)
-        out, mass = self.attend(view, q, layer)
+        view = layer_at(cache, layer, pages=False)  # metadata; the kernels read k/v/kmin/kmax stacked
+        out, mass = self.attend(cache, layer, view, q)
         return out, self.update_stats(cache, layer, view, q, mass, positions, slot)
 
     # policy-specific ------------------------------------------------------------------------
@@ -129,8 +129,9 @@ class Policy:
         """The slot to evict if a new page is needed and none is free: [B, Hkv]."""
         return jnp.zeros(view["cur"].shape, jnp.int32)  # O(N) policies never evict
 
-    def attend(self, view: LayerCache, q, layer) -> tuple[jax.Array, jax.Array | None]:
-        return kernels.decode_attention(q, view["k"], view["v"], view["fill"], backend=self.backend)
+    def attend(self, cache, layer, view: LayerCache, q) -> tuple[jax.Array, jax.Array | None]:
+        """(out [B, Hq, D], per-slot mass [B, Hkv, S] or None) over `layer` of the stacked `cache`."""
+        return kernels.decode_attention(q, cache["k"], cache["v"], view["fill"], layer=layer, backend=self.backend)
 
     def update_stats(self, cache, layer, view: LayerCache, q, mass, positions, slot):
         return cache
@@ -210,21 +211,22 @@ class RaaS(_FixedBudget):
     def victim(self, view):
         return oldest_victim(view["stamp"], evictable(view, self.page_size))
 
-    def importance(self, view, q, mass) -> jax.Array:
+    def importance(self, cache, layer, view, q, mass) -> jax.Array:
         """Pages judged important this step: [B, Hkv, S] bool."""
         resident = view["fill"] > 0
         if self.score == "exact":
             scores = mass
             normalised = mass
         else:
-            scores = kernels.page_scores(q, view["kmin"], view["kmax"], view["fill"], backend=self.backend)
+            scores = kernels.page_scores(q, cache["kmin"], cache["kmax"], view["fill"], layer=layer,
+                                         backend=self.backend)
             normalised = softmax_over_resident(scores * q.shape[-1] ** -0.5, resident)
         if self.refresh == "top_half":
             return top_half_mask(scores, resident, self.backend)
         return resident & (normalised > self.refresh)
 
     def update_stats(self, cache, layer, view, q, mass, positions, slot):
-        important = self.importance(view, q, mass)
+        important = self.importance(cache, layer, view, q, mass)
         stamp = jnp.where(important, positions[:, None, None], view["stamp"])
         return {**cache, "stamp": cache["stamp"].at[layer].set(stamp)}
 
@@ -245,15 +247,18 @@ class Quest(Policy):
         if self.budget % self.page_size:
             raise ValueError(f"budget {self.budget} is not a multiple of page_size {self.page_size}")
 
-    def attend(self, view, q, layer):
+    def attend(self, cache, layer, view, q):
         def dense(_):
-            out, _ = kernels.decode_attention(q, view["k"], view["v"], view["fill"], backend=self.backend)
+            out, _ = kernels.decode_attention(q, cache["k"], cache["v"], view["fill"], layer=layer,
+                                              backend=self.backend)
             return out
 
         def sparse(_):
-            scores = kernels.page_scores(q, view["kmin"], view["kmax"], view["fill"], backend=self.backend)
+            scores = kernels.page_scores(q, cache["kmin"], cache["kmax"], view["fill"], layer=layer,
+                                         backend=self.backend)
             slots = quest_select(scores, view["cur"], view["fill"], self.budget // self.page_size, self.backend)
-            out, _ = kernels.decode_attention(q, view["k"], view["v"], view["fill"], slots, backend=self.backend)
+            out, _ = kernels.decode_attention(q, cache["k"], cache["v"], view["fill"], slots, layer=layer,
+                                              backend=self.backend)
             return out
 
         return jax.lax.cond(layer < self.dense_layers, dense, sparse, None), None

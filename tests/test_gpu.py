@@ -64,6 +64,30 @@ def test_pallas_decode_attention_on_gpu(group, head_dim, page, listed):
     assert _relative_error(mass, ref_mass) <= 1e-2
 
 
+def test_pallas_reads_a_layer_of_a_stacked_pool_past_4_gib():
+    """Decode passes the pools of every layer and a layer index; past 4 GiB Pallas switches to int64 offsets.
+    The last layer (largest offsets) and the listed-slots path must match the reference on that layer."""
+    from raas_jax.kernels import pallas_gpu
+
+    layers, b, hkv, group, s, page, d = 17, 64, 8, 4, 128, 16, 128  # 4.6 GB per pool: int64 offsets
+    key_k, key_v = jax.random.split(jax.random.PRNGKey(0))
+    k = jax.random.normal(key_k, (layers, b, hkv, s, page, d), jnp.bfloat16)
+    v = jax.random.normal(key_v, (layers, b, hkv, s, page, d), jnp.bfloat16)
+    assert k.size * 2 > 2**32
+    rng = np.random.default_rng(5)
+    q = jnp.asarray(rng.normal(size=(b, hkv * group, d)), jnp.bfloat16)
+    fill = jnp.asarray(rng.integers(1, page + 1, (b, hkv, s)).astype(np.int32))
+    slots = jnp.asarray(np.stack([[rng.permutation(s)[:32] for _ in range(hkv)] for _ in range(b)]).astype(np.int32))
+    for layer in (0, layers - 1):
+        last_k, last_v = k[layer].astype(jnp.float32), v[layer].astype(jnp.float32)
+        for listed in (None, slots):
+            out, mass = pallas_gpu.decode_attention(q, k, v, fill, listed, layer=jnp.int32(layer))
+            ref, ref_mass = kernels.decode_attention(q.astype(jnp.float32), last_k, last_v, fill, listed,
+                                                     backend="reference")
+            assert _relative_error(out, ref) <= 1e-2, (layer, listed is None)
+            assert _relative_error(mass, ref_mass) <= 1e-2
+
+
 def test_pallas_page_scores_on_gpu():
     rng = np.random.default_rng(3)
     b, hkv, group, s, d = 32, 8, 4, 2048, 128

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -154,6 +155,36 @@ def test_pallas_slot_list_matches_reference_in_interpret_mode(group, head_dim, p
     np.testing.assert_allclose(np.asarray(via_dispatch), np.asarray(ref_out), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["pallas", "reference"])
+def test_stacked_pool_reads_the_given_layer(backend):
+    """k/v/kmin/kmax stacked over layers with a traced layer index (what decode passes, to avoid a copy of the
+    layer) give what the kernels give on that layer's slice: attention, slot lists and page scores."""
+    rng = np.random.default_rng(7)
+    layers, b, hkv, group, s, page, d = 3, 2, 2, 4, 16, 16, 64
+    pools = [_pool(rng, b, hkv, group, s, page, d) for _ in range(layers)]
+    q, fill = pools[0][0], pools[0][3]
+    k = np.stack([p[1] for p in pools])  # [L, B, Hkv, S, P, D]
+    v = np.stack([p[2] for p in pools])
+    kmin, kmax = k.min(axis=4), k.max(axis=4)  # [L, B, Hkv, S, D]
+    slots = np.stack([[rng.permutation(s)[:6] for _ in range(hkv)] for _ in range(b)]).astype(np.int32)
+
+    @jax.jit
+    def stacked(layer):
+        out, mass = kernels.decode_attention(q, k, v, fill, layer=layer, backend=backend)
+        listed, _ = kernels.decode_attention(q, k, v, fill, slots, layer=layer, backend=backend)
+        return out, mass, listed, kernels.page_scores(q, kmin, kmax, fill, layer=layer, backend=backend)
+
+    for layer in range(layers):
+        out, mass, listed, scores = stacked(jnp.int32(layer))
+        ref_out, ref_mass = kernels.decode_attention(q, k[layer], v[layer], fill, backend="reference")
+        ref_listed, _ = kernels.decode_attention(q, k[layer], v[layer], fill, slots, backend="reference")
+        ref_scores = kernels.page_scores(q, kmin[layer], kmax[layer], fill, backend="reference")
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(mass), np.asarray(ref_mass), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(listed), np.asarray(ref_listed), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(scores), np.asarray(ref_scores), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("group,head_dim", [(1, 64), (4, 128), (7, 64), (8, 128)])
 def test_pallas_page_scores_match_reference_in_interpret_mode(group, head_dim):
     rng = np.random.default_rng(group + head_dim)
@@ -179,7 +210,12 @@ def test_pallas_plan_splits_long_ranges_and_refuses_odd_pages():
     assert pallas_gpu.plan(1, 1, 8, 12) is None  # pages of 12 tokens: not a power of two -> reference
     q = jax.ShapeDtypeStruct((64, 32, 128), np.float32)
     assert pallas_gpu.supports(q, jax.ShapeDtypeStruct((64, 8, 1024, 16, 128), np.float32))
-    assert not pallas_gpu.supports(q, jax.ShapeDtypeStruct((64, 8, 2048, 16, 128), np.float32))  # > 2^31 elements
+    stacked = jax.ShapeDtypeStruct((32, 64, 8, 64, 16, 128), jnp.bfloat16)  # 2^31 elements: Triton offsets int32
+    assert pallas_gpu.supports(q, stacked, stacked=True)
+    huge = jax.ShapeDtypeStruct((32, 492, 8, 64, 16, 128), jnp.bfloat16)  # > 4 GiB: Pallas offsets int64
+    assert pallas_gpu.supports(q, huge, stacked=True)
+    fp8_wrap = jax.ShapeDtypeStruct((32, 96, 8, 64, 16, 128), jnp.int8)  # 3 * 2^30 one-byte elements: int32 wraps
+    assert not pallas_gpu.supports(q, fp8_wrap, stacked=True)
 
 
 @settings(max_examples=40, deadline=None)
