@@ -178,7 +178,10 @@ def time_decode(gen: Generator, params: dict, cache: dict, batch: int, position:
 
 
 def run_e2e(model: str, policies: dict[str, Policy], positions: list[int], batches: list[int], steps: int,
-            out: Path, prompt_len: int = 128, dtype: Any = jnp.bfloat16, largest_batch: bool = True) -> list[dict]:
+            out: Path, prompt_len: int = 128, dtype: Any = jnp.bfloat16, largest_batch: bool = True,
+            hf_reference: list[dict] | None = None) -> list[dict]:
+    """Time every (policy, position, batch) and write the rows (with `hf_reference`'s rows) to `out` as JSON
+    after each one, so an interrupted run keeps what it measured."""
     cfg = MODEL_SHAPES[model]
     params = random_params(cfg, dtype)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
@@ -215,22 +218,42 @@ def run_e2e(model: str, policies: dict[str, Policy], positions: list[int], batch
                       f"cache {m.cache_gib:7.2f} GiB live {m.live_gib:6.1f} GiB roofline {m.roofline_ms:7.2f} ms"
                       + (" COMPILED" if compiled else ""), flush=True)
                 out.write_text(json.dumps({"rows": rows, "copy_bandwidth": bandwidth, "weight_bytes": weight_bytes,
-                                           "jax": jax.__version__, "device": str(jax.devices()[0])}, indent=1))
+                                           "jax": jax.__version__, "device": jax.devices()[0].device_kind,
+                                           "hf_reference": hf_reference or []}, indent=1))
     return rows
 
 
+def _series(rows: list[dict], value) -> dict[str, list[tuple[float, float]]]:
+    """'policy (model)' -> [(position, value(rows at that position))] over the rows of each policy and model."""
+    series = {}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for policy in dict.fromkeys(r["policy"] for r in rows):
+            mine = [r for r in rows if r["model"] == model and r["policy"] == policy]
+            positions = sorted({r["position"] for r in mine})
+            series[f"{policy} ({model})"] = [(n, value([r for r in mine if r["position"] == n])) for n in positions]
+    return series
+
+
 def plot_e2e(rows: list[dict], out_dir: Path, batch: int, device: str | None = None) -> list[Path]:
+    """Step time and device memory in use vs decode position at one batch size (one line per policy)."""
     from raas_jax.plots import line_plot
 
-    written = []
-    for metric, label in (("step_ms", "ms per decode step"), ("cache_gib", "KV cache (GiB)")):
-        series = {f"{policy} ({model})": [(r["position"], r[metric]) for r in rows
-                                          if r["model"] == model and r["policy"] == policy and r["batch"] == batch]
-                  for model in dict.fromkeys(r["model"] for r in rows)
-                  for policy in dict.fromkeys(r["policy"] for r in rows)}
-        written.append(line_plot(series, out_dir / f"e2e_{metric}_b{batch}.png", "decode position N", label,
-                                 f"batch {batch}, bf16, {device or jax.devices()[0].device_kind}"))
-    return written
+    device = device or jax.devices()[0].device_kind
+    at_batch = [r for r in rows if r["batch"] == batch]
+    return [line_plot(_series(at_batch, lambda rs, m=metric: rs[0][m]), out_dir / f"e2e_{metric}_b{batch}.png",
+                      "decode position N", label, f"batch {batch}, bf16, {device}")
+            for metric, label in (("step_ms", "ms per decode step"),
+                                  ("live_gib", "device memory in use (GiB): weights + cache"))]
+
+
+def plot_throughput(rows: list[dict], out_dir: Path, device: str | None = None) -> Path:
+    """Tokens/s at the largest batch measured for each policy and position (what a server would get)."""
+    from raas_jax.plots import line_plot
+
+    device = device or jax.devices()[0].device_kind
+    return line_plot(_series(rows, lambda rs: max(r["tokens_per_s"] for r in rs)), out_dir / "e2e_tokens_per_s.png",
+                     "decode position N", "tokens/s at the largest batch that fits",
+                     f"bf16, {device}", log_y=True)
 
 
 def default_policies() -> dict[str, Policy]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError)
@@ -130,6 +131,8 @@ def _bench(args: argparse.Namespace) -> int:
     from raas_jax import bench
 
     out = Path(args.out_dir)
+    if getattr(args, "hf_reference", False):  # before JAX starts: let the torch child have the memory it needs
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if args.what == "kernels":
         return _bench_kernels(args, out)
     if jax.default_backend() == "cpu" and not args.allow_cpu:
@@ -142,8 +145,14 @@ def _bench(args: argparse.Namespace) -> int:
     batches = [int(x) for x in _csv(args.batches)]
     rows = []
     for model in _csv(args.models):
+        reference = None
+        if args.hf_reference:
+            from raas_jax.bench_hf import run_hf_reference
+
+            reference = run_hf_reference(model, positions, [int(x) for x in _csv(args.hf_batches)], args.steps,
+                                         out / f"e2e_{model}_hf.json")
         rows += bench.run_e2e(model, policies, positions, batches, args.steps, out / f"e2e_{model}.json",
-                              largest_batch=not args.no_largest_batch)
+                              largest_batch=not args.no_largest_batch, hf_reference=reference)
     if args.real_tokens:
         real = bench.real_run(_csv(args.models)[0], policies.get("raas", bench.RaaS(budget=1024)), args.real_batch,
                               args.real_tokens)
@@ -151,6 +160,7 @@ def _bench(args: argparse.Namespace) -> int:
         (out / "e2e_real_run.json").write_text(json.dumps(real, indent=1))
     for batch in batches:
         bench.plot_e2e(rows, out, batch)
+    bench.plot_throughput(rows, out)
     return 0
 
 
@@ -233,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-largest-batch", action="store_true", help="skip the largest batch that fits")
     p.add_argument("--real-tokens", type=int, default=0, help="also time a real RaaS run of this many tokens")
     p.add_argument("--real-batch", type=int, default=16)
+    p.add_argument("--hf-reference", action="store_true",
+                   help="e2e: also time HF transformers (torch) dense decode at each position, in a child process")
+    p.add_argument("--hf-batches", default="1", help="e2e: batch sizes of the HF reference (default 1)")
     p.add_argument("--kernels", default="auto", choices=["auto", "reference", "pallas"],
                    help="e2e: attention kernels the policies use (default auto)")
     p.add_argument("--shapes", default="", help="kernels: comma-separated shape names (default: all)")

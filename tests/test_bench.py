@@ -54,7 +54,12 @@ def test_bench_cli_on_cpu(tmp_path, capsys):
     assert cli_main(["bench", "e2e"]) == 2
     assert "needs a GPU" in capsys.readouterr().err
     assert cli_main(["bench", "e2e", "--models", "tiny", "--allow-cpu", "--positions", "256", "--batches", "1",
-                     "--steps", "4", "--no-largest-batch", "--out-dir", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "e2e_tiny.json").read_text())["rows"]
+                     "--steps", "4", "--no-largest-batch", "--hf-reference", "--out-dir", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "e2e_tiny.json").read_text())
+    rows = saved["rows"]
     assert {r["policy"] for r in rows} == {"dense", "quest", "raas"}
-    assert (tmp_path / "e2e_step_ms_b1.png").is_file()
+    assert all(r["live_gib"] >= 0 and r["step_ms"] > 0 and not r["compiled_during_timing"] for r in rows)
+    [hf] = saved["hf_reference"]  # torch (CPU) dense decode of the same shape, from a child process
+    assert hf["position"] == 256 and hf["batch"] == 1 and hf["step_ms"] > 0
+    for png in ("e2e_step_ms_b1.png", "e2e_live_gib_b1.png", "e2e_tokens_per_s.png"):
+        assert (tmp_path / png).stat().st_size > 1000

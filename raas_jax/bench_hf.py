@@ -1,0 +1,130 @@
+"""Outside reference for `bench e2e --hf-reference`: HF transformers (torch, SDPA) dense decode at context N.
+
+Builds a randomly initialised model of the benchmark shape (`bench.MODEL_SHAPES`) in bf16 on the GPU (or
+float32 on a CPU), prefills N random tokens per sequence, then times greedy decode steps with HF's default
+dynamic cache, eager mode, torch.cuda.synchronize around the loop. Run in a child process
+(`python -m raas_jax.bench_hf ...`, see `run_hf_reference`) so torch and JAX do not share an allocator.
+
+    python -m raas_jax.bench_hf --model llama3-8b --positions 2048,16384 --batches 1 --steps 32 --out hf.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from raas_jax.models.config import ModelConfig
+
+HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+
+
+def hf_model(cfg: ModelConfig, device, dtype):
+    """A random-weight transformers model with `cfg`'s shapes (Llama or Qwen2 architecture)."""
+    import torch
+    import transformers
+
+    if cfg.model_type not in HF_CLASSES:
+        raise ValueError(f"no HF reference for model_type {cfg.model_type!r}; use one of {', '.join(HF_CLASSES)}")
+    config_cls, model_cls = (getattr(transformers, name) for name in HF_CLASSES[cfg.model_type])
+    config = config_cls(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+                        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+                        head_dim=cfg.head_dim, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
+                        max_position_embeddings=131072, tie_word_embeddings=cfg.tie_word_embeddings,
+                        attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = model_cls(config).to(dtype).eval()
+    return model
+
+
+def time_decode(model, batch: int, context: int, steps: int, device) -> float:
+    """ms per greedy decode step after prefilling `context` random tokens (3 warm-up steps)."""
+    import torch
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    tokens = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+    with torch.no_grad():
+        out = model(tokens, use_cache=True, logits_to_keep=1)
+        cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        for step in range(3 + steps):
+            if step == 3:
+                sync()
+                start = time.perf_counter()
+            out = model(nxt, past_key_values=cache, use_cache=True)
+            cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        sync()
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def measure(model_name: str, positions: list[int], batches: list[int], steps: int) -> list[dict]:
+    """One row per (batch, position); a configuration that runs out of memory gets step_ms None."""
+    import torch
+    import transformers
+
+    from raas_jax.bench import MODEL_SHAPES
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = hf_model(MODEL_SHAPES[model_name], device, dtype)
+    impl = f"transformers {transformers.__version__} eager, DynamicCache, SDPA; torch {torch.__version__}"
+    rows = []
+    for batch in batches:
+        for position in positions:
+            try:
+                ms = time_decode(model, batch, position, steps, device)
+            except torch.OutOfMemoryError:
+                ms = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            rows.append({"model": model_name, "impl": impl, "device": str(device), "batch": batch,
+                         "position": position, "step_ms": ms})
+            shown = "out of memory" if ms is None else f"{ms:.2f} ms/step"
+            print(f"  hf     N={position:6d} B={batch:4d} {shown}  ({impl})", flush=True)
+    return rows
+
+
+def run_hf_reference(model_name: str, positions: list[int], batches: list[int], steps: int,
+                     out: Path) -> list[dict]:
+    """`measure` in a child process (its own torch allocator); rows also written to `out`."""
+    cmd = [sys.executable, "-m", "raas_jax.bench_hf", "--model", model_name, "--positions",
+           ",".join(map(str, positions)), "--batches", ",".join(map(str, batches)), "--steps", str(steps),
+           "--out", str(out)]
+    result = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if result.returncode != 0 or not out.is_file():
+        print(f"  hf reference failed (exit {result.returncode}); see the output above", flush=True)
+        return []
+    return json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama3-8b")
+    ap.add_argument("--positions", default="2048,16384")
+    ap.add_argument("--batches", default="1")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = ap.parse_args(argv)
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        print("the HF reference needs torch and transformers: pip install torch transformers", file=sys.stderr)
+        return 2
+    rows = measure(args.model, [int(x) for x in args.positions.split(",")],
+                   [int(x) for x in args.batches.split(",")], args.steps)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
