@@ -9,7 +9,8 @@ decode_attention: one program per (sequence, KV head, split). A split walks `blo
 one dot (rows padded to 16 for Triton). Per block it stores the per-slot sums of exp(logit - m_running) and
 m_running, so the jnp epilogue can turn them into each slot's softmax mass once the global max and sum are
 known (flash-decoding combine). With a slot list `[B, Hkv, K]` the same loop gathers only the listed pages
-(Quest), gathering their token rows straight from the pool: no XLA gather copy.
+(Quest), gathering their token rows straight from the pool: no XLA gather copy. Given `layer`, the kernels take
+the pools of every layer and read that layer in place (a layer slice passed to a custom call would be copied).
 
 Measured on an H200 (docs/performance.md section 5): 1.22-1.59x the jnp reference under XLA at every benchmark
 shape (5.8x on the Quest path), 4.0 TB/s at B=32 with 32K tokens; `backend="auto"` uses these on a GPU.
