@@ -204,9 +204,9 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, scale: float | No
 
 
 def _scores_kernel(layer_ref, q_ref, kmin_ref, kmax_ref, fill_ref, u_ref, *, group, block_slots):
-    slots = pl.ds(pl.program_id(2) * block_slots, block_slots)
-    kmin = kmin_ref[layer_ref[0], slots].astype(jnp.float32)  # [SB, D]
-    kmax = kmax_ref[layer_ref[0], slots].astype(jnp.float32)
+    layer, slots = layer_ref[0], pl.ds(pl.program_id(2) * block_slots, block_slots)
+    kmin = kmin_ref[layer, slots].astype(jnp.float32)  # [SB, D]
+    kmax = kmax_ref[layer, slots].astype(jnp.float32)
     bound = None
     for g in range(group):  # static: a GQA group has a handful of query heads
         qg = q_ref[g, :].astype(jnp.float32)[None, :]  # [1, D]
