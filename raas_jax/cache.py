@@ -7,7 +7,7 @@ the model can scan over them; the policies (raas_jax/policies.py) see one layer 
     kmin, kmax  [B, Hkv, S, D]      per-channel key min / max of each page (Quest bound)
     fill        [B, Hkv, S] int32   tokens held by the slot, 0 = free
     start       [B, Hkv, S] int32   position of the slot's first token
-    stamp       [B, Hkv, S] int32   RaaS timestamp: last position at which the page was judged important
+    stamp       [B, Hkv, S] int32   RaaS timestamp: last position at which the page was written or judged important
     pinned      [B, Hkv, S] bool    prompt pages (never evicted)
     cur         [B, Hkv]    int32   slot being filled
     (+ policy-specific arrays, e.g. H2O's accumulated attention mass)
@@ -49,13 +49,14 @@ def init_pool(cfg: ModelConfig, batch: int, num_slots: int, page_size: int, dtyp
     }
 
 
-def _scatter_prompt(pool: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """pool [B, Hkv, S, P, D], new [B, T, Hkv, D]: token at position p goes to slot p // P, offset p % P."""
-    b, hkv, s, p, d = pool.shape
-    flat = pool.transpose(0, 2, 3, 1, 4).reshape(b, s * p, hkv, d)  # [B, S*P, Hkv, D]
-    index = jnp.where(positions >= 0, positions, s * p)  # padding -> out of range -> dropped
-    flat = flat.at[jnp.arange(b)[:, None], index].set(new.astype(pool.dtype), mode="drop")
-    return flat.reshape(b, s, p, hkv, d).transpose(0, 3, 1, 2, 4)
+def prompt_pages(x: jax.Array, page_size: int) -> jax.Array:
+    """A right-padded prompt's keys or values as pages: x [B, T, Hkv, D] -> [B, Hkv, ceil(T/P), P, D].
+
+    Token t (position t) lands in page t // P at offset t % P; padding rows are masked later by `fill`."""
+    b, t, hkv, d = x.shape
+    pages = -(-t // page_size)
+    x = jnp.pad(x, ((0, 0), (0, pages * page_size - t), (0, 0), (0, 0)))
+    return x.reshape(b, pages, page_size, hkv, d).transpose(0, 3, 1, 2, 4)
 
 
 def page_key_bounds(k: jax.Array, fill: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -70,34 +71,67 @@ def page_key_bounds(k: jax.Array, fill: jax.Array) -> tuple[jax.Array, jax.Array
     return jnp.where(resident, kmin, 0).astype(k.dtype), jnp.where(resident, kmax, 0).astype(k.dtype)
 
 
-def write_prompt(layer: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array, page_size: int,
-                 pin: bool) -> LayerCache:
-    """Write a prompt into an empty layer cache, page j holding positions [jP, (j+1)P).
+def identity_layout(num_pages: int, num_slots: int, shape: tuple[int, int]) -> jax.Array:
+    """Prompt page j in slot j (every prompt page fits): [B, Hkv, S] page index per slot, -1 = empty."""
+    page = jnp.where(jnp.arange(num_slots) < num_pages, jnp.arange(num_slots), -1).astype(jnp.int32)
+    return jnp.broadcast_to(page, shape + (num_slots,))
 
-    k, v [B, T, Hkv, D]; positions [B, T] (-1 = padding). Every prompt page gets stamp = the last
-    prompt position (all pages are new now); `pin` marks them pinned.
+
+def compact_pages(kept: jax.Array, num_slots: int) -> jax.Array:
+    """Kept prompt pages, in page order, into slots 0, 1, ...: kept [B, Hkv, N] bool -> [B, Hkv, S] page or -1.
+
+    At most `num_slots` pages may be kept per row (the policies guarantee it)."""
+    b, h, n = kept.shape
+    slot = jnp.where(kept, jnp.cumsum(kept, axis=-1) - 1, num_slots)  # num_slots = dropped
+    layout = jnp.full((b, h, num_slots), -1, jnp.int32)
+    return layout.at[jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None], slot].set(
+        jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), kept.shape), mode="drop")
+
+
+def write_prompt(layer: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array, page_size: int,
+                 pin: bool, layout: jax.Array | None = None) -> LayerCache:
+    """Write a right-padded prompt into an empty layer cache.
+
+    k, v [B, T, Hkv, D]; positions [B, T] (-1 = padding). `layout` [B, Hkv, S] names the prompt page each slot
+    receives (-1: none; default: page j in slot j, which needs every page to fit). Every written page gets
+    stamp = the last prompt position (all pages are new now); `pin` marks them pinned. The page holding the
+    last prompt token becomes the page being filled; it must be in the layout.
     """
     num_slots = layer["fill"].shape[-1]
-    length = jnp.max(positions, axis=1) + 1  # [B]
-    slot_start = jnp.arange(num_slots, dtype=jnp.int32) * page_size  # [S]
-    fill = jnp.clip(length[:, None] - slot_start[None, :], 0, page_size).astype(jnp.int32)  # [B, S]
-    fill = jnp.broadcast_to(fill[:, None, :], layer["fill"].shape)  # [B, Hkv, S]
+    length = (jnp.max(positions, axis=1) + 1)[:, None, None]  # [B, 1, 1]
+    k_pages, v_pages = prompt_pages(k, page_size), prompt_pages(v, page_size)  # [B, Hkv, N, P, D]
+    if layout is None:
+        layout = identity_layout(k_pages.shape[2], num_slots, layer["cur"].shape)
+    page = jnp.maximum(layout, 0)  # [B, Hkv, S]
+    gather = page[..., None, None]
+    k_pool = jnp.take_along_axis(k_pages, gather, axis=2).astype(layer["k"].dtype)  # [B, Hkv, S, P, D]
+    v_pool = jnp.take_along_axis(v_pages, gather, axis=2).astype(layer["v"].dtype)
+    start = page * page_size
+    fill = jnp.where(layout >= 0, jnp.clip(length - start, 0, page_size), 0).astype(jnp.int32)  # [B, Hkv, S]
     resident = fill > 0
-    k_pool = _scatter_prompt(layer["k"], k, positions)
     kmin, kmax = page_key_bounds(k_pool, fill)
-    cur = jnp.broadcast_to(((length - 1) // page_size)[:, None], layer["cur"].shape).astype(jnp.int32)
+    last_page = (length - 1) // page_size  # [B, 1, 1]
+    cur = jnp.argmax(resident & (page == last_page), axis=-1).astype(jnp.int32)  # [B, Hkv]
     return {
         **layer,
         "k": k_pool,
-        "v": _scatter_prompt(layer["v"], v, positions),
+        "v": v_pool,
         "kmin": kmin,
         "kmax": kmax,
         "fill": fill,
-        "start": jnp.where(resident, slot_start, 0),
-        "stamp": jnp.where(resident, (length - 1)[:, None, None], 0).astype(jnp.int32),
+        "start": jnp.where(resident, start, 0).astype(jnp.int32),
+        "stamp": jnp.where(resident, length - 1, 0).astype(jnp.int32),
         "pinned": resident & pin,
         "cur": cur,
     }
+
+
+def page_sums(token_values: jax.Array, page_size: int) -> jax.Array:
+    """Per-token values of a prompt summed per page: [B, Hkv, T] -> [B, Hkv, ceil(T/P)]."""
+    b, h, t = token_values.shape
+    pages = -(-t // page_size)
+    padded = jnp.pad(token_values, ((0, 0), (0, 0), (0, pages * page_size - t)))
+    return padded.reshape(b, h, pages, page_size).sum(-1)
 
 
 def slot_of(array: jax.Array, slot: jax.Array) -> jax.Array:
@@ -160,7 +194,16 @@ def append_token(cache: dict[str, jax.Array], layer: jax.Array, k: jax.Array, v:
         "kmax": cache["kmax"].at[index].set(kmax),
         "fill": cache["fill"].at[index].set(offset + 1),
         "start": cache["start"].at[index].set(jnp.where(need_new, pos, at_slot("start"))),
-        "stamp": cache["stamp"].at[index].set(jnp.where(need_new, pos, at_slot("stamp"))),
+        "stamp": cache["stamp"].at[index].set(pos),  # novice protection: the page written now is the newest
         "pinned": cache["pinned"].at[index].set(~need_new & at_slot("pinned")),
         "cur": cache["cur"].at[layer].set(slot),
     }, slot, evicted
+
+
+def refresh_stamps(cache: dict[str, jax.Array], layer: jax.Array, important: jax.Array,
+                   positions: jax.Array) -> dict[str, jax.Array]:
+    """RaaS: the pages judged important at this step get stamp = the current position.
+
+    important [B, Hkv, S] bool, positions [B]."""
+    stamp = jnp.where(important, positions[:, None, None], cache["stamp"][layer])
+    return {**cache, "stamp": cache["stamp"].at[layer].set(stamp)}

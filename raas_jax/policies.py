@@ -14,9 +14,11 @@ Per decode step, for every (layer, sequence, KV head):
      the attention mass each page received.
 
 Victims (only full, unpinned pages other than the one being filled):
-  RaaS          the oldest stamp (the page unused for longest);
+  RaaS          the oldest stamp (the page unused for longest), ties to the oldest page by position;
   StreamingLLM  the oldest page that holds no sink token;
   H2O           the lowest accumulated attention mass outside the recent window.
+
+docs/policy_rules.md states every rule exactly; tests/policy_oracle.py re-derives them in numpy.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import jax
 import jax.numpy as jnp
 
 from raas_jax import kernels
-from raas_jax.cache import LayerCache, append_token, init_pool, layer_at, store_layer, write_prompt
+from raas_jax.cache import (LayerCache, append_token, compact_pages, init_pool, layer_at, page_sums, refresh_stamps,
+                            store_layer, write_prompt)
 from raas_jax.models.config import ModelConfig
 
 INT32_MAX = jnp.iinfo(jnp.int32).max
@@ -43,9 +46,12 @@ def next_pow2(n: int, minimum: int = 1) -> int:
 
 # ------------------------------------------------------------------------ selection primitives
 
-def oldest_victim(order_key: jax.Array, candidates: jax.Array) -> jax.Array:
-    """argmin of `order_key` over `candidates` (lowest slot on ties): [B, Hkv, S] -> [B, Hkv]."""
-    return jnp.argmin(jnp.where(candidates, order_key, INT32_MAX), axis=-1).astype(jnp.int32)
+def oldest_victim(order_key: jax.Array, candidates: jax.Array, start: jax.Array) -> jax.Array:
+    """argmin of `order_key` over `candidates`, ties to the smallest `start` (the oldest page by position;
+    slot order means nothing since slots are reused): [B, Hkv, S] -> [B, Hkv]."""
+    oldest = jnp.min(jnp.where(candidates, order_key, INT32_MAX), axis=-1, keepdims=True)
+    tied = candidates & (order_key == oldest)
+    return jnp.argmin(jnp.where(tied, start, INT32_MAX), axis=-1).astype(jnp.int32)
 
 
 def evictable(view: LayerCache, page_size: int) -> jax.Array:
@@ -55,11 +61,18 @@ def evictable(view: LayerCache, page_size: int) -> jax.Array:
     return (view["fill"] >= page_size) & ~view["pinned"] & not_current
 
 
-def top_half_mask(scores: jax.Array, resident: jax.Array, backend: str = "auto") -> jax.Array:
-    """The top ceil(S/2) resident slots by score (lower slot wins ties): [B, Hkv, S] bool."""
-    keep = (scores.shape[-1] + 1) // 2
-    masked = jnp.where(resident, scores, -jnp.inf)
-    return kernels.top_k_mask(masked, keep, backend=backend) & resident
+def rank_descending(scores: jax.Array, candidates: jax.Array) -> jax.Array:
+    """Rank of each candidate slot by score, highest first (ties: lower slot); others rank after them.
+
+    [B, Hkv, S] -> int32 [B, Hkv, S]."""
+    order = jnp.argsort(jnp.where(candidates, -scores, jnp.inf), axis=-1, stable=True)
+    return jnp.argsort(order, axis=-1).astype(jnp.int32)
+
+
+def top_half_mask(scores: jax.Array, candidates: jax.Array) -> jax.Array:
+    """The top ceil(C/2) of the C candidate slots of each row by score (ties: lower slot): [B, Hkv, S] bool."""
+    keep = (jnp.sum(candidates, axis=-1, keepdims=True) + 1) // 2
+    return candidates & (rank_descending(scores, candidates) < keep)
 
 
 def quest_select(scores: jax.Array, cur: jax.Array, fill: jax.Array, k: int, backend: str = "auto") -> jax.Array:
@@ -83,6 +96,29 @@ def quest_select(scores: jax.Array, cur: jax.Array, fill: jax.Array, k: int, bac
 def softmax_over_resident(scores: jax.Array, resident: jax.Array) -> jax.Array:
     scores = jnp.where(resident, scores, -jnp.inf)
     return jax.nn.softmax(scores, axis=-1, where=resident)
+
+
+def option(default: Any, help: str, parse: Any = None) -> Any:
+    """A policy option: a dataclass field whose CLI flag (--name-with-dashes) is derived from it."""
+    return dataclasses.field(default=default, metadata={"help": help, "parse": parse})
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def parse_refresh(text: str) -> str | float:
+    if text == "top_half":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"takes 'top_half' or a number alpha in (0, 1), got {text!r}") from None
 
 
 # ----------------------------------------------------------------------------------- policies
@@ -162,34 +198,31 @@ class _FixedBudget(Policy):
             raise ValueError(f"budget {self.budget} gives {self.budget // self.page_size} pages of "
                              f"{self.page_size}; {self.name} needs at least {DECODE_HEADROOM_PAGES + 1}")
 
-    def num_slots(self, longest_prompt: int, max_new_tokens: int) -> int:
+    @property
+    def slots(self) -> int:
         return self.budget // self.page_size
 
-    def check_prompts(self, lengths: list[int]) -> None:
-        slots = self.budget // self.page_size
-        longest = max(lengths)
-        need = -(-longest // self.page_size) + DECODE_HEADROOM_PAGES
-        if need > slots:
-            fits = need * self.page_size
-            raise ValueError(
-                f"a prompt of {longest} tokens needs {need - DECODE_HEADROOM_PAGES} pages of {self.page_size} "
-                f"plus {DECODE_HEADROOM_PAGES} to decode ({need} pages), but {self.name} budget {self.budget} "
-                f"holds {slots}: use budget >= {fits}, a shorter prompt, or Quest, which keeps everything")
+    def num_slots(self, longest_prompt: int, max_new_tokens: int) -> int:
+        return self.slots
+
+    def prompt_pages(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Prompt page indices [N] and each row's prompt page count [B, 1, 1] for a prompt block [B, T]."""
+        pages = -(-positions.shape[1] // self.page_size)
+        count = (jnp.max(positions, axis=1) // self.page_size + 1)[:, None, None]
+        return jnp.arange(pages, dtype=jnp.int32), count
 
 
 @dataclasses.dataclass(frozen=True)
 class RaaS(_FixedBudget):
     """Reasoning-Aware Attention Sparsity: pinned prompt, timestamps refreshed by use, evict the stalest.
 
-    refresh: "top_half" (pages in the top ceil(S/2) by score get stamp = now) or a float alpha
-    (pages whose normalised score exceeds alpha). score: "estimate" (Quest bound, softmax-normalised
-    over resident pages for alpha) or "exact" (the attention mass each page received this step).
+    Refresh ranks the pages that can be evicted (full, unpinned, not the page being filled): "top_half" stamps
+    the top ceil(C/2) of those C pages, alpha stamps those whose normalised score exceeds alpha.
     """
 
-    pin_prefill: bool = True
-    refresh: str | float = "top_half"
-    score: str = "estimate"
-    dense_layers: int = 0
+    pin_prefill: bool = option(True, "RaaS: pin the prompt pages (never evicted)", parse_bool)
+    refresh: str | float = option("top_half", "RaaS: 'top_half' or an alpha threshold, e.g. 0.01", parse_refresh)
+    score: str = option("estimate", "RaaS page score: 'estimate' (Quest bound) or 'exact' (attention mass)")
 
     name: ClassVar[str] = "raas"
 
@@ -200,19 +233,40 @@ class RaaS(_FixedBudget):
         if not (self.refresh == "top_half" or (isinstance(self.refresh, (int, float))
                                                and not isinstance(self.refresh, bool) and 0 < self.refresh < 1)):
             raise ValueError(f"RaaS refresh must be 'top_half' or an alpha in (0, 1), got {self.refresh!r}")
-        if self.dense_layers:
-            raise ValueError("RaaS(dense_layers > 0) is not supported: a dense layer would need an O(N) cache "
-                             "beside the fixed pool; use dense_layers=0 (Quest supports dense_layers)")
 
     @property
     def pin_prompt(self) -> bool:  # type: ignore[override]
         return self.pin_prefill
 
+    def check_prompts(self, lengths: list[int]) -> None:
+        if not self.pin_prefill:
+            return
+        longest = max(lengths)
+        need = -(-longest // self.page_size) + DECODE_HEADROOM_PAGES
+        if need > self.slots:
+            fits = need * self.page_size
+            raise ValueError(
+                f"a prompt of {longest} tokens needs {need - DECODE_HEADROOM_PAGES} pages of {self.page_size} "
+                f"plus {DECODE_HEADROOM_PAGES} to decode ({need} pages), but raas pins the prompt and budget "
+                f"{self.budget} holds {self.slots}: use budget >= {fits}, a shorter prompt, or Quest, which keeps "
+                "everything")
+
+    def prefill(self, cache, layer, q, k, v, positions):
+        if not self.pin_prefill:  # unpinned: keep the newest prompt pages that fit, like StreamingLLM without sinks
+            page, count = self.prompt_pages(positions)
+            kept = (page < count) & (page >= count - self.slots)  # [B, 1, N]
+            kept = jnp.broadcast_to(kept, cache["cur"].shape[1:] + kept.shape[-1:])
+            view = write_prompt(layer_at(cache, layer), k, v, positions, self.page_size, pin=False,
+                                layout=compact_pages(kept, self.slots))
+            return store_layer(cache, layer, view)
+        return super().prefill(cache, layer, q, k, v, positions)
+
     def victim(self, view):
-        return oldest_victim(view["stamp"], evictable(view, self.page_size))
+        return oldest_victim(view["stamp"], evictable(view, self.page_size), view["start"])
 
     def importance(self, cache, layer, view, q, mass) -> jax.Array:
-        """Pages judged important this step: [B, Hkv, S] bool."""
+        """Pages judged important this step, among the pages that can be evicted: [B, Hkv, S] bool."""
+        candidates = evictable(view, self.page_size)  # post-append: `cur` is the page written now
         resident = view["fill"] > 0
         if self.score == "exact":
             scores = mass
@@ -222,30 +276,35 @@ class RaaS(_FixedBudget):
                                          backend=self.backend)
             normalised = softmax_over_resident(scores * q.shape[-1] ** -0.5, resident)
         if self.refresh == "top_half":
-            return top_half_mask(scores, resident, self.backend)
-        return resident & (normalised > self.refresh)
+            return top_half_mask(scores, candidates)
+        return candidates & (normalised > self.refresh)
 
     def update_stats(self, cache, layer, view, q, mass, positions, slot):
-        important = self.importance(cache, layer, view, q, mass)
-        stamp = jnp.where(important, positions[:, None, None], view["stamp"])
-        return {**cache, "stamp": cache["stamp"].at[layer].set(stamp)}
+        return refresh_stamps(cache, layer, self.importance(cache, layer, view, q, mass), positions)
 
 
 @dataclasses.dataclass(frozen=True)
 class Quest(Policy):
-    """Keep everything (O(N) memory); attend the top-K pages by the Quest bound (K = budget / page_size).
+    """Keep everything (O(N) memory); attend the top K = max(3, budget / page_size) pages by the Quest bound.
 
     The first `dense_layers` layers attend every page, as in the Quest paper.
     """
 
     budget: int = 1024
-    dense_layers: int = 2
+    dense_layers: int = option(2, "Quest: leading layers that attend every page", int)
 
     name: ClassVar[str] = "quest"
+    MIN_PAGES: ClassVar[int] = 3  # the Quest reference never selects fewer pages
 
     def __post_init__(self):
         if self.budget % self.page_size:
             raise ValueError(f"budget {self.budget} is not a multiple of page_size {self.page_size}")
+        if self.dense_layers < 0:
+            raise ValueError(f"Quest dense_layers must be >= 0, got {self.dense_layers}")
+
+    @property
+    def selected_pages(self) -> int:
+        return max(self.MIN_PAGES, self.budget // self.page_size)
 
     def attend(self, cache, layer, view, q):
         def dense(_):
@@ -256,7 +315,7 @@ class Quest(Policy):
         def sparse(_):
             scores = kernels.page_scores(q, cache["kmin"], cache["kmax"], view["fill"], layer=layer,
                                          backend=self.backend)
-            slots = quest_select(scores, view["cur"], view["fill"], self.budget // self.page_size, self.backend)
+            slots = quest_select(scores, view["cur"], view["fill"], self.selected_pages, self.backend)
             out, _ = kernels.decode_attention(q, cache["k"], cache["v"], view["fill"], slots, layer=layer,
                                               backend=self.backend)
             return out
@@ -267,76 +326,91 @@ class Quest(Policy):
 @dataclasses.dataclass(frozen=True)
 class H2O(_FixedBudget):
     """Heavy-Hitter Oracle: a recent window (recent_fraction of the pages) plus the pages with the most
-    accumulated attention mass; evict the lowest mass outside the window."""
+    accumulated attention mass; evict the lowest mass outside the window. Nothing is pinned: a prompt longer
+    than the pool keeps its recent window and its heaviest pages."""
 
-    recent_fraction: float = 0.5
+    recent_fraction: float = option(0.5, "H2O: share of the pool kept as the recent window", float)
 
     name: ClassVar[str] = "h2o"
 
     def __post_init__(self):
         super().__post_init__()
-        slots = self.budget // self.page_size
-        if not 0 <= self.recent_fraction < 1 or self.recent_pages() > slots - DECODE_HEADROOM_PAGES:
+        if not 0 <= self.recent_fraction < 1 or self.recent_pages() > self.slots - DECODE_HEADROOM_PAGES:
             raise ValueError(f"recent_fraction {self.recent_fraction} leaves no heavy-hitter page in a pool of "
-                             f"{slots} pages; use a smaller fraction or a larger budget")
+                             f"{self.slots} pages; use a smaller fraction or a larger budget")
 
     def recent_pages(self) -> int:
-        return math.ceil(self.recent_fraction * (self.budget // self.page_size))
+        """R: the window's pages, the page being filled included."""
+        return max(1, math.ceil(self.recent_fraction * self.slots))
 
     def init(self, cfg, batch, num_slots, dtype):
         pool = super().init(cfg, batch, num_slots, dtype)
         return {**pool, "mass": jnp.zeros(pool["fill"].shape, jnp.float32)}  # [L, B, Hkv, S]
 
     def prefill(self, cache, layer, q, k, v, positions):
-        cache = super().prefill(cache, layer, q, k, v, positions)
         _, key_mass = kernels.causal_attention(q, k, v, positions, positions, return_key_mass=True,
                                                backend=self.backend)  # [B, Hkv, T]
-        num_slots = cache["fill"].shape[-1]
-        page = jnp.where(positions >= 0, positions // self.page_size, num_slots)  # [B, T]
-        b, hkv, _ = key_mass.shape
-        mass = jnp.zeros((b, hkv, num_slots), jnp.float32)
-        mass = mass.at[jnp.arange(b)[:, None, None], jnp.arange(hkv)[None, :, None], page[:, None, :]].add(
-            key_mass, mode="drop")
-        return {**cache, "mass": cache["mass"].at[layer].set(mass)}
+        page_mass = page_sums(key_mass, self.page_size)  # [B, Hkv, N]
+        page, count = self.prompt_pages(positions)
+        in_prompt = page < count  # [B, 1, N]
+        recent = in_prompt & (page >= count - self.recent_pages())
+        heavy = in_prompt & ~recent & (rank_descending(page_mass, in_prompt & ~recent)
+                                       < self.slots - jnp.sum(recent, axis=-1, keepdims=True))
+        layout = compact_pages(recent | heavy, self.slots)  # [B, Hkv, S]
+        view = write_prompt(layer_at(cache, layer), k, v, positions, self.page_size, pin=False, layout=layout)
+        mass = jnp.where(layout >= 0, jnp.take_along_axis(page_mass, jnp.maximum(layout, 0), axis=-1), 0.0)
+        return store_layer(cache, layer, {**view, "mass": mass})
 
-    def recent(self, view) -> jax.Array:
-        """The newest `recent_pages` pages (by start position), the current one included: [B, Hkv, S]."""
+    def protected(self, view) -> jax.Array:
+        """Before the append that opens a page: the R - 1 newest resident pages, which stay in the window once
+        the new page joins it: [B, Hkv, S]."""
         newest_start = jnp.max(jnp.where(view["fill"] > 0, view["start"], -1), axis=-1, keepdims=True)
-        window = (self.recent_pages() - 1) * self.page_size
-        return (view["fill"] > 0) & (view["start"] >= newest_start - window)
+        return (view["fill"] > 0) & (view["start"] > newest_start - (self.recent_pages() - 1) * self.page_size)
 
     def victim(self, view):
-        candidates = evictable(view, self.page_size) & ~self.recent(view)
-        order = jnp.where(candidates, view["mass"], jnp.inf)
-        return jnp.argmin(order, axis=-1).astype(jnp.int32)
+        candidates = evictable(view, self.page_size) & ~self.protected(view)
+        lightest = jnp.min(jnp.where(candidates, view["mass"], jnp.inf), axis=-1, keepdims=True)
+        tied = candidates & (view["mass"] == lightest)
+        return jnp.argmin(jnp.where(tied, view["start"], INT32_MAX), axis=-1).astype(jnp.int32)
 
     def update_stats(self, cache, layer, view, q, mass, positions, slot):
         opened = (jnp.arange(view["fill"].shape[-1]) == slot[..., None]) & (view["fill"] == 1)  # new this step
         total = jnp.where(opened, 0.0, view["mass"]) + mass  # [B, Hkv, S]
-        return {**cache, "mass": cache["mass"].at[layer].set(total)}
+        return store_layer(cache, layer, {"mass": total})
 
 
 @dataclasses.dataclass(frozen=True)
 class StreamingLLM(_FixedBudget):
-    """Attention sinks (the pages holding the first `sink_tokens` tokens) plus the most recent pages."""
+    """Attention sinks (the pages holding the first `sink_tokens` tokens) plus the most recent pages.
+    Nothing is pinned: a prompt longer than the pool keeps its sinks and its newest pages."""
 
-    sink_tokens: int = 4
+    sink_tokens: int = option(4, "StreamingLLM: attention-sink tokens at the start", int)
 
     name: ClassVar[str] = "streaming"
 
     def __post_init__(self):
         super().__post_init__()
-        sink_pages = -(-self.sink_tokens // self.page_size)
-        if sink_pages + DECODE_HEADROOM_PAGES > self.budget // self.page_size:
-            raise ValueError(f"{self.sink_tokens} sink tokens fill the {self.budget // self.page_size}-page pool; "
+        if self.sink_tokens < 0 or self.sink_pages() + DECODE_HEADROOM_PAGES > self.slots:
+            raise ValueError(f"{self.sink_tokens} sink tokens fill the {self.slots}-page pool; "
                              "use fewer sink tokens or a larger budget")
+
+    def sink_pages(self) -> int:
+        return -(-self.sink_tokens // self.page_size)
+
+    def prefill(self, cache, layer, q, k, v, positions):
+        page, count = self.prompt_pages(positions)
+        kept = (page < count) & ((page < self.sink_pages()) | (page >= count - (self.slots - self.sink_pages())))
+        kept = jnp.broadcast_to(kept, cache["cur"].shape[1:] + kept.shape[-1:])  # [B, Hkv, N]
+        view = write_prompt(layer_at(cache, layer), k, v, positions, self.page_size, pin=False,
+                            layout=compact_pages(kept, self.slots))
+        return store_layer(cache, layer, view)
 
     def victim(self, view):
         candidates = evictable(view, self.page_size) & (view["start"] >= self.sink_tokens)
-        return oldest_victim(view["start"], candidates)
+        return oldest_victim(view["start"], candidates, view["start"])
 
 
-POLICIES = {"dense": Dense, "raas": RaaS, "quest": Quest, "h2o": H2O, "streaming": StreamingLLM}
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (Dense, RaaS, Quest, H2O, StreamingLLM)}
 
 
 def policy_key(name: str) -> str:
@@ -345,12 +419,23 @@ def policy_key(name: str) -> str:
     return {"streamingllm": "streaming"}.get(key, key)
 
 
+def policy_options(cls: type[Policy]) -> list[dataclasses.Field]:
+    """The policy-specific options of `cls` (fields declared with `option`), in declaration order."""
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
 def make_policy(name: str, budget: int | None = None, page_size: int = 16, **options: Any) -> Policy:
     """A policy from its CLI name: dense | raas | quest | h2o | streaming."""
     key = policy_key(name)
     if key not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
     cls = POLICIES[key]
+    allowed = {f.name for f in policy_options(cls)} | {"backend"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        flags = ", ".join("--" + n.replace("_", "-") for n in unknown)
+        takes = ", ".join("--" + n.replace("_", "-") for n in sorted(allowed - {"backend"})) or "no options"
+        raise ValueError(f"{flags} does not apply to policy {key!r} (it takes {takes})")
     if cls is Dense:
         return Dense(page_size=page_size, **options)
     if budget is None:
