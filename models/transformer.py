@@ -2,15 +2,15 @@
 
 Flax linen used functionally:
 
-    logits, cache = Transformer(cfg, cache_ops).apply({"params": params}, tokens, positions, cache)
+    logits, cache = Transformer(cfg, dtype, policy).apply({"params": params}, tokens, positions, cache)
 
 * `params` is a plain nested dict; the layers are stacked on a leading axis (`nn.scan`).
 * `cache` is `None` (a full causal forward) or a dict of arrays stacked over layers, carried through the
   layer scan (so one decode step writes one token per layer in place); the model never looks inside it:
-  `cache_ops` (a frozen, hashable policy from `raas_jax.policies`) writes keys and values into it and
+  `policy` (a frozen, hashable policy from `raas_jax.policies`) writes keys and values into it and
   runs decode attention over it. With `decode=False` the tokens are a prompt: they
   attend to each other causally (dense) and are written into the cache; with `decode=True` there is
-  one token per sequence and attention goes through `cache_ops.decode`.
+  one token per sequence and attention goes through `policy.decode`.
 * `positions[b, t] = -1` marks padding: it is neither attended to nor cached.
 """
 
@@ -29,7 +29,7 @@ from raas_jax.kernels import causal_attention
 from .config import ModelConfig, RopeScaling
 
 
-class CacheOps(Protocol):
+class CachePolicy(Protocol):
     """What the model needs from a KV cache (the policies in `raas_jax.policies`).
 
     `cache` is the whole cache, stacked over layers; `layer` is the calling layer's (traced) index, so a
@@ -94,7 +94,7 @@ def _dense(features: int, use_bias: bool, dtype: Any, name: str) -> nn.Dense:
 class Attention(nn.Module):
     cfg: ModelConfig
     dtype: Any
-    cache_ops: CacheOps | None
+    policy: CachePolicy | None
 
     @nn.compact
     def __call__(self, x, positions, cache, layer, decode: bool):
@@ -111,12 +111,12 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         if decode:
-            out, cache = self.cache_ops.decode(cache, layer, q[:, 0], k[:, 0], v[:, 0], positions[:, 0])
+            out, cache = self.policy.decode(cache, layer, q[:, 0], k[:, 0], v[:, 0], positions[:, 0])
             out = out[:, None]  # [B, 1, Hq, D]
         else:
             out = causal_attention(q, k, v, positions, positions)  # [B, T, Hq, D]
             if cache is not None:
-                cache = self.cache_ops.prefill(cache, layer, q, k, v, positions)
+                cache = self.policy.prefill(cache, layer, q, k, v, positions)
         out = _dense(cfg.hidden_size, cfg.o_bias, self.dtype, "o_proj")(out.reshape(b, t, hq * d))
         return out, cache
 
@@ -136,7 +136,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     cfg: ModelConfig
     dtype: Any
-    cache_ops: CacheOps | None
+    policy: CachePolicy | None
     decode: bool
 
     @nn.compact
@@ -144,7 +144,7 @@ class Block(nn.Module):
         x, cache = carry  # the cache rides in the carry: layers update it in place
         cfg = self.cfg
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
-        h, cache = Attention(cfg, self.dtype, self.cache_ops, name="self_attn")(h, positions, cache, layer,
+        h, cache = Attention(cfg, self.dtype, self.policy, name="self_attn")(h, positions, cache, layer,
                                                                                 self.decode)
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
@@ -155,7 +155,7 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     cfg: ModelConfig
     dtype: Any = jnp.float32
-    cache_ops: CacheOps | None = None
+    policy: CachePolicy | None = None
     unroll_layers: bool = False  # unroll the layer scan: static weight slices (no per-layer copies on GPU)
 
     @nn.compact
@@ -175,7 +175,7 @@ class Transformer(nn.Module):
             in_axes=(0, nn.broadcast),
             length=cfg.num_layers,
             unroll=cfg.num_layers if self.unroll_layers else 1,
-        )(cfg, self.dtype, self.cache_ops, decode, name="layers")
+        )(cfg, self.dtype, self.policy, decode, name="layers")
         (x, cache), _ = layers((x, cache), jnp.arange(cfg.num_layers, dtype=jnp.int32), positions)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
         if logits_index is not None:

@@ -112,18 +112,18 @@ class Model:
         return self.tokenizer
 
     def _generator(self, policy: Policy | None) -> Generator:
-        cache_ops = Dense() if policy is None else policy
-        if not isinstance(cache_ops, Policy):
+        chosen = Dense() if policy is None else policy
+        if not isinstance(chosen, Policy):
             raise ValueError(f"policy must be a raas_jax.policies object (Dense, RaaS, Quest, H2O, StreamingLLM) "
                              f"or None, got {policy!r}")
         if self.mesh is not None:
             from raas_jax.sharding import ShardedPolicy
 
-            cache_ops = ShardedPolicy(cache_ops, self.mesh)
-        if cache_ops not in self._generators:
+            chosen = ShardedPolicy(chosen, self.mesh)
+        if chosen not in self._generators:
             unroll = jax.default_backend() != "cpu"  # static weight slices; measured faster on the H200
-            self._generators[cache_ops] = Generator(self.cfg, self.dtype, cache_ops, unroll_layers=unroll)
-        return self._generators[cache_ops]
+            self._generators[chosen] = Generator(self.cfg, self.dtype, chosen, unroll_layers=unroll)
+        return self._generators[chosen]
 
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]], max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,

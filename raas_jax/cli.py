@@ -20,43 +20,42 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def policy_from_args(args: argparse.Namespace):
-    """The policy object the --policy/--budget/... flags describe (None: dense)."""
-    from raas_jax.policies import make_policy, policy_key
+    """The policy object the --policy/--budget/... flags describe (dense when none is named)."""
+    from raas_jax.policies import POLICIES, make_policy, policy_key, policy_options
 
-    options: dict = {}
     name = policy_key(args.policy)
-    if name == "raas":
-        refresh = args.refresh
-        options = {"refresh": refresh if refresh == "top_half" else _alpha(refresh), "score": args.score,
-                   "pin_prefill": not args.no_pin_prefill, "dense_layers": args.dense_layers or 0}
-    elif name == "quest":
-        options = {"dense_layers": 2 if args.dense_layers is None else args.dense_layers}
-    elif name == "h2o":
-        options = {"recent_fraction": args.recent_fraction}
-    elif name == "streaming":
-        options = {"sink_tokens": args.sink_tokens}
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {args.policy!r}; choose one of {', '.join(POLICIES)}")
+    options = {}
+    for cls in POLICIES.values():
+        for field in policy_options(cls):
+            text = getattr(args, field.name, None)
+            if text is None or field.name in options:
+                continue
+            parse = field.metadata["parse"] or str
+            try:
+                options[field.name] = parse(text)
+            except ValueError as e:
+                raise ValueError(f"--{field.name.replace('_', '-')}: {e}") from None
     return make_policy(name, budget=args.budget, page_size=args.page_size, backend=args.kernels, **options)
 
 
-def _alpha(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"--refresh takes 'top_half' or a number alpha in (0, 1), got {text!r}") from None
-
-
 def add_policy_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--policy", default="dense", help="dense | raas | quest | h2o | streaming (default dense)")
+    """--policy, --budget, --page-size, --kernels and one flag per policy option (from the dataclass fields)."""
+    from raas_jax.policies import POLICIES, policy_options
+
+    p.add_argument("--policy", default="dense", help=" | ".join(POLICIES) + " (default dense)")
     p.add_argument("--budget", type=int, default=None, help="KV budget in tokens (sparse policies)")
     p.add_argument("--page-size", type=int, default=16, help="tokens per page (default 16; 1 = token level)")
-    p.add_argument("--refresh", default="top_half", help="RaaS: 'top_half' or an alpha threshold, e.g. 0.01")
-    p.add_argument("--score", default="estimate", choices=["estimate", "exact"], help="RaaS page score")
-    p.add_argument("--no-pin-prefill", action="store_true", help="RaaS: let prompt pages be evicted")
-    p.add_argument("--dense-layers", type=int, default=None, help="Quest: leading dense layers (default 2)")
-    p.add_argument("--recent-fraction", type=float, default=0.5, help="H2O: recent window share (default 0.5)")
-    p.add_argument("--sink-tokens", type=int, default=4, help="StreamingLLM: sink tokens (default 4)")
+    seen = set()
+    for cls in POLICIES.values():
+        for field in policy_options(cls):
+            if field.name not in seen:
+                seen.add(field.name)
+                p.add_argument("--" + field.name.replace("_", "-"), default=None,
+                               help=f"{field.metadata['help']} (default {field.default})")
     p.add_argument("--kernels", default="auto", choices=["auto", "reference", "pallas"],
-                   help="attention kernels (default auto = the jnp reference until Pallas is GPU-validated)")
+                   help="attention kernels (default auto: Pallas on a GPU, the jnp reference elsewhere)")
 
 
 def add_mesh_flag(p: argparse.ArgumentParser) -> None:
@@ -99,14 +98,17 @@ def _eval(args: argparse.Namespace) -> int:
 
     import raas_jax
     from raas_jax.eval.datasets import load_samples
-    from raas_jax.eval.runner import EvalConfig, grid, run_eval, summarize, write_plots, write_summary
+    from raas_jax.eval.runner import (EvalConfig, grid, parse_page_sizes, run_eval, summarize, write_plots,
+                                      write_summary)
 
     try:
         budgets = tuple(int(b) for b in _csv(args.budgets))
     except ValueError:
         raise ValueError(f"--budgets takes comma-separated integers, got {args.budgets!r}") from None
+    page_size, policy_page_sizes = parse_page_sizes(args.page_size)
     config = EvalConfig(dataset=args.dataset, policies=_csv(args.policies), budgets=budgets,
-                        page_size=args.page_size, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                        page_size=page_size, policy_page_sizes=policy_page_sizes,
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                         limit=args.limit, fidelity=args.fidelity, model=args.model)
     grid(config)  # validates policy names and budgets before anything slow
     samples = load_samples(args.dataset, args.data_dir, args.question_field, args.answer_field, args.limit)
@@ -114,7 +116,7 @@ def _eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     rows = run_eval(model, samples, config, out, progress=not args.quiet)
     table = summarize(rows)
-    title = f"{Path(args.dataset).stem}, {len(samples)} samples, {args.max_new_tokens} new tokens, page {args.page_size}"
+    title = f"{Path(args.dataset).stem}, {len(samples)} samples, {args.max_new_tokens} new tokens"
     write_summary(table, out, title)
     write_plots(table, out, title)
     print((out / "summary.md").read_text())
@@ -221,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N samples only")
     p.add_argument("--policies", default="dense,raas,quest,h2o,streaming")
     p.add_argument("--budgets", default="256,512,1024", help="comma-separated KV budgets in tokens")
-    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--page-size", default="16",
+                   help="tokens per page: N for every policy, or per policy, e.g. 16,h2o=1/16,streaming=1/16 "
+                        "(several sizes: one cell each)")
     p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--fidelity", action="store_true", help="also measure agreement / KL / divergence vs dense")

@@ -50,12 +50,12 @@ class Generator:
 
     cfg: ModelConfig
     dtype: Any
-    cache_ops: Any = Dense()
+    policy: Any = Dense()
     unroll_layers: bool = False
 
     @functools.cached_property
     def module(self) -> Transformer:
-        return Transformer(self.cfg, self.dtype, self.cache_ops, self.unroll_layers)
+        return Transformer(self.cfg, self.dtype, self.policy, self.unroll_layers)
 
     @functools.cached_property
     def start(self) -> Callable:
@@ -73,7 +73,7 @@ class Generator:
         """Teacher forcing: logits [B, N, V] predicting forced[:, i] after the prompt and forced[:, :i]."""
         batch, t = prompt.shape
         positions = jnp.where(jnp.arange(t)[None, :] < lengths[:, None], jnp.arange(t)[None, :], -1)
-        cache = self.cache_ops.init(self.cfg, batch, num_slots, self.dtype)
+        cache = self.policy.init(self.cfg, batch, num_slots, self.dtype)
         first, cache = self.module.apply({"params": params}, prompt, positions, cache, logits_index=lengths - 1)
 
         def step(carry, token):  # token [B]: the forced token fed at position carry[1]
@@ -90,7 +90,7 @@ class Generator:
         """Prefill the prompts [B, T] (right-padded, `lengths` [B]) and sample the first token."""
         batch, t = prompt.shape
         positions = jnp.where(jnp.arange(t)[None, :] < lengths[:, None], jnp.arange(t)[None, :], -1)
-        cache = self.cache_ops.init(self.cfg, batch, num_slots, self.dtype)
+        cache = self.policy.init(self.cfg, batch, num_slots, self.dtype)
         logits, cache = self.module.apply({"params": params}, prompt, positions, cache,
                                           logits_index=lengths - 1)  # [B, V]
         key, sub = jax.random.split(key)
@@ -119,9 +119,9 @@ class Generator:
         return jax.lax.while_loop(cond, body, state)
 
 
-def data_parallelism(cache_ops: Any) -> int:
+def data_parallelism(policy: Any) -> int:
     """Size of the mesh's data axis when the policy runs sharded (the batch must divide it), else 1."""
-    mesh = getattr(cache_ops, "mesh", None)
+    mesh = getattr(policy, "mesh", None)
     return mesh.shape["data"] if mesh is not None else 1
 
 
@@ -148,9 +148,9 @@ def run_generation(gen: Generator, params, prompts: Sequence[Sequence[int]], *, 
 
     `on_chunk(tokens_so_far, step)` is called after each chunk of `chunk` decode steps (streaming).
     """
-    gen.cache_ops.check_prompts([len(p) for p in prompts])
-    tokens, lengths, is_padding = pad_prompts(prompts, data_parallelism(gen.cache_ops))
-    num_slots = gen.cache_ops.num_slots(int(lengths.max()), max_new_tokens)
+    gen.policy.check_prompts([len(p) for p in prompts])
+    tokens, lengths, is_padding = pad_prompts(prompts, data_parallelism(gen.policy))
+    num_slots = gen.policy.num_slots(int(lengths.max()), max_new_tokens)
     sampling = SamplingParams(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
     state = gen.start(params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(is_padding), eos,
@@ -173,13 +173,13 @@ def run_generation(gen: Generator, params, prompts: Sequence[Sequence[int]], *, 
 def forced_logits(gen: Generator, params, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
                   ) -> list[np.ndarray]:
     """Teacher-forced logits of each continuation under `gen`'s policy: one [len(cont), V] array per prompt."""
-    gen.cache_ops.check_prompts([len(p) for p in prompts])
-    tokens, lengths, _ = pad_prompts(prompts, data_parallelism(gen.cache_ops))
+    gen.policy.check_prompts([len(p) for p in prompts])
+    tokens, lengths, _ = pad_prompts(prompts, data_parallelism(gen.policy))
     steps = next_pow2(max(len(c) for c in continuations), MIN_OUT_BUCKET)
     forced = np.zeros((tokens.shape[0], steps), np.int32)
     for i, c in enumerate(continuations):
         forced[i, :len(c)] = c
-    num_slots = gen.cache_ops.num_slots(int(lengths.max()), steps)
+    num_slots = gen.policy.num_slots(int(lengths.max()), steps)
     logits = np.asarray(gen.forced(params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(forced),
                                    num_slots=num_slots))
     return [logits[i, :len(c)] for i, c in enumerate(continuations)]

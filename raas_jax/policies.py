@@ -1,6 +1,6 @@
 """KV-cache policies on one page pool: Dense, RaaS, Quest, H2O and StreamingLLM.
 
-Each policy is a frozen (hashable) config that is also the model's cache ops: `init` builds the
+Each policy is a frozen (hashable) config that is also the model's cache policy: `init` builds the
 cache, `prefill` writes the prompt, `decode` appends one token (evicting if the pool is full),
 attends and updates the page statistics. Everything is vectorised over (batch, KV head); the model
 scans over layers. See DESIGN.md section 1 for the algorithm.

@@ -39,3 +39,28 @@ def test_empty_prompt_via_cli(tiny_llama_converted, capsys):
 
 def captured_has(capsys, text: str) -> bool:
     return text in capsys.readouterr().out
+
+
+def test_policy_flags_come_from_the_policy_dataclasses():
+    from raas_jax.cli import build_parser, policy_from_args
+    from raas_jax.policies import H2O, Dense, Quest, RaaS, StreamingLLM
+
+    def parse(*argv):
+        return policy_from_args(build_parser().parse_args(["generate", *argv, "p"]))
+
+    assert parse() == Dense()
+    assert parse("--policy", "raas", "--budget", "64", "--page-size", "4", "--refresh", "0.05", "--score", "exact",
+                 "--pin-prefill", "false") == RaaS(budget=64, page_size=4, refresh=0.05, score="exact",
+                                                   pin_prefill=False)
+    assert parse("--policy", "quest", "--budget", "64", "--dense-layers", "0") == Quest(budget=64, dense_layers=0)
+    assert parse("--policy", "h2o", "--budget", "64", "--page-size", "1", "--recent-fraction", "0.25") == H2O(
+        budget=64, page_size=1, recent_fraction=0.25)
+    assert parse("--policy", "StreamingLLM", "--budget", "64", "--sink-tokens", "8") == StreamingLLM(
+        budget=64, sink_tokens=8)
+    with pytest.raises(ValueError, match=r"--sink-tokens does not apply to policy 'raas' \(it takes --pin-prefill, "
+                                         r"--refresh, --score\)"):
+        parse("--policy", "raas", "--budget", "64", "--sink-tokens", "8")
+    with pytest.raises(ValueError, match="--refresh: takes 'top_half' or a number"):
+        parse("--policy", "raas", "--budget", "64", "--refresh", "half")
+    with pytest.raises(ValueError, match="--pin-prefill: expected true or false"):
+        parse("--policy", "raas", "--budget", "64", "--pin-prefill", "maybe")

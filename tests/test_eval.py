@@ -10,7 +10,7 @@ import raas_jax
 from raas_jax.cli import main as cli_main
 from raas_jax.eval import runner
 from raas_jax.eval.datasets import load_samples
-from raas_jax.eval.runner import EvalConfig, grid, run_eval, summarize, write_plots, write_summary
+from raas_jax.eval.runner import EvalConfig, grid, parse_page_sizes, run_eval, summarize, write_plots, write_summary
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,19 @@ def test_grid_runs_dense_once():
         grid(EvalConfig(dataset="x", policies=("nope",), budgets=(64,)))
 
 
+def test_per_policy_page_sizes():
+    default, per_policy = parse_page_sizes("16,h2o=1/16,StreamingLLM=1")
+    assert (default, per_policy) == (16, (("h2o", (1, 16)), ("streaming", (1,))))
+    cells = grid(EvalConfig(dataset="x", policies=("raas", "h2o", "streaming"), budgets=(64,), page_size=default,
+                            policy_page_sizes=per_policy))
+    assert [(c.key, c.policy.page_size) for c in cells] == [
+        ("raas@64", 16), ("h2o@64/p1", 1), ("h2o@64", 16), ("streaming@64/p1", 1)]
+    for bad, message in (("16,foo=1", "unknown policy 'foo'"), ("h2o=x", "POLICY=N"), ("0", ">= 1"),
+                         ("1/16", "one number")):
+        with pytest.raises(ValueError, match=message):
+            parse_page_sizes(bad)
+
+
 def test_eval_writes_rows_summary_and_plots(model, dataset, tmp_path):
     samples = load_samples(str(dataset), question_field="q", answer_field="a")
     config = EvalConfig(dataset=str(dataset), policies=("dense", "raas", "streaming"), budgets=(112, 256),
@@ -44,8 +57,9 @@ def test_eval_writes_rows_summary_and_plots(model, dataset, tmp_path):
     lines = (out / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 15
     skipped = [r for r in rows if r["skipped"]]
-    # with the template and instruction the prompts are 88, 91 and 121 tokens: only 121 needs > 112
-    assert {r["cell"] for r in skipped} == {"raas@112", "streaming@112"} and all("budget" in r["reason"] for r in skipped)
+    # with the template and instruction the prompts are 88, 91 and 121 tokens: only 121 needs > 112, and only
+    # RaaS (which pins the prompt) refuses it; StreamingLLM evicts prompt pages
+    assert {r["cell"] for r in skipped} == {"raas@112"} and all("budget" in r["reason"] for r in skipped)
     ran = [r for r in rows if not r["skipped"] and r["policy"] != "dense"]
     assert all(0 <= r["agreement"] <= 1 and r["kl"] >= -1e-9 and r["first_divergence"] >= 0 for r in ran)
     table = summarize(rows)
@@ -53,8 +67,8 @@ def test_eval_writes_rows_summary_and_plots(model, dataset, tmp_path):
     plots = write_plots(table, out, "toy")
     assert {p.name for p in plots} == {"accuracy_vs_budget.png", "agreement_vs_budget.png"}
     md = (out / "summary.md").read_text()
-    assert "raas@112: 1" in md and "| raas | 256 | 3 | 0 |" in md
-    assert (out / "summary.csv").read_text().splitlines()[0].startswith("policy,budget,samples,skipped,accuracy")
+    assert "raas@112/p4: 1" in md and "| raas | 256 | 4 | 3 | 0 |" in md
+    assert (out / "summary.csv").read_text().splitlines()[0].startswith("policy,budget,page_size,samples,skipped")
 
 
 def test_interrupted_eval_resumes_without_redoing(model, dataset, tmp_path, monkeypatch):

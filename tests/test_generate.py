@@ -25,12 +25,12 @@ def test_decode_logits_match_full_forward(model):
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, VOCAB, 40), rng.integers(0, VOCAB, 40)]
     prompt_lens = np.array([5, 17])
-    cache_ops = Dense(page_size=4)
-    module = Transformer(model.cfg, model.dtype, cache_ops)
+    policy = Dense(page_size=4)
+    module = Transformer(model.cfg, model.dtype, policy)
     prefill = jax.jit(lambda *a: module.apply({"params": model.params}, *a[:3], logits_index=a[3]))
     step = jax.jit(lambda *a: module.apply({"params": model.params}, *a, decode=True,
                                            logits_index=jnp.zeros(2, jnp.int32)))
-    cache = cache_ops.init(model.cfg, 2, num_slots=12, dtype=model.dtype)
+    cache = policy.init(model.cfg, 2, num_slots=12, dtype=model.dtype)
     prompt = np.zeros((2, 24), np.int32)
     for b, n in enumerate(prompt_lens):
         prompt[b, :n] = seqs[b][:n]

@@ -31,12 +31,40 @@ class EvalConfig:
     dataset: str
     policies: tuple[str, ...] = ("dense", "raas", "quest", "h2o", "streaming")
     budgets: tuple[int, ...] = (256, 512, 1024)
-    page_size: int = 16
+    page_size: int = 16  # every policy's page size unless `policy_page_sizes` names others
     max_new_tokens: int = 1024
     batch_size: int = 8
     limit: int | None = None
     fidelity: bool = False
     model: str | None = None
+    policy_page_sizes: tuple[tuple[str, tuple[int, ...]], ...] = ()  # e.g. (("h2o", (1, 16)),)
+
+    def page_sizes(self, policy_name: str) -> tuple[int, ...]:
+        return dict(self.policy_page_sizes).get(policy_name, (self.page_size,))
+
+
+def parse_page_sizes(text: str) -> tuple[int, tuple[tuple[str, tuple[int, ...]], ...]]:
+    """'16' or '16,h2o=1/16,streaming=1' -> (default page size, per-policy page sizes)."""
+    from raas_jax.policies import POLICIES
+
+    default, per_policy = 16, {}
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        name, _, sizes = item.rpartition("=")
+        try:
+            values = tuple(int(v) for v in sizes.split("/"))
+        except ValueError:
+            raise ValueError(f"--page-size takes N or POLICY=N[/M...] items, e.g. 16,h2o=1/16; got {item!r}") from None
+        if any(v < 1 for v in values):
+            raise ValueError(f"page sizes must be >= 1, got {item!r}")
+        if not name:
+            if len(values) != 1:
+                raise ValueError(f"the default page size is one number, got {item!r}")
+            default = values[0]
+        elif policy_key(name) not in POLICIES:
+            raise ValueError(f"--page-size names unknown policy {name!r}; choose from {', '.join(POLICIES)}")
+        else:
+            per_policy[policy_key(name)] = values
+    return default, tuple(sorted(per_policy.items()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,23 +72,29 @@ class Cell:
     policy_name: str
     budget: int | None  # None for dense
     policy: Policy
+    default_page_size: int = 16
 
     @property
     def key(self) -> str:
-        return self.policy_name if self.budget is None else f"{self.policy_name}@{self.budget}"
+        key = self.policy_name if self.budget is None else f"{self.policy_name}@{self.budget}"
+        if self.policy.page_size != self.default_page_size:
+            key += f"/p{self.policy.page_size}"
+        return key
 
 
 def grid(config: EvalConfig) -> list[Cell]:
-    """Dense once (it has no budget), then every other policy at every budget."""
+    """Dense once (it has no budget), then every other policy at every budget and each of its page sizes."""
     cells = []
     names = list(dict.fromkeys(policy_key(n) for n in config.policies if n.strip()))
     if "dense" in names or config.fidelity:
-        cells.append(Cell("dense", None, Dense(page_size=config.page_size)))
+        cells.append(Cell("dense", None, Dense(page_size=config.page_size), config.page_size))
     for name in names:
         if name == "dense":
             continue
         for budget in config.budgets:
-            cells.append(Cell(name, budget, make_policy(name, budget=budget, page_size=config.page_size)))
+            for page_size in config.page_sizes(name):
+                cells.append(Cell(name, budget, make_policy(name, budget=budget, page_size=page_size),
+                                  config.page_size))
     return cells
 
 
@@ -102,10 +136,11 @@ class _Appender:
 def check_config(out: Path, config: EvalConfig) -> None:
     """Write config.json, or check that a resumed run uses the same settings."""
     path = out / "config.json"
-    current = dataclasses.asdict(config)
+    current = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as saved
     if path.is_file():
         saved = json.loads(path.read_text())
-        fixed = ("dataset", "page_size", "max_new_tokens", "model")
+        saved.setdefault("policy_page_sizes", [])
+        fixed = ("dataset", "page_size", "policy_page_sizes", "max_new_tokens", "model")
         changed = [k for k in fixed if saved.get(k) != current.get(k)]
         if changed:
             raise ValueError(f"{out} holds a run with different {', '.join(changed)} "
@@ -147,7 +182,8 @@ def run_eval(model: Model, samples: Sequence[Sample], config: EvalConfig, out: s
 
 def _run_cell(model: Model, cell: Cell, pending: list[Sample], prompts: dict[str, list[int]],
               done: dict, dense_logits: dict[str, np.ndarray], config: EvalConfig) -> list[dict]:
-    base = {"cell": cell.key, "policy": cell.policy_name, "budget": cell.budget}
+    base = {"cell": cell.key, "policy": cell.policy_name, "budget": cell.budget,
+            "page_size": cell.policy.page_size}
     rows, runnable = [], []
     for sample in pending:
         try:
@@ -209,7 +245,8 @@ def summarize(rows: Sequence[dict]) -> list[dict[str, Any]]:
             return float(np.mean(values)) if values else None
 
         table.append({
-            "policy": cell_rows[0]["policy"], "budget": cell_rows[0]["budget"], "samples": len(ran),
+            "policy": cell_rows[0]["policy"], "budget": cell_rows[0]["budget"],
+            "page_size": cell_rows[0].get("page_size"), "samples": len(ran),
             "skipped": len(cell_rows) - len(ran), "accuracy": mean("correct"), "agreement": mean("agreement"),
             "kl": mean("kl"), "first_divergence": mean("first_divergence"), "new_tokens": mean("new_tokens"),
             "tokens_per_second": tokens / seconds if seconds > 0 else None,
@@ -226,7 +263,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-COLUMNS = ("policy", "budget", "samples", "skipped", "accuracy", "agreement", "kl", "first_divergence",
+COLUMNS = ("policy", "budget", "page_size", "samples", "skipped", "accuracy", "agreement", "kl", "first_divergence",
            "new_tokens", "tokens_per_second", "cache_mib")
 
 
@@ -239,7 +276,8 @@ def write_summary(table: list[dict], out: Path, title: str) -> None:
     skipped = [r for r in table if r["skipped"]]
     if skipped:
         md += ["", "Skipped: samples whose prompt does not fit the budget (see `reason` in samples.jsonl): "
-               + ", ".join(f"{r['policy']}@{r['budget']}: {r['skipped']}" for r in skipped) + "."]
+               + ", ".join(f"{r['policy']}@{r['budget']}/p{r['page_size']}: {r['skipped']}" for r in skipped)
+               + "."]
     (out / "summary.md").write_text("\n".join(md) + "\n")
 
 
@@ -251,8 +289,15 @@ def write_plots(table: list[dict], out: Path, title: str) -> list[Path]:
     for metric, label in (("accuracy", "accuracy"), ("agreement", "teacher-forced top-1 agreement with dense")):
         if all(r[metric] is None for r in table if r["budget"] is not None):
             continue
-        series = {policy: [(r["budget"], r[metric]) for r in table if r["policy"] == policy and r[metric] is not None]
-                  for policy in dict.fromkeys(r["policy"] for r in table if r["budget"] is not None)}
+        sparse = [r for r in table if r["budget"] is not None]
+        page_sizes = {r["policy"]: {x["page_size"] for x in sparse if x["policy"] == r["policy"]} for r in sparse}
+
+        def label(r: dict) -> str:  # the page size is named where a policy runs at several or a non-default one
+            several = len(page_sizes[r["policy"]]) > 1 or r["page_size"] != (dense or {}).get("page_size")
+            return f"{r['policy']} p{r['page_size']}" if several else r["policy"]
+
+        series = {name: [(r["budget"], r[metric]) for r in sparse if label(r) == name and r[metric] is not None]
+                  for name in dict.fromkeys(label(r) for r in sparse)}
         hline = ("dense", dense[metric]) if dense is not None and dense[metric] is not None else None
         written.append(line_plot(series, out / f"{metric}_vs_budget.png", "KV budget (tokens)", label, title, hline))
     return written
