@@ -124,6 +124,48 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import raas_jax
+    from raas_jax import attention_map
+    from raas_jax.policies import RaaS
+
+    model = raas_jax.load(args.model, dtype=args.dtype)
+    layer = model.cfg.num_layers // 2 if args.layer is None else args.layer
+    if not 0 <= layer < model.cfg.num_layers or not 0 <= args.head < model.cfg.num_kv_heads:
+        raise ValueError(f"--layer must be in [0, {model.cfg.num_layers}) and --head in [0, {model.cfg.num_kv_heads})")
+    if args.dataset:
+        from raas_jax.eval.datasets import load_samples
+        from raas_jax.eval.runner import build_prompt
+
+        samples = load_samples(args.dataset, args.data_dir, limit=args.index + 1)
+        if len(samples) <= args.index:
+            raise ValueError(f"{args.dataset} has {len(samples)} samples; --index {args.index} is past the end")
+        prompt = build_prompt(model, samples[args.index].question)
+    elif args.prompt:
+        prompt = model.encode(args.prompt, chat=not args.no_chat)
+    else:
+        raise ValueError("give --prompt TEXT or --dataset NAME [--index I]")
+    raas = RaaS(budget=args.budget, page_size=args.page_size)
+    raas.check_prompts([len(prompt)])
+    continuation = model.generate([prompt], max_new_tokens=args.max_new_tokens)[0].token_ids
+    dense_trace = attention_map.trace(model, prompt, continuation, raas_jax.policies.Dense(page_size=args.page_size))
+    raas_trace = attention_map.trace(model, prompt, continuation, raas)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    title = (f"{model.path.name if model.path else 'model'}: {len(prompt)}-token prompt, {len(continuation)} "
+             f"dense tokens; RaaS budget {args.budget}, page {args.page_size}")
+    attention_map.plot(dense_trace, raas_trace, layer, args.head, out, title)
+    regret = attention_map.regretted_evictions(dense_trace, raas_trace)
+    out.with_suffix(".json").write_text(json.dumps({"prompt_tokens": len(prompt), "new_tokens": len(continuation),
+                                                    "layer": layer, "head": args.head, **regret}, indent=1))
+    print(f"wrote {out}; RaaS evictions {regret['evictions']} (all layers/heads), of which {regret['regretted']} "
+          f"are pages dense attends later with mass > {regret['threshold']}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -235,6 +277,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_mesh_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("inspect", help="`inspect attention`: heatmap of per-page attention mass over decode steps "
+                       "(dense) with RaaS's evictions and refreshes on top")
+    p.add_argument("what", choices=["attention"])
+    p.add_argument("--model", default=None, help="model path (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--prompt", default=None, help="prompt text")
+    p.add_argument("--dataset", default=None, help="or a dataset (gsm8k, milestones:2, PATH.jsonl) and --index")
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--no-chat", action="store_true")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--budget", type=int, default=256, help="RaaS budget whose choices are drawn (default 256)")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--layer", type=int, default=None, help="layer to draw (default: the middle one)")
+    p.add_argument("--head", type=int, default=0, help="KV head to draw (default 0)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "f32"])
+    p.add_argument("--out", default="out/attention.png", help="PNG path (a JSON of the eviction summary beside it)")
+    p.set_defaults(func=_inspect)
 
     p = sub.add_parser("bench", help="benchmarks (GPU): `bench e2e` = decode time and memory vs position, "
                        "`bench kernels` = attention kernels vs XLA, paged_attention and torch SDPA")

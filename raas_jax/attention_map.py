@@ -1,0 +1,169 @@
+"""The paper's observation as a picture: per-page attention mass over decode steps, with RaaS's choices on top.
+
+A generation is replayed token by token (teacher forcing) under a policy wrapped by `MassTrace`, which records
+the attention mass each resident page receives at every step (the same mass the kernels return: the softmax
+probability of the page's tokens summed, max over the query heads of a KV group). Under Dense this is the
+full attention; under RaaS the replay also yields which pages were evicted and which were refreshed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from raas_jax import kernels
+from raas_jax.cache import store_layer
+from raas_jax.models.transformer import Transformer
+from raas_jax.policies import Policy
+
+
+@dataclasses.dataclass(frozen=True)
+class MassTrace:
+    """Any policy, plus `trace_mass` [L, B, Hkv, S]: the mass each slot received at the last decode step."""
+
+    policy: Policy
+
+    def __getattr__(self, name: str) -> Any:  # page_size, num_slots, check_prompts, ...
+        if name == "policy" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.policy, name)
+
+    def init(self, cfg, batch, num_slots, dtype):
+        cache = self.policy.init(cfg, batch, num_slots, dtype)
+        return {**cache, "trace_mass": jnp.zeros(cache["fill"].shape, jnp.float32)}
+
+    def prefill(self, cache, layer, q, k, v, positions):
+        return self.policy.prefill(cache, layer, q, k, v, positions)
+
+    def decode(self, cache, layer, q, k, v, positions):
+        out, cache = self.policy.decode(cache, layer, q, k, v, positions)
+        _, mass = kernels.decode_attention(q, cache["k"], cache["v"], cache["fill"][layer], layer=layer,
+                                           backend="reference")  # [B, Hkv, S] over every resident page
+        return out, store_layer(cache, layer, {"trace_mass": mass})
+
+
+@dataclasses.dataclass
+class Trace:
+    """Per decode step (host arrays, one sequence): `mass`, `start`, `fill`, `stamp` [steps, L, Hkv, S]."""
+
+    mass: np.ndarray
+    start: np.ndarray
+    fill: np.ndarray
+    stamp: np.ndarray
+    prompt_length: int
+    page_size: int
+
+    def page_mass(self, layer: int) -> np.ndarray:
+        """Mass per (step, KV head, page index = position // P): [steps, Hkv, pages], NaN where not resident."""
+        steps, _, hkv, _ = self.mass.shape
+        pages = (self.prompt_length + steps) // self.page_size + 1
+        grid = np.full((steps, hkv, pages), np.nan, np.float32)
+        for t in range(steps):
+            for h in range(hkv):
+                resident = self.fill[t, layer, h] > 0
+                grid[t, h, self.start[t, layer, h][resident] // self.page_size] = self.mass[t, layer, h][resident]
+        return grid
+
+    def events(self, layer: int, head: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """(evicted, refreshed): (step, page index) pairs of one KV head. Refreshed = stamp set to the step's
+        position on a page other than the one written at that step."""
+        evicted, refreshed = [], []
+        for t in range(self.mass.shape[0]):
+            pos = self.prompt_length + t
+            fill, start, stamp = self.fill[t, layer, head], self.start[t, layer, head], self.stamp[t, layer, head]
+            resident = {int(s) // self.page_size for s in start[fill > 0]}
+            if t:
+                before = self.start[t - 1, layer, head][self.fill[t - 1, layer, head] > 0]
+                evicted += [(t, int(s) // self.page_size) for s in before if int(s) // self.page_size not in resident]
+            written = pos // self.page_size
+            refreshed += [(t, int(s) // self.page_size) for s in start[(fill > 0) & (stamp == pos)]
+                          if int(s) // self.page_size != written]
+        return evicted, refreshed
+
+
+def trace(model, prompt: Sequence[int], continuation: Sequence[int], policy: Policy, progress: bool = True) -> Trace:
+    """Replay `continuation` after `prompt` under `policy` (batch 1), recording every decode step."""
+    policy.check_prompts([len(prompt)])
+    traced = MassTrace(policy)
+    module = Transformer(model.cfg, model.dtype, traced)
+    steps = len(continuation)
+    num_slots = policy.num_slots(len(prompt), steps + 1)
+    cache = traced.init(model.cfg, 1, num_slots, model.dtype)
+    tokens = jnp.asarray([list(prompt)], jnp.int32)
+    positions = jnp.arange(len(prompt), dtype=jnp.int32)[None]
+    _, cache = jax.jit(module.apply)({"params": model.params}, tokens, positions, cache)
+
+    @jax.jit
+    def step(params, cache, token, pos):
+        _, cache = module.apply({"params": params}, token[None, None], pos[None, None], cache, decode=True,
+                                logits_index=jnp.zeros((1,), jnp.int32))
+        return cache
+
+    fields = ("trace_mass", "start", "fill", "stamp")
+    rows: dict[str, list[np.ndarray]] = {f: [] for f in fields}
+    for t in tqdm(range(steps), desc=f"trace {policy.name}", unit="tok", disable=not progress):
+        cache = step(model.params, cache, jnp.int32(continuation[t]), jnp.int32(len(prompt) + t))
+        for f in fields:
+            rows[f].append(np.asarray(cache[f][:, 0]))  # [L, Hkv, S]
+    stacked = {f: np.stack(v) for f, v in rows.items()}
+    return Trace(stacked["trace_mass"], stacked["start"], stacked["fill"], stacked["stamp"], len(prompt),
+                 policy.page_size)
+
+
+def plot(dense: Trace, raas: Trace | None, layer: int, head: int, path: Path, title: str) -> Path:
+    """Two heatmaps (pages x decode steps): one KV head of `layer`, and the max over its KV heads; RaaS's
+    evictions (x) and refreshes (dots) of that head on the first."""
+    from matplotlib.colors import LogNorm
+
+    from raas_jax.plots import _pyplot
+
+    plt = _pyplot()
+    grid = dense.page_mass(layer)  # [steps, Hkv, pages]
+    panels = ((grid[:, head], f"layer {layer}, KV head {head}"),
+              (np.fmax.reduce(grid, axis=1), f"layer {layer}, max over KV heads"))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    prompt_pages = -(-dense.prompt_length // dense.page_size)
+    for ax, (values, label) in zip(axes, panels):
+        image = ax.imshow(np.nan_to_num(values.T, nan=1e-6), aspect="auto", origin="lower", cmap="magma",
+                          norm=LogNorm(vmin=1e-4, vmax=1.0), interpolation="nearest")
+        ax.axhline(prompt_pages - 0.5, color="cyan", linewidth=0.8, linestyle="--")
+        ax.set_xlabel("decode step")
+        ax.set_title(label, fontsize=9)
+    axes[0].set_ylabel(f"page (position // {dense.page_size}); prompt below the dashed line")
+    if raas is not None:
+        evicted, refreshed = raas.events(layer, head)
+        if refreshed:
+            axes[0].scatter(*zip(*refreshed), s=0.3, c="deepskyblue", alpha=0.35, label="RaaS refresh", linewidths=0)
+        if evicted:
+            axes[0].scatter(*zip(*evicted), s=14, c="lime", marker="x", label="RaaS eviction", linewidths=0.8)
+        axes[0].legend(loc="upper left", fontsize=7, markerscale=2)
+    fig.colorbar(image, ax=axes, label="attention mass of the page (dense)", shrink=0.85)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def regretted_evictions(dense: Trace, raas: Trace, threshold: float = 0.05) -> dict[str, Any]:
+    """RaaS evictions (every layer and KV head) of pages that dense attends with mass > `threshold` later on."""
+    steps, layers, hkv, _ = dense.mass.shape
+    total, regretted, examples = 0, 0, []
+    for layer in range(layers):
+        grid = dense.page_mass(layer)  # [steps, Hkv, pages]
+        for head in range(hkv):
+            for t, page in raas.events(layer, head)[0]:
+                total += 1
+                later = np.nan_to_num(grid[t:, head, page], nan=0.0)
+                if later.size and later.max() > threshold:
+                    regretted += 1
+                    if len(examples) < 10:
+                        examples.append({"layer": layer, "head": head, "step": t, "page": page,
+                                         "later_mass": float(later.max()), "at_step": t + int(later.argmax())})
+    return {"evictions": total, "regretted": regretted, "threshold": threshold, "examples": examples}

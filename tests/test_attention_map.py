@@ -1,0 +1,63 @@
+"""`raas-jax inspect attention`: the traced per-page mass and RaaS's evictions/refreshes on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import raas_jax
+from raas_jax import attention_map
+from raas_jax.cli import main
+from raas_jax.policies import Dense, RaaS
+
+PROMPT = list(range(3, 14))  # 11 tokens: pages 0-2 of 4 are the prompt
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama_converted):
+    return raas_jax.load(tiny_llama_converted, dtype="f32")
+
+
+@pytest.fixture(scope="module")
+def traces(model):
+    continuation = model.generate([PROMPT], max_new_tokens=40, chat=False)[0].token_ids
+    dense = attention_map.trace(model, PROMPT, continuation, Dense(page_size=4), progress=False)
+    raas = attention_map.trace(model, PROMPT, continuation, RaaS(budget=24, page_size=4), progress=False)
+    return continuation, dense, raas
+
+
+def test_dense_mass_is_a_distribution_over_resident_pages(model, traces):
+    continuation, dense, _ = traces
+    steps, layers, hkv, _ = dense.mass.shape
+    assert (steps, layers, hkv) == (len(continuation), model.cfg.num_layers, model.cfg.num_kv_heads)
+    total = dense.mass.sum(-1)  # max over the group of each page's sum: between 1 and the group size
+    assert (total >= 1 - 1e-5).all() and (total <= model.cfg.group_size + 1e-5).all()
+    assert (dense.mass[dense.fill == 0] == 0).all()
+    grid = dense.page_mass(0)  # page t // 4 exists from the step that writes position 11 + t
+    assert np.isnan(grid[0, 0, (len(PROMPT) + 4) // 4])
+    assert not np.isnan(grid[-1, 0, (len(PROMPT) + steps - 1) // 4])
+
+
+def test_raas_events_follow_the_rules(traces):
+    _, _, raas = traces
+    evictions = 0
+    for layer in range(raas.mass.shape[1]):
+        for head in range(raas.mass.shape[2]):
+            evicted, refreshed = raas.events(layer, head)
+            evictions += len(evicted)
+            assert all((len(PROMPT) + t) % 4 == 0 for t, _ in evicted)  # only when a page opens
+            assert all(page >= 3 for _, page in evicted + refreshed)  # the prompt is pinned: never evicted or ranked
+    assert evictions > 0
+
+
+def test_inspect_attention_cli_writes_png_and_summary(tiny_llama_converted, tmp_path, capsys):
+    out = tmp_path / "attention.png"
+    assert main(["inspect", "attention", "--model", str(tiny_llama_converted), "--prompt", "the quick fox",
+                 "--no-chat", "--max-new-tokens", "24", "--budget", "24", "--page-size", "4", "--out", str(out)]) == 0
+    assert out.stat().st_size > 10_000
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["evictions"] > 0 and 0 <= summary["regretted"] <= summary["evictions"]
+    assert "RaaS evictions" in capsys.readouterr().out
+    assert main(["inspect", "attention", "--model", str(tiny_llama_converted), "--prompt", "x", "--layer", "9"]) == 2
