@@ -1,0 +1,1 @@
+"""Synthetic tasks (plain Python, no jax): generators, tokenizers and exact checkers."""
