@@ -277,12 +277,18 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str = "bf16",
     return out
 
 
-def save_params(path: Path, params: dict) -> None:
+def save_params(path: Path, params: dict, max_file_bytes: int | None = None) -> None:
+    """Save the parameter tree as an orbax checkpoint; `max_file_bytes` caps the size of its data files
+    (for checkpoints kept in git)."""
     import orbax.checkpoint as ocp
 
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(path.absolute(), params)
-    checkpointer.wait_until_finished()
+    if max_file_bytes is None:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(path.absolute(), params)
+        checkpointer.wait_until_finished()
+        return
+    checkpointer = ocp.PyTreeCheckpointer()
+    checkpointer.save(path.absolute(), args=ocp.args.PyTreeSave(params, ocdbt_target_data_file_size=max_file_bytes))
 
 
 def is_converted(path: Path) -> bool:
