@@ -1,0 +1,54 @@
+"""HF export of a converted checkpoint: transformers loads it and gives our logits; convert() reads it back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import raas_jax
+from raas_jax.export import export_hf
+
+CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "milestones-13m"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return export_hf(CKPT, tmp_path_factory.mktemp("hf") / "milestones-hf", dtype="f32")
+
+
+def test_export_logits_match_transformers(exported):
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from raas_jax.tasks import milestones as M
+
+    problem = M.make_problem(0, 0, difficulty=1)
+    text = problem.prompt + " " + " ".join(problem.solution_words()[:60])
+    tok = AutoTokenizer.from_pretrained(str(exported))
+    ids = tok.encode(text)
+    model = raas_jax.load(CKPT, dtype="f32")
+    assert ids == model.encode(text, chat=False)
+    ours = model.logits([ids])[0]
+    hf = LlamaForCausalLM.from_pretrained(str(exported), torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    assert (exported / "model.safetensors").is_file() and (exported / "tokenizer.json").is_file()
+
+
+def test_export_converts_back(exported, tmp_path):
+    from raas_jax.checkpoint import convert
+
+    back = raas_jax.load(convert(exported, tmp_path / "back", dtype="f32", progress=False), dtype="f32")
+    model = raas_jax.load(CKPT, dtype="f32")
+    ids = [[1, 516, 632, 600, 630, 517]]
+    np.testing.assert_array_equal(back.logits(ids), model.logits(ids))
+
+
+def test_export_refuses_existing_and_unconverted(exported, tmp_path):
+    with pytest.raises(FileExistsError):
+        export_hf(CKPT, exported)
+    with pytest.raises(FileNotFoundError):
+        export_hf(tmp_path, tmp_path / "x")
