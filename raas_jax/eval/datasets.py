@@ -1,4 +1,5 @@
-"""Math datasets as (id, question, gold answer) samples: GSM8K, MATH500, AIME24 or any JSONL file."""
+"""Math datasets as (id, question, gold answer) samples: GSM8K, MATH500, AIME24, any JSONL file, or the synthetic
+milestones task (`milestones[:difficulty]`)."""
 
 from __future__ import annotations
 
@@ -53,9 +54,48 @@ def dataset_path(dataset: str, data_dir: str | os.PathLike | None) -> Path:
     return path
 
 
+MILESTONES_DEFAULT_DIFFICULTY = 2
+MILESTONES_DEFAULT_LIMIT = 32
+
+
+def is_milestones(dataset: str) -> bool:
+    """`milestones` or `milestones:D`: the synthetic task of raas_jax/tasks/milestones.py (raw LM, exact answers)."""
+    return dataset == "milestones" or dataset.startswith("milestones:")
+
+
+def milestones_samples(dataset: str, limit: int | None = None) -> list[Sample]:
+    """Held-out problems 0..limit-1 of the evaluation seed at the difficulty after the colon (default 2).
+
+    The question is the prompt text (no chat template, no instruction), the gold `m{N} = VV`; the id
+    `milestones:D:SEED:INDEX` regenerates the problem (`milestones_problem`)."""
+    from raas_jax.tasks import milestones as M
+
+    _, _, level = dataset.partition(":")
+    try:
+        difficulty = int(level) if level else MILESTONES_DEFAULT_DIFFICULTY
+    except ValueError:
+        raise ValueError(f"milestones difficulty must be an integer ({sorted(M.DIFFICULTIES)}), got {level!r}") from None
+    if difficulty not in M.DIFFICULTIES:
+        raise ValueError(f"milestones difficulty must be one of {sorted(M.DIFFICULTIES)}, got {difficulty}")
+    problems = M.eval_problems(difficulty, MILESTONES_DEFAULT_LIMIT if limit is None else limit)
+    return [Sample(f"milestones:{difficulty}:{p.seed}:{p.index}", p.prompt, p.gold) for p in problems]
+
+
+def milestones_problem(sample_id: str):
+    """The Problem behind a milestones sample id."""
+    from raas_jax.tasks import milestones as M
+
+    _, difficulty, seed, index = sample_id.split(":")
+    return M.make_problem(int(seed), int(index), difficulty=int(difficulty))
+
+
 def load_samples(dataset: str, data_dir: str | os.PathLike | None = None, question_field: str | None = None,
                  answer_field: str | None = None, limit: int | None = None) -> list[Sample]:
-    """Read up to `limit` samples; GSM8K-style golds ("... #### 18") are reduced to the final answer."""
+    """Read up to `limit` samples; GSM8K-style golds ("... #### 18") are reduced to the final answer.
+
+    `milestones[:D]` generates held-out problems instead (32 unless `limit`)."""
+    if is_milestones(dataset):
+        return milestones_samples(dataset, limit)
     path = dataset_path(dataset, data_dir)
     _, default_q, default_a = KNOWN_DATASETS.get(dataset, (None, "question", "answer"))
     q_field, a_field = question_field or default_q, answer_field or default_a

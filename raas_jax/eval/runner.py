@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from raas_jax.api import Model, teacher_forced_logits
 from raas_jax.eval.answers import extract_answer, is_equivalent
-from raas_jax.eval.datasets import INSTRUCTION, Sample
+from raas_jax.eval.datasets import INSTRUCTION, Sample, is_milestones, milestones_problem
 from raas_jax.fidelity import compare
 from raas_jax.policies import Dense, Policy, make_policy, policy_key
 
@@ -98,8 +98,24 @@ def grid(config: EvalConfig) -> list[Cell]:
     return cells
 
 
-def build_prompt(model: Model, question: str) -> list[int]:
+def build_prompt(model: Model, question: str, dataset: str | None = None) -> list[int]:
+    if dataset is not None and is_milestones(dataset):  # a raw LM: the prompt as is, no template or instruction
+        return model.encode(question, chat=False)
     return model.encode(f"{question}\n{INSTRUCTION}", chat=True)
+
+
+def grade(dataset: str, sample: Sample, text: str) -> dict:
+    """predicted / correct (and, for milestones, where the solution first goes wrong) for one generated text."""
+    if is_milestones(dataset):
+        from raas_jax.tasks import milestones as M
+
+        predicted = M.parse_answer(text)
+        wrong = M.first_wrong_step(milestones_problem(sample.id), text)
+        return {"predicted": predicted, "correct": predicted == sample.gold,
+                "first_wrong_step": None if wrong is None else wrong.step,
+                "first_wrong_role": None if wrong is None else wrong.role}
+    predicted = extract_answer(text)
+    return {"predicted": predicted, "correct": bool(is_equivalent(predicted, sample.gold))}
 
 
 def read_done(path: Path) -> dict[tuple[str, str], dict]:
@@ -156,7 +172,7 @@ def run_eval(model: Model, samples: Sequence[Sample], config: EvalConfig, out: s
     check_config(out, config)
     cells = grid(config)
     done = read_done(out / SAMPLES_FILE)
-    prompts = {s.id: build_prompt(model, s.question) for s in samples}
+    prompts = {s.id: build_prompt(model, s.question, config.dataset) for s in samples}
     todo = sum((c.key, s.id) not in done for c in cells for s in samples)
     bar = tqdm(total=len(cells) * len(samples), initial=len(cells) * len(samples) - todo, desc="eval",
                unit="sample", disable=not progress)
@@ -200,10 +216,9 @@ def _run_cell(model: Model, cell: Cell, pending: list[Sample], prompts: dict[str
     if config.fidelity and cell.budget is not None:
         fidelity = _fidelity(model, cell, runnable, results, prompts, done, dense_logits)
     for sample, result in zip(runnable, results):
-        predicted = extract_answer(result.text)
         share = result.stats["new_tokens"] / max(batch_tokens, 1)
-        rows.append({**base, "id": sample.id, "gold": sample.gold, "skipped": False, "predicted": predicted,
-                     "correct": bool(is_equivalent(predicted, sample.gold)), "text": result.text,
+        rows.append({**base, "id": sample.id, "gold": sample.gold, "skipped": False,
+                     **grade(config.dataset, sample, result.text), "text": result.text,
                      "token_ids": result.token_ids, "new_tokens": result.stats["new_tokens"],
                      "seconds": result.stats["seconds"] * share, "cache_bytes": result.stats["cache_bytes"],
                      **fidelity.get(sample.id, {})})
