@@ -9,6 +9,9 @@ Public functions
     Yields ``(hf_name, float32 ndarray)`` one tensor at a time, dequantised with the
     ``gguf`` package from the file's memory map, in HF/torch layout, with llama.cpp's
     q/k row permutation undone for the ``llama`` architecture.
+``build_gguf_tokenizer(path)``
+    The tokenizer as a ``transformers.PreTrainedTokenizerFast``, built with ``tokenizers`` from the
+    metadata (no torch for byte-level BPE vocabularies).
 ``save_gguf_tokenizer(path, out_dir)``
     Writes the HF tokenizer files (tokenizer.json, tokenizer_config.json with the chat
     template, special tokens) plus ``generation_config.json`` to ``out_dir``.
@@ -430,27 +433,132 @@ def save_gguf_generation_config(path: str | os.PathLike[str], out_dir: str | os.
         f.write("\n")
 
 
-def save_gguf_tokenizer(path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> None:
-    """Write HF tokenizer files and ``generation_config.json`` for a GGUF file to ``out_dir``.
+# Pre-tokenizer split for a `tokenizer.ggml.pre` value (the regex its merges were learned with), as in
+# llama.cpp and transformers' GGUF loader; any other value gets GPT-2's byte-level split.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_PRE_TOKENIZER_SPLITS = {
+    "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT,
+}
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
-    The tokenizer is converted by ``transformers.AutoTokenizer.from_pretrained(dir,
-    gguf_file=name)`` and saved with ``save_pretrained`` (tokenizer.json,
-    tokenizer_config.json, special tokens). The GGUF ``tokenizer.chat_template`` is set on
-    the tokenizer explicitly and stored inside tokenizer_config.json (not a separate
-    chat_template.jinja), so ``AutoTokenizer.from_pretrained(out_dir).chat_template``
-    returns it. Also calls ``save_gguf_generation_config(path, out_dir)``.
+
+def build_gguf_tokenizer(path: str | os.PathLike[str]) -> Any:
+    """The GGUF file's tokenizer as a ``transformers.PreTrainedTokenizerFast``, built without torch.
+
+    Byte-level BPE (``tokenizer.ggml.model == "gpt2"``: Llama 3, Qwen2/2.5/3, SmolLM2) is built with
+    ``tokenizers`` from the vocabulary, merges, token types, special ids, add-BOS/EOS flags and chat template
+    in the metadata, the same way transformers' GGUF loader builds it (control tokens become special added
+    tokens, user-defined ones plain added tokens; the pre-tokenizer split follows ``tokenizer.ggml.pre``).
+    Any other tokenizer model (sentencepiece ``llama``, ...) goes through transformers' GGUF loader, which
+    needs torch.
     """
-    from transformers import AutoTokenizer  # heavy import, only needed here
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
 
     path = os.fspath(path)
     reader = _open_reader(path)
     _architecture(reader, path)
+    kind = _get(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        del reader
+        return _transformers_gguf_tokenizer(path, kind)
+    tokens: list[str] = _require(reader, "tokenizer.ggml.tokens", path)
+    merges = [tuple(m.split(" ", 1)) for m in _require(reader, "tokenizer.ggml.merges", path)]
+    types = _get(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+
+    spelling = _byte_spelling()
+    allowed = set(spelling)
+    vocab = {tok if set(tok) <= allowed else "".join(spelling[b] for b in tok.encode("utf-8")): i
+             for i, tok in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                               end_of_word_suffix="", fuse_unk=False))
+    split = _PRE_TOKENIZER_SPLITS.get(_get(reader, "tokenizer.ggml.pre"))
+    if split is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                              use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    # A control token spelled outside the byte alphabet is a llama.cpp mislabel: not added (as transformers).
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                            for t, k in zip(tokens, types) if k == _CONTROL and set(t) <= allowed])
+    tok.add_tokens([AddedToken(t, normalized=False, special=False)
+                    for t, k in zip(tokens, types) if k == _USER_DEFINED and t in vocab])
+
+    def token(key: str) -> str | None:
+        index = _get(reader, f"tokenizer.ggml.{key}")
+        return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
+
+    special = {"bos_token": token("bos_token_id"), "eos_token": token("eos_token_id"),
+               "unk_token": token("unknown_token_id"), "pad_token": token("padding_token_id")}
+    add_bos = bool(_get(reader, "tokenizer.ggml.add_bos_token", False)) and special["bos_token"] is not None
+    add_eos = bool(_get(reader, "tokenizer.ggml.add_eos_token", False)) and special["eos_token"] is not None
+    bos, eos = special["bos_token"], special["eos_token"]
+    single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
+    pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
+    tok.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair,
+        special_tokens=[(t, vocab[t]) for t, on in ((bos, add_bos), (eos, add_eos)) if on])
     chat_template = _get(reader, "tokenizer.chat_template")
     del reader
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False,
+                                   **{k: v for k, v in special.items() if v is not None})
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    return fast
+
+
+def _byte_spelling() -> list[str]:
+    """GPT-2's printable spelling of each byte value 0..255 (``bytes_to_unicode``)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    spelled, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            spelled[b] = chr(b)
+        else:
+            spelled[b] = chr(256 + extra)
+            extra += 1
+    return [spelled[b] for b in range(256)]
+
+
+def _transformers_gguf_tokenizer(path: str, kind: Any) -> Any:
+    """transformers' GGUF tokenizer (for non-byte-level vocabularies); its GGUF code imports torch."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise ValueError(f"{path!r}: building a {kind!r} GGUF tokenizer goes through transformers' GGUF "
+                         "code, which needs torch (pip install torch); byte-level (gpt2) vocabularies do not")
+    from transformers import AutoTokenizer
+
     directory, name = os.path.split(os.path.abspath(path))
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    chat_template = _get(_open_reader(path), "tokenizer.chat_template")
     if chat_template is not None:
         tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def save_gguf_tokenizer(path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> None:
+    """Write HF tokenizer files and ``generation_config.json`` for a GGUF file to ``out_dir``.
+
+    The tokenizer comes from ``build_gguf_tokenizer`` (no torch for byte-level vocabularies) and is saved
+    with ``save_pretrained`` (tokenizer.json, tokenizer_config.json, special tokens). The GGUF
+    ``tokenizer.chat_template`` is stored inside tokenizer_config.json (not a separate
+    chat_template.jinja), so ``AutoTokenizer.from_pretrained(out_dir).chat_template`` returns it. Also
+    calls ``save_gguf_generation_config(path, out_dir)``.
+    """
+    path = os.fspath(path)
+    tokenizer = build_gguf_tokenizer(path)
     os.makedirs(out_dir, exist_ok=True)
     tokenizer.save_pretrained(out_dir, save_jinja_files=False)
     save_gguf_generation_config(path, out_dir)

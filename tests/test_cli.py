@@ -64,3 +64,28 @@ def test_policy_flags_come_from_the_policy_dataclasses():
         parse("--policy", "raas", "--budget", "64", "--refresh", "half")
     with pytest.raises(ValueError, match="--pin-prefill: expected true or false"):
         parse("--policy", "raas", "--budget", "64", "--pin-prefill", "maybe")
+
+
+def run_without_torch(tmp_path, code: str) -> "subprocess.CompletedProcess":
+    """Run `code` in a child Python where `import torch` fails (and transformers sees no torch)."""
+    import os
+    import subprocess
+    import sys
+
+    hook = tmp_path / "hide_torch"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text("import sys\nsys.modules['torch'] = None  # import torch -> ImportError\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+    check = ("\nloaded = sorted(m for m, v in sys.modules.items() if m.split('.')[0] == 'torch' and v is not None)"
+             "\nassert not loaded, loaded\n")
+    return subprocess.run([sys.executable, "-c", "import sys\n" + code + check], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_generate_runs_without_torch(tiny_llama_converted, tmp_path):
+    done = run_without_torch(tmp_path, "from raas_jax.cli import main\n"
+                                       f"assert main(['generate', '--model', {str(tiny_llama_converted)!r}, "
+                                       "'--max-new-tokens', '4', 'the fox']) == 0\n"
+                                       "import importlib.util; assert importlib.util.find_spec('torch') is None")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "4 tokens in" in done.stderr

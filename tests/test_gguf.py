@@ -123,3 +123,49 @@ def test_policies_with_room_for_everything_equal_dense(ours):
         assert [r.token_ids for r in ours.generate(prompts, max_new_tokens=48, policy=policy)] == dense, policy
         for mine, ref in zip(teacher_forced_logits(ours, prompts, dense, policy), dense_logits):
             np.testing.assert_allclose(mine, ref, rtol=1e-4, atol=1e-4)
+
+
+MIXED_TEXT = (
+    "The quick brown fox jumps over the lazy dog. It's 3:45pm; we've paid $1,234.56 (about 7%).\n"
+    "def f(x: int) -> int:\n    return x ** 2  # square\n\n\tif x != 0 and y >= 10:\n        print(f'{x=}')\n"
+    "Ünïcödé: naïve café, 東京タワー, Привет мир, مرحبا, ελληνικά, 🤖🚀👍🏽 emoji, ½ ≤ ∑ ∞.\n"
+    "   multiple   spaces\t\ttabs\r\nCRLF\n\n\n\nnew paragraphs      trailing   \n"
+    "3.14159 1e-5 -42 0x1F 1000000 007 2024-05-17 <|im_start|>user\nhi<|im_end|> <think>ok</think>"
+)
+
+
+def test_tokenizer_built_without_torch_matches_transformers_gguf(gguf_file, tmp_path):
+    """Our tokenizers-built tokenizer (saved and reloaded, as a converted model does) against transformers'
+    GGUF tokenizer: identical ids on a few thousand characters of mixed text, chat template included."""
+    import transformers
+
+    from raas_jax.gguf_reader import save_gguf_tokenizer
+
+    ref = transformers.AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    save_gguf_tokenizer(gguf_file, tmp_path)
+    mine = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    code = Path(__file__).read_text()[:1500]
+    texts = [MIXED_TEXT, code, gsm8k_text(1500), " leading space", "\n\n", "a" * 40, "😀" * 5]
+    assert sum(map(len, texts)) > 3000
+    for text in texts + ["\n".join(texts)]:
+        ids = mine.encode(text, add_special_tokens=True)
+        assert ids == ref.encode(text, add_special_tokens=True), text[:80]
+        assert mine.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+    messages = [{"role": "user", "content": MIXED_TEXT}]
+    for generation_prompt in (True, False):
+        ids = mine.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True,
+                                       return_dict=True)["input_ids"]
+        assert ids == ref.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True,
+                                              return_dict=True)["input_ids"]
+    assert (mine.bos_token, mine.eos_token, mine.pad_token, mine.unk_token) == (
+        ref.bos_token, ref.eos_token, ref.pad_token, ref.unk_token)
+    assert len(mine) == len(ref) and sorted(mine.all_special_tokens) == sorted(ref.all_special_tokens)
+
+
+def test_gguf_tokenizer_needs_no_torch(gguf_file, tmp_path):
+    from test_cli import run_without_torch
+
+    done = run_without_torch(tmp_path, "from raas_jax.gguf_reader import save_gguf_tokenizer\n"
+                                       f"save_gguf_tokenizer({str(gguf_file)!r}, {str(tmp_path / 'tok')!r})\n")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "tok" / "tokenizer.json").is_file()
