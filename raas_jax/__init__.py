@@ -2,14 +2,26 @@
 
 import os as _os
 
-# Decode matmuls are [batch, hidden] x [hidden, out]: on an H200, XLA's Triton GEMMs read the weights at
-# 1.2 TB/s there, cuBLAS at 3.1 TB/s (docs/performance.md). Takes effect only if JAX has not started its
-# GPU backend yet; set RAAS_JAX_KEEP_XLA_FLAGS=1 to leave XLA_FLAGS alone.
-if not _os.environ.get("RAAS_JAX_KEEP_XLA_FLAGS") and "triton_gemm" not in _os.environ.get("XLA_FLAGS", ""):
-    _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false").strip()
-
 from raas_jax.api import GenerationResult, Model, load
 from raas_jax.models.config import ModelConfig, UnsupportedModelError
 
-__all__ = ["GenerationResult", "Model", "ModelConfig", "UnsupportedModelError", "load"]
+__all__ = ["GenerationResult", "Model", "ModelConfig", "UnsupportedModelError", "configure_gpu", "load"]
 __version__ = "0.1.0"
+
+_NO_TRITON_GEMM = "--xla_gpu_enable_triton_gemm=false"
+
+
+def configure_gpu() -> bool:
+    """Prefer cuBLAS to XLA's Triton GEMMs: add ``--xla_gpu_enable_triton_gemm=false`` to ``XLA_FLAGS``.
+
+    Decode matmuls are [batch, hidden] x [hidden, out]: on an H200, XLA's Triton GEMMs read the weights at
+    1.2 TB/s there, cuBLAS at 3.1 TB/s (docs/performance.md). `raas-jax` calls this when it starts; from
+    Python, call it before JAX starts its GPU backend (before the first computation), or it has no effect.
+    Leaves ``XLA_FLAGS`` alone when it already names a triton_gemm setting or ``RAAS_JAX_KEEP_XLA_FLAGS``
+    is set. Returns whether it changed ``XLA_FLAGS``. Importing raas_jax changes nothing in the environment.
+    """
+    flags = _os.environ.get("XLA_FLAGS", "")
+    if _os.environ.get("RAAS_JAX_KEEP_XLA_FLAGS") or "triton_gemm" in flags:
+        return False
+    _os.environ["XLA_FLAGS"] = f"{flags} {_NO_TRITON_GEMM}".strip()
+    return True

@@ -8,6 +8,8 @@ import dataclasses
 import os
 import sys
 
+from raas_jax import configure_gpu
+
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError)
 
 
@@ -322,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_gpu()  # a generation / benchmark process starts here: cuBLAS for the decode matmuls
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "mesh", None):

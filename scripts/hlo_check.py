@@ -15,11 +15,12 @@ import re
 import jax
 import jax.numpy as jnp
 
-from raas_jax import bench
+from raas_jax import bench, configure_gpu
 from raas_jax.generate import DECODE_CHUNK, DecodeState, Generator, SamplingParams
 
 
 def main() -> None:
+    configure_gpu()  # cuBLAS for the decode matmuls, as `raas-jax` does
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama3-8b")
     ap.add_argument("--policy", default="raas")

@@ -15,7 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from raas_jax import bench
+from raas_jax import bench, configure_gpu
 from raas_jax.generate import Generator
 from raas_jax.models.transformer import Transformer
 from raas_jax.policies import RaaS, StreamingLLM
@@ -39,6 +39,7 @@ def time_no_cache(cfg, params, batch, unroll, steps=64):
 
 
 def main():
+    configure_gpu()  # cuBLAS for the decode matmuls, as `raas-jax` does
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama3-8b")
     ap.add_argument("--batches", default="1,64")

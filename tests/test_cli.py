@@ -89,3 +89,35 @@ def test_generate_runs_without_torch(tiny_llama_converted, tmp_path):
                                        "import importlib.util; assert importlib.util.find_spec('torch') is None")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "4 tokens in" in done.stderr
+
+
+def test_import_leaves_the_environment_alone_and_the_cli_prefers_cublas(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys\nbefore = dict(os.environ)\nimport raas_jax, raas_jax.cli, raas_jax.generate\n"
+            "assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())\n"
+            "assert raas_jax.configure_gpu() and not raas_jax.configure_gpu()\n"
+            "print(os.environ['XLA_FLAGS'])\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "RAAS_JAX_KEEP_XLA_FLAGS")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["--xla_gpu_enable_triton_gemm=false"]
+    env["XLA_FLAGS"] = "--xla_dump_to=/tmp/x"
+    done = subprocess.run([sys.executable, "-c", "import raas_jax, os\nraas_jax.configure_gpu()\n"
+                           "print(os.environ['XLA_FLAGS'])"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.stdout.split() == ["--xla_dump_to=/tmp/x", "--xla_gpu_enable_triton_gemm=false"]
+    env["RAAS_JAX_KEEP_XLA_FLAGS"] = "1"
+    done = subprocess.run([sys.executable, "-c", "import raas_jax, os\nassert not raas_jax.configure_gpu()\n"
+                           "print(os.environ['XLA_FLAGS'])"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.stdout.split() == ["--xla_dump_to=/tmp/x"], done.stderr[-2000:]
+
+
+def test_cli_start_sets_the_cublas_flag(monkeypatch, tmp_path, capsys):
+    import os
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.delenv("RAAS_JAX_KEEP_XLA_FLAGS", raising=False)
+    assert main(["generate", "--model", str(tmp_path / "missing"), "hi"]) == 2
+    assert os.environ["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm=false"
