@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -102,10 +101,9 @@ def synthetic_cache(policy: Policy, cfg: ModelConfig, batch: int, position: int,
     cache = {"k": k, "v": v, "kmin": kmin, "kmax": kmax, "fill": jnp.asarray(fill),
              "start": jnp.asarray(start, jnp.int32), "stamp": jnp.asarray(stamp), "pinned": jnp.asarray(pinned),
              "cur": jnp.full(shape[:-1], cur_slot, jnp.int32)}
-    for name, spec in small.items():  # policy-specific extras (e.g. Quest's layer index)
+    for name, spec in small.items():  # policy-specific extras (e.g. H2O's accumulated mass)
         if name not in cache:
-            cache[name] = jnp.arange(spec.shape[0], dtype=spec.dtype) if name == "layer" else jnp.zeros(
-                spec.shape, spec.dtype)
+            cache[name] = jnp.zeros(spec.shape, spec.dtype)
     return cache
 
 
@@ -258,10 +256,6 @@ def plot_throughput(rows: list[dict], out_dir: Path, device: str | None = None) 
 
 def default_policies() -> dict[str, Policy]:
     return {"dense": Dense(), "quest": Quest(budget=1024), "raas": RaaS(budget=1024)}
-
-
-def log2_positions(lo: int = 1024, hi: int = 32768) -> list[int]:
-    return [2**i for i in range(int(math.log2(lo)), int(math.log2(hi)) + 1)]
 
 
 def real_run(model: str, policy: Policy, batch: int, new_tokens: int, prompt_len: int = 128,

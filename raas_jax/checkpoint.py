@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -51,41 +49,27 @@ def resolve_dtype(dtype: Any) -> Any:
 
 # ----------------------------------------------------------------------------------- safetensors
 
-_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
-              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-              "BOOL": np.bool_}
-
-
 def iter_safetensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (name, array) from one .safetensors file, memory-mapped, validating the header."""
+    """Yield (name, array) from one .safetensors file, one tensor at a time (the `safetensors` package, numpy
+    arrays; bf16 arrives as ml_dtypes.bfloat16). A missing, truncated or garbled file is a CheckpointError
+    naming the shard."""
+    from safetensors import SafetensorError, safe_open
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"missing checkpoint shard {path}")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"corrupt checkpoint shard {path}: file is {size} bytes, too short for a header")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > size - 8:
-            raise CheckpointError(f"corrupt checkpoint shard {path}: header length {header_len} exceeds the file")
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"corrupt checkpoint shard {path}: header is not valid JSON") from None
-    header.pop("__metadata__", None)
-    data_start = 8 + header_len
-    raw = np.memmap(path, dtype=np.uint8, mode="r")
-    for name, info in header.items():
-        begin, end = info["data_offsets"]
-        dtype = _ST_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        count = int(np.prod(info["shape"], dtype=np.int64))
-        if data_start + end > size or end - begin != count * np.dtype(dtype).itemsize:
-            raise CheckpointError(f"corrupt checkpoint shard {path}: tensor {name} lies outside the file "
-                                  f"(truncated download?)")
-        yield name, raw[data_start + begin:data_start + end].view(dtype).reshape(info["shape"])
+    try:
+        handle = safe_open(str(path), framework="numpy")
+    except SafetensorError as e:
+        raise CheckpointError(f"corrupt checkpoint shard {path} ({path.stat().st_size} bytes; truncated "
+                              f"download?): {e}") from None
+    with handle as f:
+        for name in f.keys():
+            try:
+                array = f.get_tensor(name)
+            except (SafetensorError, TypeError, ValueError) as e:
+                raise CheckpointError(f"corrupt checkpoint shard {path}: cannot read tensor {name}: {e}") from None
+            yield name, array
 
 
 def hf_shards(src: Path) -> list[Path]:

@@ -15,9 +15,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from raas_jax.api import Model, teacher_forced_logits
-from raas_jax.policies import Dense, Policy
-
 
 @dataclasses.dataclass(frozen=True)
 class Fidelity:
@@ -44,21 +41,3 @@ def compare(dense_tokens: Sequence[int], dense_logits: np.ndarray, policy_logits
     if first == len(policy_tokens) and len(policy_tokens) < steps:
         first = len(policy_tokens)  # the policy stopped early: it diverged there
     return Fidelity(agreement, kl, int(first), steps)
-
-
-def fidelity_to_dense(model: Model, prompts: Sequence[Sequence[int]], policies: Sequence[Policy],
-                      max_new_tokens: int, dense_tokens: Sequence[Sequence[int]] | None = None
-                      ) -> tuple[list[list[int]], dict[Policy, list[Fidelity]]]:
-    """Dense greedy reference (computed unless given) and each policy's metrics per prompt (one batch)."""
-    if dense_tokens is None:
-        dense_tokens = [r.token_ids for r in model.generate(list(prompts), max_new_tokens=max_new_tokens,
-                                                            chat=False)]
-    dense_tokens = [list(t) for t in dense_tokens]
-    dense_logits = teacher_forced_logits(model, prompts, dense_tokens, Dense())
-    results: dict[Policy, list[Fidelity]] = {}
-    for policy in policies:
-        forced = teacher_forced_logits(model, prompts, dense_tokens, policy)
-        free = [r.token_ids for r in model.generate(list(prompts), max_new_tokens=max_new_tokens, chat=False,
-                                                    policy=policy)]
-        results[policy] = [compare(d, dl, pl, ft) for d, dl, pl, ft in zip(dense_tokens, dense_logits, forced, free)]
-    return dense_tokens, results

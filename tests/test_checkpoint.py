@@ -124,3 +124,14 @@ def test_cli_convert_and_missing_source(tiny_llama_dir, tmp_path, capsys):
     assert (tmp_path / "out" / "params").is_dir()
     assert cli_main(["convert", str(tmp_path / "nothing"), str(tmp_path / "out2")]) == 2
     assert "neither a model directory nor a .gguf" in capsys.readouterr().err
+
+
+def test_safetensors_bf16_arrive_as_ml_dtypes(tmp_path):
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    values = (np.arange(12, dtype=np.float32) / 7).reshape(3, 4)
+    save_file({"w": values.astype(ml_dtypes.bfloat16), "b": values[0]}, str(tmp_path / "m.safetensors"))
+    got = dict(iter_safetensors(tmp_path / "m.safetensors"))
+    assert got["w"].dtype == ml_dtypes.bfloat16 and got["b"].dtype == np.float32
+    np.testing.assert_array_equal(got["w"].astype(np.float32), values.astype(ml_dtypes.bfloat16).astype(np.float32))
