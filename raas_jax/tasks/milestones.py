@@ -252,6 +252,12 @@ class Ids:
                 [ids[w] for w in problem.solution_words()] + [self.eos])
 
 
+def solution_roles(problem: Problem) -> list[tuple[str, int | None]]:
+    """(role, step) of every solution token, <eos> included (step None on the answer line and <eos>)."""
+    roles = [(r, i) for i in range(1, problem.n_steps + 1) for r in step_roles(i)]
+    return roles + [("answer", None), ("answer_name", None), ("=", None), ("answer_value", None), ("eos", None)]
+
+
 def token_lengths(problem: Problem) -> tuple[int, int]:
     """(prompt tokens with <bos>, solution tokens with <eos>)."""
     return len(problem.prompt_words()) + 1, len(problem.solution_words()) + 1
