@@ -91,7 +91,6 @@ EQUIVALENT = [
     ("-\\frac{35}{9}", "\\frac{-35}{9}"),
     ("6.72\\times 10^{-5}", ".0000672"),
     ("18.9", "\\$18.90"),
-    ("0.3333", "\\frac{1}{3}"),
     ("1\\frac{4}{5}", "\\frac{9}{5}"),
     ("275/2", "137 \\frac{1}{2}"),
     ("5.4", "5.4 \\text{ cents}"),
@@ -109,7 +108,6 @@ EQUIVALENT = [
     ("2\\pi+18", "18+2\\pi"),
     ("7i - 2", "-2 + 7i"),
     ("\\frac{20000}{\\pi}", "\\frac{20000}{\\pi}"),
-    ("1.4142", "\\sqrt{2}"),
     # degrees and units
     ("90", "90^\\circ"),
     ("30^{\\circ}", "30^\\circ"),
@@ -138,7 +136,6 @@ EQUIVALENT = [
     ("\\frac{\\cos x}{\\sin x}", "\\cot x"),
     ("(x^4+x^3+x^2+x+1)(x^4+1)-x^4", "x^8 + x^7 + x^6 + x^5 + x^4 + x^3 + x^2 + x + 1"),
     ("3r^2 \\cdot 1", "3r^2"),
-    ("e^{i\\pi}", "-1"),
     ("\\sin^2 x + \\cos^2 x", "1"),
     ("10!", "3628800"),
     ("2^{2023}\\cdot 2", "2^{2024}"),
@@ -176,6 +173,11 @@ EQUIVALENT = [
 
 NOT_EQUIVALENT = [
     (None, "18"),
+    # decided with math-verify (issue 14, docs/notes.md): a rounded decimal is not the exact answer; e^{i pi}
+    # is not reduced by math-verify's parser (no gold answer is written so)
+    ("0.3333", "\\frac{1}{3}"),
+    ("1.4142", "\\sqrt{2}"),
+    ("e^{i\\pi}", "-1"),
     ("17", "18"),
     ("13536", "13535"),  # integers are compared exactly, not within 1e-4
     ("70001", "70000"),
@@ -267,20 +269,20 @@ def test_sympy_time_limit_restores_signal_handler():
         signal.signal(signal.SIGALRM, previous)
 
 
-def test_time_limit_interrupts_and_restores():
-    import signal
+def test_power_towers_are_refused_quickly_on_any_thread():
+    results = {}
 
-    from raas_jax.eval.answers import _time_limit, _TimeLimitExceeded
+    def work():
+        results["tower"] = is_equivalent("9^{9^{9^{9}}}", "5")
+        results["factorial"] = is_equivalent("100000!", "5")
 
-    previous = signal.getsignal(signal.SIGALRM)
     start = time.monotonic()
-    with pytest.raises(_TimeLimitExceeded):
-        with _time_limit(0.05):
-            while True:
-                pass
-    assert time.monotonic() - start < 2
-    assert signal.getsignal(signal.SIGALRM) is previous
-    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    work()
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(timeout=30)
+    assert results == {"tower": False, "factorial": False}
+    assert time.monotonic() - start < 5
 
 
 # ------------------------------------------------------------------------------------------------
