@@ -62,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (schedule and stop)")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget of this run, start to finish")
     p.add_argument("--seed", type=int, default=0, help="init and data seed (problems: seed 1,000,000 + this)")
+    p.add_argument("--init-from", default=None,
+                   help="start from this converted checkpoint's weights (a fresh optimizer and schedule; use another "
+                        "--seed so the problems are new)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3; tiny 3e-3)")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default 200; tiny 5)")
     p.add_argument("--final-lr-fraction", type=float, default=0.05)
@@ -393,6 +396,14 @@ def main(argv=None) -> int:
     compute_dtype = jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
 
     params = init_params(cfg, args.seed)
+    if args.init_from:
+        from raas_jax.checkpoint import restore_params
+
+        loaded = restore_params(Path(args.init_from), cfg, jnp.float32)
+        if jax.tree.structure(loaded) != jax.tree.structure(params):
+            raise ValueError(f"{args.init_from} does not hold this script's model ({cfg})")
+        params = loaded
+        print(f"initialised from {args.init_from}", flush=True)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     optimizer = make_optimizer(args.weight_decay, args.clip)
     opt_state = optimizer.init(params)
