@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--final-lr-fraction", type=float, default=0.05)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--answer-weight", type=float, default=1.0,
+                   help="loss weight of the 'answer' token (stopping at step N: one target per problem)")
     p.add_argument("--attention", default="auto", choices=["auto", "cudnn", "xla", "reference"],
                    help="training attention (auto: cudnn on GPU, xla elsewhere)")
     p.add_argument("--log-every", type=int, default=None, help="steps between log lines (default 25; tiny 1)")
@@ -120,8 +122,9 @@ def resolve_buckets(tiny: bool) -> list[tuple[int, int, int, int, float]]:
 
 # ------------------------------------------------------------------------------------------ data
 
-def make_batch(problems, seq_len: int, ids) -> tuple[np.ndarray, np.ndarray]:
-    """tokens [B, T+1] int32 (pad after <eos>), mask [B, T] float32: 1 where the target is a solution token."""
+def make_batch(problems, seq_len: int, ids, answer_weight: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """tokens [B, T+1] int32 (pad after <eos>), mask [B, T] float32: the loss weight of each target, 1 on
+    solution tokens (`answer_weight` on the `answer` token that ends the steps), 0 elsewhere."""
     tokens = np.full((len(problems), seq_len + 1), ids.pad, np.int32)
     mask = np.zeros((len(problems), seq_len), np.float32)
     for r, problem in enumerate(problems):
@@ -130,10 +133,11 @@ def make_batch(problems, seq_len: int, ids) -> tuple[np.ndarray, np.ndarray]:
         assert len(row) <= seq_len + 1, (len(row), seq_len)
         tokens[r, :len(row)] = row
         mask[r, len(prompt) - 1:len(row) - 1] = 1.0
+        mask[r, len(row) - 6] = answer_weight  # the target 'answer' (then m{N} = VV <eos>)
     return tokens, mask
 
 
-def train_batch(seed: int, step: int, buckets, ids):
+def train_batch(seed: int, step: int, buckets, ids, answer_weight: float = 1.0):
     """The batch of training step `step`: a pure function of (seed, step)."""
     from raas_jax.tasks import milestones as M
 
@@ -141,7 +145,7 @@ def train_batch(seed: int, step: int, buckets, ids):
     seq_len, rows, lo, hi, _ = rng.choices(buckets, weights=[b[4] for b in buckets])[0]
     problems = [M.make_problem(M.TRAIN_SEED_MIN + seed, step * 1024 + r, n_steps=rng.randint(lo, hi))
                 for r in range(rows)]
-    return make_batch(problems, seq_len, ids)
+    return make_batch(problems, seq_len, ids, answer_weight)
 
 
 def heldout_batch(buckets, ids, tiny: bool):
@@ -159,14 +163,14 @@ def heldout_batch(buckets, ids, tiny: bool):
 class Prefetcher:
     """Generates training batches for steps start, start+1, ... in a background thread."""
 
-    def __init__(self, seed: int, start: int, buckets, ids, depth: int = 8):
+    def __init__(self, seed: int, start: int, buckets, ids, answer_weight: float = 1.0, depth: int = 8):
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
 
         def work():
             step = start
             while not self.stop.is_set():
-                batch = train_batch(seed, step, buckets, ids)
+                batch = train_batch(seed, step, buckets, ids, answer_weight)
                 while not self.stop.is_set():
                     try:
                         self.queue.put(batch, timeout=0.1)
@@ -252,14 +256,16 @@ def make_step(cfg, optimizer, compute_dtype):
         cparams = jax.tree.map(lambda p: p.astype(compute_dtype), params)
         logits = model.apply({"params": cparams}, inputs, positions)[0]  # [B, T, V] f32
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        count = jnp.maximum(mask.sum(), 1.0)
-        loss = (ce * mask).sum() / count
+        objective = (ce * mask).sum() / jnp.maximum(mask.sum(), 1e-6)  # mask holds loss weights
+        binary = (mask > 0).astype(jnp.float32)
+        count = jnp.maximum(binary.sum(), 1.0)
+        loss = (ce * binary).sum() / count  # reported: unweighted mean over solution tokens
         correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-        tok_acc = (correct * mask).sum() / count
-        has = mask.sum(-1) > 0
-        row_ok = jnp.all((correct > 0) | (mask == 0), axis=-1) & has
+        tok_acc = (correct * binary).sum() / count
+        has = binary.sum(-1) > 0
+        row_ok = jnp.all((correct > 0) | (binary == 0), axis=-1) & has
         row_exact = row_ok.sum() / jnp.maximum(has.sum(), 1)
-        return loss, {"loss": loss, "tok_acc": tok_acc, "row_exact": row_exact, "tokens": mask.sum()}
+        return objective, {"loss": loss, "tok_acc": tok_acc, "row_exact": row_exact, "tokens": binary.sum()}
 
     def step(params, opt_state, tokens, mask, lr):
         grads, metrics = jax.grad(loss_fn, has_aux=True)(params, tokens, mask)
@@ -466,7 +472,7 @@ def main(argv=None) -> int:
               f"{row['tok_acc']:.5f} rows exact {row['row_exact']:.3f}", flush=True)
         return row
 
-    prefetch = Prefetcher(args.seed, step, buckets, ids)
+    prefetch = Prefetcher(args.seed, step, buckets, ids, args.answer_weight)
     pending, last_log, last_save, tokens_at_log = [], time.time(), time.time(), tokens_seen
     last_heldout = None
     progress = progress_at(time.time(), step)
@@ -478,7 +484,7 @@ def main(argv=None) -> int:
             params, opt_state, metrics = compiled[tokens.shape](params, opt_state, tokens, mask, jnp.float32(lr))
             pending.append(metrics)
             step += 1
-            tokens_seen += float(mask.sum())
+            tokens_seen += float((mask > 0).sum())
             now = time.time()
             progress = progress_at(now, step)
             if step % args.log_every == 0 or progress >= 1.0:
@@ -516,7 +522,8 @@ def main(argv=None) -> int:
                         for b in buckets],
             "params": n_params, "steps": step, "loss_tokens": tokens_seen, "train_seconds": round(seconds, 1),
             "lr": args.lr, "warmup": args.warmup, "final_lr_fraction": args.final_lr_fraction,
-            "weight_decay": args.weight_decay, "clip": args.clip, "attention": attention,
+            "weight_decay": args.weight_decay, "clip": args.clip, "answer_weight": args.answer_weight,
+            "attention": attention,
             "compute_dtype": jnp.dtype(compute_dtype).name, "backend": jax.default_backend(),
             "device": str(jax.devices()[0].device_kind),
             "final_train_loss": float(train_rows[-1]["loss"]) if train_rows else None,

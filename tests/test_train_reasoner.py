@@ -79,3 +79,22 @@ def test_training_attention_matches_the_reference():
     pos = jnp.broadcast_to(jnp.arange(24), (2, 24))
     np.testing.assert_allclose(swapped(q, k, v, pos, pos), reference.causal_attention(q, k, v, pos, pos),
                                atol=2e-5)
+
+
+def test_batches_mask_the_prompt_and_weight_the_answer():
+    train = _script()
+    ids = M.Ids()
+    buckets = train.resolve_buckets(tiny=False)
+    assert [b[0] for b in buckets] == [1024, 2048, 4096] and buckets[-1][3] == M.DIFFICULTIES[4][1]
+    problems = [M.make_problem(M.TRAIN_SEED_MIN, i, n_steps=n) for i, n in enumerate((3, 7))]
+    tokens, mask = train.make_batch(problems, 192, ids, answer_weight=4.0)
+    for row, p in enumerate(problems):
+        prompt, solution = ids.problem(p)
+        assert tokens[row, :len(prompt) + len(solution)].tolist() == prompt + solution
+        weights = mask[row]
+        assert weights[:len(prompt) - 1].sum() == 0 and weights[len(prompt) + len(solution) - 1:].sum() == 0
+        (answer_at,) = np.nonzero(weights == 4.0)[0]
+        assert ids.words[tokens[row, answer_at + 1]] == "answer"
+        assert (weights > 0).sum() == len(solution)
+    a, b = train.train_batch(3, 5, buckets, ids), train.train_batch(3, 5, buckets, ids)
+    assert (a[0] == b[0]).all() and a[0].shape[1] in (1025, 2049, 4097)
