@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,10 +19,10 @@ import numpy as np
 
 from raas_jax import checkpoint
 from raas_jax.cache import cache_bytes
-from raas_jax.generate import Generator, forced_logits, run_generation, trim_at_eos
+from raas_jax.generate import Generator, data_parallelism, forced_logits, run_generation, trim_at_eos
 from raas_jax.models.config import ModelConfig
 from raas_jax.models.transformer import Transformer
-from raas_jax.policies import Dense, Policy
+from raas_jax.policies import Dense, Policy, next_pow2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +97,14 @@ class Model:
                     ids = ids["input_ids"]
                 return list(ids)
             return list(tok.encode(prompt, add_special_tokens=True))
+        if isinstance(prompt, np.ndarray):
+            prompt = _array_prompts(prompt)
+            if len(prompt) != 1:
+                raise ValueError(f"one prompt expected, got an array of {len(prompt)} rows")
+            prompt = prompt[0]
+        if not isinstance(prompt, Sequence) or isinstance(prompt, (bytes, bytearray)) \
+                or not all(_is_int(i) for i in prompt):
+            raise ValueError(f"a prompt is a string or a sequence of integer token ids; got {prompt!r:.80}")
         ids = [int(i) for i in prompt]
         if not ids:
             raise ValueError("empty prompt: a token-id prompt needs at least one id")
@@ -104,6 +115,37 @@ class Model:
         if self.tokenizer is None:
             return ""
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _check_size(self, policy: Policy, ids: list[list[int]], max_new_tokens: int) -> None:
+        """Refuse a cache that cannot fit the device (saying how many new tokens would); past the model's
+        context length, warn for fixed-budget policies and refuse for the others."""
+        longest = max(len(p) for p in ids)
+        context = self.cfg.max_position_embeddings
+        if longest + max_new_tokens > context:
+            message = (f"prompt + max_new_tokens = {longest + max_new_tokens} tokens exceeds this model's context "
+                       f"length ({context})")
+            if not policy.fixed_budget:
+                raise ValueError(f"{message}: use max_new_tokens <= {max(context - longest, 0)}, or a fixed-budget "
+                                 "policy (raas, h2o, streaming)")
+            warnings.warn(f"{message}: positions past it were not trained", stacklevel=3)
+        batch = -(-next_pow2(len(ids)) // data_parallelism(policy)) * data_parallelism(policy)
+        shards = 1 if self.mesh is None else self.mesh.size  # the pool is split over the mesh
+        base = getattr(policy, "policy", policy)
+
+        def pool_bytes(new_tokens: int) -> int:
+            return _pool_bytes(base, self.cfg, batch, policy.num_slots(longest, new_tokens), self.dtype) // shards
+
+        need, free = pool_bytes(max_new_tokens), device_free_bytes()
+        if free is not None and need > free:
+            fit, too_many = 0, max_new_tokens  # the most new tokens whose cache fits (bisection)
+            while not policy.fixed_budget and too_many - fit > 1:
+                middle = (fit + too_many) // 2
+                fit, too_many = (middle, too_many) if pool_bytes(middle) <= free else (fit, middle)
+            raise ValueError(
+                f"the KV cache for {len(ids)} prompt(s) of up to {longest} tokens + {max_new_tokens} new tokens "
+                f"would take {_size(need)}, more than the {_size(free)} free on the "
+                f"{jax.devices()[0].platform} device" + (f": at most {fit} new tokens fit" if fit > 0 else
+                                                  ": use fewer prompts, or a smaller budget or page size"))
 
     def _require_tokenizer(self):
         if self.tokenizer is None:
@@ -133,13 +175,16 @@ class Model:
 
         `on_text(index, new_text)` streams decoded text as it is produced (every `chunk` steps).
         """
-        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
-                                        and isinstance(prompts[0], (int, np.integer))):
+        if isinstance(prompts, np.ndarray):
+            prompts = _array_prompts(prompts)
+        elif isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
+                                          and isinstance(prompts[0], (int, float, np.number, np.bool_))):
             prompts = [prompts]
-        if not prompts:
-            raise ValueError("no prompts given")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not isinstance(prompts, Sequence) or isinstance(prompts, (bytes, bytearray)) or not prompts:
+            raise ValueError("no prompts given" if not prompts else
+                             f"prompts must be strings or lists of token ids, got {type(prompts).__name__}")
+        if not _is_int(max_new_tokens) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
             raise ValueError(f"bad sampling parameters: temperature={temperature} (>= 0), top_p={top_p} "
                              f"(in (0, 1]), top_k={top_k} (>= 0)")
@@ -149,6 +194,7 @@ class Model:
             raise ValueError(f"prompt + max_new_tokens = {longest} exceeds this model's sliding window "
                              f"({self.cfg.sliding_window}); sliding-window attention is not implemented")
         gen = self._generator(policy)
+        self._check_size(gen.policy, ids, max_new_tokens)
         streamer = _TextStreamer(self, len(ids), on_text) if on_text else None
         start = time.perf_counter()
         out, state = run_generation(gen, self.params, ids, max_new_tokens=max_new_tokens, eos_ids=self.eos_ids,
@@ -195,6 +241,43 @@ class _TextStreamer:
             if len(text) > len(self.sent[i]) and text.startswith(self.sent[i]):
                 self.on_text(i, text[len(self.sent[i]):])
                 self.sent[i] = text
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _array_prompts(array: np.ndarray) -> list[list[int]]:
+    """A 1-D (one prompt) or 2-D (one per row) integer array -> token-id lists; anything else refused."""
+    if not np.issubdtype(array.dtype, np.integer) or array.ndim not in (1, 2):
+        raise ValueError(f"a numpy prompt must be a 1-D or 2-D integer array of token ids; got dtype "
+                         f"{array.dtype}, shape {array.shape}")
+    return [row.tolist() for row in np.atleast_2d(array)]
+
+
+def _pool_bytes(policy: Policy, cfg: ModelConfig, batch: int, slots: int, dtype: Any) -> int:
+    """Bytes of the cache `policy` would allocate, from shapes alone (nothing is allocated)."""
+    shapes = jax.eval_shape(lambda: policy.init(cfg, batch, slots, dtype))
+    return int(sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes)))
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def device_free_bytes() -> int | None:
+    """Memory a new cache can take: the accelerator's limit less what is in use (jax memory stats) or, on
+    CPU, the host's available memory; None when unknown."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - not every backend reports
+        stats = {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 # ------------------------------------------------------------------------------------- load

@@ -148,6 +148,8 @@ def run_generation(gen: Generator, params, prompts: Sequence[Sequence[int]], *, 
 
     `on_chunk(tokens_so_far, step)` is called after each chunk of `chunk` decode steps (streaming).
     """
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     gen.policy.check_prompts([len(p) for p in prompts])
     tokens, lengths, is_padding = pad_prompts(prompts, data_parallelism(gen.policy))
     num_slots = gen.policy.num_slots(int(lengths.max()), max_new_tokens)
@@ -166,6 +168,8 @@ def run_generation(gen: Generator, params, prompts: Sequence[Sequence[int]], *, 
             break
         state = state._replace(base=jnp.int32(step))
         state = gen.decode(params, state, jnp.int32(min(step + chunk, max_new_tokens)), eos, sampling)
+        if int(state.step) <= step and not bool(jnp.all(state.done)):
+            raise RuntimeError(f"decoding made no progress at step {step} of {max_new_tokens}")
     out = np.concatenate(drained, axis=1)
     return out, state
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -125,3 +127,57 @@ def test_new_lengths_in_a_bucket_do_not_recompile(model):
     model.generate([[4, 5, 6, 7, 8]], max_new_tokens=30, chat=False)
     model.generate([[9, 10]], max_new_tokens=25, chat=False, temperature=0.7, top_p=0.9, top_k=5)
     assert (gen.start._cache_size(), gen.decode._cache_size()) == compiled
+
+
+def test_max_new_tokens_must_be_an_integer_and_decoding_must_progress(model, monkeypatch):
+    from raas_jax.generate import run_generation
+
+    for bad in (3.5, 2.0, True, "8"):
+        with pytest.raises(ValueError, match="max_new_tokens must be an integer"):
+            model.generate([[1, 2, 3]], max_new_tokens=bad)
+    assert len(model.generate([[1, 2, 3]], max_new_tokens=np.int64(3))[0].token_ids) == 3
+    gen = model._generator(None)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer"):
+        run_generation(gen, model.params, [[1, 2, 3]], max_new_tokens=3.5, eos_ids=())
+    monkeypatch.setitem(gen.__dict__, "decode", lambda params, state, *args: state)  # a chunk that does nothing
+    with pytest.raises(RuntimeError, match="no progress"):
+        run_generation(gen, model.params, [[1, 2, 3]], max_new_tokens=40, eos_ids=())
+
+
+def test_sizes_past_the_context_or_the_device_are_refused(model, monkeypatch):
+    from raas_jax import api
+    from raas_jax.policies import RaaS
+
+    context = model.cfg.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"exceeds this model's context length \({context}\).*<= {context - 3}"):
+        model.generate([[1, 2, 3]], max_new_tokens=1_000_000_000)
+    with pytest.warns(UserWarning, match="context length"):
+        out = model.generate([[1, 2, 3]], max_new_tokens=context, policy=RaaS(budget=32, page_size=4))
+    assert len(out[0].token_ids) == context
+    room = api._pool_bytes(Dense(), model.cfg, 1, Dense().num_slots(3, 200), model.dtype)
+    monkeypatch.setattr(api, "device_free_bytes", lambda: room)
+    with pytest.raises(ValueError, match=r"would take .* MiB, more than the .* MiB free on the cpu device: at most "
+                                         r"\d+ new tokens fit"):
+        model.generate([[1, 2, 3]], max_new_tokens=400)
+    fit = int(re.search(r"at most (\d+)", str(_refusal(model, 400))).group(1))
+    assert 200 <= fit < 400
+    assert len(model.generate([[1, 2, 3]], max_new_tokens=fit)[0].token_ids) == fit
+    with pytest.raises(ValueError, match="at most"):
+        model.generate([[1, 2, 3]], max_new_tokens=fit + 1)
+
+
+def _refusal(model, max_new_tokens):
+    try:
+        model.generate([[1, 2, 3]], max_new_tokens=max_new_tokens)
+    except ValueError as e:
+        return e
+    raise AssertionError("not refused")
+
+
+def test_numpy_prompts(model):
+    one = model.generate(np.array([1, 2, 3]), max_new_tokens=2)
+    two = model.generate(np.array([[1, 2, 3], [4, 5, 6]], np.int32), max_new_tokens=2)
+    assert len(one) == 1 and len(two) == 2 and two[0].token_ids == one[0].token_ids
+    for bad in (np.array([1.0, 2.0]), np.array([True, False]), np.array([[[1]]]), b"abc", [1.5, 2], [[1, True]]):
+        with pytest.raises(ValueError, match="prompt"):
+            model.generate(bad, max_new_tokens=2)
