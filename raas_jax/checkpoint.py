@@ -10,10 +10,13 @@ A converted model directory holds:
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -237,10 +240,18 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str = "bf16",
     """
     src, out = Path(src).expanduser(), Path(out).expanduser()
     jdtype = resolve_dtype(dtype)
+    if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
+        raise ValueError(f"OUT {out} is the source or a folder holding it: converting there would delete "
+                         f"the source {src}; choose another OUT")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _remove_stale_temps(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700: the result gets the umask like any new directory
+    restore_sigterm = _raise_on_sigterm()
     try:
         hf_config, params = read_source(src, jdtype, progress=progress)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
@@ -258,7 +269,41 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str = "bf16",
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        restore_sigterm()
     return out
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Remove `.OUT.tmp-*` siblings left by a conversion that was killed (its process is gone)."""
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+        pid = stale.name[len(out.name) + 6:].split("-", 1)[0]
+        if pid.isdigit() and _process_alive(int(pid)):
+            continue
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _raise_on_sigterm() -> Any:
+    """Turn SIGTERM into SystemExit (so that the temporary directory is removed) until the returned function
+    restores the previous handler (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def on_sigterm(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def save_params(path: Path, params: dict, max_file_bytes: int | None = None) -> None:

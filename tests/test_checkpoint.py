@@ -135,3 +135,51 @@ def test_safetensors_bf16_arrive_as_ml_dtypes(tmp_path):
     got = dict(iter_safetensors(tmp_path / "m.safetensors"))
     assert got["w"].dtype == ml_dtypes.bfloat16 and got["b"].dtype == np.float32
     np.testing.assert_array_equal(got["w"].astype(np.float32), values.astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+def test_output_that_is_or_holds_the_source_is_refused(tiny_llama_dir, tmp_path):
+    src = tmp_path / "models" / "hf"
+    shutil.copytree(tiny_llama_dir, src)
+    for out in (src, src.parent, tmp_path / "models" / ".." / "models" / "hf"):
+        with pytest.raises(ValueError, match="would delete the source"):
+            convert(src, out, overwrite=True, progress=False)
+    assert (src / "model.safetensors").is_file()
+
+
+def test_stale_temporaries_are_removed_and_the_umask_respected(tiny_llama_dir, tmp_path):
+    import os
+
+    stale = [tmp_path / ".out.tmp-abc123", tmp_path / ".out.tmp-999999999-xyz"]
+    live = tmp_path / f".out.tmp-{os.getpid()}-live"  # a conversion still running in this process
+    for d in stale + [live]:
+        d.mkdir()
+        (d / "big").write_bytes(b"x" * 100)
+    old = os.umask(0o022)
+    try:
+        out = convert(tiny_llama_dir, tmp_path / "out", dtype="f32", progress=False)
+    finally:
+        os.umask(old)
+    assert not any(d.exists() for d in stale) and live.is_dir()
+    assert out.stat().st_mode & 0o777 == 0o755
+
+
+def test_sigterm_during_convert_removes_the_temporary(tiny_llama_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, time\nfrom raas_jax import checkpoint\n"
+            "checkpoint.save_params = lambda *a, **k: (print('saving', flush=True), time.sleep(60))\n"
+            f"checkpoint.convert({str(tiny_llama_dir)!r}, {str(tmp_path / 'out')!r}, dtype='f32', progress=False)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "saving"
+        assert list(tmp_path.glob(".out.tmp-*"))
+        os.kill(child.pid, signal.SIGTERM)
+        assert child.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        child.kill()
+    time.sleep(0.1)
+    assert not list(tmp_path.glob(".out.tmp-*")) and not (tmp_path / "out").exists()
