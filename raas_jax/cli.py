@@ -145,7 +145,7 @@ def _inspect(args: argparse.Namespace) -> int:
         samples = load_samples(args.dataset, args.data_dir, limit=args.index + 1)
         if len(samples) <= args.index:
             raise ValueError(f"{args.dataset} has {len(samples)} samples; --index {args.index} is past the end")
-        prompt = build_prompt(model, samples[args.index].question)
+        prompt = build_prompt(model, samples[args.index].question, args.dataset)
     elif args.prompt:
         prompt = model.encode(args.prompt, chat=not args.no_chat)
     else:

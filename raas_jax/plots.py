@@ -15,7 +15,7 @@ def _pyplot():
 
 
 def line_plot(series: dict[str, list[tuple[float, float]]], path: Path, xlabel: str, ylabel: str, title: str,
-              hline: tuple[str, float] | None = None, log_y: bool = False) -> Path:
+              hline: tuple[str, float] | None = None, log_y: bool = False, log_x: bool = True) -> Path:
     """`series`: label -> [(x, y), ...]; `hline`: an optional (label, y) reference line."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -24,7 +24,8 @@ def line_plot(series: dict[str, list[tuple[float, float]]], path: Path, xlabel: 
             ax.plot(*zip(*sorted(points)), marker="o", label=label)
     if hline is not None:
         ax.axhline(hline[1], color="black", linestyle="--", label=hline[0])
-    ax.set_xscale("log", base=2)
+    if log_x:
+        ax.set_xscale("log", base=2)
     if log_y:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)

@@ -120,3 +120,13 @@ def test_known_datasets_from_shared_data():
     assert gsm8k[0].gold == "18" and "Janet" in gsm8k[0].question
     assert len(load_samples("aime24")) == 30
     assert load_samples("math500", limit=1)[0].gold
+
+
+def test_wilson_interval_matches_known_values():
+    from raas_jax.eval.runner import wilson_interval
+
+    low, high = wilson_interval(0, 64)
+    assert low == 0 and high == pytest.approx(0.0565, abs=1e-3)
+    low, high = wilson_interval(31, 32)
+    assert low == pytest.approx(0.8426, abs=1e-3) and high == pytest.approx(0.9945, abs=1e-3)
+    assert wilson_interval(0, 0) == (None, None)

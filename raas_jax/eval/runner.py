@@ -111,9 +111,12 @@ def grade(dataset: str, sample: Sample, text: str) -> dict:
 
         predicted = M.parse_answer(text)
         wrong = M.first_wrong_step(milestones_problem(sample.id), text)
+        n_steps = int(sample.gold.split()[0][1:])  # gold "m{N} = VV"
         return {"predicted": predicted, "correct": predicted == sample.gold,
                 "first_wrong_step": None if wrong is None else wrong.step,
-                "first_wrong_role": None if wrong is None else wrong.role}
+                "first_wrong_role": None if wrong is None else wrong.role,
+                # every one of the N steps right, whether or not the model then stopped with the answer line
+                "steps_right": wrong is None or wrong.step > n_steps}
     predicted = extract_answer(text)
     return {"predicted": predicted, "correct": bool(is_equivalent(predicted, sample.gold))}
 
@@ -246,8 +249,18 @@ def _fidelity(model: Model, cell: Cell, runnable: list[Sample], results, prompts
 
 # ------------------------------------------------------------------------------------ summary
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float] | tuple[None, None]:
+    """95% Wilson score interval of a proportion (sound at 0 and n, unlike the normal approximation)."""
+    if n == 0:
+        return None, None
+    p = successes / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, center - half)), float(min(1.0, center + half))
+
+
 def summarize(rows: Sequence[dict]) -> list[dict[str, Any]]:
-    """One row per cell: accuracy, fidelity, tokens and speed."""
+    """One row per cell: accuracy (with a 95% interval), fidelity, tokens and speed."""
     table = []
     for key in dict.fromkeys(r["cell"] for r in rows):
         cell_rows = [r for r in rows if r["cell"] == key]
@@ -259,10 +272,12 @@ def summarize(rows: Sequence[dict]) -> list[dict[str, Any]]:
             values = [r[field] for r in ran if field in r]
             return float(np.mean(values)) if values else None
 
+        low, high = wilson_interval(sum(bool(r["correct"]) for r in ran), len(ran))
         table.append({
             "policy": cell_rows[0]["policy"], "budget": cell_rows[0]["budget"],
             "page_size": cell_rows[0].get("page_size"), "samples": len(ran),
-            "skipped": len(cell_rows) - len(ran), "accuracy": mean("correct"), "agreement": mean("agreement"),
+            "skipped": len(cell_rows) - len(ran), "accuracy": mean("correct"), "accuracy_low": low,
+            "accuracy_high": high, "steps_right": mean("steps_right"), "agreement": mean("agreement"),
             "kl": mean("kl"), "first_divergence": mean("first_divergence"), "new_tokens": mean("new_tokens"),
             "tokens_per_second": tokens / seconds if seconds > 0 else None,
             "cache_mib": (max(r["cache_bytes"] for r in ran) / 2**20) if ran else None,
@@ -278,8 +293,8 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-COLUMNS = ("policy", "budget", "page_size", "samples", "skipped", "accuracy", "agreement", "kl", "first_divergence",
-           "new_tokens", "tokens_per_second", "cache_mib")
+COLUMNS = ("policy", "budget", "page_size", "samples", "skipped", "accuracy", "accuracy_low", "accuracy_high",
+           "steps_right", "agreement", "kl", "first_divergence", "new_tokens", "tokens_per_second", "cache_mib")
 
 
 def write_summary(table: list[dict], out: Path, title: str) -> None:
@@ -301,7 +316,8 @@ def write_plots(table: list[dict], out: Path, title: str) -> list[Path]:
 
     written = []
     dense = next((r for r in table if r["policy"] == "dense"), None)
-    for metric, label in (("accuracy", "accuracy"), ("agreement", "teacher-forced top-1 agreement with dense")):
+    for metric, label in (("accuracy", "accuracy"), ("steps_right", "all solution steps right (milestones)"),
+                          ("agreement", "teacher-forced top-1 agreement with dense")):
         if all(r[metric] is None for r in table if r["budget"] is not None):
             continue
         sparse = [r for r in table if r["budget"] is not None]
