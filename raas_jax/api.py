@@ -117,17 +117,14 @@ class Model:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def _check_size(self, policy: Policy, ids: list[list[int]], max_new_tokens: int) -> None:
-        """Refuse a cache that cannot fit the device (saying how many new tokens would); past the model's
-        context length, warn for fixed-budget policies and refuse for the others."""
+        """Refuse a cache that cannot fit the device (saying how many new tokens would); warn past the model's
+        context length (positions it was not trained on; the output may degrade)."""
         longest = max(len(p) for p in ids)
         context = self.cfg.max_position_embeddings
         if longest + max_new_tokens > context:
-            message = (f"prompt + max_new_tokens = {longest + max_new_tokens} tokens exceeds this model's context "
-                       f"length ({context})")
-            if not policy.fixed_budget:
-                raise ValueError(f"{message}: use max_new_tokens <= {max(context - longest, 0)}, or a fixed-budget "
-                                 "policy (raas, h2o, streaming)")
-            warnings.warn(f"{message}: positions past it were not trained", stacklevel=3)
+            warnings.warn(f"prompt + max_new_tokens = {longest + max_new_tokens} tokens exceeds this model's context "
+                          f"length ({context}): positions past it were not trained (max_new_tokens <= "
+                          f"{max(context - longest, 0)} stays inside)", stacklevel=3)
         batch = -(-next_pow2(len(ids)) // data_parallelism(policy)) * data_parallelism(policy)
         shards = 1 if self.mesh is None else self.mesh.size  # the pool is split over the mesh
         base = getattr(policy, "policy", policy)

@@ -149,11 +149,13 @@ def test_sizes_past_the_context_or_the_device_are_refused(model, monkeypatch):
     from raas_jax.policies import RaaS
 
     context = model.cfg.max_position_embeddings
-    with pytest.raises(ValueError, match=rf"exceeds this model's context length \({context}\).*<= {context - 3}"):
-        model.generate([[1, 2, 3]], max_new_tokens=1_000_000_000)
-    with pytest.warns(UserWarning, match="context length"):
-        out = model.generate([[1, 2, 3]], max_new_tokens=context, policy=RaaS(budget=32, page_size=4))
-    assert len(out[0].token_ids) == context
+    with pytest.warns(UserWarning, match=rf"exceeds this model's context length \({context}\).*<= {context - 3}"):
+        with pytest.raises(ValueError, match=r"would take .* GiB, more than the .* free on the cpu device: at most "):
+            model.generate([[1, 2, 3]], max_new_tokens=1_000_000_000)  # a dense cache of ~1 TB
+    for policy in (RaaS(budget=32, page_size=4), None):
+        with pytest.warns(UserWarning, match="context length"):
+            out = model.generate([[1, 2, 3]], max_new_tokens=context, policy=policy)
+        assert len(out[0].token_ids) == context
     room = api._pool_bytes(Dense(), model.cfg, 1, Dense().num_slots(3, 200), model.dtype)
     monkeypatch.setattr(api, "device_free_bytes", lambda: room)
     with pytest.raises(ValueError, match=r"would take .* MiB, more than the .* MiB free on the cpu device: at most "
