@@ -59,6 +59,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(hf, dict):
+            raise ValueError(f"config.json must hold a JSON object, got a {type(hf).__name__}")
         model_type = hf.get("model_type")
         archs = hf.get("architectures") or []
         if model_type not in SUPPORTED_ARCHITECTURES:
@@ -72,6 +74,7 @@ class ModelConfig:
                     f"unsupported architecture {arch!r}; raas-jax supports "
                     + ", ".join(SUPPORTED_ARCHITECTURES.values())
                 )
+        _check_fields(hf)
         if hf.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
         num_heads = int(hf["num_attention_heads"])
@@ -125,6 +128,25 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON ({e}); the checkpoint's config is corrupt") from None
         return cls.from_hf_dict(hf)
+
+
+_REQUIRED_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_OPTIONAL_INTS = ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+_NUMBERS = ("rms_norm_eps", "rope_theta")
+
+
+def _check_fields(hf: Any) -> None:
+    """ValueError naming the field when config.json lacks a size or holds a wrong type."""
+    for key in _REQUIRED_INTS + _OPTIONAL_INTS:
+        value = hf.get(key)
+        if value is None and key in _REQUIRED_INTS:
+            raise ValueError(f"config.json lacks {key!r}")
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"config.json field {key!r} must be a positive integer, got {value!r}")
+    for key in _NUMBERS:
+        value = hf.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise ValueError(f"config.json field {key!r} must be a number, got {value!r}")
 
 
 def _rope_theta(hf: dict[str, Any]) -> float:

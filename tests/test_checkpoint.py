@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -183,3 +184,30 @@ def test_sigterm_during_convert_removes_the_temporary(tiny_llama_dir, tmp_path):
         child.kill()
     time.sleep(0.1)
     assert not list(tmp_path.glob(".out.tmp-*")) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda c: c.pop("hidden_size"), r"config\.json lacks 'hidden_size'"),
+    (lambda c: c.update(hidden_size="64"), r"field 'hidden_size' must be a positive integer, got '64'"),
+    (lambda c: c.update(rms_norm_eps="1e-5"), "field 'rms_norm_eps' must be a number"),
+    (lambda c: c.update(num_hidden_layers=1),
+     r"'model\.layers\.1\..* is for layer 1, but config\.json has num_hidden_layers=1"),
+])
+def test_bad_config_json_is_named(tiny_llama_dir, tmp_path, capsys, edit, message):
+    src = tmp_path / "hf"
+    shutil.copytree(tiny_llama_dir, src)
+    config = json.loads((src / "config.json").read_text())
+    edit(config)
+    (src / "config.json").write_text(json.dumps(config))
+    assert cli_main(["convert", str(src), str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "Traceback" not in err
+
+
+def test_config_json_that_is_not_an_object(tiny_llama_dir, tmp_path, capsys):
+    src = tmp_path / "hf"
+    shutil.copytree(tiny_llama_dir, src)
+    (src / "config.json").write_text("[1, 2]")
+    assert cli_main(["convert", str(src), str(tmp_path / "out"), "--quiet"]) == 2
+    assert "config.json must hold a JSON object, got a list" in capsys.readouterr().err

@@ -121,3 +121,56 @@ def test_cli_start_sets_the_cublas_flag(monkeypatch, tmp_path, capsys):
     monkeypatch.delenv("RAAS_JAX_KEEP_XLA_FLAGS", raising=False)
     assert main(["generate", "--model", str(tmp_path / "missing"), "hi"]) == 2
     assert os.environ["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm=false"
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "--page-size", "0", "p"], ["generate", "--policy", "quest", "--budget", "0", "p"],
+    ["generate", "--temperature", "nan", "p"], ["generate", "--seed", "-1", "p"], ["generate", "--seed", "4294967296", "p"],
+    ["generate", "--max-new-tokens", "2.5", "p"], ["eval", "--batch-size", "0"], ["eval", "--limit", "0"],
+    ["eval", "--limit", "-3"],
+])
+def test_bad_numbers_are_refused_at_parse_time(argv, monkeypatch, capsys):
+    monkeypatch.setattr(raas_jax, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    flag = next(a for a in reversed(argv) if a.startswith("--"))
+    assert f"argument {flag}:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--policy", "streaming", "--budget", "64", "--sink-tokens", "-1"], "sink tokens"),
+    (["--policy", "quest", "--budget", "64", "--dense-layers", "-2"], "dense_layers must be >= 0"),
+    (["--policy", "dense", "--page-size", "0"], "must be >= 1"),
+])
+def test_bad_policy_values_are_refused_before_loading(flags, message, monkeypatch, capsys):
+    monkeypatch.setattr(raas_jax, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    try:
+        code = main(["generate", *flags, "p"])
+    except SystemExit as e:
+        code = e.code
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_os_errors_are_one_line(tiny_llama_dir, tmp_path, capsys):
+    (tmp_path / "x.gguf").mkdir()
+    (tmp_path / "file").write_text("not a directory")
+    for argv in (["convert", str(tmp_path / "x.gguf"), str(tmp_path / "out")],
+                 ["generate", "--model", str(tmp_path / "x.gguf"), "hi"],
+                 ["convert", str(tiny_llama_dir), str(tmp_path / "file" / "out")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err and str(tmp_path) in err, err
+
+
+def test_closed_stdout_pipe_exits_quietly():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom raas_jax import cli\n"
+            "def spam(args):\n    for _ in range(100000):\n        print('x' * 100)\n    return 0\n"
+            "cli._generate = spam\nsys.exit(cli.main(['generate', 'p']))\n")
+    done = subprocess.run(["bash", "-c", f"{sys.executable} -c \"$CODE\" | head -c 10 >/dev/null; "
+                           "echo ${PIPESTATUS[0]} >&2"], env={**__import__("os").environ, "CODE": code},
+                          capture_output=True, text=True, timeout=300)
+    assert done.stderr.strip() == "141", done.stderr[-2000:]
