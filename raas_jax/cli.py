@@ -56,6 +56,14 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from raas_jax.export import export_hf
+
+    out = export_hf(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
 def policy_from_args(args: argparse.Namespace):
     """The policy object the --policy/--budget/... flags describe (dense when none is named)."""
     from raas_jax.policies import POLICIES, make_policy, policy_key, policy_options
@@ -277,6 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser("export", help="write a converted raas-jax directory as an HF directory "
+                       "(config.json, model.safetensors, tokenizer) that transformers loads")
+    p.add_argument("src", help="converted raas-jax model directory")
+    p.add_argument("out", help="output HF directory (must not exist unless --overwrite)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "f32"], help="default: the stored dtype")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("generate", help="generate text (streams to the terminal)")
     p.add_argument("prompt", nargs="+", help="one or more prompts")

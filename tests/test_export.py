@@ -52,3 +52,15 @@ def test_export_refuses_existing_and_unconverted(exported, tmp_path):
         export_hf(CKPT, exported)
     with pytest.raises(FileNotFoundError):
         export_hf(tmp_path, tmp_path / "x")
+
+
+def test_export_cli(tmp_path, capsys):
+    from raas_jax.cli import main
+
+    out = tmp_path / "hf"
+    assert main(["export", str(CKPT), str(out), "--dtype", "bf16"]) == 0
+    assert (out / "model.safetensors").is_file() and "wrote" in capsys.readouterr().out
+    assert main(["export", str(CKPT), str(out)]) == 2  # exists, no --overwrite
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
+    assert "not a converted raas-jax directory" in capsys.readouterr().err
