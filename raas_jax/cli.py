@@ -143,8 +143,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     import raas_jax
     from raas_jax.eval.datasets import load_samples
-    from raas_jax.eval.runner import (EvalConfig, grid, parse_page_sizes, run_eval, summarize, write_plots,
-                                      write_summary)
+    from raas_jax.eval.runner import (EvalConfig, check_config, grid, parse_page_sizes, run_eval, summarize,
+                                      write_plots, write_summary)
 
     try:
         budgets = tuple(int(b) for b in _csv(args.budgets))
@@ -157,8 +157,10 @@ def _eval(args: argparse.Namespace) -> int:
                         limit=args.limit, fidelity=args.fidelity, model=args.model)
     grid(config)  # validates policy names and budgets before anything slow
     samples = load_samples(args.dataset, args.data_dir, args.question_field, args.answer_field, args.limit)
-    model = raas_jax.load(args.model, dtype=args.dtype, mesh=args.mesh)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    check_config(out, config, **_eval_record(args))  # a resumed run must match: refused before loading
+    model = raas_jax.load(args.model, dtype=args.dtype, mesh=args.mesh)
     rows = run_eval(model, samples, config, out, progress=not args.quiet)
     table = summarize(rows)
     title = f"{Path(args.dataset).stem}, {len(samples)} samples, {args.max_new_tokens} new tokens"
@@ -167,6 +169,24 @@ def _eval(args: argparse.Namespace) -> int:
     print((out / "summary.md").read_text())
     print(f"wrote {out / 'samples.jsonl'}, summary.csv, summary.md and plots")
     return 0
+
+
+def _eval_record(args: argparse.Namespace) -> dict:
+    """What an eval's config.json records beside EvalConfig: the compute dtype, the question/answer fields and
+    the data file's sha256 (None for generated datasets)."""
+    import hashlib
+
+    import jax.numpy as jnp
+
+    from raas_jax.api import default_dtype
+    from raas_jax.checkpoint import resolve_dtype
+    from raas_jax.eval.datasets import dataset_path, is_milestones
+
+    digest = None
+    if not is_milestones(args.dataset):
+        digest = hashlib.sha256(dataset_path(args.dataset, args.data_dir).read_bytes()).hexdigest()
+    return {"dtype": jnp.dtype(resolve_dtype(args.dtype) or default_dtype()).name,
+            "question_field": args.question_field, "answer_field": args.answer_field, "data_sha256": digest}
 
 
 def _inspect(args: argparse.Namespace) -> int:

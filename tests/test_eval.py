@@ -130,3 +130,54 @@ def test_wilson_interval_matches_known_values():
     low, high = wilson_interval(31, 32)
     assert low == pytest.approx(0.8426, abs=1e-3) and high == pytest.approx(0.9945, abs=1e-3)
     assert wilson_interval(0, 0) == (None, None)
+
+
+def test_resume_checks_dtype_fields_data_hash_fidelity_and_resolved_model(tmp_path):
+    from raas_jax.eval.runner import check_config
+
+    config = EvalConfig(dataset="d.jsonl", policies=("dense",), budgets=(64,), model=str(tmp_path / "m"))
+    recorded = dict(dtype="float32", question_field="q", answer_field="a", data_sha256="abc")
+    check_config(tmp_path, config, **recorded)
+    check_config(tmp_path, config)  # run_eval's own call: the recorded keys are kept
+    assert json.loads((tmp_path / "config.json").read_text())["data_sha256"] == "abc"
+    check_config(tmp_path, EvalConfig(**{**config.__dict__, "model": str(tmp_path / "x" / ".." / "m")}), **recorded)
+    for key, value in (("dtype", "bfloat16"), ("question_field", "question"), ("answer_field", None),
+                       ("data_sha256", "abd")):
+        with pytest.raises(ValueError, match=key):
+            check_config(tmp_path, config, **{**recorded, key: value})
+    for change in ({"fidelity": True}, {"model": str(tmp_path / "other")}):
+        with pytest.raises(ValueError, match="different (fidelity|model_resolved)"):
+            check_config(tmp_path, EvalConfig(**{**config.__dict__, **change}), **recorded)
+
+
+def test_cli_eval_refuses_a_changed_data_file_before_loading(dataset, tmp_path, monkeypatch, capsys):
+    loads = []
+    monkeypatch.setattr(raas_jax, "load", lambda *a, **k: loads.append(1) or (_ for _ in ()).throw(
+        ValueError("stop here")))
+    argv = ["eval", "--dataset", str(dataset), "--question-field", "q", "--answer-field", "a", "--policies",
+            "dense", "--out", str(tmp_path / "out"), "--dtype", "f32"]
+    assert cli_main(argv) == 2 and loads == [1] and "stop here" in capsys.readouterr().err
+    dataset.write_text(dataset.read_text() + json.dumps({"q": "new", "a": "1"}) + "\n")
+    assert cli_main(argv) == 2 and loads == [1]
+    assert "different data_sha256" in capsys.readouterr().err
+    assert cli_main(argv[:-1] + ["bf16"]) == 2 and "dtype" in capsys.readouterr().err
+
+
+def test_non_row_lines_in_samples_are_skipped_with_a_warning(tmp_path):
+    from raas_jax.eval.runner import read_done
+
+    path = tmp_path / "samples.jsonl"
+    rows = [{"cell": "dense", "id": "0"}, {"cell": "dense", "id": "1"}]
+    path.write_text(json.dumps(rows[0]) + "\n[1, 2]\nhand-edited note\n" + json.dumps(rows[1]) + '\n{"cel')
+    with pytest.warns(UserWarning) as caught:
+        done = read_done(path)
+    assert sorted(done) == [("dense", "0"), ("dense", "1")]
+    assert [str(w.message) for w in caught] == [f"{path}:2 is not a sample row; skipped",
+                                                f"{path}:3 is not a sample row; skipped"]
+
+
+def test_duplicate_sample_ids_are_refused(tmp_path):
+    path = tmp_path / "dup.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "question": "q", "answer": "1"}) + "\n" for i in (7, 8, 7)))
+    with pytest.raises(ValueError, match=r"dup\.jsonl:3 repeats sample id '7' of line 1"):
+        load_samples(str(path))

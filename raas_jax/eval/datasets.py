@@ -100,6 +100,7 @@ def load_samples(dataset: str, data_dir: str | os.PathLike | None = None, questi
     _, default_q, default_a = KNOWN_DATASETS.get(dataset, (None, "question", "answer"))
     q_field, a_field = question_field or default_q, answer_field or default_a
     samples = []
+    first_line: dict[str, int] = {}  # sample id -> the line that has it
     with open(path) as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -115,6 +116,10 @@ def load_samples(dataset: str, data_dir: str | os.PathLike | None = None, questi
             if "####" in gold:
                 gold = extract_answer(gold) or gold
             sample_id = str(row.get("id", row.get("idx", row.get("unique_id", line_no - 1))))
+            if sample_id in first_line:
+                raise ValueError(f"{path}:{line_no} repeats sample id {sample_id!r} of line "
+                                 f"{first_line[sample_id]}: ids must be unique")
+            first_line[sample_id] = line_no
             samples.append(Sample(sample_id, str(row[q_field]), gold))
             if limit is not None and len(samples) >= limit:
                 break

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -126,10 +127,17 @@ def read_done(path: Path) -> dict[tuple[str, str], dict]:
     done: dict[tuple[str, str], dict] = {}
     if not path.is_file():
         return done
-    for line in path.read_text().splitlines():
+    lines = path.read_text().splitlines()
+    for line_no, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
+            row = None
+            if line_no == len(lines):
+                continue  # the line an interrupted run was writing
+        if not isinstance(row, dict) or "cell" not in row or "id" not in row:
+            if line.strip():
+                warnings.warn(f"{path}:{line_no} is not a sample row; skipped", stacklevel=2)
             continue
         done[(row["cell"], row["id"])] = row
     return done
@@ -152,19 +160,38 @@ class _Appender:
         self.file.close()
 
 
-def check_config(out: Path, config: EvalConfig) -> None:
-    """Write config.json, or check that a resumed run uses the same settings."""
+def check_config(out: Path, config: EvalConfig, **recorded: Any) -> None:
+    """Write config.json, or check that a resumed run uses the same settings: dataset, page sizes, max tokens,
+    fidelity on/off, the model path resolved, and whatever the caller records beside the config (`recorded`;
+    the CLI gives dtype, question/answer fields and the data file's sha256). Keys recorded by an earlier call
+    are kept when a later one does not give them."""
     path = out / "config.json"
     current = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as saved
+    current["model_resolved"] = _resolved_model(config.model)
+    current.update(json.loads(json.dumps(recorded)))
+    saved: dict[str, Any] = {}
     if path.is_file():
-        saved = json.loads(path.read_text())
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}): use another --out") from None
         saved.setdefault("policy_page_sizes", [])
-        fixed = ("dataset", "page_size", "policy_page_sizes", "max_new_tokens", "model")
+        fixed = ["dataset", "page_size", "policy_page_sizes", "max_new_tokens", "fidelity"]
+        fixed += ["model_resolved" if "model_resolved" in saved else "model"]  # the same model by another path
+        fixed += [k for k in recorded if k in saved]  # runs from before a key was recorded do not have it
         changed = [k for k in fixed if saved.get(k) != current.get(k)]
         if changed:
             raise ValueError(f"{out} holds a run with different {', '.join(changed)} "
                              f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}): use another --out")
-    path.write_text(json.dumps(current, indent=2))
+    path.write_text(json.dumps({**saved, **current}, indent=2))
+
+
+def _resolved_model(model: str | None) -> str:
+    if model is None:
+        from raas_jax.default_model import DEFAULT_NAME, cache_dir
+
+        return str((cache_dir() / DEFAULT_NAME).resolve())
+    return str(Path(model).expanduser().resolve())
 
 
 def run_eval(model: Model, samples: Sequence[Sample], config: EvalConfig, out: str | Path,
