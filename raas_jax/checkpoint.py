@@ -10,6 +10,7 @@ A converted model directory holds:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -248,20 +249,30 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str = "bf16",
                          f"the source {src}; choose another OUT")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700: the result gets the umask like any new directory
-    restore_sigterm = _raise_on_sigterm()
-    try:
+    with atomic_directory(out) as tmp:
         hf_config, params = read_source(src, jdtype, progress=progress)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         _copy_side_files(src, tmp)
         save_params(tmp / PARAMS_DIR, params)
         (tmp / "raas_jax.json").write_text(json.dumps(
             {"source": str(src), "dtype": jnp.dtype(jdtype).name, "format": 1}, indent=2))
+    return out
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """Build a directory in a temporary sibling (`.OUT.tmp-PID-*`) and rename it to `out` when the block
+    succeeds: a failure or SIGTERM removes the temporary and leaves an existing `out` untouched; temporaries
+    of dead processes are removed first; the result gets the umask like any new directory."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700
+    restore_sigterm = _raise_on_sigterm()
+    try:
+        yield tmp
         if out.exists():
             backup = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.rename(out, backup)
@@ -274,7 +285,6 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str = "bf16",
         raise
     finally:
         restore_sigterm()
-    return out
 
 
 def _remove_stale_temps(out: Path) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +69,9 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None 
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if not checkpoint.is_converted(src):
         raise FileNotFoundError(f"{src} is not a converted raas-jax directory (config.json + params/)")
+    if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
+        raise ValueError(f"OUT {out} is the source or a folder holding it: exporting there would delete the "
+                         f"source {src}; choose another OUT")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
     stored = checkpoint.stored_dtype(src)
@@ -80,19 +82,11 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None 
     cfg = ModelConfig.from_hf_dict(hf_config)
     params = jax.device_get(checkpoint.restore_params(src, cfg, stored))
     tensors = hf_tensors(params, cfg, _NP_DTYPES[name])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with checkpoint.atomic_directory(out) as tmp:
         hf_config = dict(hf_config, torch_dtype="bfloat16" if _NP_DTYPES[name] is ml_dtypes.bfloat16 else "float32")
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for side in checkpoint.TOKENIZER_FILES + ("generation_config.json",):
             if (src / side).is_file():
                 shutil.copy2(src / side, tmp / side)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -35,9 +35,7 @@ import math
 import os
 import queue
 import random
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -316,12 +314,10 @@ def save_checkpoint(path: Path, params, hf: dict, info: dict) -> Path:
     import jax
     import ml_dtypes
 
-    from raas_jax.checkpoint import save_params
+    from raas_jax.checkpoint import atomic_directory, save_params
     from raas_jax.tasks import milestones as M
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"],
@@ -332,12 +328,6 @@ def save_checkpoint(path: Path, params, hf: dict, info: dict) -> Path:
         (tmp / "raas_jax.json").write_text(json.dumps(
             {"source": "scripts/train_reasoner.py", "dtype": "bfloat16", "format": 1}, indent=2) + "\n")
         (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

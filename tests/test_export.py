@@ -64,3 +64,17 @@ def test_export_cli(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
     assert "not a converted raas-jax directory" in capsys.readouterr().err
+
+
+def test_export_refuses_to_overwrite_its_source(tmp_path):
+    import shutil
+
+    import pytest
+
+    src = tmp_path / "ckpt"
+    shutil.copytree(CKPT, src)
+    with pytest.raises(ValueError, match="is the source or a folder holding it"):
+        export_hf(src, src, overwrite=True)
+    with pytest.raises(ValueError, match="is the source or a folder holding it"):
+        export_hf(src, tmp_path, overwrite=True)
+    assert (src / "params").is_dir()
