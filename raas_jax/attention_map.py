@@ -167,3 +167,18 @@ def regretted_evictions(dense: Trace, raas: Trace, threshold: float = 0.05) -> d
                         examples.append({"layer": layer, "head": head, "step": t, "page": page,
                                          "later_mass": float(later.max()), "at_step": t + int(later.argmax())})
     return {"evictions": total, "regretted": regretted, "threshold": threshold, "examples": examples}
+
+
+def lost_mass(dense: Trace, other: Trace) -> float:
+    """Mean share of dense attention mass (per step, layer and KV head) that falls on pages `other` has evicted
+    by that step: how much of what dense reads a fixed-budget policy no longer holds."""
+    steps, layers, hkv, _ = dense.mass.shape
+    lost = np.zeros((steps, layers, hkv))
+    for t in range(steps):
+        for layer in range(layers):
+            for head in range(hkv):
+                kept = set(other.start[t, layer, head][other.fill[t, layer, head] > 0].tolist())
+                resident = dense.fill[t, layer, head] > 0
+                starts, mass = dense.start[t, layer, head][resident], dense.mass[t, layer, head][resident]
+                lost[t, layer, head] = mass[[s not in kept for s in starts.tolist()]].sum() / max(mass.sum(), 1e-30)
+    return float(lost.mean())

@@ -195,7 +195,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
     import raas_jax
     from raas_jax import attention_map
-    from raas_jax.policies import RaaS
+    from raas_jax.policies import RaaS, make_policy
 
     model = raas_jax.load(args.model, dtype=args.dtype)
     layer = model.cfg.num_layers // 2 if args.layer is None else args.layer
@@ -224,10 +224,19 @@ def _inspect(args: argparse.Namespace) -> int:
              f"dense tokens; RaaS budget {args.budget}, page {args.page_size}")
     attention_map.plot(dense_trace, raas_trace, layer, args.head, out, title)
     regret = attention_map.regretted_evictions(dense_trace, raas_trace)
+    lost = {f"raas@{args.budget}/p{args.page_size}": attention_map.lost_mass(dense_trace, raas_trace)}
+    for spec in (x.strip() for x in args.compare.split(",") if x.strip()):
+        name, _, page = spec.partition("/p")
+        other = make_policy(name, budget=args.budget, page_size=int(page) if page else args.page_size)
+        lost[f"{other.name}@{args.budget}/p{other.page_size}"] = attention_map.lost_mass(
+            dense_trace, attention_map.trace(model, prompt, continuation, other))
+    regret["lost_mass"] = lost
     out.with_suffix(".json").write_text(json.dumps({"prompt_tokens": len(prompt), "new_tokens": len(continuation),
                                                     "layer": layer, "head": args.head, **regret}, indent=1))
     print(f"wrote {out}; RaaS evictions {regret['evictions']} (all layers/heads), of which {regret['regretted']} "
           f"are pages dense attends later with mass > {regret['threshold']}")
+    print("share of dense attention mass on pages the policy had evicted (mean over steps, layers, heads): "
+          + ", ".join(f"{k} {v:.4f}" for k, v in lost.items()))
     return 0
 
 
@@ -363,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--budget", type=int, default=256, help="RaaS budget whose choices are drawn (default 256)")
     p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--compare", default="", help="other policies at the same budget whose lost attention mass "
+                   "is reported too, e.g. streaming,h2o/p1 (/pN: page size)")
     p.add_argument("--layer", type=int, default=None, help="layer to draw (default: the middle one)")
     p.add_argument("--head", type=int, default=0, help="KV head to draw (default 0)")
     p.add_argument("--dtype", default=None, choices=["bf16", "f32"])

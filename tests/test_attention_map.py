@@ -55,9 +55,18 @@ def test_raas_events_follow_the_rules(traces):
 def test_inspect_attention_cli_writes_png_and_summary(tiny_llama_converted, tmp_path, capsys):
     out = tmp_path / "attention.png"
     assert main(["inspect", "attention", "--model", str(tiny_llama_converted), "--prompt", "the quick fox",
-                 "--no-chat", "--max-new-tokens", "24", "--budget", "24", "--page-size", "4", "--out", str(out)]) == 0
+                 "--no-chat", "--max-new-tokens", "24", "--budget", "24", "--page-size", "4", "--out", str(out),
+                 "--compare", "streaming,h2o/p1"]) == 0
     assert out.stat().st_size > 10_000
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["evictions"] > 0 and 0 <= summary["regretted"] <= summary["evictions"]
+    assert set(summary["lost_mass"]) == {"raas@24/p4", "streaming@24/p4", "h2o@24/p1"}
+    assert all(0 <= v < 1 for v in summary["lost_mass"].values())
     assert "RaaS evictions" in capsys.readouterr().out
     assert main(["inspect", "attention", "--model", str(tiny_llama_converted), "--prompt", "x", "--layer", "9"]) == 2
+
+
+def test_lost_mass_is_zero_for_dense_and_positive_once_raas_evicts(traces):
+    _, dense, raas = traces
+    assert attention_map.lost_mass(dense, dense) == 0
+    assert 0 < attention_map.lost_mass(dense, raas) < 1
