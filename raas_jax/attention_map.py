@@ -171,7 +171,11 @@ def regretted_evictions(dense: Trace, raas: Trace, threshold: float = 0.05) -> d
 
 def lost_mass(dense: Trace, other: Trace) -> float:
     """Mean share of dense attention mass (per step, layer and KV head) that falls on pages `other` has evicted
-    by that step: how much of what dense reads a fixed-budget policy no longer holds."""
+    by that step: how much of what dense reads a fixed-budget policy no longer holds. Both traces must use the
+    same page size."""
+    if dense.page_size != other.page_size:
+        raise ValueError(f"lost_mass compares pages of one size: dense has {dense.page_size}, the policy "
+                         f"{other.page_size}")
     steps, layers, hkv, _ = dense.mass.shape
     lost = np.zeros((steps, layers, hkv))
     for t in range(steps):

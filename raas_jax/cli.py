@@ -225,11 +225,15 @@ def _inspect(args: argparse.Namespace) -> int:
     attention_map.plot(dense_trace, raas_trace, layer, args.head, out, title)
     regret = attention_map.regretted_evictions(dense_trace, raas_trace)
     lost = {f"raas@{args.budget}/p{args.page_size}": attention_map.lost_mass(dense_trace, raas_trace)}
+    dense_traces = {args.page_size: dense_trace}  # lost mass compares pages of the same size
     for spec in (x.strip() for x in args.compare.split(",") if x.strip()):
         name, _, page = spec.partition("/p")
         other = make_policy(name, budget=args.budget, page_size=int(page) if page else args.page_size)
+        if other.page_size not in dense_traces:
+            dense_traces[other.page_size] = attention_map.trace(
+                model, prompt, continuation, raas_jax.policies.Dense(page_size=other.page_size))
         lost[f"{other.name}@{args.budget}/p{other.page_size}"] = attention_map.lost_mass(
-            dense_trace, attention_map.trace(model, prompt, continuation, other))
+            dense_traces[other.page_size], attention_map.trace(model, prompt, continuation, other))
     regret["lost_mass"] = lost
     out.with_suffix(".json").write_text(json.dumps({"prompt_tokens": len(prompt), "new_tokens": len(continuation),
                                                     "layer": layer, "head": args.head, **regret}, indent=1))
