@@ -181,3 +181,19 @@ def test_duplicate_sample_ids_are_refused(tmp_path):
     path.write_text("".join(json.dumps({"id": i, "question": "q", "answer": "1"}) + "\n" for i in (7, 8, 7)))
     with pytest.raises(ValueError, match=r"dup\.jsonl:3 repeats sample id '7' of line 1"):
         load_samples(str(path))
+
+
+def test_plots_name_their_axes_and_page_sizes(monkeypatch, tmp_path):
+    import raas_jax.plots
+
+    calls = []
+    monkeypatch.setattr(raas_jax.plots, "line_plot", lambda series, path, xlabel, ylabel, *a, **k: calls.append(
+        (sorted(series), ylabel)) or path)
+    table = [{"policy": "dense", "budget": None, "page_size": 16, "accuracy": 0.5, "steps_right": None,
+              "agreement": None},
+             {"policy": "h2o", "budget": 64, "page_size": 1, "accuracy": 0.25, "steps_right": None, "agreement": 0.9},
+             {"policy": "h2o", "budget": 64, "page_size": 16, "accuracy": 0.5, "steps_right": None, "agreement": 0.8},
+             {"policy": "raas", "budget": 64, "page_size": 16, "accuracy": 0.5, "steps_right": None, "agreement": 1.0}]
+    write_plots(table, tmp_path, "t")
+    assert calls == [(["h2o p1", "h2o p16", "raas"], "accuracy"),
+                     (["h2o p1", "h2o p16", "raas"], "teacher-forced top-1 agreement with dense")]

@@ -350,12 +350,12 @@ def write_plots(table: list[dict], out: Path, title: str) -> list[Path]:
         sparse = [r for r in table if r["budget"] is not None]
         page_sizes = {r["policy"]: {x["page_size"] for x in sparse if x["policy"] == r["policy"]} for r in sparse}
 
-        def label(r: dict) -> str:  # the page size is named where a policy runs at several or a non-default one
+        def series_name(r: dict) -> str:  # the page size is named where a policy runs at several or a non-default one
             several = len(page_sizes[r["policy"]]) > 1 or r["page_size"] != (dense or {}).get("page_size")
             return f"{r['policy']} p{r['page_size']}" if several else r["policy"]
 
-        series = {name: [(r["budget"], r[metric]) for r in sparse if label(r) == name and r[metric] is not None]
-                  for name in dict.fromkeys(label(r) for r in sparse)}
+        series = {name: [(r["budget"], r[metric]) for r in sparse if series_name(r) == name and r[metric] is not None]
+                  for name in dict.fromkeys(series_name(r) for r in sparse)}
         hline = ("dense", dense[metric]) if dense is not None and dense[metric] is not None else None
         written.append(line_plot(series, out / f"{metric}_vs_budget.png", "KV budget (tokens)", label, title, hline))
     return written
