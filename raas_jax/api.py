@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import time
 import warnings
@@ -254,8 +253,7 @@ def _array_prompts(array: np.ndarray) -> list[list[int]]:
 
 def _pool_bytes(policy: Policy, cfg: ModelConfig, batch: int, slots: int, dtype: Any) -> int:
     """Bytes of the cache `policy` would allocate, from shapes alone (nothing is allocated)."""
-    shapes = jax.eval_shape(lambda: policy.init(cfg, batch, slots, dtype))
-    return int(sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes)))
+    return cache_bytes(jax.eval_shape(lambda: policy.init(cfg, batch, slots, dtype)))
 
 
 def _size(nbytes: int) -> str:

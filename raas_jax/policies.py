@@ -47,9 +47,10 @@ def next_pow2(n: int, minimum: int = 1) -> int:
 # ------------------------------------------------------------------------ selection primitives
 
 def oldest_victim(order_key: jax.Array, candidates: jax.Array, start: jax.Array) -> jax.Array:
-    """argmin of `order_key` over `candidates`, ties to the smallest `start` (the oldest page by position;
-    slot order means nothing since slots are reused): [B, Hkv, S] -> [B, Hkv]."""
-    oldest = jnp.min(jnp.where(candidates, order_key, INT32_MAX), axis=-1, keepdims=True)
+    """argmin of `order_key` (RaaS stamp, H2O mass, StreamingLLM start) over `candidates`, ties to the smallest
+    `start` (the oldest page by position; slot order means nothing since slots are reused): [B, Hkv, S] -> [B, Hkv]."""
+    never = jnp.inf if jnp.issubdtype(order_key.dtype, jnp.floating) else INT32_MAX
+    oldest = jnp.min(jnp.where(candidates, order_key, never), axis=-1, keepdims=True)
     tied = candidates & (order_key == oldest)
     return jnp.argmin(jnp.where(tied, start, INT32_MAX), axis=-1).astype(jnp.int32)
 
@@ -271,17 +272,16 @@ class RaaS(_FixedBudget):
     def importance(self, cache, layer, view, q, mass) -> jax.Array:
         """Pages judged important this step, among the pages that can be evicted: [B, Hkv, S] bool."""
         candidates = evictable(view, self.page_size)  # post-append: `cur` is the page written now
-        resident = view["fill"] > 0
         if self.score == "exact":
             scores = mass
-            normalised = mass
         else:
             scores = kernels.page_scores(q, cache["kmin"], cache["kmax"], view["fill"], layer=layer,
                                          backend=self.backend)
-            normalised = softmax_over_resident(scores * q.shape[-1] ** -0.5, resident)
         if self.refresh == "top_half":
             return top_half_mask(scores, candidates)
-        return candidates & (normalised > self.refresh)
+        if self.score == "estimate":  # the bound as a distribution over resident pages (mass already is one)
+            scores = softmax_over_resident(scores * q.shape[-1] ** -0.5, view["fill"] > 0)
+        return candidates & (scores > self.refresh)
 
     def update_stats(self, cache, layer, view, q, mass, positions, slot):
         return refresh_stamps(cache, layer, self.importance(cache, layer, view, q, mass), positions)
@@ -376,9 +376,7 @@ class H2O(_FixedBudget):
 
     def victim(self, view):
         candidates = evictable(view, self.page_size) & ~self.protected(view)
-        lightest = jnp.min(jnp.where(candidates, view["mass"], jnp.inf), axis=-1, keepdims=True)
-        tied = candidates & (view["mass"] == lightest)
-        return jnp.argmin(jnp.where(tied, view["start"], INT32_MAX), axis=-1).astype(jnp.int32)
+        return oldest_victim(view["mass"], candidates, view["start"])  # the lightest; ties to the oldest page
 
     def update_stats(self, cache, layer, view, q, mass, positions, slot):
         opened = (jnp.arange(view["fill"].shape[-1]) == slot[..., None]) & (view["fill"] == 1)  # new this step
