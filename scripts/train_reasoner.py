@@ -49,6 +49,7 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_
 # (sequence length, rows, fewest steps, most steps, weight); the step ranges are clipped to what fits
 FULL_BUCKETS = ((1024, 64, 20, None, 0.3), (2048, 32, None, None, 0.3), (4096, 16, None, 300, 0.4))
 TINY_BUCKETS = ((192, 8, 3, None, 1.0),)
+PAGE = 16  # --context-dropout hides whole pages of this many positions (the eval's page size)
 MAX_FILE_BYTES = 8 << 20  # orbax data files of the saved checkpoint (the repo keeps files under 16 MB)
 
 
@@ -70,6 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--answer-weight", type=float, default=1.0,
                    help="loss weight of the 'answer' token (stopping at step N: one target per problem)")
+    p.add_argument("--context-dropout", type=float, default=0.0,
+                   help="share of training rows whose solution pages outside the recent window are hidden at random "
+                        "(each such row draws a keep probability in [0, 1)); 0: plain causal attention")
+    p.add_argument("--dropout-recent", type=int, default=64,
+                   help="with --context-dropout: every query always sees the keys this many positions back or nearer")
     p.add_argument("--attention", default="auto", choices=["auto", "cudnn", "xla", "reference"],
                    help="training attention (auto: cudnn on GPU, xla elsewhere)")
     p.add_argument("--log-every", type=int, default=None, help="steps between log lines (default 25; tiny 1)")
@@ -120,11 +126,16 @@ def resolve_buckets(tiny: bool) -> list[tuple[int, int, int, int, float]]:
 
 # ------------------------------------------------------------------------------------------ data
 
-def make_batch(problems, seq_len: int, ids, answer_weight: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def make_batch(problems, seq_len: int, ids, answer_weight: float = 1.0, dropout_rng: random.Random | None = None,
+               context_dropout: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """tokens [B, T+1] int32 (pad after <eos>), mask [B, T] float32: the loss weight of each target, 1 on
-    solution tokens (`answer_weight` on the `answer` token that ends the steps), 0 elsewhere."""
+    solution tokens (`answer_weight` on the `answer` token that ends the steps), 0 elsewhere; page_keep
+    [B, T / PAGE] bool: which PAGE-token pages of each row stay visible beyond the recent window (see
+    `context_mask`). A share `context_dropout` of the rows hides each page that holds no prompt token with
+    probability 1 - q, q drawn uniformly per row; the other rows (and every prompt page) stay visible."""
     tokens = np.full((len(problems), seq_len + 1), ids.pad, np.int32)
     mask = np.zeros((len(problems), seq_len), np.float32)
+    page_keep = np.ones((len(problems), -(-seq_len // PAGE)), bool)
     for r, problem in enumerate(problems):
         prompt, solution = ids.problem(problem)
         row = prompt + solution
@@ -132,18 +143,24 @@ def make_batch(problems, seq_len: int, ids, answer_weight: float = 1.0) -> tuple
         tokens[r, :len(row)] = row
         mask[r, len(prompt) - 1:len(row) - 1] = 1.0
         mask[r, len(row) - 6] = answer_weight  # the target 'answer' (then m{N} = VV <eos>)
-    return tokens, mask
+        if dropout_rng is not None and dropout_rng.random() < context_dropout:
+            q = dropout_rng.random()
+            first_solution_page = -(-len(prompt) // PAGE)  # pages before it hold prompt tokens
+            for page in range(first_solution_page, page_keep.shape[1]):
+                page_keep[r, page] = dropout_rng.random() < q
+    return tokens, mask, page_keep
 
 
-def train_batch(seed: int, step: int, buckets, ids, answer_weight: float = 1.0):
-    """The batch of training step `step`: a pure function of (seed, step)."""
+def train_batch(seed: int, step: int, buckets, ids, answer_weight: float = 1.0, context_dropout: float = 0.0):
+    """The batch of training step `step`: a pure function of (seed, step, context_dropout)."""
     from raas_jax.tasks import milestones as M
 
     rng = random.Random(f"train-batch:{seed}:{step}")
     seq_len, rows, lo, hi, _ = rng.choices(buckets, weights=[b[4] for b in buckets])[0]
     problems = [M.make_problem(M.TRAIN_SEED_MIN + seed, step * 1024 + r, n_steps=rng.randint(lo, hi))
                 for r in range(rows)]
-    return make_batch(problems, seq_len, ids, answer_weight)
+    dropout_rng = random.Random(f"context-dropout:{seed}:{step}") if context_dropout > 0 else None
+    return make_batch(problems, seq_len, ids, answer_weight, dropout_rng, context_dropout)
 
 
 def heldout_batch(buckets, ids, tiny: bool):
@@ -161,14 +178,15 @@ def heldout_batch(buckets, ids, tiny: bool):
 class Prefetcher:
     """Generates training batches for steps start, start+1, ... in a background thread."""
 
-    def __init__(self, seed: int, start: int, buckets, ids, answer_weight: float = 1.0, depth: int = 8):
+    def __init__(self, seed: int, start: int, buckets, ids, answer_weight: float = 1.0, context_dropout: float = 0.0,
+                 depth: int = 8):
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
 
         def work():
             step = start
             while not self.stop.is_set():
-                batch = train_batch(seed, step, buckets, ids, answer_weight)
+                batch = train_batch(seed, step, buckets, ids, answer_weight, context_dropout)
                 while not self.stop.is_set():
                     try:
                         self.queue.put(batch, timeout=0.1)
@@ -189,25 +207,50 @@ class Prefetcher:
 
 # ----------------------------------------------------------------------------------------- model
 
-def install_attention(kind: str) -> str:
-    """Swap the model's prefill attention for jax.nn.dot_product_attention in this process (training only)."""
-    import jax
+def context_mask(page_keep, q_positions, k_positions, recent: int):
+    """[B, 1, T, S] bool: causal, and a key more than `recent` positions back is visible only if its page is kept.
+
+    page_keep [B, S / PAGE] bool; positions [B, T] / [B, S] (training rows: 0..T-1, no padding inside)."""
     import jax.numpy as jnp
+
+    kept = jnp.take_along_axis(page_keep, k_positions // PAGE, axis=1)  # [B, S]
+    back = q_positions[:, :, None] - k_positions[:, None, :]  # [B, T, S]
+    visible = (back >= 0) & ((back < recent) | kept[:, None, :])
+    return visible[:, None]  # [B, 1, T, S]
+
+
+class TrainingAttention:
+    """The attention swapped into the model for training: jax.nn.dot_product_attention (cuDNN flash attention on
+    a GPU), causal, plus the context-dropout mask of the batch being traced (`page_keep`, set by the loss)."""
+
+    def __init__(self, kind: str, recent: int):
+        self.kind, self.recent, self.page_keep = kind, recent, None
+
+    def __call__(self, q, k, v, q_positions, k_positions, *, scale=None, return_key_mass=False):
+        import jax
+        import jax.numpy as jnp
+
+        # training rows use positions 0..T-1 with no padding inside the attended prefix, so causal == position mask
+        assert not return_key_mass
+        impl = self.kind if q.dtype in (jnp.bfloat16, jnp.float16) or self.kind != "cudnn" else None  # cuDNN: 16-bit
+        mask = None if self.page_keep is None else context_mask(self.page_keep, q_positions, k_positions, self.recent)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True, implementation=impl)
+
+
+def install_attention(kind: str, recent: int = 64) -> TrainingAttention | None:
+    """Swap the model's prefill attention for `TrainingAttention` in this process (training only); None keeps the
+    library's reference attention (`--attention reference`, no context dropout)."""
+    import jax
 
     if kind == "auto":
         kind = "cudnn" if jax.default_backend() == "gpu" else "xla"
     if kind == "reference":
-        return kind
+        return None
     import raas_jax.models.transformer as transformer
 
-    def attention(q, k, v, q_positions, k_positions, *, scale=None, return_key_mass=False):
-        # training rows use positions 0..T-1 with no padding inside the attended prefix, so causal == position mask
-        assert not return_key_mass
-        impl = kind if q.dtype in (jnp.bfloat16, jnp.float16) or kind != "cudnn" else None  # cuDNN: 16-bit only
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=impl)
-
+    attention = TrainingAttention(kind, recent)
     transformer.causal_attention = attention
-    return kind
+    return attention
 
 
 def init_params(cfg, seed: int):
@@ -239,7 +282,7 @@ def make_optimizer(weight_decay: float, clip: float):
                        optax.add_decayed_weights(weight_decay, mask=decay_mask))
 
 
-def make_step(cfg, optimizer, compute_dtype):
+def make_step(cfg, optimizer, compute_dtype, attention: TrainingAttention | None = None, masked: bool = False):
     import jax
     import jax.numpy as jnp
     import optax
@@ -248,11 +291,17 @@ def make_step(cfg, optimizer, compute_dtype):
 
     model = Transformer(cfg, compute_dtype)
 
-    def loss_fn(params, tokens, mask):
+    def loss_fn(params, tokens, mask, page_keep):
         inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, T]
         positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
         cparams = jax.tree.map(lambda p: p.astype(compute_dtype), params)
-        logits = model.apply({"params": cparams}, inputs, positions)[0]  # [B, T, V] f32
+        if masked:  # the model's attention reads the mask of the rows being traced
+            attention.page_keep = page_keep
+        try:
+            logits = model.apply({"params": cparams}, inputs, positions)[0]  # [B, T, V] f32
+        finally:
+            if masked:
+                attention.page_keep = None
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
         objective = (ce * mask).sum() / jnp.maximum(mask.sum(), 1e-6)  # mask holds loss weights
         binary = (mask > 0).astype(jnp.float32)
@@ -265,15 +314,15 @@ def make_step(cfg, optimizer, compute_dtype):
         row_exact = row_ok.sum() / jnp.maximum(has.sum(), 1)
         return objective, {"loss": loss, "tok_acc": tok_acc, "row_exact": row_exact, "tokens": binary.sum()}
 
-    def step(params, opt_state, tokens, mask, lr):
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(params, tokens, mask)
+    def step(params, opt_state, tokens, mask, page_keep, lr):
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(params, tokens, mask, page_keep)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
         metrics["grad_norm"] = optax.global_norm(grads)
         return params, opt_state, metrics
 
-    def evaluate(params, tokens, mask):
-        return loss_fn(params, tokens, mask)[1]
+    def evaluate(params, tokens, mask, page_keep):
+        return loss_fn(params, tokens, mask, page_keep)[1]
 
     return jax.jit(step, donate_argnums=(0, 1)), jax.jit(evaluate)
 
@@ -388,7 +437,11 @@ def main(argv=None) -> int:
     hf = hf_config(TINY if args.tiny else FULL, vocab)
     cfg = ModelConfig.from_hf_dict(hf)
     buckets = resolve_buckets(args.tiny)
-    attention = install_attention(args.attention)
+    attention = install_attention(args.attention, args.dropout_recent)
+    attention_name = attention.kind if attention else "reference"
+    masked = args.context_dropout > 0
+    if masked and attention is None:
+        raise ValueError("--context-dropout needs --attention auto, cudnn or xla (the reference attention has no mask)")
     compute_dtype = jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
 
     params = init_params(cfg, args.seed)
@@ -407,10 +460,11 @@ def main(argv=None) -> int:
     if (out / "train_state.json").is_file():
         params, opt_state, meta = load_state(out, params, opt_state)
         print(f"resuming from step {meta['step']} (progress {meta['progress']:.3f})", flush=True)
-    step_fn, eval_fn = make_step(cfg, optimizer, compute_dtype)
+    step_fn, eval_fn = make_step(cfg, optimizer, compute_dtype, attention, masked)
     print(f"model: {n_params / 1e6:.2f}M params, {cfg.num_layers} layers, hidden {cfg.hidden_size}, heads "
           f"{cfg.num_heads}/{cfg.num_kv_heads}, vocab {cfg.vocab_size}; backend {jax.default_backend()}, "
-          f"compute {jnp.dtype(compute_dtype).name}, attention {attention}; buckets {buckets}", flush=True)
+          f"compute {jnp.dtype(compute_dtype).name}, attention {attention_name}"
+          f"{f', context dropout {args.context_dropout} (recent {args.dropout_recent})' if masked else ''}; buckets {buckets}", flush=True)
 
     # compile every bucket shape before the clock of the schedule starts
     t = time.time()
@@ -418,9 +472,10 @@ def main(argv=None) -> int:
     for seq_len, rows, *_ in buckets:
         tok = jax.ShapeDtypeStruct((rows, seq_len + 1), jnp.int32)
         msk = jax.ShapeDtypeStruct((rows, seq_len), jnp.float32)
-        compiled[tok.shape] = step_fn.lower(params, opt_state, tok, msk, jnp.float32(0)).compile()
-    held_tokens, held_mask = heldout_batch(buckets, ids, args.tiny)
-    eval_compiled = eval_fn.lower(params, held_tokens, held_mask).compile()
+        keep = jax.ShapeDtypeStruct((rows, -(-seq_len // PAGE)), jnp.bool_)
+        compiled[tok.shape] = step_fn.lower(params, opt_state, tok, msk, keep, jnp.float32(0)).compile()
+    held_tokens, held_mask, held_keep = heldout_batch(buckets, ids, args.tiny)  # every page visible
+    eval_compiled = eval_fn.lower(params, held_tokens, held_mask, held_keep).compile()
     print(f"compiled {len(buckets)} bucket shapes in {time.time() - t:.1f}s", flush=True)
 
     log_path = out / "log.csv"
@@ -451,7 +506,7 @@ def main(argv=None) -> int:
         return args.lr * warm * (frac + (1 - frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
     def heldout(step, progress, lr):
-        m = jax.device_get(eval_compiled(params, held_tokens, held_mask))
+        m = jax.device_get(eval_compiled(params, held_tokens, held_mask, held_keep))
         row = {"split": "heldout", "step": step, "progress": round(progress, 4), "lr": lr,
                "loss": float(m["loss"]), "tok_acc": float(m["tok_acc"]), "row_exact": float(m["row_exact"]),
                "grad_norm": "", "tokens": tokens_seen, "seconds": round(seconds0 + time.time() - t0, 1),
@@ -462,16 +517,17 @@ def main(argv=None) -> int:
               f"{row['tok_acc']:.5f} rows exact {row['row_exact']:.3f}", flush=True)
         return row
 
-    prefetch = Prefetcher(args.seed, step, buckets, ids, args.answer_weight)
+    prefetch = Prefetcher(args.seed, step, buckets, ids, args.answer_weight, args.context_dropout)
     pending, last_log, last_save, tokens_at_log = [], time.time(), time.time(), tokens_seen
     last_heldout = None
     progress = progress_at(time.time(), step)
     lr = lr_at(step, progress)
     try:
         while progress < 1.0 and (args.steps is None or step < args.steps):
-            tokens, mask = prefetch.next()
+            tokens, mask, page_keep = prefetch.next()
             lr = lr_at(step, progress)
-            params, opt_state, metrics = compiled[tokens.shape](params, opt_state, tokens, mask, jnp.float32(lr))
+            params, opt_state, metrics = compiled[tokens.shape](params, opt_state, tokens, mask, page_keep,
+                                                                 jnp.float32(lr))
             pending.append(metrics)
             step += 1
             tokens_seen += float((mask > 0).sum())
@@ -513,7 +569,8 @@ def main(argv=None) -> int:
             "params": n_params, "steps": step, "loss_tokens": tokens_seen, "train_seconds": round(seconds, 1),
             "lr": args.lr, "warmup": args.warmup, "final_lr_fraction": args.final_lr_fraction,
             "weight_decay": args.weight_decay, "clip": args.clip, "answer_weight": args.answer_weight,
-            "attention": attention,
+            "attention": attention_name, "context_dropout": args.context_dropout,
+            "dropout_recent": args.dropout_recent if masked else None,
             "compute_dtype": jnp.dtype(compute_dtype).name, "backend": jax.default_backend(),
             "device": str(jax.devices()[0].device_kind),
             "final_train_loss": float(train_rows[-1]["loss"]) if train_rows else None,

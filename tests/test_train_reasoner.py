@@ -22,13 +22,13 @@ def _script():
     return module
 
 
-def _train(out: Path, steps: int, capsys) -> str:
+def _train(out: Path, steps: int, capsys, *extra: str) -> str:
     """Run the script's main in this process; the attention it swaps in for training is put back after."""
     import raas_jax.models.transformer as transformer
 
     original = transformer.causal_attention
     try:
-        assert _script().main(["--out", str(out), "--tiny", "--steps", str(steps), "--eval-every", "100"]) == 0
+        assert _script().main(["--out", str(out), "--tiny", "--steps", str(steps), "--eval-every", "100", *extra]) == 0
     finally:
         transformer.causal_attention = original
     return capsys.readouterr().out
@@ -70,7 +70,7 @@ def test_training_attention_matches_the_reference():
     train = _script()
     original = transformer.causal_attention
     try:
-        assert train.install_attention("xla") == "xla"
+        assert train.install_attention("xla").kind == "xla"
         swapped = transformer.causal_attention
     finally:
         transformer.causal_attention = original
@@ -87,7 +87,8 @@ def test_batches_mask_the_prompt_and_weight_the_answer():
     buckets = train.resolve_buckets(tiny=False)
     assert [b[0] for b in buckets] == [1024, 2048, 4096] and buckets[-1][3] == M.DIFFICULTIES[4][1]
     problems = [M.make_problem(M.TRAIN_SEED_MIN, i, n_steps=n) for i, n in enumerate((3, 7))]
-    tokens, mask = train.make_batch(problems, 192, ids, answer_weight=4.0)
+    tokens, mask, keep = train.make_batch(problems, 192, ids, answer_weight=4.0)
+    assert keep.shape == (2, 12) and keep.all()
     for row, p in enumerate(problems):
         prompt, solution = ids.problem(p)
         assert tokens[row, :len(prompt) + len(solution)].tolist() == prompt + solution
@@ -98,3 +99,81 @@ def test_batches_mask_the_prompt_and_weight_the_answer():
         assert (weights > 0).sum() == len(solution)
     a, b = train.train_batch(3, 5, buckets, ids), train.train_batch(3, 5, buckets, ids)
     assert (a[0] == b[0]).all() and a[0].shape[1] in (1025, 2049, 4097)
+
+
+def test_context_dropout_batches_hide_only_solution_pages():
+    """Rows chosen for dropout hide solution pages at random; prompt pages and the other rows stay visible; the
+    choice is a pure function of (seed, step)."""
+    import random
+
+    train = _script()
+    ids = M.Ids()
+    problems = [M.make_problem(M.TRAIN_SEED_MIN, i, n_steps=60) for i in range(64)]
+    prompt_pages = -(-len(ids.problem(problems[0])[0]) // train.PAGE)
+    _, _, keep = train.make_batch(problems, 1024, ids, dropout_rng=random.Random(0), context_dropout=0.5)
+    assert keep[:, :prompt_pages].all()
+    hidden_rows = (~keep).any(axis=1).sum()
+    assert 20 <= hidden_rows <= 44  # about half of 64 rows
+    assert 0.2 < (~keep[:, prompt_pages:]).mean() / (hidden_rows / 64) < 0.8  # keep probability ~ U(0, 1) per row
+    _, _, none = train.make_batch(problems, 1024, ids, dropout_rng=random.Random(0), context_dropout=0.0)
+    assert none.all()
+    buckets = train.resolve_buckets(tiny=False)
+    a, b = (train.train_batch(3, 5, buckets, ids, context_dropout=0.5) for _ in range(2))
+    assert (a[2] == b[2]).all() and not a[2].all()
+
+
+def test_context_mask_matches_brute_force():
+    import jax.numpy as jnp
+
+    train = _script()
+    rng = np.random.default_rng(0)
+    B, T, page, recent = 2, 70, train.PAGE, 20
+    keep = rng.random((B, -(-T // page))) < 0.5
+    pos = np.broadcast_to(np.arange(T), (B, T))
+    got = np.asarray(train.context_mask(jnp.asarray(keep), jnp.asarray(pos), jnp.asarray(pos), recent))
+    want = np.zeros((B, 1, T, T), bool)
+    for b in range(B):
+        for q in range(T):
+            for k in range(q + 1):
+                want[b, 0, q, k] = q - k < recent or keep[b, k // page]
+    assert (got == want).all() and not got.all()
+
+
+def test_masked_training_attention_equals_masked_reference():
+    """With page_keep set, the swapped attention equals a plain softmax over the visible keys only."""
+    import jax
+    import jax.numpy as jnp
+
+    import raas_jax.models.transformer as transformer
+
+    train = _script()
+    original = transformer.causal_attention
+    try:
+        attention = train.install_attention("xla", recent=8)
+    finally:
+        transformer.causal_attention = original
+    B, T, Hq, Hk, D = 2, 48, 4, 2, 16
+    q = jax.random.normal(jax.random.PRNGKey(0), (B, T, Hq, D))
+    k, v = jax.random.normal(jax.random.PRNGKey(1), (2, B, T, Hk, D))
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    keep = jnp.asarray([[True, False, True], [False, False, True]])
+    attention.page_keep = keep
+    got = attention(q, k, v, pos, pos)
+    visible = np.asarray(train.context_mask(keep, pos, pos, 8))[:, 0]  # [B, T, S]
+    kk, vv = (np.repeat(np.asarray(x), Hq // Hk, axis=2) for x in (k, v))
+    scores = np.einsum("bthd,bshd->bhts", np.asarray(q), kk) / np.sqrt(D)
+    scores = np.where(visible[:, None], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    want = np.einsum("bhts,bshd->bthd", probs, vv)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+    attention.page_keep = None
+    assert not np.allclose(np.asarray(attention(q, k, v, pos, pos)), want, atol=1e-3)
+
+
+def test_tiny_training_with_context_dropout(tmp_path, capsys):
+    out = tmp_path / "drop"
+    text = _train(out, 4, capsys, "--context-dropout", "1.0", "--dropout-recent", "16")
+    assert "context dropout 1.0 (recent 16)" in text and "done: step 4" in text
+    info = json.loads((out / "checkpoint" / "training.json").read_text())
+    assert info["context_dropout"] == 1.0 and info["dropout_recent"] == 16
