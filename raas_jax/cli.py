@@ -349,7 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question-field", default=None, help="JSONL field of the question (custom datasets)")
     p.add_argument("--answer-field", default=None, help="JSONL field of the gold answer (custom datasets)")
     p.add_argument("--limit", type=at_least(1), default=None, help="first N samples only")
-    p.add_argument("--policies", default="dense,raas,quest,h2o,streaming")
+    p.add_argument("--policies", default="dense,raas,quest,h2o,streaming",
+                   help="comma-separated policies; a variant with options is a cell of its own, e.g. "
+                        "raas,raas:score=exact,raas:refresh=0.01")
     p.add_argument("--budgets", default="256,512,1024", help="comma-separated KV budgets in tokens")
     p.add_argument("--page-size", default="16",
                    help="tokens per page: N for every policy, or per policy, e.g. 16,h2o=1/16,streaming=1/16 "

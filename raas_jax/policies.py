@@ -446,3 +446,26 @@ def make_policy(name: str, budget: int | None = None, page_size: int = 16, **opt
     if budget is None:
         raise ValueError(f"policy {name!r} needs a budget (e.g. --budget 1024)")
     return cls(page_size=page_size, budget=budget, **options)
+def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """'raas' or 'raas:score=exact:refresh=0.01' -> ('raas', {'score': 'exact', 'refresh': 0.01}): a policy name
+    and options, each parsed as its CLI flag is."""
+    name, *items = [part.strip() for part in spec.split(":")]
+    key = policy_key(name)
+    if key not in POLICIES:
+        raise ValueError(f"unknown policy {name!r} in {spec!r}; choose one of {', '.join(POLICIES)}")
+    fields = {f.name: f for f in policy_options(POLICIES[key])}
+    options: dict[str, Any] = {}
+    for item in items:
+        option_name, eq, text = item.partition("=")
+        option_name = option_name.strip().replace("-", "_")
+        if not eq or option_name not in fields:
+            takes = ", ".join(fields) or "no options"
+            raise ValueError(f"{spec!r}: {item!r} is not OPTION=VALUE for policy {key!r} (it takes {takes})")
+        parse = fields[option_name].metadata["parse"] or str
+        try:
+            options[option_name] = parse(text.strip())
+        except ValueError as e:
+            raise ValueError(f"{spec!r}: {option_name}: {e}") from None
+    return key, options
+
+

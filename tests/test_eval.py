@@ -26,6 +26,17 @@ def dataset(tmp_path):
     return path
 
 
+def test_grid_takes_policy_variants():
+    cells = grid(EvalConfig(dataset="x", policies=("raas", "RaaS:score=exact:refresh=0.05", "raas"), budgets=(64,),
+                            page_size=4))
+    assert [c.key for c in cells] == ["raas@64", "raas:score=exact:refresh=0.05@64"]
+    assert cells[0].policy.score == "estimate" and cells[1].policy.score == "exact" and cells[1].policy.refresh == 0.05
+    for bad, says in (("raas:bogus=1", "it takes"), ("raas:score", "OPTION=VALUE"), ("h2o:score=exact", "it takes"),
+                      ("raas:refresh=2x", "refresh"), ("raas:score=nope", "score")):
+        with pytest.raises(ValueError, match=says):
+            grid(EvalConfig(dataset="x", policies=(bad,), budgets=(64,), page_size=4))
+
+
 def test_grid_runs_dense_once():
     cells = grid(EvalConfig(dataset="x", policies=("dense", "raas", "h2o"), budgets=(64, 128), page_size=4))
     assert [c.key for c in cells] == ["dense", "raas@64", "raas@128", "h2o@64", "h2o@128"]

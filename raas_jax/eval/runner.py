@@ -22,7 +22,7 @@ from raas_jax.api import Model, teacher_forced_logits
 from raas_jax.eval.answers import extract_answer, is_equivalent
 from raas_jax.eval.datasets import INSTRUCTION, Sample, is_milestones, milestones_problem
 from raas_jax.fidelity import compare
-from raas_jax.policies import Dense, Policy, make_policy, policy_key
+from raas_jax.policies import Dense, Policy, make_policy, parse_policy_spec, policy_key
 
 SAMPLES_FILE = "samples.jsonl"
 
@@ -70,7 +70,7 @@ def parse_page_sizes(text: str) -> tuple[int, tuple[tuple[str, tuple[int, ...]],
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    policy_name: str
+    policy_name: str  # the spec as given, canonical: 'raas' or 'raas:score=exact'
     budget: int | None  # None for dense
     policy: Policy
     default_page_size: int = 16
@@ -83,18 +83,31 @@ class Cell:
         return key
 
 
+def canonical_spec(spec: str) -> tuple[str, str, dict]:
+    """'RaaS:score=exact' -> ('raas:score=exact', 'raas', {'score': 'exact'})."""
+    name, options = parse_policy_spec(spec)
+    items = [f"{k}={v}" for k, v in options.items()]
+    return ":".join([name, *items]), name, options
+
+
 def grid(config: EvalConfig) -> list[Cell]:
-    """Dense once (it has no budget), then every other policy at every budget and each of its page sizes."""
+    """Dense once (it has no budget), then every other policy (variants such as raas:score=exact are cells of
+    their own) at every budget and each of its page sizes."""
     cells = []
-    names = list(dict.fromkeys(policy_key(n) for n in config.policies if n.strip()))
-    if "dense" in names or config.fidelity:
+    specs, seen = [], set()
+    for text in (n for n in config.policies if n.strip()):
+        label, name, options = canonical_spec(text)
+        if label not in seen:
+            seen.add(label)
+            specs.append((label, name, options))
+    if any(name == "dense" for _, name, _ in specs) or config.fidelity:
         cells.append(Cell("dense", None, Dense(page_size=config.page_size), config.page_size))
-    for name in names:
+    for label, name, options in specs:
         if name == "dense":
             continue
         for budget in config.budgets:
             for page_size in config.page_sizes(name):
-                cells.append(Cell(name, budget, make_policy(name, budget=budget, page_size=page_size),
+                cells.append(Cell(label, budget, make_policy(name, budget=budget, page_size=page_size, **options),
                                   config.page_size))
     return cells
 
