@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 
@@ -174,3 +175,20 @@ def test_closed_stdout_pipe_exits_quietly():
                            "echo ${PIPESTATUS[0]} >&2"], env={**__import__("os").environ, "CODE": code},
                           capture_output=True, text=True, timeout=300)
     assert done.stderr.strip() == "141", done.stderr[-2000:]
+
+
+def test_memory_fraction_flag_sets_the_allocator_fraction(monkeypatch, capsys):
+    from raas_jax.cli import apply_memory_fraction, build_parser
+
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    for command in (["bench", "e2e"], ["eval"], ["generate", "hi"]):
+        args = build_parser().parse_args([*command, "--memory-fraction", "0.92"])
+        apply_memory_fraction(args)
+        assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.92"
+        monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    apply_memory_fraction(build_parser().parse_args(["bench", "e2e"]))  # not given: left alone
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ
+    for bad in ("0", "1.5", "most"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["bench", "e2e", "--memory-fraction", bad])
+        assert "fraction in (0, 1]" in capsys.readouterr().err
