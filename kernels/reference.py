@@ -72,6 +72,25 @@ def causal_attention(q, k, v, q_positions, k_positions, *, scale=None, return_ke
     queries, max over the query heads of its group: [B, Hkv, Tk] float32 (H2O's prefill scores).
     """
     b, t, hq, d = q.shape
+    probs = _prefill_probs(q, k, q_positions, k_positions, scale)  # [B, Hkv, G, T, Tk]
+    out = jnp.einsum("bhgts,bshd->bthgd", probs, v.astype(jnp.float32),
+                     precision=HIGHEST)
+    out = out.reshape(b, t, hq, d).astype(q.dtype)
+    if not return_key_mass:
+        return out
+    return out, jnp.max(_summed_over_queries(probs, q_positions), axis=2)  # [B, Hkv, Tk]
+
+
+def key_mass(q, k, q_positions, k_positions, *, scale=None):
+    """Per query head, the softmax mass each key received summed over the (non-padding) queries:
+    q [B, T, Hq, D], k [B, Tk, Hkv, D] -> [B, Hkv, G, Tk] float32 (`causal_attention`'s key mass before the max
+    over the group; chunked prefill adds it up chunk by chunk)."""
+    return _summed_over_queries(_prefill_probs(q, k, q_positions, k_positions, scale), q_positions)
+
+
+def _prefill_probs(q, k, q_positions, k_positions, scale):
+    """Softmax probabilities [B, Hkv, G, T, Tk] float32 of `causal_attention`."""
+    b, t, hq, d = q.shape
     hkv = k.shape[2]
     group = hq // hkv
     scale = d**-0.5 if scale is None else scale
@@ -80,15 +99,12 @@ def causal_attention(q, k, v, q_positions, k_positions, *, scale=None, return_ke
                         precision=HIGHEST)  # [B, Hkv, G, T, Tk]
     visible = (k_positions[:, None, :] <= q_positions[:, :, None]) & (k_positions[:, None, :] >= 0)
     logits = jnp.where(visible[:, None, None], logits, MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhgts,bshd->bthgd", probs, v.astype(jnp.float32),
-                     precision=HIGHEST)
-    out = out.reshape(b, t, hq, d).astype(q.dtype)
-    if not return_key_mass:
-        return out
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def _summed_over_queries(probs, q_positions):
     query_valid = (q_positions >= 0)[:, None, None, :, None]  # [B, 1, 1, T, 1]
-    key_mass = jnp.max(jnp.sum(probs * query_valid, axis=3), axis=2)  # [B, Hkv, Tk]
-    return out, key_mass
+    return jnp.sum(probs * query_valid, axis=3)  # [B, Hkv, G, Tk]
 
 
 def top_k_mask(scores, k: int):

@@ -9,8 +9,9 @@ Flax linen used functionally:
   layer scan (so one decode step writes one token per layer in place); the model never looks inside it:
   `policy` (a frozen, hashable policy from `raas_jax.policies`) writes keys and values into it and
   runs decode attention over it. With `decode=False` the tokens are a prompt: they
-  attend to each other causally (dense) and are written into the cache; with `decode=True` there is
-  one token per sequence and attention goes through `policy.decode`.
+  attend to each other causally (dense) and are written into the cache; with `chunked=True` they are one
+  chunk of a prompt whose earlier chunks are in the cache (`policy.prefill_chunk` attends and writes); with
+  `decode=True` there is one token per sequence and attention goes through `policy.decode`.
 * `positions[b, t] = -1` marks padding: it is neither attended to nor cached.
 """
 
@@ -38,6 +39,9 @@ class CachePolicy(Protocol):
 
     def prefill(self, cache: Any, layer: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
                 positions: jax.Array) -> Any: ...
+
+    def prefill_chunk(self, cache: Any, layer: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
+                      positions: jax.Array) -> tuple[jax.Array, Any]: ...
 
     def decode(self, cache: Any, layer: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
                positions: jax.Array) -> tuple[jax.Array, Any]: ...
@@ -97,7 +101,7 @@ class Attention(nn.Module):
     policy: CachePolicy | None
 
     @nn.compact
-    def __call__(self, x, positions, cache, layer, decode: bool):
+    def __call__(self, x, positions, cache, layer, mode: str):
         cfg = self.cfg
         b, t, _ = x.shape
         hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -110,15 +114,25 @@ class Attention(nn.Module):
         inv_freq = rope_inv_freq(d, cfg.rope_theta, cfg.rope_scaling)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        if decode:
+        if mode == "decode":
             out, cache = self.policy.decode(cache, layer, q[:, 0], k[:, 0], v[:, 0], positions[:, 0])
             out = out[:, None]  # [B, 1, Hq, D]
+        elif mode == "chunk":
+            out, cache = self.policy.prefill_chunk(cache, layer, q, k, v, positions)  # [B, C, Hq, D]
         else:
-            out = causal_attention(q, k, v, positions, positions)  # [B, T, Hq, D]
+            out = self.prompt_attention(q, k, v, positions)  # [B, T, Hq, D]
             if cache is not None:
                 cache = self.policy.prefill(cache, layer, q, k, v, positions)
         out = _dense(cfg.hidden_size, cfg.o_bias, self.dtype, "o_proj")(out.reshape(b, t, hq * d))
         return out, cache
+
+    def prompt_attention(self, q, k, v, positions):
+        """Causal attention within the prompt (kernels.causal_attention: flash kernels off-CPU). A policy's kernel
+        backend other than "auto" (e.g. `--kernels reference`) applies here too."""
+        backend = getattr(self.policy, "backend", "auto")
+        if backend == "auto":  # the plain call: scripts/train_reasoner.py swaps `causal_attention` for training
+            return causal_attention(q, k, v, positions, positions)
+        return causal_attention(q, k, v, positions, positions, backend=backend)
 
 
 class MLP(nn.Module):
@@ -137,7 +151,7 @@ class Block(nn.Module):
     cfg: ModelConfig
     dtype: Any
     policy: CachePolicy | None
-    decode: bool
+    mode: str  # "prefill" | "chunk" | "decode"
 
     @nn.compact
     def __call__(self, carry, layer, positions):
@@ -145,7 +159,7 @@ class Block(nn.Module):
         cfg = self.cfg
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
         h, cache = Attention(cfg, self.dtype, self.policy, name="self_attn")(h, positions, cache, layer,
-                                                                                self.decode)
+                                                                                self.mode)
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
         x = x + MLP(cfg, self.dtype, name="mlp")(h)
@@ -159,12 +173,17 @@ class Transformer(nn.Module):
     unroll_layers: bool = False  # unroll the layer scan: static weight slices (no per-layer copies on GPU)
 
     @nn.compact
-    def __call__(self, tokens, positions, cache=None, *, decode: bool = False, logits_index=None):
+    def __call__(self, tokens, positions, cache=None, *, decode: bool = False, chunked: bool = False,
+                 logits_index=None):
         """tokens, positions [B, T] int32 -> (logits float32 [B, T, V] or [B, V], cache).
 
         `logits_index` [B] (optional): compute logits only at x[b, logits_index[b]] -> [B, V].
+        `chunked`: the tokens are one chunk of prompts whose earlier chunks are in `cache` (chunked prefill).
         """
         cfg = self.cfg
+        if chunked and (decode or cache is None):
+            raise ValueError("chunked=True is a prompt chunk written into a cache: it needs a cache and decode=False")
+        mode = "decode" if decode else "chunk" if chunked else "prefill"
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
                          name="embed_tokens")
         x = embed(tokens)  # [B, T, H]
@@ -175,7 +194,7 @@ class Transformer(nn.Module):
             in_axes=(0, nn.broadcast),
             length=cfg.num_layers,
             unroll=cfg.num_layers if self.unroll_layers else 1,
-        )(cfg, self.dtype, self.policy, decode, name="layers")
+        )(cfg, self.dtype, self.policy, mode, name="layers")
         (x, cache), _ = layers((x, cache), jnp.arange(cfg.num_layers, dtype=jnp.int32), positions)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
         if logits_index is not None:

@@ -18,7 +18,8 @@ import numpy as np
 
 from raas_jax import checkpoint
 from raas_jax.cache import cache_bytes
-from raas_jax.generate import Generator, data_parallelism, forced_logits, run_generation, trim_at_eos
+from raas_jax.generate import (DEFAULT_PREFILL_CHUNK, Generator, data_parallelism, forced_logits, run_generation,
+                               trim_at_eos)
 from raas_jax.models.config import ModelConfig
 from raas_jax.models.transformer import Transformer
 from raas_jax.policies import Dense, Policy, next_pow2
@@ -166,10 +167,14 @@ class Model:
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]], max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
                  policy: Any = None, chat: bool = True, chunk: int | None = None,
-                 on_text: Callable[[int, str], None] | None = None) -> list[GenerationResult]:
+                 on_text: Callable[[int, str], None] | None = None,
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> list[GenerationResult]:
         """Generate for one prompt or a batch (strings or token-id lists); one result per prompt.
 
         `on_text(index, new_text)` streams decoded text as it is produced (every `chunk` steps).
+        Prompts longer than `prefill_chunk` tokens are prefilled in chunks of that many (rounded down to whole
+        pages; None = the whole prompt at once) where the policy keeps every prompt page: same output, activation
+        memory bounded by the chunk, one compiled chunk for any longer prompt.
         """
         if isinstance(prompts, np.ndarray):
             prompts = _array_prompts(prompts)
@@ -196,7 +201,7 @@ class Model:
         out, state = run_generation(gen, self.params, ids, max_new_tokens=max_new_tokens, eos_ids=self.eos_ids,
                                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                     chunk=chunk or (16 if on_text else None),
-                                    on_chunk=streamer.update if streamer else None)
+                                    on_chunk=streamer.update if streamer else None, prefill_chunk=prefill_chunk)
         seconds = time.perf_counter() - start
         steps = int(state.step)
         if streamer:

@@ -126,6 +126,44 @@ def write_prompt(layer: LayerCache, k: jax.Array, v: jax.Array, positions: jax.A
     }
 
 
+def write_chunk(cache: dict[str, jax.Array], layer: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
+                page_size: int, pin: bool) -> dict[str, jax.Array]:
+    """Write one chunk of right-padded prompts into `layer` of the stacked cache, page j in slot j (chunked prefill).
+
+    k, v [B, C, Hkv, D]; positions [B, C]: c0, c0 + 1, ... then -1 (padding), c0 a multiple of the page size and
+    the same in every row with tokens in the chunk; rows without tokens here are left as they are. The chunk's C / P
+    pages are written in place; then every resident page of a row that has tokens here gets stamp = its last
+    position so far and `cur` the page holding it, so after the last chunk the layer is what `write_prompt` writes
+    for the whole prompt (identity layout), up to the contents of empty slots.
+    """
+    b, c, hkv, _ = k.shape
+    if c % page_size:
+        raise ValueError(f"a prefill chunk of {c} tokens is not a whole number of pages of {page_size}")
+    pages = c // page_size
+    first = jnp.maximum(jnp.max(positions[:, 0]), 0) // page_size  # slot of the chunk's first page
+    last = jnp.max(positions, axis=1)  # [B] last position so far, -1 = no token in this chunk
+    active = last >= 0  # [B]
+    token_valid = (positions >= 0)[..., None, None]  # [B, C, 1, 1]
+    k_pages = prompt_pages(jnp.where(token_valid, k, 0), page_size)  # [B, Hkv, C/P, P, D]
+    v_pages = prompt_pages(jnp.where(token_valid, v, 0), page_size)
+    start = (first + jnp.arange(pages, dtype=jnp.int32)) * page_size  # [C/P]
+    fill = jnp.broadcast_to(jnp.clip(last[:, None] + 1 - start, 0, page_size)[:, None, :], (b, hkv, pages))
+    kmin, kmax = page_key_bounds(k_pages, fill)  # [B, Hkv, C/P, D]
+    chunk = {"k": k_pages, "v": v_pages, "kmin": kmin, "kmax": kmax, "fill": fill.astype(jnp.int32),
+             "start": jnp.where(fill > 0, start, 0).astype(jnp.int32), "pinned": (fill > 0) & pin}
+    cache = dict(cache)
+    for name, value in chunk.items():  # only the chunk's slots, and only in rows with tokens here
+        index = (layer, 0, 0, first) + (0,) * (value.ndim - 3)
+        old = jax.lax.dynamic_slice(cache[name], index, (1,) + value.shape)[0]
+        row = active.reshape((b,) + (1,) * (value.ndim - 1))
+        cache[name] = jax.lax.dynamic_update_slice(
+            cache[name], jnp.where(row, value.astype(cache[name].dtype), old)[None], index)
+    resident = cache["fill"][layer] > 0  # [B, Hkv, S]
+    stamp = jnp.where(active[:, None, None] & resident, last[:, None, None], cache["stamp"][layer])
+    cur = jnp.where(active[:, None], (last // page_size)[:, None], cache["cur"][layer]).astype(jnp.int32)
+    return store_layer(cache, layer, {"stamp": stamp, "cur": cur})
+
+
 def page_sums(token_values: jax.Array, page_size: int) -> jax.Array:
     """Per-token values of a prompt summed per page: [B, Hkv, T] -> [B, Hkv, ceil(T/P)]."""
     b, h, t = token_values.shape

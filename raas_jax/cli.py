@@ -10,6 +10,7 @@ import os
 import sys
 
 from raas_jax import configure_gpu
+from raas_jax.kernels import BACKENDS as KERNEL_BACKENDS
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError)
 
@@ -99,8 +100,8 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
                 seen.add(field.name)
                 p.add_argument("--" + field.name.replace("_", "-"), default=None,
                                help=f"{field.metadata['help']} (default {field.default})")
-    p.add_argument("--kernels", default="auto", choices=["auto", "reference", "pallas"],
-                   help="attention kernels (default auto: Pallas on a GPU, the jnp reference elsewhere)")
+    p.add_argument("--kernels", default="auto", choices=list(KERNEL_BACKENDS),
+                   help="attention kernels (default auto: Pallas on a GPU or TPU, the jnp reference elsewhere)")
 
 
 def add_mesh_flag(p: argparse.ArgumentParser) -> None:
@@ -145,7 +146,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     results = model.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_p=args.top_p, top_k=args.top_k, seed=args.seed, chat=not args.no_chat, policy=policy,
-                             on_text=stream if len(prompts) == 1 else None)
+                             on_text=stream if len(prompts) == 1 else None, prefill_chunk=args.prefill_chunk or None)
     if len(prompts) == 1:
         sys.stdout.write("\n")
     else:
@@ -363,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=at_least(0), default=0)
     p.add_argument("--seed", type=seed, default=0, help="in [0, 2^32)")
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--prefill-chunk", type=at_least(0), default=2048,
+                   help="prefill prompts longer than this in chunks of this many tokens (default 2048; 0 = the whole "
+                        "prompt at once)")
     add_mesh_flag(p)
     add_policy_flags(p)
     p.set_defaults(func=_generate)
@@ -424,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-reference", action="store_true",
                    help="e2e: also time HF transformers (torch) dense decode at each position, in a child process")
     p.add_argument("--hf-batches", default="1", help="e2e: batch sizes of the HF reference (default 1)")
-    p.add_argument("--kernels", default="auto", choices=["auto", "reference", "pallas"],
+    p.add_argument("--kernels", default="auto", choices=list(KERNEL_BACKENDS),
                    help="e2e: attention kernels the policies use (default auto)")
     p.add_argument("--shapes", default="", help="kernels: comma-separated shape names (default: all)")
     p.add_argument("--calls", type=int, default=None, help="kernels: calls per timed loop (default: ~20 GB read)")

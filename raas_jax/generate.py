@@ -1,9 +1,15 @@
-"""Batched generation: one jitted prefill, then a jitted `lax.while_loop` decode run in chunks.
+"""Batched generation: a jitted prefill, then a jitted `lax.while_loop` decode run in chunks.
 
 Shapes are bucketed (batch and prompt length to powers of two, O(N) caches to a power-of-two number of
 pages; fixed-budget caches depend on the budget alone) and decoded tokens go through a fixed 128-column
 device buffer drained between chunks, so new request sizes and longer generations rarely compile anything
 new. The decode state is one pytree, donated to every chunk.
+
+Prompts longer than `prefill_chunk` tokens are prefilled chunk by chunk (`chunked_prefill`): one jitted call per
+chunk of that many tokens writes it into the page pool, so activation memory is bounded by the chunk and any
+longer prompt reuses the same compiled chunk. Policies whose layout of a long prompt is chosen over the whole
+prompt (H2O, StreamingLLM, unpinned RaaS when the prompt does not fit the pool) take the whole-prompt path
+(`Policy.chunkable`, docs/notes.md).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from raas_jax.models.transformer import Transformer
 from raas_jax.sampling import sample_tokens
 
 MIN_PROMPT_BUCKET = 16
+DEFAULT_PREFILL_CHUNK = 2048  # prompts longer than this are prefilled in chunks of this many tokens
 MIN_OUT_BUCKET = 16  # teacher-forced runs: continuation lengths go to powers of two, at least this
 DECODE_CHUNK = 128  # tokens buffered on device per decode call; the host drains it between calls
 
@@ -93,6 +100,42 @@ class Generator:
         cache = self.policy.init(self.cfg, batch, num_slots, self.dtype)
         logits, cache = self.module.apply({"params": params}, prompt, positions, cache,
                                           logits_index=lengths - 1)  # [B, V]
+        return self._first_token(cache, logits, lengths, done, eos_ids, sampling, key)
+
+    @functools.cached_property
+    def begin_chunks(self) -> Callable:
+        return jax.jit(self._begin_chunks, static_argnames=("batch", "num_slots"))
+
+    @functools.cached_property
+    def prefill_chunk(self) -> Callable:
+        return jax.jit(self._prefill_chunk, donate_argnums=(1, 4))
+
+    @functools.cached_property
+    def finish_chunks(self) -> Callable:
+        return jax.jit(self._finish_chunks, donate_argnums=(0,))
+
+    def _begin_chunks(self, *, batch: int, num_slots: int) -> tuple[dict, jax.Array]:
+        """The empty cache (with the policy's chunked-prefill extras) and logits [B, V] to fill."""
+        cache = self.policy.init(self.cfg, batch, num_slots, self.dtype)
+        return self.policy.begin_chunked_prefill(self.cfg, cache), jnp.zeros((batch, self.cfg.vocab_size), jnp.float32)
+
+    def _prefill_chunk(self, params, cache, tokens, positions, logits, last):
+        """One chunk [B, C] of the prompts into the cache -> (cache, logits [B, V]); `last` [B] is the index in this
+        chunk of each row's last prompt token (-1: not in this chunk), whose logits replace the row's."""
+        chunk_logits, cache = self.module.apply({"params": params}, tokens, positions, cache, chunked=True,
+                                                logits_index=jnp.maximum(last, 0))  # [B, V]
+        return cache, jnp.where((last >= 0)[:, None], chunk_logits, logits)
+
+    def _finish_chunks(self, cache, extras, logits, lengths, done, eos_ids, sampling: SamplingParams,
+                       key) -> DecodeState:
+        """The decode state after the last chunk: the policy folds its chunked-prefill `extras` (arrays that are
+        not donated, since decode has no place for them) into the cache, then the first token is sampled."""
+        cache = self.policy.end_chunked_prefill({**cache, **extras})
+        return self._first_token(cache, logits, lengths, done, eos_ids, sampling, key)
+
+    def _first_token(self, cache, logits, lengths, done, eos_ids, sampling: SamplingParams, key) -> DecodeState:
+        """Sample the first new token from the prompts' last logits [B, V]: the decode state."""
+        batch = logits.shape[0]
         key, sub = jax.random.split(key)
         first = sample_tokens(logits, sub, *sampling)  # [B]
         tokens = jnp.zeros((batch, DECODE_CHUNK), jnp.int32).at[:, 0].set(first)
@@ -125,12 +168,13 @@ def data_parallelism(policy: Any) -> int:
     return mesh.shape["data"] if mesh is not None else 1
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], multiple: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pad_prompts(prompts: Sequence[Sequence[int]], multiple: int = 1, chunk: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Right-pad to bucketed [B', T'] -> (tokens, lengths [B'], padding-row mask [B']); B' is a multiple of
-    `multiple` (the data-parallel width)."""
+    `multiple` (the data-parallel width), T' a power of two or, with `chunk`, a multiple of the chunk."""
     batch = -(-next_pow2(len(prompts)) // multiple) * multiple
     longest = max(len(p) for p in prompts)
-    t = next_pow2(longest, MIN_PROMPT_BUCKET)
+    t = next_pow2(longest, MIN_PROMPT_BUCKET) if chunk is None else -(-longest // chunk) * chunk
     tokens = np.zeros((batch, t), np.int32)
     lengths = np.ones((batch,), np.int32)
     for i, p in enumerate(prompts):
@@ -140,23 +184,68 @@ def pad_prompts(prompts: Sequence[Sequence[int]], multiple: int = 1) -> tuple[np
     return tokens, lengths, is_padding
 
 
+def prefill_plan(policy: Any, lengths: Sequence[int], prefill_chunk: int | None) -> int | None:
+    """The chunk size these prompts are prefilled with, or None for the whole-prompt path: `prefill_chunk` rounded
+    down to whole pages, when the longest prompt is longer and the policy keeps every prompt page (`chunkable`).
+    `prefill_chunk=None` never chunks."""
+    if prefill_chunk is None:
+        return None
+    page_size = policy.page_size
+    if not isinstance(prefill_chunk, (int, np.integer)) or isinstance(prefill_chunk, bool) \
+            or prefill_chunk < page_size:
+        raise ValueError(f"prefill_chunk must be an integer >= the page size ({page_size}), or None for no "
+                         f"chunking; got {prefill_chunk!r}")
+    chunk = int(prefill_chunk) // page_size * page_size
+    longest = max(lengths)
+    return chunk if longest > chunk and policy.chunkable(longest) else None
+
+
+def chunked_prefill(gen: Generator, params, tokens: np.ndarray, lengths: np.ndarray, *, chunk: int,
+                    num_slots: int) -> tuple[dict, jax.Array]:
+    """Prefill right-padded prompts [B, T] (T a multiple of `chunk`) one chunk per call -> (cache, logits [B, V] at
+    each row's last prompt token). The cache still holds the policy's chunked-prefill extras
+    (`Policy.chunk_extras`, which `Generator.finish_chunks` folds away)."""
+    batch, t = tokens.shape
+    if t % chunk:
+        raise ValueError(f"prompt length {t} is not a multiple of the prefill chunk {chunk}")
+    ids = np.arange(t)[None, :]
+    positions = np.where(ids < lengths[:, None], ids, -1).astype(np.int32)  # [B, T]
+    cache, logits = gen.begin_chunks(batch=batch, num_slots=num_slots)
+    for start in range(0, t, chunk):
+        last = lengths - 1 - start
+        last = np.where((last >= 0) & (last < chunk), last, -1).astype(np.int32)  # [B]
+        cache, logits = gen.prefill_chunk(params, cache, jnp.asarray(tokens[:, start:start + chunk]),
+                                          jnp.asarray(positions[:, start:start + chunk]), logits, jnp.asarray(last))
+    return cache, logits
+
+
 def run_generation(gen: Generator, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                    eos_ids: Sequence[int], temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                    seed: int = 0, chunk: int | None = None,
-                   on_chunk: Callable[[np.ndarray, int], None] | None = None) -> tuple[np.ndarray, DecodeState]:
+                   on_chunk: Callable[[np.ndarray, int], None] | None = None,
+                   prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> tuple[np.ndarray, DecodeState]:
     """Generate for a batch of token-id prompts; returns (tokens [len(prompts), steps], final state).
 
     `on_chunk(tokens_so_far, step)` is called after each chunk of `chunk` decode steps (streaming).
+    Prompts longer than `prefill_chunk` tokens (rounded down to whole pages; None: never) are prefilled in chunks
+    of that size where the policy allows it (`prefill_plan`); the output is the same either way.
     """
     if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     gen.policy.check_prompts([len(p) for p in prompts])
-    tokens, lengths, is_padding = pad_prompts(prompts, data_parallelism(gen.policy))
+    plan = prefill_plan(gen.policy, [len(p) for p in prompts], prefill_chunk)
+    tokens, lengths, is_padding = pad_prompts(prompts, data_parallelism(gen.policy), chunk=plan)
     num_slots = gen.policy.num_slots(int(lengths.max()), max_new_tokens)
     sampling = SamplingParams(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
-    state = gen.start(params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(is_padding), eos,
-                      sampling, jax.random.PRNGKey(seed), num_slots=num_slots)
+    if plan is None:
+        state = gen.start(params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(is_padding), eos,
+                          sampling, jax.random.PRNGKey(seed), num_slots=num_slots)
+    else:
+        cache, logits = chunked_prefill(gen, params, tokens, lengths, chunk=plan, num_slots=num_slots)
+        extras = {name: cache.pop(name) for name in gen.policy.chunk_extras}
+        state = gen.finish_chunks(cache, extras, logits, jnp.asarray(lengths), jnp.asarray(is_padding), eos,
+                                  sampling, jax.random.PRNGKey(seed))
     chunk = min(chunk or DECODE_CHUNK, DECODE_CHUNK)
     drained: list[np.ndarray] = []
     while True:

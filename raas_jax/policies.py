@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from raas_jax import kernels
 from raas_jax.cache import (LayerCache, append_token, compact_pages, init_pool, layer_at, page_sums, refresh_stamps,
-                            store_layer, write_prompt)
+                            store_layer, write_chunk, write_prompt)
 from raas_jax.models.config import ModelConfig
 
 INT32_MAX = jnp.iinfo(jnp.int32).max
@@ -134,6 +134,7 @@ class Policy:
     name: ClassVar[str] = "policy"
     fixed_budget: ClassVar[bool] = False  # True: the cache size depends on the budget alone
     pin_prompt: ClassVar[bool] = False
+    chunk_extras: ClassVar[tuple[str, ...]] = ()  # cache entries that live only during a chunked prefill
 
     def __post_init__(self):
         if self.page_size < 1:
@@ -151,11 +152,33 @@ class Policy:
     def init(self, cfg: ModelConfig, batch: int, num_slots: int, dtype: Any) -> dict[str, jax.Array]:
         return init_pool(cfg, batch, num_slots, self.page_size, dtype)
 
+    # chunked prefill (docs/notes.md, issue 16) ----------------------------------------------------------------
+    def chunkable(self, longest_prompt: int) -> bool:
+        """Whether prompts this long can be prefilled chunk by chunk with the whole-prompt result: every prompt page
+        stays resident, page j in slot j. O(N) policies size the pool for the whole sequence, so always."""
+        return True
+
+    def begin_chunked_prefill(self, cfg: ModelConfig, cache: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """The cache before the first chunk (H2O adds an accumulator that `end_chunked_prefill` folds away)."""
+        return cache
+
+    def end_chunked_prefill(self, cache: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """The cache after the last chunk, with the layout `init` gives (what decode expects)."""
+        return cache
+
     # model hooks: `cache` is stacked over layers, `layer` the (traced) index of the calling layer -----
     def prefill(self, cache, layer, q, k, v, positions):
         """q [B, T, Hq, D], k/v [B, T, Hkv, D], positions [B, T] -> the cache with this layer's prompt."""
         view = write_prompt(layer_at(cache, layer), k, v, positions, self.page_size, pin=self.pin_prompt)
         return store_layer(cache, layer, view)
+
+    def prefill_chunk(self, cache, layer, q, k, v, positions):
+        """One chunk of the prompts (chunked prefill, `chunkable` prompts only): q [B, C, Hq, D], k/v [B, C, Hkv, D],
+        positions [B, C] (c0, c0 + 1, ... or -1) -> (out [B, C, Hq, D], cache). The chunk attends the prompt pages
+        written so far and itself (causal), then its pages are written, page j in slot j: after the last chunk
+        the cache is what `prefill` writes for the whole prompt."""
+        out = kernels.chunk_attention(q, k, v, positions, cache["k"], cache["v"], layer=layer, backend=self.backend)
+        return out, write_chunk(cache, layer, k, v, positions, self.page_size, pin=self.pin_prompt)
 
     def decode(self, cache, layer, q, k, v, positions):
         """q [B, Hq, D], k/v [B, Hkv, D], positions [B] -> (out [B, Hq, D], cache)."""
@@ -209,6 +232,11 @@ class _FixedBudget(Policy):
 
     def num_slots(self, longest_prompt: int, max_new_tokens: int) -> int:
         return self.slots
+
+    def chunkable(self, longest_prompt: int) -> bool:
+        """Only prompts whose pages all fit the pool: a longer prompt's layout (which pages stay) is chosen over the
+        whole prompt, so it takes the whole-prompt path (docs/notes.md, chunked prefill)."""
+        return -(-longest_prompt // self.page_size) <= self.slots
 
     def prompt_pages(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Prompt page indices [N] and each row's prompt page count [B, 1, 1] for a prompt block [B, T]."""
@@ -339,6 +367,7 @@ class H2O(_FixedBudget):
     recent_fraction: float = option(0.5, "H2O: share of the pool kept as the recent window", float)
 
     name: ClassVar[str] = "h2o"
+    chunk_extras: ClassVar[tuple[str, ...]] = ("token_mass",)
 
     def __post_init__(self):
         super().__post_init__()
@@ -355,8 +384,7 @@ class H2O(_FixedBudget):
         return {**pool, "mass": jnp.zeros(pool["fill"].shape, jnp.float32)}  # [L, B, Hkv, S]
 
     def prefill(self, cache, layer, q, k, v, positions):
-        _, key_mass = kernels.causal_attention(q, k, v, positions, positions, return_key_mass=True,
-                                               backend=self.backend)  # [B, Hkv, T]
+        key_mass = jnp.max(kernels.key_mass(q, k, positions, positions, backend=self.backend), axis=2)  # [B, Hkv, T]
         page_mass = page_sums(key_mass, self.page_size)  # [B, Hkv, N]
         page, count = self.prompt_pages(positions)
         in_prompt = page < count  # [B, 1, N]
@@ -367,6 +395,26 @@ class H2O(_FixedBudget):
         view = write_prompt(layer_at(cache, layer), k, v, positions, self.page_size, pin=False, layout=layout)
         mass = jnp.where(layout >= 0, jnp.take_along_axis(page_mass, jnp.maximum(layout, 0), axis=-1), 0.0)
         return store_layer(cache, layer, {**view, "mass": mass})
+
+    def begin_chunked_prefill(self, cfg, cache):
+        """Adds `token_mass` [L, B, Hkv, G, S*P]: per query head, the mass each pool token has received from the
+        prompt queries so far. Kept per query head because the prompt's statistic is the max over the group of a sum
+        over all queries, which per-chunk maxima would overstate."""
+        layers, batch, hkv, slots = cache["fill"].shape
+        shape = (layers, batch, hkv, cfg.num_heads // cfg.num_kv_heads, slots * self.page_size)
+        return {**cache, "token_mass": jnp.zeros(shape, jnp.float32)}
+
+    def prefill_chunk(self, cache, layer, q, k, v, positions):
+        out, cache = super().prefill_chunk(cache, layer, q, k, v, positions)
+        mass = kernels.chunk_key_mass(q, positions, cache["k"], layer=layer, backend=self.backend)  # [B, Hkv, G, S*P]
+        return out, {**cache, "token_mass": cache["token_mass"].at[layer].add(mass)}
+
+    def end_chunked_prefill(self, cache):
+        """Folds `token_mass` into `mass` as `prefill` computes it: max over the group, summed per page."""
+        cache = dict(cache)
+        key_mass = jnp.max(cache.pop("token_mass"), axis=3)  # [L, B, Hkv, S*P]
+        page_mass = key_mass.reshape(key_mass.shape[:-1] + (-1, self.page_size)).sum(-1)  # [L, B, Hkv, S]
+        return {**cache, "mass": jnp.where(cache["fill"] > 0, page_mass, 0.0)}
 
     def protected(self, view) -> jax.Array:
         """Before the append that opens a page: the R - 1 newest resident pages, which stay in the window once
@@ -429,23 +477,6 @@ def policy_options(cls: type[Policy]) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
 
 
-def make_policy(name: str, budget: int | None = None, page_size: int = 16, **options: Any) -> Policy:
-    """A policy from its CLI name: dense | raas | quest | h2o | streaming."""
-    key = policy_key(name)
-    if key not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
-    cls = POLICIES[key]
-    allowed = {f.name for f in policy_options(cls)} | {"backend"}
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        flags = ", ".join("--" + n.replace("_", "-") for n in unknown)
-        takes = ", ".join("--" + n.replace("_", "-") for n in sorted(allowed - {"backend"})) or "no options"
-        raise ValueError(f"{flags} does not apply to policy {key!r} (it takes {takes})")
-    if cls is Dense:
-        return Dense(page_size=page_size, **options)
-    if budget is None:
-        raise ValueError(f"policy {name!r} needs a budget (e.g. --budget 1024)")
-    return cls(page_size=page_size, budget=budget, **options)
 def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """'raas' or 'raas:score=exact:refresh=0.01' -> ('raas', {'score': 'exact', 'refresh': 0.01}): a policy name
     and options, each parsed as its CLI flag is."""
@@ -469,3 +500,20 @@ def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return key, options
 
 
+def make_policy(name: str, budget: int | None = None, page_size: int = 16, **options: Any) -> Policy:
+    """A policy from its CLI name: dense | raas | quest | h2o | streaming."""
+    key = policy_key(name)
+    if key not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+    cls = POLICIES[key]
+    allowed = {f.name for f in policy_options(cls)} | {"backend"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        flags = ", ".join("--" + n.replace("_", "-") for n in unknown)
+        takes = ", ".join("--" + n.replace("_", "-") for n in sorted(allowed - {"backend"})) or "no options"
+        raise ValueError(f"{flags} does not apply to policy {key!r} (it takes {takes})")
+    if cls is Dense:
+        return Dense(page_size=page_size, **options)
+    if budget is None:
+        raise ValueError(f"policy {name!r} needs a budget (e.g. --budget 1024)")
+    return cls(page_size=page_size, budget=budget, **options)

@@ -141,6 +141,13 @@ class ShardedPolicy:
                             out_specs=self._cache_specs(cache), check_vma=False)
         return run(cache, layer, q, k, v, positions)
 
+    def prefill_chunk(self, cache, layer, q, k, v, positions):
+        heads = P("data", None, "model", None)  # [B, C, H, D]
+        run = jax.shard_map(self.policy.prefill_chunk, mesh=self.mesh,
+                            in_specs=(self._cache_specs(cache), P(), heads, heads, heads, P("data", None)),
+                            out_specs=(heads, self._cache_specs(cache)), check_vma=False)
+        return run(cache, layer, q, k, v, positions)
+
     def decode(self, cache, layer, q, k, v, positions):
         heads = P("data", "model", None)  # [B, H, D]
         run = jax.shard_map(self.policy.decode, mesh=self.mesh,

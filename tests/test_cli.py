@@ -192,3 +192,19 @@ def test_memory_fraction_flag_sets_the_allocator_fraction(monkeypatch, capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["bench", "e2e", "--memory-fraction", bad])
         assert "fraction in (0, 1]" in capsys.readouterr().err
+
+
+def test_prefill_chunk_flag(tiny_llama_converted, capsys):
+    from raas_jax.cli import build_parser
+
+    assert build_parser().parse_args(["generate", "p"]).prefill_chunk == 2048
+    assert build_parser().parse_args(["generate", "p", "--prefill-chunk", "0"]).prefill_chunk == 0  # whole prompt
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "p", "--prefill-chunk", "-1"])
+    prompt = " ".join(["the quick brown fox"] * 12)  # ~50 tokens: prefilled in chunks of 16
+    assert main(["generate", "--model", str(tiny_llama_converted), "--max-new-tokens", "5", "--no-chat",
+                 "--prefill-chunk", "16", "--policy", "raas", "--budget", "256", "--page-size", "4", prompt]) == 0
+    chunked = capsys.readouterr().out
+    assert main(["generate", "--model", str(tiny_llama_converted), "--max-new-tokens", "5", "--no-chat",
+                 "--prefill-chunk", "0", "--policy", "raas", "--budget", "256", "--page-size", "4", prompt]) == 0
+    assert capsys.readouterr().out == chunked

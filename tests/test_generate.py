@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import raas_jax
-from raas_jax.policies import Dense
+from raas_jax.generate import Generator, chunked_prefill, pad_prompts, prefill_plan, run_generation
+from raas_jax.policies import H2O, Dense, Quest, RaaS, StreamingLLM
 from raas_jax.models.transformer import Transformer
 
 from conftest import VOCAB, make_hf_model
@@ -183,3 +184,115 @@ def test_numpy_prompts(model):
     for bad in (np.array([1.0, 2.0]), np.array([True, False]), np.array([[[1]]]), b"abc", [1.5, 2], [[1, True]]):
         with pytest.raises(ValueError, match="prompt"):
             model.generate(bad, max_new_tokens=2)
+
+
+# ------------------------------------------------------------------------------------- chunked prefill
+
+CHUNK_POLICIES = {
+    "dense": Dense(page_size=4),
+    "raas": RaaS(budget=64, page_size=4),
+    "raas-unpinned": RaaS(budget=64, page_size=4, pin_prefill=False),
+    "quest": Quest(budget=16, page_size=4, dense_layers=1),
+    "h2o": H2O(budget=64, page_size=4),
+    "h2o-token": H2O(budget=64, page_size=1),
+    "streaming": StreamingLLM(budget=64, page_size=4),
+}
+SLOW_CHUNK_POLICIES = ("raas-unpinned", "h2o-token")  # variants of the same code paths
+CHUNK_PROMPTS = [list(range(3, 48)), [7, 8, 9] * 7, [250] * 5]  # 45, 21 and 5 tokens: padding in every chunk
+
+
+def whole_and_chunked_prefill(model, policy, prompts, chunk, max_new_tokens=20):
+    """The same prompts prefilled whole (one forward) and in chunks: ((logits, cache), (logits, cache))."""
+    gen = Generator(model.cfg, model.dtype, policy)
+    tokens, lengths, _ = pad_prompts(prompts, chunk=chunk)
+    num_slots = policy.num_slots(int(lengths.max()), max_new_tokens)
+    ids = np.arange(tokens.shape[1])[None]
+    positions = np.where(ids < lengths[:, None], ids, -1)
+    cache = policy.init(model.cfg, tokens.shape[0], num_slots, model.dtype)
+    whole = jax.jit(gen.module.apply)({"params": model.params}, jnp.asarray(tokens), jnp.asarray(positions), cache,
+                                      logits_index=jnp.asarray(lengths - 1))
+    cache, logits = chunked_prefill(gen, model.params, tokens, lengths, chunk=chunk, num_slots=num_slots)
+    return whole, (logits, policy.end_chunked_prefill(cache))
+
+
+def assert_same_cache(chunked, whole, page_size):
+    assert set(chunked) == set(whole)
+    filled = np.arange(page_size) < np.asarray(whole["fill"])[..., None]  # [L, B, Hkv, S, P]
+    for name in whole:
+        got, want = np.asarray(chunked[name]), np.asarray(whole[name])
+        if name in ("k", "v"):  # empty slots and unfilled offsets hold anything
+            got, want = got * filled[..., None], want * filled[..., None]
+        if np.issubdtype(want.dtype, np.floating):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_CHUNK_POLICIES else n
+                                  for n in sorted(CHUNK_POLICIES)])
+def test_chunked_prefill_equals_the_whole_prompt(model, name):
+    """Logits at each prompt's last token and the cache after a prefill in chunks of 16 equal the whole-prompt
+    prefill's; so does the generation that follows."""
+    policy = CHUNK_POLICIES[name]
+    assert policy.chunkable(45) and prefill_plan(policy, [45, 21, 5], 16) == 16
+    (logits, cache), (chunk_logits, chunk_cache) = whole_and_chunked_prefill(model, policy, CHUNK_PROMPTS, 16)
+    np.testing.assert_allclose(chunk_logits[:3], logits[:3], rtol=1e-4, atol=1e-4)
+    assert_same_cache(chunk_cache, cache, policy.page_size)
+    gen = model._generator(policy)
+    whole_tokens, _ = run_generation(gen, model.params, CHUNK_PROMPTS, max_new_tokens=24, eos_ids=(),
+                                     prefill_chunk=None)
+    chunk_tokens, state = run_generation(gen, model.params, CHUNK_PROMPTS, max_new_tokens=24, eos_ids=(),
+                                         prefill_chunk=16)
+    np.testing.assert_array_equal(chunk_tokens, whole_tokens)
+    assert set(state.cache) == set(jax.eval_shape(lambda: policy.init(model.cfg, 4, 16, model.dtype)))
+
+
+def test_chunked_prefill_through_the_blockwise_kernels(model, monkeypatch):
+    """What a TPU (and a GPU that refuses cuDNN) runs: chunks and H2O's key mass through the blockwise jnp passes,
+    the whole prompt through blockwise attention, against the reference prefill."""
+    from raas_jax.kernels import prefill
+
+    policy = H2O(budget=64, page_size=4)
+    reference, _ = whole_and_chunked_prefill(model, policy, CHUNK_PROMPTS, 16)
+    monkeypatch.setattr(prefill, "choose_implementation", lambda backend, *a, **k: "blockwise")
+    (logits, cache), (chunk_logits, chunk_cache) = whole_and_chunked_prefill(model, policy, CHUNK_PROMPTS, 16)
+    for got in (logits, chunk_logits):
+        np.testing.assert_allclose(got[:3], reference[0][:3], rtol=1e-4, atol=1e-4)
+    assert_same_cache(chunk_cache, reference[1], policy.page_size)
+    assert_same_cache(cache, reference[1], policy.page_size)
+
+
+def test_when_prompts_are_chunked(model):
+    raas, h2o = RaaS(budget=32, page_size=4), H2O(budget=32, page_size=4)
+    streaming = StreamingLLM(budget=32, page_size=4)
+    assert prefill_plan(raas, [20, 5], None) is None  # None never chunks
+    assert prefill_plan(raas, [16, 5], 16) is None  # fits one chunk: the whole-prompt path
+    assert prefill_plan(raas, [17, 5], 18) == 16  # rounded down to whole pages
+    assert prefill_plan(Dense(), [5000], 2048) == 2048
+    assert h2o.chunkable(32) and not h2o.chunkable(33)  # a prompt longer than the pool: layout over the whole prompt
+    assert prefill_plan(h2o, [40], 16) is None and prefill_plan(streaming, [40], 16) is None
+    for bad in (2, 0, 16.0, True, "16"):
+        with pytest.raises(ValueError, match="prefill_chunk must be an integer >= the page size"):
+            prefill_plan(raas, [40], bad)
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        model.generate([[1, 2, 3]], max_new_tokens=2, prefill_chunk=0)
+    prompts = [list(range(1, 41)), [9] * 12]  # H2O keeps 8 of these 10 pages: whole-prompt path, same output
+    gen = model._generator(h2o)
+    outs = [run_generation(gen, model.params, prompts, max_new_tokens=8, eos_ids=(), prefill_chunk=c)[0]
+            for c in (None, 16)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert "prefill_chunk" not in gen.__dict__  # the chunked path was never compiled
+
+
+def test_new_prompt_lengths_reuse_the_compiled_chunk(model):
+    policy = RaaS(budget=128, page_size=4)
+    gen = model._generator(policy)
+    compiled = None
+    for length in (40, 70, 33):  # 3, 5 and 3 chunks of 16
+        result = model.generate([list(range(1, length + 1)), [5, 6]], max_new_tokens=3, policy=policy,
+                                prefill_chunk=16, chat=False)
+        assert all(len(r.token_ids) == 3 for r in result)
+        sizes = (gen.begin_chunks._cache_size(), gen.prefill_chunk._cache_size(), gen.finish_chunks._cache_size())
+        assert compiled is None or sizes == compiled
+        compiled = sizes
+    assert "start" not in gen.__dict__  # the whole-prompt prefill was never compiled

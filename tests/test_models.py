@@ -85,3 +85,16 @@ def test_bad_token_ids_are_rejected(tiny_llama_dir):
         model.logits([[1, 2, VOCAB]])
     with pytest.raises(ValueError, match="non-empty integer"):
         model.logits(np.zeros((1, 0), np.int32))
+
+
+def test_a_chunk_needs_a_cache(tiny_llama_dir):
+    import jax.numpy as jnp
+
+    from raas_jax.models.transformer import Transformer
+    from raas_jax.policies import Dense
+
+    model = raas_jax.load(tiny_llama_dir, dtype="f32")
+    module = Transformer(model.cfg, model.dtype, Dense())
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="chunked=True .* needs a cache"):
+        module.apply({"params": model.params}, tokens, jnp.arange(4)[None], chunked=True)

@@ -354,3 +354,13 @@ def test_streaming_prefill_keeps_sinks_and_the_newest_prompt_pages():
             want = pages if len(pages) <= 6 else pages[:2] + pages[-4:]  # sinks 0..2 live in pages 0 and 1
             assert starts == want
             assert cache["start"][b, h, cache["cur"][b, h]] == pages[-1]
+
+
+def test_chunked_prefill_only_where_every_prompt_page_stays():
+    """O(N) policies keep every page; fixed budgets only when the prompt's pages fit the pool (else the layout
+    of a long prompt is chosen over the whole prompt: the whole-prompt path)."""
+    assert Dense(page_size=4).chunkable(10**6) and Quest(budget=16, page_size=4).chunkable(10**6)
+    for policy in (RaaS(budget=64, page_size=4, pin_prefill=False), H2O(budget=64, page_size=4),
+                   StreamingLLM(budget=64, page_size=4), H2O(budget=64, page_size=1)):
+        assert policy.chunkable(64) and not policy.chunkable(65), policy
+    assert H2O.chunk_extras == ("token_mass",) and RaaS.chunk_extras == ()

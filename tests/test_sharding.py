@@ -38,6 +38,9 @@ SCRIPT = textwrap.dedent('''
         same = {p.name + str(i): [r.token_ids for r in model.generate(prompts, max_new_tokens=40, chat=False,
                                                                            policy=p)] == reference[p]
                 for i, p in enumerate(policies)}
+        chunked = {p.name + str(i): [r.token_ids for r in model.generate(prompts, max_new_tokens=40, chat=False,
+                                                                              policy=p, prefill_chunk=8)]
+                   == reference[p] for i, p in enumerate(policies) if i in (0, 1, 4)}  # dense, raas, h2o
         # the compiled decode loop must not gather the cache: no all-gather producing a pool-shaped array
         policy = RaaS(budget=48, page_size=4)
         gen = model._generator(policy)
@@ -50,6 +53,7 @@ SCRIPT = textwrap.dedent('''
         gathers = [l for l in hlo.splitlines() if " all-gather(" in l or "all-gather-start(" in l]
         pool_gathers = [l for l in gathers if re.search(r"= \\w+\\[(\\d+,){4,}\\d+\\]", l)]
         report[spec] = {"mesh": dict(model.mesh.shape), "gate_spec": list(leaf.sharding.spec), "same": same,
+                        "chunked_same": chunked,
                         "pool_gathers": len(pool_gathers), "cache_spec": list(state.cache["k"].sharding.spec)}
     print("REPORT" + json.dumps(report))
 ''')
@@ -72,6 +76,7 @@ def test_sharded_generate_equals_one_device(tmp_path):
     assert report["data=2,model=4"]["gate_spec"] == [None, None, "model"]  # [L, hidden, mlp]: columns
     for spec, entry in report.items():
         assert all(entry["same"].values()), (spec, entry["same"])
+        assert all(entry["chunked_same"].values()), (spec, entry["chunked_same"])  # prefill in chunks of 8
         assert entry["pool_gathers"] == 0, spec
         model_axis = "model" if entry["mesh"]["model"] > 1 else None  # JAX drops size-1 axes from specs
         assert (entry["cache_spec"] + [None] * 3)[:3] == [None, "data", model_axis], entry  # [L, B, Hkv, ...]
