@@ -5,7 +5,7 @@ mass goes to the lemma's own lines, to the previous line (which restates the lem
 else, and whether RaaS still holds the lemma's pages at that step.
 
     python scripts/milestones_lemma_check.py checkpoints/milestones-13m --difficulty 3 --index 0 --step 123 \
-        --budget 512
+        --budget 512 [--score exact]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def main(argv=None) -> int:
     p.add_argument("--step", type=int, required=True, help="solution step whose lemma-value token is examined")
     p.add_argument("--budget", type=int, default=512)
     p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--score", default="estimate", choices=["estimate", "exact"], help="RaaS page score")
     args = p.parse_args(argv)
 
     import raas_jax
@@ -56,7 +57,8 @@ def main(argv=None) -> int:
 
     continuation = solution[:query - len(prompt) + 1]
     dense = attention_map.trace(model, prompt, continuation, Dense(page_size=P), progress=False)
-    raas = attention_map.trace(model, prompt, continuation, RaaS(budget=args.budget, page_size=P), progress=False)
+    raas_policy = RaaS(budget=args.budget, page_size=P, score=args.score)
+    raas = attention_map.trace(model, prompt, continuation, raas_policy, progress=False)
     t = query - len(prompt)
     print("page masses are per KV head, max over its query heads (so a row can sum past 1)")
     print("layer head | lemma lines  previous line  prompt | heaviest other page (tokens back): mass | RaaS holds: "
