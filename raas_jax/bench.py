@@ -92,8 +92,10 @@ def synthetic_cache(policy: Policy, cfg: ModelConfig, batch: int, position: int,
     @jax.jit
     def make_pages(fill):
         k_key, v_key = jax.random.split(jax.random.PRNGKey(seed))
-        k = jax.random.normal(k_key, k_shape, dtype)  # unfilled tokens hold noise; `fill` masks them
-        v = jax.random.normal(v_key, k_shape, dtype)
+        # one layer at a time: the random bits of a whole pool (4 bytes a value) would not fit beside it at a
+        # large batch; unfilled tokens hold noise, `fill` masks them
+        k = jax.lax.map(lambda key: jax.random.normal(key, k_shape[1:], dtype), jax.random.split(k_key, k_shape[0]))
+        v = jax.lax.map(lambda key: jax.random.normal(key, k_shape[1:], dtype), jax.random.split(v_key, k_shape[0]))
         kmin, kmax = jax.lax.map(lambda kf: page_key_bounds(*kf), (k, fill))  # one layer at a time
         return k, v, kmin, kmax
 
