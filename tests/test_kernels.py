@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from raas_jax import kernels
+
+from kernel_cases import ATTENTION_CASES, TOP_K_CASES, page_pool, top_k_scores
 
 
 def brute_decode(q, k, v, fill):
@@ -107,24 +108,12 @@ def test_unknown_backend_is_refused():
                             np.ones((1, 1, 1), np.int32), backend="cuda")
 
 
-PALLAS_CASES = [(1, 64, 16), (4, 128, 16), (7, 64, 32), (8, 128, 32)]
-
-
-def _pool(rng, b, hkv, group, s, page, d):
-    q = rng.normal(size=(b, hkv * group, d)).astype(np.float32)
-    k = rng.normal(size=(b, hkv, s, page, d)).astype(np.float32)
-    v = rng.normal(size=(b, hkv, s, page, d)).astype(np.float32)
-    fill = rng.integers(0, page + 1, (b, hkv, s)).astype(np.int32)  # partly filled and empty slots
-    fill[1, 0] = 0  # a head with no resident token at all
-    return q, k, v, fill
-
-
-@pytest.mark.parametrize("group,head_dim,page", PALLAS_CASES)
+@pytest.mark.parametrize("group,head_dim,page", ATTENTION_CASES)
 def test_pallas_decode_attention_matches_reference_in_interpret_mode(group, head_dim, page):
     from raas_jax.kernels import pallas_gpu
 
     rng = np.random.default_rng(group * 100 + head_dim + page)  # fresh inputs per case
-    q, k, v, fill = _pool(rng, 2, 2, group, 32, page, head_dim)
+    q, k, v, fill = page_pool(rng, 2, 2, group, 32, page, head_dim)
     ref_out, ref_mass = kernels.decode_attention(q, k, v, fill, backend="reference")
     # default launch, then one that loops over several blocks per program, then one block per program
     for tuning in (pallas_gpu.DEFAULT_TUNING, pallas_gpu.AttentionTuning(block_tokens=32, target_programs=1),
@@ -136,13 +125,13 @@ def test_pallas_decode_attention_matches_reference_in_interpret_mode(group, head
     np.testing.assert_allclose(np.asarray(via_dispatch), np.asarray(ref_out), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("group,head_dim,page", PALLAS_CASES)
+@pytest.mark.parametrize("group,head_dim,page", ATTENTION_CASES)
 def test_pallas_slot_list_matches_reference_in_interpret_mode(group, head_dim, page):
     from raas_jax.kernels import pallas_gpu
 
     rng = np.random.default_rng(group * 1000 + head_dim + page)
     b, hkv, s, listed = 2, 2, 32, 8
-    q, k, v, fill = _pool(rng, b, hkv, group, s, page, head_dim)
+    q, k, v, fill = page_pool(rng, b, hkv, group, s, page, head_dim)
     slots = np.stack([[rng.permutation(s)[:listed] for _ in range(hkv)] for _ in range(b)]).astype(np.int32)
     slots[0, 1, -3:] = -1  # fewer resident pages than the budget: padded with -1
     ref_out, ref_mass = kernels.decode_attention(q, k, v, fill, slots, backend="reference")
@@ -155,13 +144,13 @@ def test_pallas_slot_list_matches_reference_in_interpret_mode(group, head_dim, p
     np.testing.assert_allclose(np.asarray(via_dispatch), np.asarray(ref_out), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["pallas", "reference"])
+@pytest.mark.parametrize("backend", ["pallas", "pallas_tpu", "reference"])
 def test_stacked_pool_reads_the_given_layer(backend):
     """k/v/kmin/kmax stacked over layers with a traced layer index (what decode passes, to avoid a copy of the
     layer) give what the kernels give on that layer's slice: attention, slot lists and page scores."""
     rng = np.random.default_rng(7)
     layers, b, hkv, group, s, page, d = 3, 2, 2, 4, 16, 16, 64
-    pools = [_pool(rng, b, hkv, group, s, page, d) for _ in range(layers)]
+    pools = [page_pool(rng, b, hkv, group, s, page, d) for _ in range(layers)]
     q, fill = pools[0][0], pools[0][3]
     k = np.stack([p[1] for p in pools])  # [L, B, Hkv, S, P, D]
     v = np.stack([p[2] for p in pools])
@@ -185,8 +174,9 @@ def test_stacked_pool_reads_the_given_layer(backend):
         np.testing.assert_allclose(np.asarray(scores), np.asarray(ref_scores), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["pallas", "pallas_tpu"])
 @pytest.mark.parametrize("group,head_dim", [(1, 64), (4, 128), (7, 64), (8, 128)])
-def test_pallas_page_scores_match_reference_in_interpret_mode(group, head_dim):
+def test_pallas_page_scores_match_reference_in_interpret_mode(group, head_dim, backend):
     rng = np.random.default_rng(group + head_dim)
     b, hkv, s = 2, 2, 96
     q = rng.normal(size=(b, hkv * group, head_dim)).astype(np.float32)
@@ -194,7 +184,7 @@ def test_pallas_page_scores_match_reference_in_interpret_mode(group, head_dim):
     kmax = kmin + rng.random(size=kmin.shape).astype(np.float32)
     fill = rng.integers(0, 3, (b, hkv, s)).astype(np.int32)  # empty slots score -inf
     ref = np.asarray(kernels.page_scores(q, kmin, kmax, fill, backend="reference"))
-    got = np.asarray(kernels.page_scores(q, kmin, kmax, fill, backend="pallas"))
+    got = np.asarray(kernels.page_scores(q, kmin, kmax, fill, backend=backend))
     assert (np.isneginf(got) == np.isneginf(ref)).all()
     np.testing.assert_allclose(got[~np.isneginf(ref)], ref[~np.isneginf(ref)], rtol=1e-5, atol=1e-4)
 
@@ -219,17 +209,11 @@ def test_pallas_plan_splits_long_ranges_and_refuses_odd_pages():
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(4, 8), st.integers(1, 300), st.integers(0, 2**31 - 1), st.sampled_from(["ties", "normal", "inf"]))
+@given(*TOP_K_CASES)
 def test_pallas_top_k_mask_equals_lax_top_k_in_interpret_mode(log_slots, k, seed, kind):
     from raas_jax.kernels import pallas_gpu
 
-    rng = np.random.default_rng(seed)
-    scores = rng.normal(size=(2, 3, 2**log_slots)).astype(np.float32)
-    if kind == "ties":  # many equal values: lower slots must win
-        scores = np.round(scores * 2) / 2
-    elif kind == "inf":  # empty slots (-inf) and a forced current slot (+inf)
-        scores[..., rng.integers(0, scores.shape[-1], 5)] = -np.inf
-        scores[..., 0] = np.inf
+    scores = top_k_scores(log_slots, seed, kind)
     got = np.asarray(pallas_gpu.top_k_mask(scores, k, interpret=True))
     want = np.asarray(kernels.top_k_mask(scores, k, backend="reference"))
     assert (got == want).all()

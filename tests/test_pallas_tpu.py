@@ -8,24 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
 from raas_jax import kernels
 from raas_jax.kernels import pallas_tpu
 
-# (GQA group, head_dim, page size): the cases of the GPU kernels' tests (tests/test_kernels.py)
-CASES = [(1, 64, 16), (4, 128, 16), (7, 64, 32), (8, 128, 32)]
+from kernel_cases import ATTENTION_CASES, TOP_K_CASES, page_pool, top_k_scores
+
 SMALL_BLOCKS = 64  # tokens per DMA block: several blocks per head, so the double buffer and online softmax work
-
-
-def _pool(rng, b, hkv, group, s, page, d):
-    q = rng.normal(size=(b, hkv * group, d)).astype(np.float32)
-    k = rng.normal(size=(b, hkv, s, page, d)).astype(np.float32)
-    v = rng.normal(size=(b, hkv, s, page, d)).astype(np.float32)
-    fill = rng.integers(0, page + 1, (b, hkv, s)).astype(np.int32)  # partly filled and empty slots
-    fill[1, 0] = 0  # a head with no resident token at all
-    return q, k, v, fill
 
 
 def _slot_lists(rng, b, hkv, s, listed):
@@ -41,10 +31,10 @@ def _assert_attention_close(got, want):
     np.testing.assert_allclose(np.asarray(mass), np.asarray(ref_mass), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("group,head_dim,page", CASES)
+@pytest.mark.parametrize("group,head_dim,page", ATTENTION_CASES)
 def test_decode_attention_matches_reference(group, head_dim, page):
     rng = np.random.default_rng(group * 100 + head_dim + page)
-    q, k, v, fill = _pool(rng, 2, 2, group, 32, page, head_dim)
+    q, k, v, fill = page_pool(rng, 2, 2, group, 32, page, head_dim)
     want = kernels.decode_attention(q, k, v, fill, backend="reference")
     # default blocks through the dispatch (1 or 2 blocks per head here), then small ones (8 or 16 per head)
     _assert_attention_close(kernels.decode_attention(q, k, v, fill, backend="pallas_tpu"), want)
@@ -52,11 +42,11 @@ def test_decode_attention_matches_reference(group, head_dim, page):
                             want)
 
 
-@pytest.mark.parametrize("group,head_dim,page", CASES)
+@pytest.mark.parametrize("group,head_dim,page", ATTENTION_CASES)
 def test_slot_list_matches_reference(group, head_dim, page):
     rng = np.random.default_rng(group * 1000 + head_dim + page)
     b, hkv, s, listed = 2, 2, 32, 8
-    q, k, v, fill = _pool(rng, b, hkv, group, s, page, head_dim)
+    q, k, v, fill = page_pool(rng, b, hkv, group, s, page, head_dim)
     slots = _slot_lists(rng, b, hkv, s, listed)
     want = kernels.decode_attention(q, k, v, fill, slots, backend="reference")
     assert want[1].shape == (b, hkv, listed)
@@ -65,38 +55,14 @@ def test_slot_list_matches_reference(group, head_dim, page):
                                                         block_tokens=SMALL_BLOCKS, heads_per_step=4), want)
 
 
-def test_stacked_pool_reads_the_traced_layer():
-    """k/v/kmin/kmax stacked over layers, the layer index traced under jit (as the decode loop passes it):
-    attention, slot lists and page scores equal the reference on that layer's slice."""
-    rng = np.random.default_rng(7)
-    layers, b, hkv, group, s, page, d = 3, 2, 2, 4, 16, 16, 64
-    pools = [_pool(rng, b, hkv, group, s, page, d) for _ in range(layers)]
-    q, fill = pools[0][0], pools[0][3]
-    k = np.stack([p[1] for p in pools])  # [L, B, Hkv, S, P, D]
-    v = np.stack([p[2] for p in pools])
-    kmin, kmax = k.min(axis=4), k.max(axis=4)  # [L, B, Hkv, S, D]
-    slots = _slot_lists(rng, b, hkv, s, 6)
-
-    @jax.jit
-    def stacked(layer):
-        dense = kernels.decode_attention(q, k, v, fill, layer=layer, backend="pallas_tpu")
-        listed = kernels.decode_attention(q, k, v, fill, slots, layer=layer, backend="pallas_tpu")
-        return dense, listed, kernels.page_scores(q, kmin, kmax, fill, layer=layer, backend="pallas_tpu")
-
-    for layer in range(layers):
-        dense, listed, scores = stacked(jnp.int32(layer))
-        _assert_attention_close(dense, kernels.decode_attention(q, k[layer], v[layer], fill, backend="reference"))
-        _assert_attention_close(listed, kernels.decode_attention(q, k[layer], v[layer], fill, slots,
-                                                                 backend="reference"))
-        ref_scores = kernels.page_scores(q, kmin[layer], kmax[layer], fill, backend="reference")
-        np.testing.assert_allclose(np.asarray(scores), np.asarray(ref_scores), rtol=1e-5, atol=1e-4)
+# stacked pools with a traced layer index: tests/test_kernels.py, for every backend
 
 
 def test_bf16_pool_matches_reference():
     """The accelerator dtype: bf16 pages are 16-row tiles, q and the probabilities are rounded as the reference
     rounds them; products accumulate in float32 in both."""
     rng = np.random.default_rng(11)
-    q, k, v, fill = (jnp.asarray(x) for x in _pool(rng, 2, 2, 4, 16, 16, 128))
+    q, k, v, fill = (jnp.asarray(x) for x in page_pool(rng, 2, 2, 4, 16, 16, 128))
     q, k, v = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
     slots = _slot_lists(rng, 2, 2, 16, 8)
     for listed in (None, slots):
@@ -117,7 +83,7 @@ def test_double_buffer_has_no_races():
     except ImportError:  # a private module: the detector's result is read from it
         pytest.skip("this jax has no jax._src.pallas.mosaic.interpret.interpret_pallas_call to read races from")
     rng = np.random.default_rng(13)
-    q, k, v, fill = _pool(rng, 2, 2, 4, 16, 16, 64)
+    q, k, v, fill = page_pool(rng, 2, 2, 4, 16, 16, 64)
     slots = _slot_lists(rng, 2, 2, 16, 8)
     params = pltpu.InterpretParams(dma_execution_mode="eager", detect_races=True)
     for listed in (None, slots):
@@ -126,18 +92,7 @@ def test_double_buffer_has_no_races():
         assert not tpu_interpreter.races.races_found
 
 
-@pytest.mark.parametrize("group,head_dim", [(1, 64), (4, 128), (7, 64), (8, 128)])
-def test_page_scores_match_reference(group, head_dim):
-    rng = np.random.default_rng(group + head_dim)
-    b, hkv, s = 2, 2, 96
-    q = rng.normal(size=(b, hkv * group, head_dim)).astype(np.float32)
-    kmin = rng.normal(size=(b, hkv, s, head_dim)).astype(np.float32)
-    kmax = kmin + rng.random(size=kmin.shape).astype(np.float32)
-    fill = rng.integers(0, 3, (b, hkv, s)).astype(np.int32)  # empty slots score -inf
-    ref = np.asarray(kernels.page_scores(q, kmin, kmax, fill, backend="reference"))
-    got = np.asarray(kernels.page_scores(q, kmin, kmax, fill, backend="pallas_tpu"))
-    assert (np.isneginf(got) == np.isneginf(ref)).all()
-    np.testing.assert_allclose(got[~np.isneginf(ref)], ref[~np.isneginf(ref)], rtol=1e-5, atol=1e-4)
+# page scores at GQA groups 1/4/7/8 and head_dim 64/128: tests/test_kernels.py, for both Pallas backends
 
 
 def test_page_scores_in_blocks_of_slots():
@@ -154,18 +109,8 @@ def test_page_scores_in_blocks_of_slots():
     np.testing.assert_allclose(got[~np.isneginf(ref)], ref[~np.isneginf(ref)], rtol=1e-5, atol=1e-4)
 
 
-TOP_K_CASES = (st.integers(4, 8), st.integers(1, 300), st.integers(0, 2**31 - 1),
-               st.sampled_from(["ties", "normal", "inf"]))
-
-
 def _check_top_k(log_slots, k, seed, kind):
-    rng = np.random.default_rng(seed)
-    scores = rng.normal(size=(2, 3, 2**log_slots)).astype(np.float32)  # 6 rows: padded to 8 sublanes
-    if kind == "ties":  # many equal values: lower slots must win
-        scores = np.round(scores * 2) / 2
-    elif kind == "inf":  # empty slots (-inf) and a forced current slot (+inf)
-        scores[..., rng.integers(0, scores.shape[-1], 5)] = -np.inf
-        scores[..., 0] = np.inf
+    scores = top_k_scores(log_slots, seed, kind)  # 6 rows: padded to 8 sublanes
     got = np.asarray(pallas_tpu.top_k_mask(scores, k, interpret=True))
     want = np.asarray(kernels.top_k_mask(scores, k, backend="reference"))
     assert (got == want).all()
@@ -197,7 +142,7 @@ def test_top_k_mask_odd_rows_and_all_ties():
 
 def test_unsupported_shapes_fall_back_and_bad_input_is_refused():
     rng = np.random.default_rng(5)
-    q, k, v, fill = _pool(rng, 2, 2, 2, 6, 4, 16)  # pages of 4 rows, head_dim 16: not whole VMEM tiles
+    q, k, v, fill = page_pool(rng, 2, 2, 2, 6, 4, 16)  # pages of 4 rows, head_dim 16: not whole VMEM tiles
     assert not pallas_tpu.supports(q, k)
     got = kernels.decode_attention(q, k, v, fill, backend="pallas_tpu")
     _assert_attention_close(got, kernels.decode_attention(q, k, v, fill, backend="reference"))
@@ -209,7 +154,7 @@ def test_unsupported_shapes_fall_back_and_bad_input_is_refused():
         kernels.decode_attention(q[:, :3], k, v, fill, backend="pallas_tpu")
     with pytest.raises(ValueError, match="slots must be"):
         kernels.decode_attention(q, k, v, fill, np.zeros((2, 5), np.int32), backend="pallas_tpu")
-    q, k, v, fill = _pool(rng, 2, 2, 2, 6, 16, 64)
+    q, k, v, fill = page_pool(rng, 2, 2, 2, 6, 16, 64)
     with pytest.raises(ValueError, match="must divide"):
         pallas_tpu.decode_attention(q, k, v, fill, interpret=True, heads_per_step=3)  # of B * Hkv = 4
     with pytest.raises(ValueError, match=r"\[L, B, Hkv, S, P, D\]"):
@@ -276,13 +221,13 @@ def test_kernels_lower_to_mosaic_for_tpu():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("group,head_dim,page", CASES)
+@pytest.mark.parametrize("group,head_dim,page", ATTENTION_CASES)
 def test_larger_pools_match_reference(group, head_dim, page):
     """Slot counts that are not powers of two (blocks of a divisor), an odd batch, longer slot lists, and 3 or 2
     (sequence, KV head) pairs per grid step (steps that start mid-sequence)."""
     rng = np.random.default_rng(group * 7 + head_dim + page)
     b, hkv, s = 3, 2, 48
-    q, k, v, fill = _pool(rng, b, hkv, group, s, page, head_dim)
+    q, k, v, fill = page_pool(rng, b, hkv, group, s, page, head_dim)
     slots = _slot_lists(rng, b, hkv, s, 24)
     for listed in (None, slots):
         want = kernels.decode_attention(q, k, v, fill, listed, backend="reference")

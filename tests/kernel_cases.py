@@ -1,0 +1,38 @@
+"""Inputs shared by the kernel tests of both Pallas backends (tests/test_kernels.py, tests/test_pallas_tpu.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import strategies as st
+
+# log2(slots), k, seed, kind of scores
+TOP_K_CASES = (st.integers(4, 8), st.integers(1, 300), st.integers(0, 2**31 - 1),
+               st.sampled_from(["ties", "normal", "inf"]))
+
+
+def top_k_scores(log_slots: int, seed: int, kind: str) -> np.ndarray:
+    """[2, 3, 2^log_slots] float32 scores: normal, with many ties (lower slots must win), or with -inf (empty
+    slots) and +inf (a forced current slot)."""
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(size=(2, 3, 2**log_slots)).astype(np.float32)
+    if kind == "ties":
+        scores = np.round(scores * 2) / 2
+    elif kind == "inf":
+        scores[..., rng.integers(0, scores.shape[-1], 5)] = -np.inf
+        scores[..., 0] = np.inf
+    return scores
+
+
+# (GQA group, head_dim, page size) of the decode-attention tests of every kernel backend
+ATTENTION_CASES = [(1, 64, 16), (4, 128, 16), (7, 64, 32), (8, 128, 32)]
+
+
+def page_pool(rng, b, hkv, group, s, page, d):
+    """q [b, hkv*group, d], k/v [b, hkv, s, page, d] float32 and fill [b, hkv, s] with partly filled and empty
+    slots, and one head with no resident token at all."""
+    q = rng.normal(size=(b, hkv * group, d)).astype(np.float32)
+    k = rng.normal(size=(b, hkv, s, page, d)).astype(np.float32)
+    v = rng.normal(size=(b, hkv, s, page, d)).astype(np.float32)
+    fill = rng.integers(0, page + 1, (b, hkv, s)).astype(np.int32)
+    fill[1, 0] = 0
+    return q, k, v, fill
