@@ -151,6 +151,8 @@ class Measurement:
     peak_gib: float  # the process's peak device memory so far (monotone: includes earlier configurations)
     roofline_ms: float
     compiled_during_timing: bool
+    impl: str = "jax"  # torch reference rows (bench_torch) say "torch_cuda_graph" (on a CPU "torch_eager")
+    ratio_vs_torch: float | None = None  # step_ms / the torch reference's at the same model, N and B
 
 
 def time_decode(gen: Generator, params: dict, cache: dict, batch: int, position: int, steps: int,
@@ -177,11 +179,25 @@ def time_decode(gen: Generator, params: dict, cache: dict, batch: int, position:
     return seconds, gen.decode._cache_size() != compiled, memory
 
 
+def with_torch_roofline(torch_rows: list[dict], cfg: ModelConfig, weight_bytes: int, bandwidth: float,
+                        dtype: Any) -> list[dict]:
+    """The torch reference's rows (bench_torch) with the dense roofline of this run's copy bandwidth."""
+    return [{**r, "roofline_ms": (weight_bytes + kv_bytes_read(Dense(), cfg, r["batch"], r["position"], dtype))
+             / bandwidth * 1e3} for r in torch_rows]
+
+
+def torch_step_ms(torch_rows: list[dict]) -> dict[tuple[str, int, int], float]:
+    """(model, position, batch) -> the torch reference's ms/step (configurations that ran)."""
+    return {(r["model"], r["position"], r["batch"]): r["step_ms"] for r in torch_rows if r["step_ms"] is not None}
+
+
 def run_e2e(model: str, policies: dict[str, Policy], positions: list[int], batches: list[int], steps: int,
             out: Path, prompt_len: int = 128, dtype: Any = jnp.bfloat16, largest_batch: bool = True,
-            hf_reference: list[dict] | None = None) -> list[dict]:
-    """Time every (policy, position, batch) and write the rows (with `hf_reference`'s rows) to `out` as JSON
-    after each one, so an interrupted run keeps what it measured."""
+            hf_reference: list[dict] | None = None, torch_reference: list[dict] | None = None) -> list[dict]:
+    """Time every (policy, position, batch) and write the rows to `out` as JSON after each one, so an
+    interrupted run keeps what it measured. `torch_reference`'s rows (bench_torch) go into the same rows (their
+    `impl` says so), and each of ours gets `ratio_vs_torch` where torch ran the same N and B; `hf_reference`'s
+    rows are kept under their own key."""
     cfg = MODEL_SHAPES[model]
     params = random_params(cfg, dtype)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
@@ -190,7 +206,15 @@ def run_e2e(model: str, policies: dict[str, Policy], positions: list[int], batch
     limit = stats.get("bytes_limit", 0)
     print(f"{model}: {weight_bytes / 2**30:.1f} GiB weights, copy bandwidth {bandwidth / 1e12:.2f} TB/s, "
           f"device limit {limit / 2**30:.0f} GiB", flush=True)
-    rows = []
+    rows = with_torch_roofline(torch_reference or [], cfg, weight_bytes, bandwidth, dtype)
+    torch_ms = torch_step_ms(rows)
+
+    def save():
+        out.write_text(json.dumps({"rows": rows, "copy_bandwidth": bandwidth, "weight_bytes": weight_bytes,
+                                   "jax": jax.__version__, "device": jax.devices()[0].device_kind,
+                                   "hf_reference": hf_reference or []}, indent=1))
+
+    save()
     for name, policy in policies.items():
         gen = Generator(cfg, dtype, policy, unroll_layers=jax.default_backend() != "cpu")
         for position in positions:
@@ -210,25 +234,50 @@ def run_e2e(model: str, policies: dict[str, Policy], positions: list[int], batch
                 finally:
                     cache = None  # free the pool before the next configuration
                 roofline = (weight_bytes + kv_bytes_read(policy, cfg, batch, position, dtype)) / bandwidth
+                reference = torch_ms.get((model, position, batch))
                 m = Measurement(model, name, batch, position, seconds * 1e3, batch / seconds,
                                 per_seq * batch / 2**30, memory.get("bytes_in_use", 0) / 2**30,
-                                memory.get("peak_bytes_in_use", 0) / 2**30, roofline * 1e3, compiled)
+                                memory.get("peak_bytes_in_use", 0) / 2**30, roofline * 1e3, compiled,
+                                ratio_vs_torch=None if reference is None else seconds * 1e3 / reference)
                 rows.append(dataclasses.asdict(m))
                 print(f"  {name:6s} N={position:6d} B={batch:4d} {m.step_ms:8.2f} ms/step {m.tokens_per_s:9.0f} tok/s "
                       f"cache {m.cache_gib:7.2f} GiB live {m.live_gib:6.1f} GiB roofline {m.roofline_ms:7.2f} ms"
+                      + ("" if reference is None else f" {m.ratio_vs_torch:5.2f}x torch ({reference:.2f} ms)")
                       + (" COMPILED" if compiled else ""), flush=True)
-                out.write_text(json.dumps({"rows": rows, "copy_bandwidth": bandwidth, "weight_bytes": weight_bytes,
-                                           "jax": jax.__version__, "device": jax.devices()[0].device_kind,
-                                           "hf_reference": hf_reference or []}, indent=1))
+                save()
+    if torch_reference:
+        print(torch_ratio_table(rows), flush=True)
     return rows
+
+
+def torch_ratio_table(rows: list[dict]) -> str:
+    """Markdown: every torch reference configuration, its ms/step and tokens/s, and ours / torch per policy."""
+    mine = [r for r in rows if r.get("impl", "jax") == "jax"]
+    policies = list(dict.fromkeys(r["policy"] for r in mine))
+    lines = ["| model | N | B | torch ms (tok/s) | " + " | ".join(f"{p} ms (x torch)" for p in policies) + " |",
+             "|---|---|---|---|" + "---|" * len(policies)]
+    for t in (r for r in rows if r.get("impl", "jax") != "jax"):
+        shown = "OOM" if t["step_ms"] is None else f"{t['step_ms']:.2f} ({t['tokens_per_s']:.0f})"
+        cells = []
+        for policy in policies:
+            ours = next((r for r in mine if (r["policy"], r["model"], r["position"], r["batch"])
+                         == (policy, t["model"], t["position"], t["batch"])), None)
+            if ours is None:
+                cells.append("-")
+            elif ours["ratio_vs_torch"] is None:
+                cells.append(f"{ours['step_ms']:.2f}")
+            else:
+                cells.append(f"{ours['step_ms']:.2f} ({ours['ratio_vs_torch']:.2f}x)")
+        lines.append(f"| {t['model']} | {t['position']} | {t['batch']} | {shown} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _series(rows: list[dict], value) -> dict[str, list[tuple[float, float]]]:
     """'policy (model)' -> [(position, value(rows at that position))] over the rows of each policy and model."""
-    series = {}
+    series = {}  # (rows with step_ms None: a torch reference configuration that ran out of memory)
     for model in dict.fromkeys(r["model"] for r in rows):
         for policy in dict.fromkeys(r["policy"] for r in rows):
-            mine = [r for r in rows if r["model"] == model and r["policy"] == policy]
+            mine = [r for r in rows if r["model"] == model and r["policy"] == policy and r["step_ms"] is not None]
             positions = sorted({r["position"] for r in mine})
             series[f"{policy} ({model})"] = [(n, value([r for r in mine if r["position"] == n])) for n in positions]
     return series

@@ -92,27 +92,41 @@ def measure(model_name: str, positions: list[int], batches: list[int], steps: in
     return rows
 
 
+def run_child(module: str, label: str, args: list[str], out: Path) -> list[dict]:
+    """`python -m module ARGS --out OUT` in a child process, so its torch allocator does not share the GPU with
+    JAX's (the child keeps JAX on the CPU); the rows it wrote to `out` (those written before a failure, if it
+    failed: a child may write its rows as it goes), [] if it wrote none."""
+    out.unlink(missing_ok=True)  # rows of an earlier run must not pass for this one's
+    cmd = [sys.executable, "-m", module, *args, "--out", str(out)]
+    result = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu"})
+    rows = json.loads(out.read_text()) if out.is_file() else []
+    if result.returncode != 0:
+        print(f"  {label} failed (exit {result.returncode}, {len(rows)} rows kept); see the output above",
+              flush=True)
+    return rows
+
+
 def run_hf_reference(model_name: str, positions: list[int], batches: list[int], steps: int,
                      out: Path) -> list[dict]:
     """`measure` in a child process (its own torch allocator); rows also written to `out`."""
-    cmd = [sys.executable, "-m", "raas_jax.bench_hf", "--model", model_name, "--positions",
-           ",".join(map(str, positions)), "--batches", ",".join(map(str, batches)), "--steps", str(steps),
-           "--out", str(out)]
-    result = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if result.returncode != 0 or not out.is_file():
-        print(f"  hf reference failed (exit {result.returncode}); see the output above", flush=True)
-        return []
-    return json.loads(out.read_text())
+    return run_child("raas_jax.bench_hf", "hf reference", ["--model", model_name, "--positions",
+                     ",".join(map(str, positions)), "--batches", ",".join(map(str, batches)), "--steps", str(steps)],
+                     out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def reference_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every reference child takes (its parent passes them from `bench e2e`)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default="llama3-8b")
     ap.add_argument("--positions", default="2048,16384")
     ap.add_argument("--batches", default="1")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = reference_parser(__doc__.splitlines()[0]).parse_args(argv)
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401

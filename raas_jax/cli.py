@@ -278,28 +278,33 @@ def _bench(args: argparse.Namespace) -> int:
     from raas_jax import bench
 
     out = Path(args.out_dir)
-    if getattr(args, "hf_reference", False):  # before JAX starts: let the torch child have the memory it needs
+    torch_reference = getattr(args, "torch_reference", False)
+    if getattr(args, "hf_reference", False) or torch_reference:
+        # before JAX starts: let the torch children have the memory they need
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if args.what == "kernels":
         return _bench_kernels(args, out)
     if jax.default_backend() == "cpu" and not args.allow_cpu:
         raise ValueError("bench e2e times 8B-parameter models: it needs a GPU (pass --allow-cpu with "
                          "--models tiny to try the machinery on a CPU)")
+    if torch_reference:
+        from raas_jax.bench_torch import check_torch
+
+        check_torch()
     out.mkdir(parents=True, exist_ok=True)
     policies = {k: dataclasses.replace(v, backend=args.kernels) for k, v in bench.default_policies().items()
                 if k in _csv(args.policies)}
     positions = [int(x) for x in _csv(args.positions)]
     batches = [int(x) for x in _csv(args.batches)]
+    models = _csv(args.models)
+    # every torch child runs before JAX holds weights or pools (its allocator keeps what it once held)
+    references = {model: _bench_references(args, model, positions, batches, out) for model in models}
     rows = []
-    for model in _csv(args.models):
-        reference = None
-        if args.hf_reference:
-            from raas_jax.bench_hf import run_hf_reference
-
-            reference = run_hf_reference(model, positions, [int(x) for x in _csv(args.hf_batches)], args.steps,
-                                         out / f"e2e_{model}_hf.json")
+    for model in models:
+        hf, torch_rows = references[model]
         rows += bench.run_e2e(model, policies, positions, batches, args.steps, out / f"e2e_{model}.json",
-                              largest_batch=not args.no_largest_batch, hf_reference=reference)
+                              largest_batch=not args.no_largest_batch, hf_reference=hf,
+                              torch_reference=torch_rows)
     if args.real_tokens:
         real = bench.real_run(_csv(args.models)[0], policies.get("raas", bench.RaaS(budget=1024)), args.real_batch,
                               args.real_tokens)
@@ -309,6 +314,24 @@ def _bench(args: argparse.Namespace) -> int:
         bench.plot_e2e(rows, out, batch)
     bench.plot_throughput(rows, out)
     return 0
+
+
+def _bench_references(args: argparse.Namespace, model: str, positions: list[int], batches: list[int],
+                      out) -> tuple[list[dict] | None, list[dict] | None]:
+    """The outside references of `bench e2e` for one model, each from a child process: (HF rows, torch rows)."""
+    hf = torch_rows = None
+    if args.hf_reference:
+        from raas_jax.bench_hf import run_hf_reference
+
+        hf = run_hf_reference(model, positions, [int(x) for x in _csv(args.hf_batches)], args.steps,
+                              out / f"e2e_{model}_hf.json")
+    if args.torch_reference:
+        from raas_jax.bench_torch import run_torch_reference
+
+        torch_batches = [int(x) for x in _csv(args.torch_batches)] if args.torch_batches else batches
+        torch_rows = run_torch_reference(model, positions, torch_batches, args.steps, not args.no_largest_batch,
+                                         out / f"e2e_{model}_torch.json")
+    return hf, torch_rows
 
 
 def _bench_kernels(args: argparse.Namespace, out) -> int:
@@ -428,6 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-reference", action="store_true",
                    help="e2e: also time HF transformers (torch) dense decode at each position, in a child process")
     p.add_argument("--hf-batches", default="1", help="e2e: batch sizes of the HF reference (default 1)")
+    p.add_argument("--torch-reference", action="store_true",
+                   help="e2e: also time a strong torch dense decode (static KV cache, SDPA, each step one CUDA "
+                        "graph; raas_jax/bench_torch.py) in a child process; our rows get ratio_vs_torch")
+    p.add_argument("--torch-batches", default=None,
+                   help="e2e: batch sizes of the torch reference (default: --batches); the largest batch that "
+                        "fits is added unless --no-largest-batch")
     p.add_argument("--kernels", default="auto", choices=list(KERNEL_BACKENDS),
                    help="e2e: attention kernels the policies use (default auto)")
     p.add_argument("--shapes", default="", help="kernels: comma-separated shape names (default: all)")
