@@ -177,3 +177,32 @@ def test_tiny_training_with_context_dropout(tmp_path, capsys):
     assert "context dropout 1.0 (recent 16)" in text and "done: step 4" in text
     info = json.loads((out / "checkpoint" / "training.json").read_text())
     assert info["context_dropout"] == 1.0 and info["dropout_recent"] == 16
+
+
+def test_context_dropout_reaches_the_model_loss():
+    """The swapped attention is what the model's forward calls: hiding pages changes the loss, keeping every page
+    gives the unmasked loss."""
+    import jax.numpy as jnp
+
+    import raas_jax.models.transformer as transformer
+    from raas_jax.models.config import ModelConfig
+
+    train = _script()
+    ids = M.Ids()
+    cfg = ModelConfig.from_hf_dict(train.hf_config(train.TINY, -(-len(ids) // 64) * 64))
+    params = train.init_params(cfg, 0)
+    optimizer = train.make_optimizer(0.1, 1.0)
+    problems = [M.make_problem(M.TRAIN_SEED_MIN, i, n_steps=8) for i in range(2)]
+    tokens, mask, keep = train.make_batch(problems, 192, ids)
+    hidden = keep.copy()
+    hidden[:, 7:] = False  # solution pages past position 112
+    original = transformer.causal_attention
+    try:
+        attention = train.install_attention("xla", recent=16)
+        _, masked_eval = train.make_step(cfg, optimizer, jnp.float32, attention, masked=True)
+        _, plain_eval = train.make_step(cfg, optimizer, jnp.float32)
+        full, dropped = (float(masked_eval(params, tokens, mask, k)["loss"]) for k in (keep, hidden))
+        plain = float(plain_eval(params, tokens, mask, keep)["loss"])
+    finally:
+        transformer.causal_attention = original
+    assert abs(full - plain) < 1e-5 and abs(dropped - full) > 1e-4
