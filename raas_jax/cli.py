@@ -67,7 +67,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def policy_from_args(args: argparse.Namespace):
     """The policy object the --policy/--budget/... flags describe (dense when none is named)."""
-    from raas_jax.policies import POLICIES, make_policy, policy_key, policy_options
+    from raas_jax.policies import POLICIES, make_policy, parse_option, policy_key, policy_options
 
     name = policy_key(args.policy)
     if name not in POLICIES:
@@ -78,9 +78,8 @@ def policy_from_args(args: argparse.Namespace):
             text = getattr(args, field.name, None)
             if text is None or field.name in options:
                 continue
-            parse = field.metadata["parse"] or str
             try:
-                options[field.name] = parse(text)
+                options[field.name] = parse_option(field, text)
             except ValueError as e:
                 raise ValueError(f"--{field.name.replace('_', '-')}: {e}") from None
     return make_policy(name, budget=args.budget, page_size=args.page_size, backend=args.kernels, **options)

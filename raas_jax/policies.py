@@ -492,12 +492,16 @@ def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
         if not eq or option_name not in fields:
             takes = ", ".join(fields) or "no options"
             raise ValueError(f"{spec!r}: {item!r} is not OPTION=VALUE for policy {key!r} (it takes {takes})")
-        parse = fields[option_name].metadata["parse"] or str
         try:
-            options[option_name] = parse(text.strip())
+            options[option_name] = parse_option(fields[option_name], text.strip())
         except ValueError as e:
             raise ValueError(f"{spec!r}: {option_name}: {e}") from None
     return key, options
+
+
+def parse_option(field: dataclasses.Field, text: str) -> Any:
+    """A policy option's value from its text (the field's `parse`, else the text itself); ValueError if bad."""
+    return (field.metadata["parse"] or str)(text)
 
 
 def make_policy(name: str, budget: int | None = None, page_size: int = 16, **options: Any) -> Policy:
