@@ -109,6 +109,51 @@ def synthetic_cache(policy: Policy, cfg: ModelConfig, batch: int, position: int,
     return cache
 
 
+def abstract_decode_args(gen: Generator, batch: int, position: int, prompt_len: int = 128, headroom: int = 34
+                         ) -> tuple:
+    """Shapes of `gen.decode`'s arguments for `batch` sequences at `position` (the pool holds `headroom` more)."""
+    s = jax.ShapeDtypeStruct
+    policy, cfg = gen.policy, gen.cfg
+    slots = policy.num_slots(prompt_len, position - prompt_len + headroom)
+    cache = jax.eval_shape(lambda: policy.init(cfg, batch, slots, gen.dtype))
+    params = jax.eval_shape(lambda: random_params(cfg, gen.dtype))
+    vector = s((batch,), jnp.int32)
+    state = DecodeState(cache, s((batch, DECODE_CHUNK), jnp.int32), vector, vector, s((batch,), jnp.bool_),
+                        s((), jnp.int32), s((), jnp.int32), jax.eval_shape(lambda: jax.random.PRNGKey(0)))
+    scalar_f, scalar_i = s((), jnp.float32), s((), jnp.int32)
+    return params, state, scalar_i, s((1,), jnp.int32), SamplingParams(scalar_f, scalar_i, scalar_f)
+
+
+def decode_memory(gen: Generator, batch: int, position: int, prompt_len: int = 128, headroom: int = 34) -> dict:
+    """Device bytes the compiled decode call needs at this batch, from XLA's buffer assignment (no allocation):
+    arguments (weights + decode state) + outputs not aliased to a donated argument + temporaries."""
+    compiled = gen.decode.lower(*abstract_decode_args(gen, batch, position, prompt_len, headroom)).compile()
+    m = compiled.memory_analysis()
+    total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    return {"batch": batch, "argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
+            "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes, "total": total}
+
+
+def largest_decode_batch(gen: Generator, position: int, limit: int, *, reserve: int = 2 * 2**30,
+                         probes: tuple[int, int] = (16, 64), prompt_len: int = 128, headroom: int = 34,
+                         cap: int = 1024) -> tuple[int, list[dict]]:
+    """The largest batch whose compiled decode fits in `limit` bytes less `reserve` (allocator slack and
+    fragmentation): the decode's bytes are affine in the batch, so two compiles at `probes` give the line,
+    and a third at the answer checks it. Returns (batch, the compiled sizes measured)."""
+    small, large = (decode_memory(gen, b, position, prompt_len, headroom) for b in probes)
+    per_seq = (large["total"] - small["total"]) / (probes[1] - probes[0])
+    fixed = small["total"] - per_seq * probes[0]
+    batch = min(cap, int((limit - reserve - fixed) // per_seq)) if per_seq > 0 else cap
+    sizes = [small, large]
+    while batch > 0:  # the line is checked, not trusted: step down until the compiled decode fits
+        check = decode_memory(gen, batch, position, prompt_len, headroom)
+        sizes.append(check)
+        if check["total"] <= limit - reserve:
+            break
+        batch = int(batch * 0.95)
+    return batch, sizes
+
+
 def kv_bytes_read(policy: Policy, cfg: ModelConfig, batch: int, position: int, dtype: Any) -> int:
     """KV bytes one decode step must read under the policy (keys + values, plus Quest's key bounds)."""
     item = jnp.dtype(dtype).itemsize

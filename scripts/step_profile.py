@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Which device kernels make up a decode step, and how much of the step is not kernel time?
+
+    python scripts/step_profile.py --policies raas,dense --batches 1,16 --position 2048 [--model llama3-8b]
+        [--out DIR]
+
+For each (policy, batch): a synthetic cache at `position` (bench.synthetic_cache), a warm-up decode call, then
+`--steps` decode steps inside one jitted `lax.while_loop` call traced with the JAX profiler. The trace's device
+kernels are grouped by name: per step, how many launches, their summed time, and the top kernels. `busy` is
+the summed kernel time over the wall time of the step: far below 1 means the step waits on launches or the
+host, not on memory. The per-kernel table of every configuration is written to DIR/profile_<policy>_b<B>.txt.
+"""
+
+import argparse
+import collections
+import gzip
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from raas_jax import bench, configure_gpu
+from raas_jax.generate import DECODE_CHUNK, DecodeState, Generator, SamplingParams
+
+
+def device_kernels(trace_dir: Path) -> list[tuple[str, float]]:
+    """(kernel name, microseconds) of every complete event on a device (GPU/TPU) track of the perfetto trace."""
+    files = sorted(trace_dir.rglob("*.trace.json.gz")) + sorted(trace_dir.rglob("perfetto_trace.json.gz"))
+    if not files:
+        raise FileNotFoundError(f"no trace under {trace_dir}")
+    events = json.loads(gzip.open(files[-1]).read())
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    devices = {pid for pid, name in names.items() if re.search(r"/device:(GPU|TPU)", name)}
+    return [(e["name"], float(e["dur"])) for e in events
+            if e.get("ph") == "X" and e.get("pid") in devices and "dur" in e]
+
+
+def short(name: str) -> str:
+    """A kernel name without the numeric suffixes XLA adds (loop_add_fusion_12 -> loop_add_fusion)."""
+    return re.sub(r"[._]\d+$", "", re.sub(r"[._]\d+(?=[._])", "", name))[:60]
+
+
+def profile_decode(gen, params, cache, batch, position, steps) -> tuple[float, list[tuple[str, float]]]:
+    """Wall seconds per step of a traced `steps`-step decode call, and its device kernels."""
+    key = jax.random.PRNGKey(0)
+    state = DecodeState(cache, jnp.zeros((batch, DECODE_CHUNK), jnp.int32),
+                        jax.random.randint(key, (batch,), 0, gen.cfg.vocab_size, jnp.int32),
+                        jnp.full((batch,), position, jnp.int32), jnp.zeros((batch,), bool), jnp.int32(0),
+                        jnp.int32(0), key)
+    eos = jnp.asarray([-1], jnp.int32)
+    greedy = SamplingParams(jnp.float32(0), jnp.int32(0), jnp.float32(1))
+    state = jax.block_until_ready(gen.decode(params, state, jnp.int32(2), eos, greedy))  # compile + warm up
+    state = state._replace(base=jnp.int32(2))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            start = time.perf_counter()
+            state = jax.block_until_ready(gen.decode(params, state, jnp.int32(2 + steps), eos, greedy))
+            seconds = (time.perf_counter() - start) / steps
+        kernels = device_kernels(Path(trace_dir))
+    return seconds, kernels
+
+
+def main() -> None:
+    configure_gpu()  # cuBLAS for the decode matmuls, as `raas-jax` does
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama3-8b")
+    ap.add_argument("--policies", default="raas,dense")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--position", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--out", type=Path, default=Path("."))
+    args = ap.parse_args()
+    cfg = bench.MODEL_SHAPES[args.model]
+    dtype = jnp.bfloat16
+    params = bench.random_params(cfg, dtype)
+    policies = bench.default_policies()
+    summary = []
+    for name in args.policies.split(","):
+        policy = policies[name]
+        gen = Generator(cfg, dtype, policy, unroll_layers=jax.default_backend() != "cpu")
+        for batch in map(int, args.batches.split(",")):
+            cache = bench.synthetic_cache(policy, cfg, batch, args.position, 128, args.steps + 2, dtype)
+            seconds, kernels = profile_decode(gen, params, cache, batch, args.position, args.steps)
+            cache = None
+            groups = collections.defaultdict(lambda: [0, 0.0])
+            for kernel, us in kernels:
+                groups[short(kernel)][0] += 1
+                groups[short(kernel)][1] += us
+            busy_ms = sum(us for _, us in kernels) / 1e3 / args.steps
+            launches = len(kernels) / args.steps
+            lines = [f"{name} B={batch} N={args.position}: {seconds * 1e3:.2f} ms/step wall, {busy_ms:.2f} ms kernel "
+                     f"time, {launches:.0f} kernels/step ({launches / cfg.num_layers:.1f} per layer)",
+                     f"{'kernel':60s} {'per step':>9s} {'us/step':>9s} {'us each':>8s}"]
+            for kernel, (count, us) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
+                lines.append(f"{kernel:60s} {count / args.steps:9.1f} {us / args.steps:9.1f} {us / count:8.1f}")
+            (args.out / f"profile_{name}_b{batch}.txt").write_text("\n".join(lines) + "\n")
+            print("\n".join(lines[:2 + args.top]), flush=True)
+            summary.append((name, batch, seconds * 1e3, busy_ms, launches))
+    print(f"\n{'policy':8s} {'B':>4s} {'wall ms':>8s} {'kernel ms':>9s} {'busy':>5s} {'kernels':>8s}")
+    for name, batch, wall, busy, launches in summary:
+        print(f"{name:8s} {batch:4d} {wall:8.2f} {busy:9.2f} {busy / wall:5.2f} {launches:8.0f}")
+
+
+if __name__ == "__main__":
+    main()
