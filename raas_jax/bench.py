@@ -89,15 +89,24 @@ def synthetic_cache(policy: Policy, cfg: ModelConfig, batch: int, position: int,
     small = {name: x for name, x in pool.items() if name not in ("k", "v")}  # shapes only: k and v are made
     k_shape = (*shape, page, cfg.head_dim)
 
+    bounds_shape = (*shape, cfg.head_dim)
+
     @jax.jit
     def make_pages(fill):
-        k_key, v_key = jax.random.split(jax.random.PRNGKey(seed))
-        # one layer at a time: the random bits of a whole pool (4 bytes a value) would not fit beside it at a
-        # large batch; unfilled tokens hold noise, `fill` masks them
-        k = jax.lax.map(lambda key: jax.random.normal(key, k_shape[1:], dtype), jax.random.split(k_key, k_shape[0]))
-        v = jax.lax.map(lambda key: jax.random.normal(key, k_shape[1:], dtype), jax.random.split(v_key, k_shape[0]))
-        kmin, kmax = jax.lax.map(lambda kf: page_key_bounds(*kf), (k, fill))  # one layer at a time
-        return k, v, kmin, kmax
+        # one layer at a time, written in place into zeroed pools (a fori_loop carry): neither the random bits
+        # of a whole pool (4 bytes a value) nor a stacked copy of it (what lax.map's outputs cost) would fit
+        # beside the pools at the largest batch; unfilled tokens hold noise, `fill` masks them
+        def one_layer(layer, pools):
+            k, v, kmin, kmax = pools
+            k_layer = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), 2 * layer), k_shape[1:], dtype)
+            v_layer = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), 2 * layer + 1), k_shape[1:],
+                                        dtype)
+            lo, hi = page_key_bounds(k_layer, fill[layer])
+            return k.at[layer].set(k_layer), v.at[layer].set(v_layer), kmin.at[layer].set(lo), kmax.at[layer].set(hi)
+
+        zeros = (jnp.zeros(k_shape, dtype), jnp.zeros(k_shape, dtype), jnp.zeros(bounds_shape, dtype),
+                 jnp.zeros(bounds_shape, dtype))
+        return jax.lax.fori_loop(0, k_shape[0], one_layer, zeros)
 
     k, v, kmin, kmax = make_pages(jnp.asarray(fill))
     cache = {"k": k, "v": v, "kmin": kmin, "kmax": kmax, "fill": jnp.asarray(fill),
@@ -137,15 +146,18 @@ def decode_memory(gen: Generator, batch: int, position: int, prompt_len: int = 1
 def largest_decode_batch(gen: Generator, position: int, limit: int, *, reserve: int = 2 * 2**30,
                          probes: tuple[int, int] = (16, 64), prompt_len: int = 128, headroom: int = 34,
                          cap: int = 1024) -> tuple[int, list[dict]]:
-    """The largest batch whose compiled decode fits in `limit` bytes less `reserve` (allocator slack and
-    fragmentation): the decode's bytes are affine in the batch, so two compiles at `probes` give the line,
-    and a third at the answer checks it. Returns (batch, the compiled sizes measured)."""
-    small, large = (decode_memory(gen, b, position, prompt_len, headroom) for b in probes)
+    """The largest batch (at most `cap`) whose compiled decode fits in `limit` bytes less `reserve` (allocator
+    slack and fragmentation). The decode's bytes are affine in the batch: two compiles at `probes` with the layer
+    loop rolled (seconds, not the unrolled build's ~15 s) give the line, and the real (unrolled) decode is then
+    compiled at the answer to check it, stepping down 5% at a time until it fits. No memory is allocated.
+    Returns (batch, the compiled sizes in the order measured)."""
+    rolled = dataclasses.replace(gen, unroll_layers=False)
+    small, large = (decode_memory(rolled, b, position, prompt_len, headroom) for b in probes)
     per_seq = (large["total"] - small["total"]) / (probes[1] - probes[0])
     fixed = small["total"] - per_seq * probes[0]
     batch = min(cap, int((limit - reserve - fixed) // per_seq)) if per_seq > 0 else cap
     sizes = [small, large]
-    while batch > 0:  # the line is checked, not trusted: step down until the compiled decode fits
+    while batch > 0:
         check = decode_memory(gen, batch, position, prompt_len, headroom)
         sizes.append(check)
         if check["total"] <= limit - reserve:
@@ -262,13 +274,21 @@ def run_e2e(model: str, policies: dict[str, Policy], positions: list[int], batch
     save()
     for name, policy in policies.items():
         gen = Generator(cfg, dtype, policy, unroll_layers=jax.default_backend() != "cpu")
+        fits = {}  # pool slots -> the largest batch whose compiled decode fits the device's allocator limit
         for position in positions:
             per_seq = cache_bytes(jax.eval_shape(lambda: policy.init(
                 cfg, 1, policy.num_slots(prompt_len, position - prompt_len + steps + 2), dtype)))
-            fit = int(0.8 * (limit - weight_bytes - 8 * 2**30) // per_seq) if limit else max(batches)
+            slots = policy.num_slots(prompt_len, position - prompt_len + steps + 2)
+            if limit and slots not in fits:  # fixed-budget pools: the same at every position
+                fits[slots], sizes = largest_decode_batch(gen, position, limit, prompt_len=prompt_len,
+                                                          headroom=steps + 2)
+                compiled = ", ".join(f"B={size['batch']}: {size['total'] / 2**30:.1f} GiB" for size in sizes)
+                print(f"  {name} N={position}: largest batch {fits[slots]} from the compiled decode ({compiled})",
+                      flush=True)
+            fit = fits[slots] if limit else max(batches)
             todo = [b for b in batches if b <= fit]
             if largest_batch and fit > 0 and fit not in todo:
-                todo.append(min(fit, 1024))
+                todo.append(fit)
             for batch in sorted(set(todo)):
                 try:
                     cache = synthetic_cache(policy, cfg, batch, position, prompt_len, steps + 2, dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -32,6 +33,7 @@ def test_synthetic_state_is_consistent_and_decodes(policy):
     else:
         assert (resident_tokens == position).all()
     k = np.asarray(cache["k"])
+    assert not np.allclose(k[0], k[1]) and np.asarray(cache["v"]).std() > 0.5  # every layer drawn, v too
     valid = np.arange(page)[None, None, None, None, :, None] < fill[..., None, None]
     np.testing.assert_allclose(np.asarray(cache["kmax"]), np.where(valid, k, -np.inf).max(4).clip(
         min=np.where(fill[..., None] > 0, -np.inf, 0)), rtol=1e-6)
@@ -39,6 +41,18 @@ def test_synthetic_state_is_consistent_and_decodes(policy):
     params = bench.random_params(CFG, jnp.float32)
     seconds, compiled, _ = bench.time_decode(gen, params, cache, 2, position, 8)
     assert seconds > 0 and not compiled
+
+
+@pytest.mark.parametrize("policy", [Dense(page_size=4), RaaS(budget=32, page_size=4)])
+def test_largest_decode_batch_fits_the_limit_and_not_much_more(policy):
+    gen = Generator(CFG, jnp.float32, policy)
+    limit, reserve = 16 * 2**20, 2**20
+    batch, sizes = bench.largest_decode_batch(gen, 100, limit, reserve=reserve, probes=(4, 16))
+    assert [s["batch"] for s in sizes[:2]] == [4, 16] and sizes[-1]["batch"] == batch
+    assert sizes[-1]["total"] <= limit - reserve  # checked by compiling the decode at the answer
+    over = bench.decode_memory(gen, int(batch * 1.1) + 1, 100)
+    assert over["total"] > limit - reserve  # and the answer is not far below what fits
+    assert sizes[-1]["argument"] > sum(x.nbytes for x in jax.tree.leaves(bench.random_params(CFG, jnp.float32)))
 
 
 def test_kv_bytes_read_by_policy():
