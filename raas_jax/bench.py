@@ -9,6 +9,7 @@ steps are timed inside one jitted `lax.while_loop` call after a warm-up call tha
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -56,6 +57,21 @@ def random_params(cfg: ModelConfig, dtype: Any, seed: int = 0) -> dict:
     return jax.tree.unflatten(treedef, make(jax.random.PRNGKey(seed)))
 
 
+@functools.partial(jax.jit, donate_argnums=(0,), static_argnums=(3,))
+def write_random_layer(pools: tuple, fill: jax.Array, layer: jax.Array, seed: int) -> tuple:
+    """Random keys and values (and their page bounds) into one layer of the pools (k, v, kmin, kmax), in place.
+
+    The pools are donated and one layer is drawn per call: a whole pool's random bits (4 bytes a value), or a
+    stacked copy of it (what `lax.map`'s outputs cost, and a loop carry can cost), would not fit beside the pools
+    at the largest batch. Unfilled tokens hold noise; `fill` [L, B, Hkv, S] masks them."""
+    k, v, kmin, kmax = pools
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), layer)
+    k_layer = jax.random.normal(jax.random.fold_in(key, 0), k.shape[1:], k.dtype)  # [B, Hkv, S, P, D]
+    v_layer = jax.random.normal(jax.random.fold_in(key, 1), v.shape[1:], v.dtype)
+    lo, hi = page_key_bounds(k_layer, fill[layer])  # [B, Hkv, S, D]
+    return k.at[layer].set(k_layer), v.at[layer].set(v_layer), kmin.at[layer].set(lo), kmax.at[layer].set(hi)
+
+
 def synthetic_cache(policy: Policy, cfg: ModelConfig, batch: int, position: int, prompt_len: int,
                     headroom: int, dtype: Any, seed: int = 0) -> dict:
     """The cache a run would hold after `position` tokens (prompt `prompt_len`), room for `headroom` more."""
@@ -87,29 +103,14 @@ def synthetic_cache(policy: Policy, cfg: ModelConfig, batch: int, position: int,
         cur_slot = resident - 1
 
     small = {name: x for name, x in pool.items() if name not in ("k", "v")}  # shapes only: k and v are made
-    k_shape = (*shape, page, cfg.head_dim)
-
-    bounds_shape = (*shape, cfg.head_dim)
-
-    @jax.jit
-    def make_pages(fill):
-        # one layer at a time, written in place into zeroed pools (a fori_loop carry): neither the random bits
-        # of a whole pool (4 bytes a value) nor a stacked copy of it (what lax.map's outputs cost) would fit
-        # beside the pools at the largest batch; unfilled tokens hold noise, `fill` masks them
-        def one_layer(layer, pools):
-            k, v, kmin, kmax = pools
-            k_layer = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), 2 * layer), k_shape[1:], dtype)
-            v_layer = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), 2 * layer + 1), k_shape[1:],
-                                        dtype)
-            lo, hi = page_key_bounds(k_layer, fill[layer])
-            return k.at[layer].set(k_layer), v.at[layer].set(v_layer), kmin.at[layer].set(lo), kmax.at[layer].set(hi)
-
-        zeros = (jnp.zeros(k_shape, dtype), jnp.zeros(k_shape, dtype), jnp.zeros(bounds_shape, dtype),
-                 jnp.zeros(bounds_shape, dtype))
-        return jax.lax.fori_loop(0, k_shape[0], one_layer, zeros)
-
-    k, v, kmin, kmax = make_pages(jnp.asarray(fill))
-    cache = {"k": k, "v": v, "kmin": kmin, "kmax": kmax, "fill": jnp.asarray(fill),
+    k_shape, bounds_shape = (*shape, page, cfg.head_dim), (*shape, cfg.head_dim)
+    fill = jnp.asarray(fill)
+    pools = jax.jit(lambda: (jnp.zeros(k_shape, dtype), jnp.zeros(k_shape, dtype), jnp.zeros(bounds_shape, dtype),
+                             jnp.zeros(bounds_shape, dtype)))()
+    for layer in range(k_shape[0]):  # in place (donated), one layer per call: see write_random_layer
+        pools = write_random_layer(pools, fill, jnp.int32(layer), seed)
+    k, v, kmin, kmax = pools
+    cache = {"k": k, "v": v, "kmin": kmin, "kmax": kmax, "fill": fill,
              "start": jnp.asarray(start, jnp.int32), "stamp": jnp.asarray(stamp), "pinned": jnp.asarray(pinned),
              "cur": jnp.full(shape[:-1], cur_slot, jnp.int32)}
     for name, spec in small.items():  # policy-specific extras (e.g. H2O's accumulated mass)
@@ -289,12 +290,17 @@ def run_e2e(model: str, policies: dict[str, Policy], positions: list[int], batch
             todo = [b for b in batches if b <= fit]
             if largest_batch and fit > 0 and fit not in todo:
                 todo.append(fit)
-            for batch in sorted(set(todo)):
+            todo, retries = sorted(set(todo)), 2
+            while todo:
+                batch = todo.pop(0)
                 try:
                     cache = synthetic_cache(policy, cfg, batch, position, prompt_len, steps + 2, dtype)
                     seconds, compiled, memory = time_decode(gen, params, cache, batch, position, steps)
-                except Exception as e:  # out of memory at the estimated largest batch: report and go on
-                    print(f"  {name} N={position} B={batch}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                except Exception as e:  # out of memory at the largest batch: report it, then try 90% of it
+                    print(f"  {name} N={position} B={batch}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+                    if batch == fit and "RESOURCE_EXHAUSTED" in str(e) and retries:
+                        fit, retries = int(0.9 * batch), retries - 1
+                        todo.append(fit)
                     continue
                 finally:
                     cache = None  # free the pool before the next configuration
