@@ -18,12 +18,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from raas_jax.cache import cache_bytes, page_key_bounds
 from raas_jax.checkpoint import param_shapes
-from raas_jax.generate import DecodeState, Generator, SamplingParams, DECODE_CHUNK
+from raas_jax.generate import DecodeState, Generator, SamplingParams, DECODE_CHUNK, data_parallelism
 from raas_jax.models.config import ModelConfig
 from raas_jax.policies import Dense, Policy, Quest, RaaS
+from raas_jax.sharding import ShardedPolicy, cache_spec, make_mesh, param_shardings
 
 MODEL_SHAPES = {
     "llama3-8b": ModelConfig(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
@@ -104,18 +106,25 @@ def synthetic_cache(policy: Policy, cfg: ModelConfig, batch: int, position: int,
 
     small = {name: x for name, x in pool.items() if name not in ("k", "v")}  # shapes only: k and v are made
     k_shape, bounds_shape = (*shape, page, cfg.head_dim), (*shape, cfg.head_dim)
-    fill = jnp.asarray(fill)
-    pools = jax.jit(lambda: (jnp.zeros(k_shape, dtype), jnp.zeros(k_shape, dtype), jnp.zeros(bounds_shape, dtype),
-                             jnp.zeros(bounds_shape, dtype)))()
+    mesh = getattr(policy, "mesh", None)  # a ShardedPolicy: batch over data, KV heads over model
+
+    def place(x):
+        return jnp.asarray(x) if mesh is None else jax.device_put(x, NamedSharding(mesh, cache_spec(x.ndim)))
+
+    fill = place(fill)
+    zeros = jax.jit(lambda: (jnp.zeros(k_shape, dtype), jnp.zeros(k_shape, dtype), jnp.zeros(bounds_shape, dtype),
+                             jnp.zeros(bounds_shape, dtype)),
+                    out_shardings=None if mesh is None else (NamedSharding(mesh, cache_spec(6)),) * 2
+                    + (NamedSharding(mesh, cache_spec(5)),) * 2)
+    pools = zeros()
     for layer in range(k_shape[0]):  # in place (donated), one layer per call: see write_random_layer
         pools = write_random_layer(pools, fill, jnp.int32(layer), seed)
     k, v, kmin, kmax = pools
-    cache = {"k": k, "v": v, "kmin": kmin, "kmax": kmax, "fill": fill,
-             "start": jnp.asarray(start, jnp.int32), "stamp": jnp.asarray(stamp), "pinned": jnp.asarray(pinned),
-             "cur": jnp.full(shape[:-1], cur_slot, jnp.int32)}
+    cache = {"k": k, "v": v, "kmin": kmin, "kmax": kmax, "fill": fill, "start": place(start.astype(np.int32)),
+             "stamp": place(stamp), "pinned": place(pinned), "cur": place(np.full(shape[:-1], cur_slot, np.int32))}
     for name, spec in small.items():  # policy-specific extras (e.g. H2O's accumulated mass)
         if name not in cache:
-            cache[name] = jnp.zeros(spec.shape, spec.dtype)
+            cache[name] = place(np.zeros(spec.shape, spec.dtype))
     return cache
 
 
@@ -127,6 +136,11 @@ def abstract_decode_args(gen: Generator, batch: int, position: int, prompt_len: 
     slots = policy.num_slots(prompt_len, position - prompt_len + headroom)
     cache = jax.eval_shape(lambda: policy.init(cfg, batch, slots, gen.dtype))
     params = jax.eval_shape(lambda: random_params(cfg, gen.dtype))
+    mesh = getattr(policy, "mesh", None)
+    if mesh is not None:  # the shards each device holds
+        cache = {name: s(x.shape, x.dtype, sharding=NamedSharding(mesh, cache_spec(x.ndim))) for name, x in cache.items()}
+        params = jax.tree.map(lambda x, sharding: s(x.shape, x.dtype, sharding=sharding), params,
+                              param_shardings(params, mesh))
     vector = s((batch,), jnp.int32)
     state = DecodeState(cache, s((batch, DECODE_CHUNK), jnp.int32), vector, vector, s((batch,), jnp.bool_),
                         s((), jnp.int32), s((), jnp.int32), jax.eval_shape(lambda: jax.random.PRNGKey(0)))
@@ -136,7 +150,8 @@ def abstract_decode_args(gen: Generator, batch: int, position: int, prompt_len: 
 
 def decode_memory(gen: Generator, batch: int, position: int, prompt_len: int = 128, headroom: int = 34) -> dict:
     """Device bytes the compiled decode call needs at this batch, from XLA's buffer assignment (no allocation):
-    arguments (weights + decode state) + outputs not aliased to a donated argument + temporaries."""
+    arguments (weights + decode state) + outputs not aliased to a donated argument + temporaries. Under a mesh
+    (a ShardedPolicy) the sizes are those of one device."""
     compiled = gen.decode.lower(*abstract_decode_args(gen, batch, position, prompt_len, headroom)).compile()
     m = compiled.memory_analysis()
     total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
@@ -153,17 +168,19 @@ def largest_decode_batch(gen: Generator, position: int, limit: int, *, reserve: 
     compiled at the answer to check it, stepping down 5% at a time until it fits. No memory is allocated.
     Returns (batch, the compiled sizes in the order measured)."""
     rolled = dataclasses.replace(gen, unroll_layers=False)
+    data = data_parallelism(gen.policy)  # a sharded batch is a multiple of the mesh's data axis
     small, large = (decode_memory(rolled, b, position, prompt_len, headroom) for b in probes)
     per_seq = (large["total"] - small["total"]) / (probes[1] - probes[0])
     fixed = small["total"] - per_seq * probes[0]
     batch = min(cap, int((limit - reserve - fixed) // per_seq)) if per_seq > 0 else cap
+    batch -= batch % data
     sizes = [small, large]
     while batch > 0:
         check = decode_memory(gen, batch, position, prompt_len, headroom)
         sizes.append(check)
         if check["total"] <= limit - reserve:
             break
-        batch = int(batch * 0.95)
+        batch = int(batch * 0.95) // data * data
     return batch, sizes
 
 
@@ -211,6 +228,7 @@ class Measurement:
     compiled_during_timing: bool
     impl: str = "jax"  # torch reference rows (bench_torch) say "torch_cuda_graph" (on a CPU "torch_eager")
     ratio_vs_torch: float | None = None  # step_ms / the torch reference's at the same model, N and B
+    mesh: str | None = None  # e.g. "data=2,model=1" when the run was spread over devices (sizes are per device)
 
 
 def time_decode(gen: Generator, params: dict, cache: dict, batch: int, position: int, steps: int,
@@ -224,6 +242,8 @@ def time_decode(gen: Generator, params: dict, cache: dict, batch: int, position:
                         jnp.int32(0), key)
     eos = jnp.asarray([-1], jnp.int32)
     greedy = SamplingParams(jnp.float32(0), jnp.int32(0), jnp.float32(1))
+    state = gen.decode(params, state, jnp.int32(1), eos, greedy)  # compiles for the inputs' placement
+    state = state._replace(base=jnp.int32(1))  # and (under a mesh) for the timed call's: the outputs' own
     state = gen.decode(params, state, jnp.int32(2), eos, greedy)
     jax.block_until_ready(state)
     compiled = gen.decode._cache_size()
@@ -251,14 +271,22 @@ def torch_step_ms(torch_rows: list[dict]) -> dict[tuple[str, int, int], float]:
 
 def run_e2e(model: str, policies: dict[str, Policy], positions: list[int], batches: list[int], steps: int,
             out: Path, prompt_len: int = 128, dtype: Any = jnp.bfloat16, largest_batch: bool = True,
-            hf_reference: list[dict] | None = None, torch_reference: list[dict] | None = None) -> list[dict]:
+            hf_reference: list[dict] | None = None, torch_reference: list[dict] | None = None,
+            mesh: str | None = None) -> list[dict]:
     """Time every (policy, position, batch) and write the rows to `out` as JSON after each one, so an
     interrupted run keeps what it measured. `torch_reference`'s rows (bench_torch) go into the same rows (their
     `impl` says so), and each of ours gets `ratio_vs_torch` where torch ran the same N and B; `hf_reference`'s
-    rows are kept under their own key."""
+    rows are kept under their own key. `mesh` ("data=2", "model=2", ...) spreads weights and pools over the devices
+    (raas_jax.sharding); memory figures are then those of one device and the roofline is one device's share."""
     cfg = MODEL_SHAPES[model]
     params = random_params(cfg, dtype)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    device_mesh = None if mesh is None else make_mesh(cfg, mesh)
+    if device_mesh is not None:
+        params = jax.device_put(params, param_shardings(params, device_mesh))
+        mesh = ",".join(f"{axis}={size}" for axis, size in device_mesh.shape.items())
+    model_split = 1 if device_mesh is None else device_mesh.shape["model"]
+    devices = 1 if device_mesh is None else device_mesh.size
     bandwidth = copy_bandwidth(4.0 if jax.default_backend() != "cpu" else 0.125)
     stats = jax.devices()[0].memory_stats() or {}
     limit = stats.get("bytes_limit", 0)
@@ -274,7 +302,8 @@ def run_e2e(model: str, policies: dict[str, Policy], positions: list[int], batch
 
     save()
     for name, policy in policies.items():
-        gen = Generator(cfg, dtype, policy, unroll_layers=jax.default_backend() != "cpu")
+        run_policy = policy if device_mesh is None else ShardedPolicy(policy, device_mesh)
+        gen = Generator(cfg, dtype, run_policy, unroll_layers=jax.default_backend() != "cpu")
         fits = {}  # pool slots -> the largest batch whose compiled decode fits the device's allocator limit
         for position in positions:
             per_seq = cache_bytes(jax.eval_shape(lambda: policy.init(
@@ -294,7 +323,7 @@ def run_e2e(model: str, policies: dict[str, Policy], positions: list[int], batch
             while todo:
                 batch = todo.pop(0)
                 try:
-                    cache = synthetic_cache(policy, cfg, batch, position, prompt_len, steps + 2, dtype)
+                    cache = synthetic_cache(run_policy, cfg, batch, position, prompt_len, steps + 2, dtype)
                     seconds, compiled, memory = time_decode(gen, params, cache, batch, position, steps)
                 except Exception as e:  # out of memory at the largest batch: report it, then try 90% of it
                     print(f"  {name} N={position} B={batch}: {type(e).__name__}: {str(e)[:160]}", flush=True)
@@ -304,17 +333,20 @@ def run_e2e(model: str, policies: dict[str, Policy], positions: list[int], batch
                     continue
                 finally:
                     cache = None  # free the pool before the next configuration
-                roofline = (weight_bytes + kv_bytes_read(policy, cfg, batch, position, dtype)) / bandwidth
+                roofline = (weight_bytes / model_split + kv_bytes_read(policy, cfg, batch, position, dtype) / devices
+                            ) / bandwidth  # one device's share of the weights and pools
                 reference = torch_ms.get((model, position, batch))
                 m = Measurement(model, name, batch, position, seconds * 1e3, batch / seconds,
-                                per_seq * batch / 2**30, memory.get("bytes_in_use", 0) / 2**30,
+                                per_seq * batch / devices / 2**30, memory.get("bytes_in_use", 0) / 2**30,
                                 memory.get("peak_bytes_in_use", 0) / 2**30, roofline * 1e3, compiled,
-                                ratio_vs_torch=None if reference is None else seconds * 1e3 / reference)
+                                ratio_vs_torch=None if reference is None or mesh else seconds * 1e3 / reference,
+                                mesh=mesh)
                 rows.append(dataclasses.asdict(m))
                 print(f"  {name:6s} N={position:6d} B={batch:4d} {m.step_ms:8.2f} ms/step {m.tokens_per_s:9.0f} tok/s "
                       f"cache {m.cache_gib:7.2f} GiB live {m.live_gib:6.1f} GiB roofline {m.roofline_ms:7.2f} ms"
-                      + ("" if reference is None else f" {m.ratio_vs_torch:5.2f}x torch ({reference:.2f} ms)")
-                      + (" COMPILED" if compiled else ""), flush=True)
+                      + ("" if m.ratio_vs_torch is None else f" {m.ratio_vs_torch:5.2f}x torch ({reference:.2f} ms)")
+                      + (f" mesh {mesh} (memory per device)" if mesh else "") + (" COMPILED" if compiled else ""),
+                      flush=True)
                 save()
     if torch_reference:
         print(torch_ratio_table(rows), flush=True)

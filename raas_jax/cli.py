@@ -303,7 +303,7 @@ def _bench(args: argparse.Namespace) -> int:
         hf, torch_rows = references[model]
         rows += bench.run_e2e(model, policies, positions, batches, args.steps, out / f"e2e_{model}.json",
                               largest_batch=not args.no_largest_batch, hf_reference=hf,
-                              torch_reference=torch_rows)
+                              torch_reference=torch_rows, mesh=args.mesh)
     if args.real_tokens:
         real = bench.real_run(_csv(args.models)[0], policies.get("raas", bench.RaaS(budget=1024)), args.real_batch,
                               args.real_tokens)
@@ -463,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="store_true", help="kernels: also time a grid of launch parameters")
     p.add_argument("--out-dir", default="out/bench")
     p.add_argument("--allow-cpu", action="store_true")
-    add_memory_flag(p)
+    add_mesh_flag(p)  # e2e: weights and pools spread over the devices (data=2: batch halves, model=2: heads)
     p.set_defaults(func=_bench)
     return parser
 

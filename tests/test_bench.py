@@ -77,3 +77,43 @@ def test_bench_cli_on_cpu(tmp_path, capsys):
     assert hf["position"] == 256 and hf["batch"] == 1 and hf["step_ms"] > 0
     for png in ("e2e_step_ms_b1.png", "e2e_live_gib_b1.png", "e2e_tokens_per_s.png"):
         assert (tmp_path / png).stat().st_size > 1000
+
+
+MESH_SCRIPT = '''
+import json, sys
+import jax, jax.numpy as jnp
+from raas_jax import bench
+from raas_jax.cli import main
+from raas_jax.generate import Generator
+from raas_jax.policies import RaaS
+from raas_jax.sharding import ShardedPolicy, make_mesh
+assert len(jax.devices()) == 4
+out = sys.argv[1]
+assert main(["bench", "e2e", "--models", "tiny", "--allow-cpu", "--policies", "raas,dense", "--positions", "512",
+             "--batches", "2,4", "--steps", "4", "--no-largest-batch", "--mesh", "data=2,model=2",
+             "--out-dir", out]) == 0
+cfg = bench.MODEL_SHAPES["tiny"]
+one = Generator(cfg, jnp.float32, RaaS(budget=32, page_size=4))
+spread = Generator(cfg, jnp.float32, ShardedPolicy(RaaS(budget=32, page_size=4), make_mesh(cfg, "data=2,model=2")))
+batch, sizes = bench.largest_decode_batch(spread, 512, 8 * 2**20, reserve=0, probes=(4, 16))
+rows = json.load(open(out + "/e2e_tiny.json"))["rows"]
+print(json.dumps({"rows": rows, "batch": batch, "spread": bench.decode_memory(spread, 16, 512)["total"],
+                  "one": bench.decode_memory(one, 16, 512)["total"]}))
+'''
+
+
+def test_bench_e2e_on_a_mesh_of_4_cpu_devices(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = report["rows"]
+    assert {(r["policy"], r["batch"]) for r in rows} == {(p, b) for p in ("raas", "dense") for b in (2, 4)}
+    assert all(r["mesh"] == "data=2,model=2" and not r["compiled_during_timing"] for r in rows)
+    assert report["batch"] > 0 and report["batch"] % 2 == 0  # a multiple of the data axis
+    assert report["spread"] < 0.5 * report["one"]  # one device holds a quarter of the pool, half the weights
