@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import json
 import time
 from pathlib import Path
@@ -316,7 +317,11 @@ def run_e2e(model: str, policies: dict[str, Policy], positions: list[int], batch
                 print(f"  {name} N={position}: largest batch {fits[slots]} from the compiled decode ({compiled})",
                       flush=True)
             fit = fits[slots] if limit else max(batches)
-            todo = [b for b in batches if b <= fit]
+            data = data_parallelism(run_policy)  # a sharded batch splits evenly over the data axis
+            if any(b % data for b in batches):
+                print(f"  {name} N={position}: skipping B={[b for b in batches if b % data]}: not a multiple of the "
+                      f"mesh's data axis ({data})", flush=True)
+            todo = [b for b in batches if b <= fit and b % data == 0]
             if largest_batch and fit > 0 and fit not in todo:
                 todo.append(fit)
             todo, retries = sorted(set(todo)), 2
@@ -327,6 +332,7 @@ def run_e2e(model: str, policies: dict[str, Policy], positions: list[int], batch
                     seconds, compiled, memory = time_decode(gen, params, cache, batch, position, steps)
                 except Exception as e:  # out of memory at the largest batch: report it, then try 90% of it
                     print(f"  {name} N={position} B={batch}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+                    gc.collect()  # the traceback's frames hold the pool; free it before the next configuration
                     if batch == fit and "RESOURCE_EXHAUSTED" in str(e) and retries:
                         fit, retries = int(0.9 * batch), retries - 1
                         todo.append(fit)

@@ -90,7 +90,7 @@ from raas_jax.sharding import ShardedPolicy, make_mesh
 assert len(jax.devices()) == 4
 out = sys.argv[1]
 assert main(["bench", "e2e", "--models", "tiny", "--allow-cpu", "--policies", "raas,dense", "--positions", "512",
-             "--batches", "2,4", "--steps", "4", "--no-largest-batch", "--mesh", "data=2,model=2",
+             "--batches", "1,2,4", "--steps", "4", "--no-largest-batch", "--mesh", "data=2,model=2",
              "--out-dir", out]) == 0
 cfg = bench.MODEL_SHAPES["tiny"]
 one = Generator(cfg, jnp.float32, RaaS(budget=32, page_size=4))
@@ -114,6 +114,7 @@ def test_bench_e2e_on_a_mesh_of_4_cpu_devices(tmp_path):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     rows = report["rows"]
     assert {(r["policy"], r["batch"]) for r in rows} == {(p, b) for p in ("raas", "dense") for b in (2, 4)}
+    assert "skipping B=[1]: not a multiple of the mesh's data axis (2)" in proc.stdout
     assert all(r["mesh"] == "data=2,model=2" and not r["compiled_during_timing"] for r in rows)
     assert report["batch"] > 0 and report["batch"] % 2 == 0  # a multiple of the data axis
     assert report["spread"] < 0.5 * report["one"]  # one device holds a quarter of the pool, half the weights
