@@ -98,3 +98,25 @@ def test_a_chunk_needs_a_cache(tiny_llama_dir):
     tokens = jnp.zeros((1, 4), jnp.int32)
     with pytest.raises(ValueError, match="chunked=True .* needs a cache"):
         module.apply({"params": model.params}, tokens, jnp.arange(4)[None], chunked=True)
+
+
+def test_decode_materialises_q_k_v_once():
+    """The decode step computes q, k, v behind an optimization barrier: at B = 1 XLA's GPU compiler otherwise turns
+    the small k/v projections into multiply-reduce loops and fuses a copy into every cache write that reads them
+    (docs/performance.md section 15). In decode only: a prompt's projections are GEMMs."""
+    import jax
+    import jax.numpy as jnp
+
+    from raas_jax import bench
+    from raas_jax.generate import Generator
+    from raas_jax.policies import RaaS
+
+    cfg = bench.MODEL_SHAPES["tiny"]
+    gen = Generator(cfg, jnp.float32, RaaS(budget=32, page_size=4), unroll_layers=True)
+    params, state, *rest = bench.abstract_decode_args(gen, 1, 64)
+    decode_text = str(jax.make_jaxpr(gen._decode)(params, state, *rest))
+    assert "optimization_barrier" in decode_text  # the layer's jaxpr (shared by the unrolled layers) holds it
+    prompt = jax.ShapeDtypeStruct((1, 16), jnp.int32)
+    prefill_text = str(jax.make_jaxpr(lambda p, t: gen.module.apply({"params": p}, t, jnp.zeros_like(t)))(
+        params, prompt))
+    assert "optimization_barrier" not in prefill_text
