@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from raas_jax import bench, configure_gpu
-from raas_jax.generate import DECODE_CHUNK, DecodeState, Generator, SamplingParams
+from raas_jax.generate import Generator
 
 
 def main() -> None:
@@ -30,18 +30,10 @@ def main() -> None:
     args = ap.parse_args()
     cfg = bench.MODEL_SHAPES[args.model]
     policy = bench.default_policies()[args.policy]
-    dtype = jnp.bfloat16
-    shapes = jax.eval_shape(lambda: policy.init(cfg, args.batch, policy.num_slots(128, args.position), dtype))
-    params = jax.eval_shape(lambda: bench.random_params(cfg, dtype))
-    b = args.batch
-    state = DecodeState(shapes, jax.ShapeDtypeStruct((b, DECODE_CHUNK), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32),
-                        jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.bool_),
-                        jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
-                        jax.eval_shape(lambda: jax.random.PRNGKey(0)))
-    scalar_f, scalar_i = jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32)
-    gen = Generator(cfg, dtype, policy, unroll_layers=not args.rolled and jax.default_backend() != "cpu")
-    text = gen.decode.lower(params, state, scalar_i, jax.ShapeDtypeStruct((1,), jnp.int32),
-                            SamplingParams(scalar_f, scalar_i, scalar_f)).compile().as_text()
+    gen = Generator(cfg, jnp.bfloat16, policy, unroll_layers=not args.rolled and jax.default_backend() != "cpu")
+    decode_args = bench.abstract_decode_args(gen, args.batch, args.position, headroom=0)
+    text = gen.decode.lower(*decode_args).compile().as_text()
+    shapes, b = decode_args[1].cache, args.batch
     k_shape = shapes["k"].shape  # [L, B, Hkv, S, P, D]
     flat = (*k_shape[:3], k_shape[3] * k_shape[4], k_shape[5])  # the Pallas kernel's [.., S*P, D] view
     kinds = {",".join(map(str, k_shape)): "stacked", ",".join(map(str, k_shape[1:])): "layer",
