@@ -3,7 +3,8 @@
 Random-weight models of real shapes are built on the device. Reaching position N by decoding N tokens
 would take too long, so the cache a run would hold at position N is synthesised (pages of random keys
 and values, consistent fill / start / stamp / key bounds / pinned prompt pages), then at least 32 decode
-steps are timed inside one jitted `lax.while_loop` call after a warm-up call that compiles.
+steps are timed inside one jitted `lax.while_loop` call after two one-step warm-up calls that compile. The
+largest batch is the largest whose compiled decode fits the allocator's limit (`largest_decode_batch`).
 """
 
 from __future__ import annotations
@@ -313,8 +314,8 @@ def run_e2e(model: str, policies: dict[str, Policy], positions: list[int], batch
             if limit and slots not in fits:  # fixed-budget pools: the same at every position
                 fits[slots], sizes = largest_decode_batch(gen, position, limit, prompt_len=prompt_len,
                                                           headroom=steps + 2)
-                compiled = ", ".join(f"B={size['batch']}: {size['total'] / 2**30:.1f} GiB" for size in sizes)
-                print(f"  {name} N={position}: largest batch {fits[slots]} from the compiled decode ({compiled})",
+                measured = ", ".join(f"B={size['batch']}: {size['total'] / 2**30:.1f} GiB" for size in sizes)
+                print(f"  {name} N={position}: largest batch {fits[slots]} from the compiled decode ({measured})",
                       flush=True)
             fit = fits[slots] if limit else max(batches)
             data = data_parallelism(run_policy)  # a sharded batch splits evenly over the data axis
@@ -332,9 +333,9 @@ def run_e2e(model: str, policies: dict[str, Policy], positions: list[int], batch
                     seconds, compiled, memory = time_decode(gen, params, cache, batch, position, steps)
                 except Exception as e:  # out of memory at the largest batch: report it, then try 90% of it
                     print(f"  {name} N={position} B={batch}: {type(e).__name__}: {str(e)[:160]}", flush=True)
-                    gc.collect()  # the traceback's frames hold the pool; free it before the next configuration
+                    gc.collect()  # drop what the failed call's frames still reference before the next configuration
                     if batch == fit and "RESOURCE_EXHAUSTED" in str(e) and retries:
-                        fit, retries = int(0.9 * batch), retries - 1
+                        fit, retries = int(0.9 * batch) // data * data, retries - 1
                         todo.append(fit)
                     continue
                 finally:
