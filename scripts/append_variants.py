@@ -4,8 +4,8 @@
     python scripts/append_variants.py --variants scatter,unique,flat,rows --configs raas:1,raas:64,dense:1
 
 A decode step appends one token per (sequence, KV head) and layer: k and v into its page, and the page's
-metadata (key bounds, fill, start, stamp, pinned). The variants write the same values:
-  scatter  the library's append at the time of writing: 8 scatters with [layer, b, h, slot(, offset)] indices
+metadata (key bounds, fill, start, stamp, pinned). The variants write the same values (cache.token_write's) differently:
+  scatter  the library's append (cache.append_token): 8 scatters with [layer, b, h, slot(, offset)] indices
   unique   the same scatters, told the indices are unique and sorted (no conflict handling)
   flat     every array viewed as rows ([L*B*H*S*P, D], [L*B*H*S, D], [L*B*H*S]) and written by one 1-D index
   rows     k/v/bounds as `unique`; the [B, Hkv, S] metadata rewritten as whole layer rows (select + update slice)
@@ -30,59 +30,37 @@ def append_variant(kind: str):
         return ORIGINAL
 
     def append(cache, layer, k, v, positions, victim, page_size):
-        fill, cur = cache["fill"][layer], cache["cur"][layer]  # [B, Hkv, S], [B, Hkv]
-        b, hkv = cur.shape
-        cur_fill = cache_lib.slot_of(fill, cur)
-        need_new = cur_fill >= page_size
-        free = fill == 0
-        has_free = jnp.any(free, axis=-1)
-        fresh = jnp.where(has_free, jnp.argmax(free, axis=-1), victim).astype(jnp.int32)
-        slot = jnp.where(need_new, fresh, cur)
-        offset = jnp.where(need_new, 0, cur_fill)
-        evicted = jnp.where(need_new & ~has_free, victim, -1)
-        pos = jnp.broadcast_to(positions[:, None], (b, hkv)).astype(jnp.int32)
+        write = cache_lib.token_write(cache, layer, k, v, positions, victim, page_size)  # the library's values
+        slot, offset = write.slot, write.offset
+        b, hkv = slot.shape
         bi, hi = jnp.arange(b)[:, None], jnp.arange(hkv)[None, :]
-        k = k.astype(cache["k"].dtype)
-
-        def at_slot(name):
-            return cache_lib.slot_of(cache[name][layer], slot)
-
-        new_page = need_new[..., None]
-        pages = {"k": k, "v": v.astype(cache["v"].dtype),
-                 "kmin": jnp.where(new_page, k, jnp.minimum(at_slot("kmin"), k)),
-                 "kmax": jnp.where(new_page, k, jnp.maximum(at_slot("kmax"), k))}
-        meta = {"fill": offset + 1, "start": jnp.where(need_new, pos, at_slot("start")), "stamp": pos,
-                "pinned": ~need_new & at_slot("pinned")}
         out = dict(cache)
         index = (layer, bi, hi, slot)
         hint = dict(unique_indices=True, indices_are_sorted=True)
         if kind == "flat":
             n_l, n_b, n_h, n_s = cache["fill"].shape
             row = (((layer * n_b + bi) * n_h + hi) * n_s + slot).reshape(-1)  # [B*Hkv], increasing
-            for name, value in pages.items():
-                pool = cache[name]
-                if name in ("k", "v"):
-                    flat_index, width = row * page_size + offset.reshape(-1), pool.shape[-1]
-                else:
-                    flat_index, width = row, pool.shape[-1]
+            for name, value in write.pages.items():
+                pool, width = cache[name], cache[name].shape[-1]
+                flat_index = row * page_size + offset.reshape(-1) if name in ("k", "v") else row
                 out[name] = pool.reshape(-1, width).at[flat_index].set(value.reshape(-1, width), **hint
                                                                        ).reshape(pool.shape)
-            for name, value in meta.items():
+            for name, value in write.meta.items():
                 out[name] = cache[name].reshape(-1).at[row].set(value.reshape(-1), **hint).reshape(cache[name].shape)
         else:
-            for name, value in pages.items():
+            for name, value in write.pages.items():
                 out[name] = cache[name].at[index + ((offset,) if name in ("k", "v") else ())].set(value, **hint)
             if kind == "unique":
-                for name, value in meta.items():
+                for name, value in write.meta.items():
                     out[name] = cache[name].at[index].set(value, **hint)
             elif kind == "rows":
-                chosen = jnp.arange(fill.shape[-1]) == slot[..., None]  # [B, Hkv, S]
-                for name, value in meta.items():
+                chosen = jnp.arange(cache["fill"].shape[-1]) == slot[..., None]  # [B, Hkv, S]
+                for name, value in write.meta.items():
                     out[name] = cache[name].at[layer].set(jnp.where(chosen, value[..., None], cache[name][layer]))
             else:
                 raise ValueError(f"unknown variant {kind!r}")
         out["cur"] = cache["cur"].at[layer].set(slot)
-        return out, slot, evicted
+        return out, slot, write.evicted
 
     return append
 
