@@ -45,6 +45,17 @@ def short(name: str) -> str:
     return re.sub(r"[._]\d+$", "", re.sub(r"[._]\d+(?=[._])", "", name))[:60]
 
 
+def category(kernel: str) -> str:
+    """matmul (cuBLAS/cuBLASLt/CUTLASS), attention (our Pallas decode kernels), sort, or other (XLA fusions, copies)."""
+    if re.search(r"nvjet|gemm|cutlass|xmma|cublas", kernel, re.I):
+        return "matmul"
+    if "attention" in kernel:
+        return "attention"
+    if "sort" in kernel.lower():
+        return "sort"
+    return "other"
+
+
 def profile_decode(gen, params, cache, batch, position, steps) -> tuple[float, list[tuple[str, float]]]:
     """Wall seconds per step of a traced `steps`-step decode call, and its device kernels."""
     key = jax.random.PRNGKey(0)
@@ -76,6 +87,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--out", type=Path, default=Path("."))
     args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     cfg = bench.MODEL_SHAPES[args.model]
     dtype = jnp.bfloat16
     params = bench.random_params(cfg, dtype)
@@ -97,10 +109,16 @@ def main() -> None:
             lines = [f"{name} B={batch} N={args.position}: {seconds * 1e3:.2f} ms/step wall, {busy_ms:.2f} ms kernel "
                      f"time, {launches:.0f} kernels/step ({launches / cfg.num_layers:.1f} per layer)",
                      f"{'kernel':60s} {'per step':>9s} {'us/step':>9s} {'us each':>8s}"]
+            categories = collections.defaultdict(lambda: [0, 0.0])
+            for kernel, us in kernels:
+                categories[category(kernel)][0] += 1
+                categories[category(kernel)][1] += us
+            lines.insert(1, "  ".join(f"{cat} {us / args.steps / 1e3:.2f} ms ({count / args.steps:.0f} kernels)"
+                                   for cat, (count, us) in sorted(categories.items(), key=lambda kv: -kv[1][1])))
             for kernel, (count, us) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
                 lines.append(f"{kernel:60s} {count / args.steps:9.1f} {us / args.steps:9.1f} {us / count:8.1f}")
             (args.out / f"profile_{name}_b{batch}.txt").write_text("\n".join(lines) + "\n")
-            print("\n".join(lines[:2 + args.top]), flush=True)
+            print("\n".join(lines[:3 + args.top]), flush=True)
             summary.append((name, batch, seconds * 1e3, busy_ms, launches))
     print(f"\n{'policy':8s} {'B':>4s} {'wall ms':>8s} {'kernel ms':>9s} {'busy':>5s} {'kernels':>8s}")
     for name, batch, wall, busy, launches in summary:
