@@ -36,16 +36,19 @@ def _tpu_interpret() -> bool:
     return jax.default_backend() != "tpu"
 
 
-def decode_attention(q, k, v, fill, slots=None, *, layer=None, scale=None, backend: str = "auto"):
+def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, scale=None, backend: str = "auto"):
     """q [B,Hq,D], k/v [B,Hkv,S,P,D], fill [B,Hkv,S] -> (out [B,Hq,D], mass [B,Hkv,S or K]).
 
     With `layer` (a scalar, may be traced), k/v are stacked over layers [L,B,Hkv,S,P,D] and layer `layer` is
     read: the Pallas kernel reads it in place, where slicing it first would copy a pool per layer and step.
+    `live_slots` [B] (optional): slots >= live_slots[b] are empty in every head of sequence b, so the GPU kernel
+    skips them; the result is the same with or without it.
     """
     stacked = layer is not None
     chosen = resolve(backend)
     if chosen == "pallas" and pallas_gpu.supports(q, k, slots, stacked=stacked):
-        return pallas_gpu.decode_attention(q, k, v, fill, slots, layer=layer, scale=scale, interpret=_interpret())
+        return pallas_gpu.decode_attention(q, k, v, fill, slots, layer=layer, live_slots=live_slots, scale=scale,
+                                           interpret=_interpret())
     if chosen == "pallas_tpu":
         pallas_tpu.check_attention_args(q, k, v, fill, slots, stacked=stacked)
         if pallas_tpu.supports(q, k, slots, stacked=stacked):

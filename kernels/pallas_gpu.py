@@ -4,8 +4,8 @@ Lowered through Pallas' Triton backend (selected by passing `pltriton.CompilerPa
 picks Mosaic GPU). The Triton lowering is deprecated since JAX 0.11 but is the one that takes these shapes
 (gathers of pages, small dots) today; `kernels/__init__.py` hides the choice so it can move to Mosaic GPU.
 
-decode_attention: one program per (sequence, KV head, split). A split walks `blocks_per_split` blocks of
-`block_slots` slots (T = block_slots * page tokens) with an online softmax, all query heads of the group in
+decode_attention: one program per (sequence, KV head, split). A split walks up to `blocks_per_split` blocks of
+`block_slots` slots (round-robin over the splits; none past the caller's `live_slots` bound) (T = block_slots * page tokens) with an online softmax, all query heads of the group in
 one dot (rows padded to 16 for Triton). Per block it stores the per-slot sums of exp(logit - m_running) and
 m_running, so the jnp epilogue can turn them into each slot's softmax mass once the global max and sum are
 known (flash-decoding combine). With a slot list `[B, Hkv, K]` the same loop gathers only the listed pages
@@ -84,20 +84,24 @@ def supports(q, k, slots=None, stacked: bool = False) -> bool:
     return offsets_fit(k) and d >= 16 and d & (d - 1) == 0 and plan(q.shape[0], hkv, listed, page) is not None
 
 
-def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, has_slots):
+def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, splits, has_slots):
     if has_slots:
-        layer_ref, q_ref, k_ref, v_ref, fill_ref, slots_ref, o_ref, m_ref, l_ref, sums_ref, block_max_ref = refs
+        (layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, slots_ref,
+         o_ref, m_ref, l_ref, sums_ref, block_max_ref) = refs
     else:
-        layer_ref, q_ref, k_ref, v_ref, fill_ref, o_ref, m_ref, l_ref, sums_ref, block_max_ref = refs
+        layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, o_ref, m_ref, l_ref, sums_ref, block_max_ref = refs
     split = pl.program_id(2)
     layer = layer_ref[0]  # k_ref / v_ref hold this head's pool in every layer: [L, S*P, D]
     q = q_ref[...]  # [R, D]
     rows, d = q.shape
     tokens = block_slots * page
+    # split j walks blocks j, j + splits, j + 2 * splits, ... below the live bound (blocks past it are empty)
+    live_blocks = (live_ref[0] + block_slots - 1) // block_slots
+    walked = jnp.clip((live_blocks - split + splits - 1) // splits, 0, blocks_per_split)
 
     def body(i, carry):
         o, m, l = carry  # [R, D], [R], [R]
-        first = (split * blocks_per_split + i) * block_slots
+        first = (i * splits + split) * block_slots
         token = jax.lax.broadcasted_iota(jnp.int32, (tokens,), 0)  # [T]
         offset = token % page  # position of each token in its page
         # every load below is [T] or [T, D]: no reshape (layout change) of tiles in-kernel
@@ -126,17 +130,29 @@ def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, has_slo
 
     init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
-    o, m, l = jax.lax.fori_loop(0, blocks_per_split, body, init)
+    o, m, l = jax.lax.fori_loop(0, walked, body, init)
+
+    def skip(i, carry):  # blocks past the live bound: no mass
+        sums_ref[i] = jnp.zeros((rows, block_slots), jnp.float32)
+        block_max_ref[i] = jnp.full((rows,), MASK_VALUE, jnp.float32)
+        return carry
+
+    jax.lax.fori_loop(walked, blocks_per_split, skip, 0)
     o_ref[...] = o
     m_ref[...] = m
     l_ref[...] = l
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "tuning"))
-def decode_attention(q, k, v, fill, slots=None, *, layer=None, scale: float | None = None,
+def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, scale: float | None = None,
                      interpret: bool = False, tuning: AttentionTuning = DEFAULT_TUNING):
     """q [B, Hq, D], k/v [B, Hkv, S, P, D], fill [B, Hkv, S], slots [B, Hkv, K] or None (-1 = none)
     -> (out [B, Hq, D], mass [B, Hkv, S or K] float32), the contract of kernels/reference.py.
+
+    `live_slots` [B] int32 (optional, without `slots`): the caller's promise that slots >= live_slots[b] are
+    empty in every head of sequence b. They are not read (a Dense pool sized for the whole generation is mostly
+    empty early on); their mass is 0 as it would be anyway. Splits take blocks round-robin, so the live prefix
+    is spread over all of them.
 
     With `layer` (an int32 scalar, may be traced) k/v are the pools of every layer [L, B, Hkv, S, P, D] and the
     kernel reads layer `layer` of them in place: slicing the layer outside would copy it (XLA materialises a
@@ -157,19 +173,23 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, scale: float | No
     head = lambda i, h, j: (0, i, h, 0, 0)  # noqa: E731  the whole pool of one KV head, every layer
     in_specs = [
         pl.BlockSpec((1,), lambda i, h, j: (0,)),
+        pl.BlockSpec((None, 1), lambda i, h, j: (i, 0)),
         pl.BlockSpec((None, None, rows, d), lambda i, h, j: (i, h, 0, 0)),
         pl.BlockSpec((num_layers, None, None, s * page, d), head),
         pl.BlockSpec((num_layers, None, None, s * page, d), head),
         pl.BlockSpec((None, None, s), lambda i, h, j: (i, h, 0)),
     ]
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    inputs = [layer, qg, k_flat, v_flat, fill.astype(jnp.int32)]
+    if live_slots is None or slots is not None:
+        live_slots = jnp.full((b,), listed, jnp.int32)
+    live_slots = jnp.minimum(jnp.asarray(live_slots, jnp.int32), listed).reshape(b, 1)
+    inputs = [layer, live_slots, qg, k_flat, v_flat, fill.astype(jnp.int32)]
     if slots is not None:
         in_specs.append(pl.BlockSpec((None, None, listed), lambda i, h, j: (i, h, 0)))
         inputs.append(slots.astype(jnp.int32))
     blocks = splits * per_split
     kernel = functools.partial(_attention_kernel, scale=scale, page=page, block_slots=block_slots,
-                               blocks_per_split=per_split, has_slots=slots is not None)
+                               blocks_per_split=per_split, splits=splits, has_slots=slots is not None)
     o, m, l, sums, block_max = pl.pallas_call(
         kernel,
         grid=(b, hkv, splits),
@@ -178,20 +198,22 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, scale: float | No
             pl.BlockSpec((None, None, None, rows, d), lambda i, h, j: (i, h, j, 0, 0)),
             pl.BlockSpec((None, None, None, rows), lambda i, h, j: (i, h, j, 0)),
             pl.BlockSpec((None, None, None, rows), lambda i, h, j: (i, h, j, 0)),
-            pl.BlockSpec((None, None, per_split, rows, block_slots), lambda i, h, j: (i, h, j, 0, 0)),
-            pl.BlockSpec((None, None, per_split, rows), lambda i, h, j: (i, h, j, 0)),
+            pl.BlockSpec((None, None, per_split, None, rows, block_slots), lambda i, h, j: (i, h, 0, j, 0, 0)),
+            pl.BlockSpec((None, None, per_split, None, rows), lambda i, h, j: (i, h, 0, j, 0)),
         ],
         out_shape=[
             jax.ShapeDtypeStruct((b, hkv, splits, rows, d), jnp.float32),
             jax.ShapeDtypeStruct((b, hkv, splits, rows), jnp.float32),
             jax.ShapeDtypeStruct((b, hkv, splits, rows), jnp.float32),
-            jax.ShapeDtypeStruct((b, hkv, blocks, rows, block_slots), jnp.float32),
-            jax.ShapeDtypeStruct((b, hkv, blocks, rows), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, per_split, splits, rows, block_slots), jnp.float32),  # block i*splits+j
+            jax.ShapeDtypeStruct((b, hkv, per_split, splits, rows), jnp.float32),
         ],
         compiler_params=pltriton.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages),
         interpret=interpret,
         name="raas_decode_attention",
     )(*inputs)
+    sums = sums.reshape(b, hkv, blocks, rows, block_slots)  # blocks in slot order
+    block_max = block_max.reshape(b, hkv, blocks, rows)
     # combine the splits at the global max of each row
     top = jnp.max(m, axis=2)  # [B, Hkv, R]
     weight = jnp.exp(m - top[:, :, None])  # [B, Hkv, splits, R]

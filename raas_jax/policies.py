@@ -207,6 +207,14 @@ class Dense(Policy):
 
     name: ClassVar[str] = "dense"
 
+    def attend(self, cache, layer, view: LayerCache, q) -> tuple[jax.Array, jax.Array | None]:
+        # A Dense pool holds page j in slot j (prompt pages from slot 0, each new page in the lowest free slot),
+        # so the slots past the current one are empty: the kernel skips them (the pool is sized for the whole
+        # generation, so early on most of it is). tests/test_policies.py checks the invariant.
+        live_slots = jnp.max(view["cur"], axis=1) + 1  # [B]
+        return kernels.decode_attention(q, cache["k"], cache["v"], view["fill"], layer=layer, live_slots=live_slots,
+                                        backend=self.backend)
+
 
 @dataclasses.dataclass(frozen=True)
 class _FixedBudget(Policy):

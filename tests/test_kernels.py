@@ -125,6 +125,33 @@ def test_pallas_decode_attention_matches_reference_in_interpret_mode(group, head
     np.testing.assert_allclose(np.asarray(via_dispatch), np.asarray(ref_out), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("live", [(1, 64), (17, 5), (64, 33)])
+def test_pallas_live_slots_skips_the_empty_tail(live):
+    """With `live_slots`, blocks past the bound are not read: NaN pages there (fill 0) would poison the output if
+    they were (0 * NaN in the value dot). Out and mass equal the reference over the clean pool, for launches whose
+    round-robin splits end in different places."""
+    from raas_jax.kernels import pallas_gpu
+
+    rng = np.random.default_rng(sum(live))
+    b, hkv, s, page, widest_block = 2, 2, 64, 4, 16  # the default launch reads 16 slots per block
+    q, k, v, fill = page_pool(rng, b, hkv, 4, s, page, 32)
+    live_slots = np.asarray(live, np.int32)
+    slot = np.arange(s)[None, None, :]  # [1, 1, S]
+    fill = np.where(slot >= live_slots[:, None, None], 0, fill).astype(np.int32)
+    ref_out, ref_mass = kernels.decode_attention(q, k, v, fill, backend="reference")
+    # slots past the last live block of every launch below hold NaN
+    poison = (slot >= -(-live_slots[:, None, None] // widest_block) * widest_block)[..., None, None]
+    k_nan, v_nan = np.where(poison, np.nan, k).astype(k.dtype), np.where(poison, np.nan, v).astype(v.dtype)
+    for tuning in (pallas_gpu.DEFAULT_TUNING, pallas_gpu.AttentionTuning(block_tokens=8, target_programs=1),
+                   pallas_gpu.AttentionTuning(block_tokens=8, target_programs=64)):
+        out, mass = pallas_gpu.decode_attention(q, k_nan, v_nan, fill, live_slots=live_slots, interpret=True,
+                                                tuning=tuning)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(mass), np.asarray(ref_mass), rtol=1e-5, atol=1e-6)
+    unbounded, _ = pallas_gpu.decode_attention(q, k_nan, v_nan, fill, interpret=True)
+    assert np.isnan(np.asarray(unbounded)).any()  # without the bound the tail is read (what the test relies on)
+
+
 @pytest.mark.parametrize("group,head_dim,page", ATTENTION_CASES)
 def test_pallas_slot_list_matches_reference_in_interpret_mode(group, head_dim, page):
     from raas_jax.kernels import pallas_gpu

@@ -186,6 +186,30 @@ def simulate(policy, prompt_lengths, steps, seed, max_prompt=9):
         pos += 1
 
 
+def test_dense_pool_holds_page_j_in_slot_j():
+    """Dense.attend tells the kernel that slots past `cur` are empty (`live_slots`): that holds because page j sits
+    in slot j. Checked after every step of padded prompts of different lengths, pages opening mid-run."""
+    policy = Dense(page_size=2)
+    prefill, decode = jitted(policy)
+    rng = np.random.default_rng(0)
+    lengths, t, slots = np.array([3, 8]), 9, 16
+    cache = policy.init(SIM_CFG, B, slots, jnp.float32)
+    positions = np.where(np.arange(t)[None] < lengths[:, None], np.arange(t)[None], -1)
+    k = rng.normal(size=(B, t, HKV, D)).astype(np.float32)
+    cache = prefill(cache, jnp.int32(0), k.repeat(GROUP, axis=2), k, k, jnp.asarray(positions))
+    for step in range(14):
+        fill, start, cur = (np.asarray(cache[name][0]) for name in ("fill", "start", "cur"))
+        pos = lengths + step  # the next token's position
+        for b in range(B):
+            for h in range(HKV):
+                resident = np.flatnonzero(fill[b, h])
+                np.testing.assert_array_equal(resident, np.arange(-(-pos[b] // 2)))  # pages 0 .. last, in order
+                np.testing.assert_array_equal(start[b, h, resident], resident * 2)  # page j in slot j
+                assert cur[b, h] == resident[-1]
+        k1 = rng.normal(size=(B, HKV, D)).astype(np.float32)
+        _, cache = decode(cache, jnp.int32(0), k1.repeat(GROUP, axis=1), k1, k1, jnp.asarray(pos, np.int32))
+
+
 def oldest_stamp_then_oldest_page(st_, b, h, candidates):
     return min(candidates, key=lambda s: (st_["stamp"][b, h, s], st_["start"][b, h, s]))
 
@@ -284,10 +308,13 @@ def test_token_level_raas_step():
     assert evictions > 0
 
 
-def test_pallas_backend_generates_like_the_reference(model):
-    """The Pallas decode attention (interpret mode here) drives a real decode loop, mass included."""
-    reference = RaaS(budget=64, page_size=4, score="exact")
-    pallas = RaaS(budget=64, page_size=4, score="exact", backend="pallas")
+@pytest.mark.parametrize("name", ["raas", "dense"])
+def test_pallas_backend_generates_like_the_reference(model, name):
+    """The Pallas decode attention (interpret mode here) drives a real decode loop: RaaS's by its mass, Dense's
+    over prompts of different lengths with the pool's empty tail skipped (`live_slots`)."""
+    options = {"score": "exact", "budget": 64} if name == "raas" else {}
+    reference = make_policy(name, page_size=4, **options)
+    pallas = make_policy(name, page_size=4, backend="pallas", **options)
     want = [r.token_ids for r in model.generate(PROMPTS, max_new_tokens=40, chat=False, policy=reference)]
     got = [r.token_ids for r in model.generate(PROMPTS, max_new_tokens=40, chat=False, policy=pallas)]
     assert got == want
