@@ -4,7 +4,8 @@ Flax linen used functionally:
 
     logits, cache = Transformer(cfg, dtype, policy).apply({"params": params}, tokens, positions, cache)
 
-* `params` is a plain nested dict; the layers are stacked on a leading axis (`nn.scan`).
+* `params` is a plain nested dict; the layers are stacked on a leading axis (`nn.scan`). The model takes the
+  checkpoint's layout (q/k/v, gate/up as HF has them) or the fused one of `fuse_projections` (what `load` gives).
 * `cache` is `None` (a full causal forward) or a dict of arrays stacked over layers, carried through the
   layer scan (so one decode step writes one token per layer in place); the model never looks inside it:
   `policy` (a frozen, hashable policy from `raas_jax.policies`) writes keys and values into it and
@@ -89,10 +90,39 @@ class RMSNorm(nn.Module):
         return weight * normed.astype(x.dtype)
 
 
-def _dense(features: int, use_bias: bool, dtype: Any, name: str) -> nn.Dense:
+def _dense(features: int | tuple[int, ...], use_bias: bool, dtype: Any, name: str) -> nn.Module:
     precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    if isinstance(features, tuple):  # kernel [in, *features]
+        return nn.DenseGeneral(features, use_bias=use_bias, dtype=dtype, param_dtype=dtype, precision=precision,
+                               name=name)
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=dtype,
                     precision=precision, name=name)
+
+
+def fuse_projections(cfg: ModelConfig, params: dict) -> dict:
+    """The checkpoint's layout -> the fused one the model also takes: q/k/v as one `qkv_proj` kernel
+    [L, H, Hkv, G + 2, D] (each KV head's G query heads, its key, its value) and gate/up as one `gate_up_proj`
+    kernel [L, H, 2, F]; biases alike. Two GEMMs fewer per layer, and at batch 1 the small k/v projections
+    (which XLA would run as multiply-reduce loops, under its GEMM size threshold) ride in a cuBLAS GEMV.
+    Sharding the KV-head axis or F over devices keeps each device's heads whole. Already fused: unchanged."""
+    layers = params["layers"]
+    attn, mlp = layers["self_attn"], layers["mlp"]
+    if "qkv_proj" in attn:
+        return params
+    hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    group = hq // hkv
+
+    def heads(x, per_kv):  # [..., Hkv * per_kv * D] -> [..., Hkv, per_kv, D]
+        return x.reshape(*x.shape[:-1], hkv, per_kv, d)
+
+    qkv = {name: jnp.concatenate([heads(attn["q_proj"][name], group), heads(attn["k_proj"][name], 1),
+                                  heads(attn["v_proj"][name], 1)], axis=-2)
+           for name in attn["q_proj"]}  # kernel [L, H, Hkv, G + 2, D], bias [L, Hkv, G + 2, D]
+    gate_up = {name: jnp.stack([mlp["gate_proj"][name], mlp["up_proj"][name]], axis=-2)
+               for name in mlp["gate_proj"]}  # kernel [L, H, 2, F], bias [L, 2, F]
+    attn = {k: v for k, v in attn.items() if k not in ("q_proj", "k_proj", "v_proj")} | {"qkv_proj": qkv}
+    mlp = {k: v for k, v in mlp.items() if k not in ("gate_proj", "up_proj")} | {"gate_up_proj": gate_up}
+    return params | {"layers": layers | {"self_attn": attn, "mlp": mlp}}
 
 
 class Attention(nn.Module):
@@ -105,9 +135,15 @@ class Attention(nn.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = _dense(hq * d, cfg.qkv_bias, self.dtype, "q_proj")(x).reshape(b, t, hq, d)  # [B, T, Hq, D]
-        k = _dense(hkv * d, cfg.qkv_bias, self.dtype, "k_proj")(x).reshape(b, t, hkv, d)  # [B, T, Hkv, D]
-        v = _dense(hkv * d, cfg.qkv_bias, self.dtype, "v_proj")(x).reshape(b, t, hkv, d)  # [B, T, Hkv, D]
+        if self.has_variable("params", "qkv_proj"):  # fused layout (`fuse_projections`): one GEMM
+            group = hq // hkv
+            qkv = _dense((hkv, group + 2, d), cfg.qkv_bias, self.dtype, "qkv_proj")(x)  # [B, T, Hkv, G + 2, D]
+            q = qkv[:, :, :, :group].reshape(b, t, hq, d)  # [B, T, Hq, D] (query head h reads KV head h // G)
+            k, v = qkv[:, :, :, group], qkv[:, :, :, group + 1]  # [B, T, Hkv, D]
+        else:  # the checkpoint's layout
+            q = _dense(hq * d, cfg.qkv_bias, self.dtype, "q_proj")(x).reshape(b, t, hq, d)  # [B, T, Hq, D]
+            k = _dense(hkv * d, cfg.qkv_bias, self.dtype, "k_proj")(x).reshape(b, t, hkv, d)  # [B, T, Hkv, D]
+            v = _dense(hkv * d, cfg.qkv_bias, self.dtype, "v_proj")(x).reshape(b, t, hkv, d)  # [B, T, Hkv, D]
         if cfg.qk_norm:
             q = RMSNorm(cfg.rms_norm_eps, self.dtype, name="q_norm")(q)
             k = RMSNorm(cfg.rms_norm_eps, self.dtype, name="k_norm")(k)
@@ -147,8 +183,12 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        gate = _dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, "gate_proj")(x)
-        up = _dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, "up_proj")(x)
+        if self.has_variable("params", "gate_up_proj"):  # fused layout (`fuse_projections`): one GEMM
+            gate_up = _dense((2, cfg.intermediate_size), cfg.mlp_bias, self.dtype, "gate_up_proj")(x)  # [B, T, 2, F]
+            gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
+        else:
+            gate = _dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, "gate_proj")(x)
+            up = _dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, "up_proj")(x)
         return _dense(cfg.hidden_size, cfg.mlp_bias, self.dtype, "down_proj")(nn.silu(gate) * up)
 
 

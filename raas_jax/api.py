@@ -21,7 +21,7 @@ from raas_jax.cache import cache_bytes
 from raas_jax.generate import (DEFAULT_PREFILL_CHUNK, Generator, data_parallelism, forced_logits, run_generation,
                                trim_at_eos)
 from raas_jax.models.config import ModelConfig
-from raas_jax.models.transformer import Transformer
+from raas_jax.models.transformer import Transformer, fuse_projections
 from raas_jax.policies import Dense, Policy, next_pow2
 
 
@@ -329,7 +329,7 @@ def load(path: str | Path | None = None, dtype: Any = None, mesh: Any = None) ->
     if checkpoint.is_converted(path):
         cfg = ModelConfig.from_json(path / "config.json")
         mesh = _resolve_mesh(cfg, mesh)
-        params = checkpoint.restore_params(path, cfg, dtype, mesh)
+        params = _fused(cfg, checkpoint.restore_params(path, cfg, dtype, mesh), mesh)
         tokenizer_dir = path
     elif path.suffix == ".gguf":
         import tempfile
@@ -339,7 +339,7 @@ def load(path: str | Path | None = None, dtype: Any = None, mesh: Any = None) ->
         hf_config, np_params = checkpoint.read_source(path, dtype)
         cfg = ModelConfig.from_hf_dict(hf_config)
         mesh = _resolve_mesh(cfg, mesh)
-        params = _place(np_params, mesh)
+        params = _fused(cfg, _place(np_params, mesh), mesh)
         with tempfile.TemporaryDirectory(prefix="raas-jax-tok-") as tmp:
             gguf_reader.save_gguf_tokenizer(path, Path(tmp))
             tokenizer = _load_tokenizer(Path(tmp))
@@ -349,7 +349,7 @@ def load(path: str | Path | None = None, dtype: Any = None, mesh: Any = None) ->
         hf_config, np_params = checkpoint.read_source(path, dtype)
         cfg = ModelConfig.from_hf_dict(hf_config)
         mesh = _resolve_mesh(cfg, mesh)
-        params = _place(np_params, mesh)
+        params = _fused(cfg, _place(np_params, mesh), mesh)
         tokenizer_dir = path
     tokenizer = _load_tokenizer(tokenizer_dir)
     return Model(cfg, params, dtype, tokenizer, _eos_ids(tokenizer_dir, cfg, tokenizer), path, mesh)
@@ -361,6 +361,17 @@ def _resolve_mesh(cfg: ModelConfig, mesh: Any) -> Any:
     from raas_jax.sharding import make_mesh
 
     return make_mesh(cfg, None if mesh == "auto" else mesh)
+
+
+def _fused(cfg: ModelConfig, params: dict, mesh: Any) -> dict:
+    """The placed parameters in the model's fused layout (models.fuse_projections), placed alike. The fused q/k/v
+    and gate/up weights exist beside the loaded ones until this returns (two thirds of the layer weights)."""
+    fuse = functools.partial(fuse_projections, cfg)
+    if mesh is None:
+        return jax.jit(fuse)(params)
+    from raas_jax.sharding import param_shardings
+
+    return jax.jit(fuse, out_shardings=param_shardings(jax.eval_shape(fuse, params), mesh))(params)
 
 
 def _place(np_params: dict, mesh: Any) -> dict:

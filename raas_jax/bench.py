@@ -26,6 +26,7 @@ from raas_jax.cache import cache_bytes, page_key_bounds
 from raas_jax.checkpoint import param_shapes
 from raas_jax.generate import DecodeState, Generator, SamplingParams, DECODE_CHUNK, data_parallelism
 from raas_jax.models.config import ModelConfig
+from raas_jax.models.transformer import fuse_projections
 from raas_jax.policies import Dense, Policy, Quest, RaaS
 from raas_jax.sharding import ShardedPolicy, cache_spec, make_mesh, param_shardings
 
@@ -41,8 +42,9 @@ MODEL_SHAPES = {
 }
 
 
-def random_params(cfg: ModelConfig, dtype: Any, seed: int = 0) -> dict:
-    """Random weights of the model's shapes, made on the device (norm weights near one)."""
+def random_params(cfg: ModelConfig, dtype: Any, seed: int = 0, fused: bool = True) -> dict:
+    """Random weights of the model's shapes, made on the device (norm weights near one); in the fused layout
+    `load` gives (models.fuse_projections) unless `fused=False` (the checkpoint's layout)."""
     shapes = param_shapes(cfg, dtype)
     leaves, treedef = jax.tree.flatten_with_path(shapes)
 
@@ -56,9 +58,10 @@ def random_params(cfg: ModelConfig, dtype: Any, seed: int = 0) -> dict:
                 out.append((1.0 + 0.1 * jax.random.normal(k, s.shape, jnp.float32)).astype(s.dtype))
             else:
                 out.append((0.02 * jax.random.normal(k, s.shape, jnp.float32)).astype(s.dtype))
-        return out
+        params = jax.tree.unflatten(treedef, out)
+        return fuse_projections(cfg, params) if fused else params
 
-    return jax.tree.unflatten(treedef, make(jax.random.PRNGKey(seed)))
+    return make(jax.random.PRNGKey(seed))
 
 
 @functools.partial(jax.jit, donate_argnums=(0,), static_argnums=(3,))

@@ -1,7 +1,8 @@
 """Multi-device decode with JAX's SPMD machinery: a (data, model) mesh, parameter and cache shardings.
 
 * Parameters: attention heads and the MLP hidden dimension split over `model` (Megatron-style: q/k/v and
-  gate/up by output columns, o/down by input rows); embeddings and the LM head split over the vocabulary
+  gate/up by output columns, o/down by input rows; the fused qkv kernel by KV head, so each device keeps its
+  query heads with their KV head); embeddings and the LM head split over the vocabulary
   when it divides, else replicated; norms replicated.
 * Cache `[L, B, Hkv, S, ...]`: batch over `data`, KV heads over `model`.
 * The cache policies run per shard under `shard_map`: every decision is per (sequence, KV head), so a shard
@@ -93,7 +94,9 @@ def param_spec(path: tuple[str, ...], shape: tuple[int, ...], model: int) -> P:
         return split(0)  # [V, H]
     if name.endswith("lm_head/kernel"):
         return split(1)  # [H, V]
-    if any(f"/{m}/" in f"/{name}" for m in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
+    if "/qkv_proj/" in f"/{name}":  # fused: kernel [L, H, Hkv, G + 2, D] / bias [L, Hkv, G + 2, D]: KV heads
+        return split(len(shape) - 3)
+    if any(f"/{m}/" in f"/{name}" for m in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "gate_up_proj")):
         return split(len(shape) - 1)  # kernel [L, H, out] / bias [L, out]: output columns
     if any(f"/{m}/kernel" in f"/{name}" for m in ("o_proj", "down_proj")):
         return split(1)  # [L, in, H]: input rows

@@ -64,6 +64,26 @@ def test_pallas_decode_attention_on_gpu(group, head_dim, page, listed):
     assert _relative_error(mass, ref_mass) <= 1e-2
 
 
+def test_pallas_live_slots_on_gpu():
+    """The Dense bound (`live_slots`): blocks past it are skipped, splits take blocks round-robin."""
+    from raas_jax.kernels import pallas_gpu
+
+    rng = np.random.default_rng(5)
+    b, hkv, group, s, page, d = 16, 8, 4, 512, 16, 128
+    live = rng.integers(1, s + 1, b).astype(np.int32)
+    live[:3] = (1, 4, s)
+    fill = rng.integers(0, page + 1, (b, hkv, s)).astype(np.int32)
+    fill = np.where(np.arange(s)[None, None] < live[:, None, None], fill, 0).astype(np.int32)
+    q = jnp.asarray(rng.normal(size=(b, hkv * group, d)), jnp.bfloat16)
+    k = jnp.asarray(rng.normal(size=(b, hkv, s, page, d)), jnp.bfloat16)
+    v = jnp.asarray(rng.normal(size=(b, hkv, s, page, d)), jnp.bfloat16)
+    out, mass = pallas_gpu.decode_attention(q, k, v, jnp.asarray(fill), live_slots=jnp.asarray(live))
+    ref, ref_mass = kernels.decode_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                                             jnp.asarray(fill), backend="reference")
+    assert _relative_error(out, ref) <= 1e-2
+    assert _relative_error(mass, ref_mass) <= 1e-2
+
+
 def test_pallas_reads_a_layer_of_a_stacked_pool_past_4_gib():
     """Decode passes the pools of every layer and a layer index; past 4 GiB Pallas switches to int64 offsets.
     The last layer (largest offsets) and the listed-slots path must match the reference on that layer."""

@@ -48,6 +48,37 @@ def test_logits_match_transformers(case, tmp_path):
     assert relative_error(ours, ref) <= 1e-4
 
 
+@pytest.mark.parametrize("case", ["llama-linear-rope-bias", "llama-mqa-headdim", "qwen2-gqa"])
+def test_fused_projections_equal_the_checkpoint_layout(case, tmp_path):
+    """`load` gives the fused layout (one qkv and one gate/up kernel per layer; the test above checks it against
+    HF); the checkpoint's layout gives the same logits, prompt and decode, and fusing is idempotent."""
+    import jax
+    import jax.numpy as jnp
+
+    from raas_jax import checkpoint
+    from raas_jax.models import Transformer, fuse_projections
+    from raas_jax.policies import Dense
+
+    kind, overrides = CASES[case]
+    make_hf_model(tmp_path / "hf", kind, seed=7, tokenizer=False, **overrides)
+    convert(tmp_path / "hf", tmp_path / "ours", dtype="f32", progress=False)
+    model = raas_jax.load(tmp_path / "ours", dtype="f32")
+    plain = checkpoint.restore_params(tmp_path / "ours", model.cfg, jnp.float32)
+    assert "qkv_proj" in model.params["layers"]["self_attn"] and "q_proj" in plain["layers"]["self_attn"]
+    assert jax.tree.structure(fuse_projections(model.cfg, model.params)) == jax.tree.structure(model.params)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, VOCAB, (2, 9)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(9, dtype=jnp.int32), (2, 9))
+    module = Transformer(model.cfg, jnp.float32, Dense(page_size=4))
+    cache = Dense(page_size=4).init(model.cfg, 2, 8, jnp.float32)
+    outs = []
+    for params in (plain, model.params):
+        logits, filled = module.apply({"params": params}, tokens[:, :8], positions[:, :8], cache)
+        step, _ = module.apply({"params": params}, tokens[:, 8:], positions[:, 8:], filled, decode=True)
+        outs.append((np.asarray(logits), np.asarray(step)))
+    for got, want in zip(outs[1], outs[0]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_hf_directory_loads_without_conversion(tiny_llama_dir):
     import transformers
 
