@@ -44,6 +44,14 @@ def next_pow2(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
+def quarter_octave(n: int, minimum: int = 1) -> int:
+    """The smallest of 5/4, 6/4, 7/4, 8/4 x 2^k that is >= n (and >= minimum): at most 25% over n, four sizes per
+    doubling (a compile each)."""
+    n = max(int(n), minimum)
+    step = max(1, next_pow2(n) // 8)
+    return -(-n // step) * step
+
+
 # ------------------------------------------------------------------------ selection primitives
 
 def oldest_victim(order_key: jax.Array, candidates: jax.Array, start: jax.Array) -> jax.Array:
@@ -206,6 +214,11 @@ class Dense(Policy):
     """Keep everything, attend everything: O(N) time and memory."""
 
     name: ClassVar[str] = "dense"
+
+    def num_slots(self, longest_prompt: int, max_new_tokens: int) -> int:
+        """Pages for the whole sequence in quarter-octave buckets: a power-of-two bucket holds up to twice the
+        tokens, and Dense's largest batch is set by its pool (Quest keeps powers of two for its top-k kernel)."""
+        return quarter_octave(-(-(longest_prompt + max_new_tokens) // self.page_size), MIN_DENSE_SLOTS)
 
     def attend(self, cache, layer, view: LayerCache, q) -> tuple[jax.Array, jax.Array | None]:
         # A Dense pool holds page j in slot j (prompt pages from slot 0, each new page in the lowest free slot),

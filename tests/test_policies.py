@@ -391,3 +391,15 @@ def test_chunked_prefill_only_where_every_prompt_page_stays():
                    StreamingLLM(budget=64, page_size=4), H2O(budget=64, page_size=1)):
         assert policy.chunkable(64) and not policy.chunkable(65), policy
     assert H2O.chunk_extras == ("token_mass",) and RaaS.chunk_extras == ()
+
+
+def test_dense_pool_buckets_are_quarter_octaves():
+    """Dense's pool: the smallest j/4 x 2^k (j = 5..8) page count that holds the sequence; at most 25% spare."""
+    from raas_jax.policies import quarter_octave
+
+    sizes = sorted({j * 2**k // 4 for k in range(2, 16) for j in range(5, 9)} | {16})
+    for pages in range(1, 5000, 7):
+        want = min(x for x in sizes if x >= max(pages, 16))
+        assert quarter_octave(pages, 16) == want
+        assert Dense(page_size=16).num_slots(pages * 16 - 5, 5) == want
+        assert want <= max(16, pages * 1.25)
