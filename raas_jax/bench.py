@@ -167,8 +167,8 @@ def decode_memory(gen: Generator, batch: int, position: int, prompt_len: int = 1
 def largest_decode_batch(gen: Generator, position: int, limit: int, *, reserve: int = 2 * 2**30,
                          probes: tuple[int, int] = (16, 64), prompt_len: int = 128, headroom: int = 34,
                          cap: int = 1024) -> tuple[int, list[dict]]:
-    """The largest batch (at most `cap`) whose compiled decode fits in `limit` bytes less `reserve` (allocator
-    slack and fragmentation). The decode's bytes are affine in the batch: two compiles at `probes` with the layer
+    """The largest batch (at most `cap` per data shard) whose compiled decode fits in `limit` bytes less `reserve`
+    (allocator slack and fragmentation). The decode's bytes are affine in the batch: two compiles at `probes` with the layer
     loop rolled (seconds, not the unrolled build's ~15 s) give the line, and the real (unrolled) decode is then
     compiled at the answer to check it, stepping down 5% at a time until it fits. No memory is allocated.
     Returns (batch, the compiled sizes in the order measured)."""
@@ -177,7 +177,7 @@ def largest_decode_batch(gen: Generator, position: int, limit: int, *, reserve: 
     small, large = (decode_memory(rolled, b, position, prompt_len, headroom) for b in probes)
     per_seq = (large["total"] - small["total"]) / (probes[1] - probes[0])
     fixed = small["total"] - per_seq * probes[0]
-    batch = min(cap, int((limit - reserve - fixed) // per_seq)) if per_seq > 0 else cap
+    batch = min(cap * data, int((limit - reserve - fixed) // per_seq)) if per_seq > 0 else cap * data
     batch -= batch % data
     sizes = [small, large]
     while batch > 0:
