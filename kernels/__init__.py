@@ -36,36 +36,27 @@ def _tpu_interpret() -> bool:
     return jax.default_backend() != "tpu"
 
 
-def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, bounds=None, scale=None,
-                     backend: str = "auto"):
+def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, scale=None, backend: str = "auto"):
     """q [B,Hq,D], k/v [B,Hkv,S,P,D], fill [B,Hkv,S] -> (out [B,Hq,D], mass [B,Hkv,S or K]).
 
     With `layer` (a scalar, may be traced), k/v are stacked over layers [L,B,Hkv,S,P,D] and layer `layer` is
     read: the Pallas kernel reads it in place, where slicing it first would copy a pool per layer and step.
     `live_slots` [B] (optional): slots >= live_slots[b] are empty in every head of sequence b, so the GPU kernel
     skips them; the result is the same with or without it.
-    `bounds` = (kmin, kmax) (optional, without `slots`): also return `page_scores` of the pool as a third output,
-    computed in the same pass by the GPU kernel.
     """
-    if bounds is not None and slots is not None:
-        raise ValueError("decode_attention computes page bounds over the whole pool: pass bounds without slots")
     stacked = layer is not None
     chosen = resolve(backend)
-    if chosen == "pallas" and pallas_gpu.supports(q, k, slots, stacked=stacked) and (
-            bounds is None or pallas_gpu.page_scores_supported(q, bounds[0])):
-        return pallas_gpu.decode_attention(q, k, v, fill, slots, layer=layer, live_slots=live_slots, bounds=bounds,
-                                           scale=scale, interpret=_interpret())
+    if chosen == "pallas" and pallas_gpu.supports(q, k, slots, stacked=stacked):
+        return pallas_gpu.decode_attention(q, k, v, fill, slots, layer=layer, live_slots=live_slots, scale=scale,
+                                           interpret=_interpret())
     if chosen == "pallas_tpu":
         pallas_tpu.check_attention_args(q, k, v, fill, slots, stacked=stacked)
-    if chosen == "pallas_tpu" and pallas_tpu.supports(q, k, slots, stacked=stacked):
-        out, mass = pallas_tpu.decode_attention(q, k, v, fill, slots, layer=layer, scale=scale,
-                                                interpret=_tpu_interpret())
-    else:
-        pool_k, pool_v = (jnp.asarray(k)[layer], jnp.asarray(v)[layer]) if stacked else (k, v)
-        out, mass = reference.decode_attention(q, pool_k, pool_v, fill, slots, scale=scale)
-    if bounds is None:
-        return out, mass
-    return out, mass, page_scores(q, *bounds, fill, layer=layer, backend=backend)
+        if pallas_tpu.supports(q, k, slots, stacked=stacked):
+            return pallas_tpu.decode_attention(q, k, v, fill, slots, layer=layer, scale=scale,
+                                               interpret=_tpu_interpret())
+    if stacked:
+        k, v = jnp.asarray(k)[layer], jnp.asarray(v)[layer]
+    return reference.decode_attention(q, k, v, fill, slots, scale=scale)
 
 
 def page_scores(q, kmin, kmax, fill, *, layer=None, backend: str = "auto"):

@@ -84,11 +84,12 @@ def supports(q, k, slots=None, stacked: bool = False) -> bool:
     return offsets_fit(k) and d >= 16 and d & (d - 1) == 0 and plan(q.shape[0], hkv, listed, page) is not None
 
 
-def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, splits, group, has_slots, has_bounds):
-    layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, *rest = refs
-    slots_ref = rest.pop(0) if has_slots else None
-    kmin_ref, kmax_ref = (rest.pop(0), rest.pop(0)) if has_bounds else (None, None)
-    o_ref, m_ref, l_ref, sums_ref, block_max_ref, *bound_ref = rest
+def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, splits, has_slots):
+    if has_slots:
+        (layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, slots_ref,
+         o_ref, m_ref, l_ref, sums_ref, block_max_ref) = refs
+    else:
+        layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, o_ref, m_ref, l_ref, sums_ref, block_max_ref = refs
     split = pl.program_id(2)
     layer = layer_ref[0]  # k_ref / v_ref hold this head's pool in every layer: [L, S*P, D]
     q = q_ref[...]  # [R, D]
@@ -125,17 +126,6 @@ def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, splits,
         o = o * correction[:, None] + pltriton.dot(p.astype(v.dtype), v).astype(jnp.float32)
         sums_ref[i] = jnp.sum(p.reshape(rows, block_slots, page), axis=2)  # [R, SB] relative to m_new
         block_max_ref[i] = m_new
-        if has_bounds:  # each slot's Quest bound sum_d max(q kmin, q kmax) = q+ . kmax + q- . kmin (kmin <= kmax)
-            slot_of_token = ids if has_slots else first + token // page  # [T]
-            kmin = kmin_ref[layer, slot_of_token]  # [T, D]: the slot's bounds, repeated for each of its tokens
-            kmax = kmax_ref[layer, slot_of_token]
-            zero = jnp.zeros_like(q)
-            u = (pltriton.dot(jnp.maximum(q, zero), kmax, trans_b=True).astype(jnp.float32)
-                 + pltriton.dot(jnp.minimum(q, zero), kmin, trans_b=True).astype(jnp.float32))  # [R, T]
-            real = jax.lax.broadcasted_iota(jnp.int32, (rows, tokens), 0) < group  # not a padding row
-            u = jnp.max(jnp.where(real, u, -jnp.inf), axis=0)  # [T] max over the group's query heads
-            u = jnp.where(token_fill > 0, u, -jnp.inf)  # empty slots: -inf
-            bound_ref[0][i] = jnp.max(u.reshape(block_slots, page), axis=1)  # [SB]
         return o, m_new, l
 
     init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
@@ -145,8 +135,6 @@ def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, splits,
     def skip(i, carry):  # blocks past the live bound: no mass
         sums_ref[i] = jnp.zeros((rows, block_slots), jnp.float32)
         block_max_ref[i] = jnp.full((rows,), MASK_VALUE, jnp.float32)
-        if has_bounds:
-            bound_ref[0][i] = jnp.full((block_slots,), -jnp.inf, jnp.float32)
         return carry
 
     jax.lax.fori_loop(walked, blocks_per_split, skip, 0)
@@ -156,8 +144,8 @@ def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, splits,
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "tuning"))
-def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, bounds=None,
-                     scale: float | None = None, interpret: bool = False, tuning: AttentionTuning = DEFAULT_TUNING):
+def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, scale: float | None = None,
+                     interpret: bool = False, tuning: AttentionTuning = DEFAULT_TUNING):
     """q [B, Hq, D], k/v [B, Hkv, S, P, D], fill [B, Hkv, S], slots [B, Hkv, K] or None (-1 = none)
     -> (out [B, Hq, D], mass [B, Hkv, S or K] float32), the contract of kernels/reference.py.
 
@@ -166,19 +154,12 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, 
     empty early on); their mass is 0 as it would be anyway. Splits take blocks round-robin, so the live prefix
     is spread over all of them.
 
-    `bounds` = (kmin, kmax), shaped like k without the token axis (without `slots`): the same pass also returns
-    each slot's Quest bound (`page_scores`: max over the group of sum_d max(q kmin, q kmax), -inf on empty
-    slots) as a third output [B, Hkv, S], saving RaaS a second launch over the bounds.
-
     With `layer` (an int32 scalar, may be traced) k/v are the pools of every layer [L, B, Hkv, S, P, D] and the
     kernel reads layer `layer` of them in place: slicing the layer outside would copy it (XLA materialises a
     custom call's operands), one pool-sized copy per layer and step.
     """
-    if bounds is not None and slots is not None:
-        raise ValueError("decode_attention computes page bounds over the whole pool: pass bounds without slots")
     if layer is None:
         k, v, layer = k[None], v[None], 0
-        bounds = None if bounds is None else tuple(x[None] for x in bounds)
     num_layers, b, hkv, s, page, d = k.shape
     hq = q.shape[1]
     group = hq // hkv
@@ -207,34 +188,26 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, 
         in_specs.append(pl.BlockSpec((None, None, listed), lambda i, h, j: (i, h, 0)))
         inputs.append(slots.astype(jnp.int32))
     blocks = splits * per_split
-    out_specs = [
-        pl.BlockSpec((None, None, None, rows, d), lambda i, h, j: (i, h, j, 0, 0)),
-        pl.BlockSpec((None, None, None, rows), lambda i, h, j: (i, h, j, 0)),
-        pl.BlockSpec((None, None, None, rows), lambda i, h, j: (i, h, j, 0)),
-        pl.BlockSpec((None, None, per_split, None, rows, block_slots), lambda i, h, j: (i, h, 0, j, 0, 0)),
-        pl.BlockSpec((None, None, per_split, None, rows), lambda i, h, j: (i, h, 0, j, 0)),
-    ]
-    out_shape = [
-        jax.ShapeDtypeStruct((b, hkv, splits, rows, d), jnp.float32),
-        jax.ShapeDtypeStruct((b, hkv, splits, rows), jnp.float32),
-        jax.ShapeDtypeStruct((b, hkv, splits, rows), jnp.float32),
-        jax.ShapeDtypeStruct((b, hkv, per_split, splits, rows, block_slots), jnp.float32),  # block i * splits + j
-        jax.ShapeDtypeStruct((b, hkv, per_split, splits, rows), jnp.float32),
-    ]
-    if bounds is not None:
-        in_specs += [pl.BlockSpec((num_layers, None, None, s, d), head)] * 2
-        inputs += [x.astype(k.dtype) for x in bounds]
-        out_specs.append(pl.BlockSpec((None, None, per_split, None, block_slots), lambda i, h, j: (i, h, 0, j, 0)))
-        out_shape.append(jax.ShapeDtypeStruct((b, hkv, per_split, splits, block_slots), jnp.float32))
     kernel = functools.partial(_attention_kernel, scale=scale, page=page, block_slots=block_slots,
-                               blocks_per_split=per_split, splits=splits, group=group, has_slots=slots is not None,
-                               has_bounds=bounds is not None)
-    o, m, l, sums, block_max, *bound = pl.pallas_call(
+                               blocks_per_split=per_split, splits=splits, has_slots=slots is not None)
+    o, m, l, sums, block_max = pl.pallas_call(
         kernel,
         grid=(b, hkv, splits),
         in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
+        out_specs=[
+            pl.BlockSpec((None, None, None, rows, d), lambda i, h, j: (i, h, j, 0, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda i, h, j: (i, h, j, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda i, h, j: (i, h, j, 0)),
+            pl.BlockSpec((None, None, per_split, None, rows, block_slots), lambda i, h, j: (i, h, 0, j, 0, 0)),
+            pl.BlockSpec((None, None, per_split, None, rows), lambda i, h, j: (i, h, 0, j, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, hkv, splits, rows, d), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, splits, rows), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, splits, rows), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, per_split, splits, rows, block_slots), jnp.float32),  # block i*splits+j
+            jax.ShapeDtypeStruct((b, hkv, per_split, splits, rows), jnp.float32),
+        ],
         compiler_params=pltriton.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages),
         interpret=interpret,
         name="raas_decode_attention",
@@ -249,10 +222,7 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, 
     scale_rows = jnp.exp(block_max - top[:, :, None]) / total[:, :, None]  # [B, Hkv, NB, R]
     mass = sums[:, :, :, :group] * scale_rows[:, :, :, :group, None]  # [B, Hkv, NB, G, SB]
     mass = jnp.max(mass, axis=3).reshape(b, hkv, listed)  # max over the real query heads of the group
-    out = out[:, :, :group].reshape(b, hq, d).astype(q.dtype)
-    if bounds is not None:
-        return out, mass, bound[0].reshape(b, hkv, listed)
-    return out, mass
+    return out[:, :, :group].reshape(b, hq, d).astype(q.dtype), mass
 
 
 def _scores_kernel(layer_ref, q_ref, kmin_ref, kmax_ref, fill_ref, u_ref, *, group, block_slots):

@@ -318,19 +318,14 @@ class RaaS(_FixedBudget):
     def victim(self, view):
         return oldest_victim(view["stamp"], evictable(view, self.page_size), view["start"])
 
-    def attend(self, cache, layer, view, q):
-        """(out, the page score refresh ranks by): the attention mass ("exact"), or the Quest bound ("estimate"),
-        which the GPU kernel computes in the attention's own pass over the pool (no second launch)."""
-        if self.score == "exact":
-            return super().attend(cache, layer, view, q)
-        out, _, bound = kernels.decode_attention(q, cache["k"], cache["v"], view["fill"], layer=layer,
-                                                 bounds=(cache["kmin"], cache["kmax"]), backend=self.backend)
-        return out, bound
-
-    def importance(self, cache, layer, view, q, scores) -> jax.Array:
-        """Pages judged important this step, among the pages that can be evicted: [B, Hkv, S] bool. `scores` is
-        what `attend` returned: attention mass or the Quest bound (-inf on empty slots)."""
+    def importance(self, cache, layer, view, q, mass) -> jax.Array:
+        """Pages judged important this step, among the pages that can be evicted: [B, Hkv, S] bool."""
         candidates = evictable(view, self.page_size)  # post-append: `cur` is the page written now
+        if self.score == "exact":
+            scores = mass
+        else:
+            scores = kernels.page_scores(q, cache["kmin"], cache["kmax"], view["fill"], layer=layer,
+                                         backend=self.backend)
         if self.refresh == "top_half":
             return top_half_mask(scores, candidates)
         if self.score == "estimate":  # the bound as a distribution over resident pages (mass already is one)

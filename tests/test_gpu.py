@@ -84,26 +84,6 @@ def test_pallas_live_slots_on_gpu():
     assert _relative_error(mass, ref_mass) <= 1e-2
 
 
-def test_pallas_attention_pass_gives_the_page_bounds_on_gpu():
-    """RaaS's estimate score from the attention kernel (`bounds`) against the f32 reference page_scores."""
-    from raas_jax.kernels import pallas_gpu
-
-    rng = np.random.default_rng(9)
-    b, hkv, group, s, page, d = 32, 8, 4, 64, 16, 128
-    k = rng.normal(size=(b, hkv, s, page, d))
-    fill = rng.integers(0, page + 1, (b, hkv, s)).astype(np.int32)
-    q = jnp.asarray(rng.normal(size=(b, hkv * group, d)), jnp.bfloat16)
-    kb = jnp.asarray(k, jnp.bfloat16)
-    kmin, kmax = kb.min(axis=3), kb.max(axis=3)
-    _, _, bound = pallas_gpu.decode_attention(q, kb, kb, jnp.asarray(fill), bounds=(kmin, kmax))
-    ref = np.asarray(kernels.page_scores(q.astype(jnp.float32), kmin.astype(jnp.float32),
-                                         kmax.astype(jnp.float32), jnp.asarray(fill), backend="reference"))
-    bound = np.asarray(bound)
-    assert (np.isneginf(bound) == np.isneginf(ref)).all()
-    finite = np.isfinite(ref)
-    assert _relative_error(bound[finite], ref[finite]) <= 1e-2
-
-
 def test_pallas_reads_a_layer_of_a_stacked_pool_past_4_gib():
     """Decode passes the pools of every layer and a layer index; past 4 GiB Pallas switches to int64 offsets.
     The last layer (largest offsets) and the listed-slots path must match the reference on that layer."""

@@ -125,30 +125,6 @@ def test_pallas_decode_attention_matches_reference_in_interpret_mode(group, head
     np.testing.assert_allclose(np.asarray(via_dispatch), np.asarray(ref_out), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("group,head_dim,page", ATTENTION_CASES)
-def test_pallas_attention_pass_gives_the_page_bounds(group, head_dim, page):
-    """`bounds=(kmin, kmax)`: the attention kernel also returns `page_scores` (the Quest bound, max over the group,
-    -inf on empty slots), with out and mass unchanged, for launches of several blocks and splits."""
-    from raas_jax.kernels import pallas_gpu
-
-    rng = np.random.default_rng(group * 31 + head_dim + page)
-    q, k, v, fill = page_pool(rng, 2, 2, group, 32, page, head_dim)
-    kmin, kmax = k.min(axis=3), k.max(axis=3)  # [B, Hkv, S, D]
-    ref_out, ref_mass = kernels.decode_attention(q, k, v, fill, backend="reference")
-    ref_bound = np.asarray(kernels.page_scores(q, kmin, kmax, fill, backend="reference"))
-    for tuning in (pallas_gpu.DEFAULT_TUNING, pallas_gpu.AttentionTuning(block_tokens=32, target_programs=1),
-                   pallas_gpu.AttentionTuning(block_tokens=32, target_programs=64)):
-        out, mass, bound = pallas_gpu.decode_attention(q, k, v, fill, bounds=(kmin, kmax), interpret=True,
-                                                       tuning=tuning)
-        np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(np.asarray(mass), np.asarray(ref_mass), rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(np.isneginf(bound), np.isneginf(ref_bound))
-        finite = np.isfinite(ref_bound)
-        np.testing.assert_allclose(np.asarray(bound)[finite], ref_bound[finite], rtol=1e-5, atol=1e-4)
-    with pytest.raises(ValueError, match="without slots"):
-        kernels.decode_attention(q, k, v, fill, np.zeros((2, 2, 4), np.int32), bounds=(kmin, kmax))
-
-
 @pytest.mark.parametrize("live", [(1, 64), (17, 5), (64, 33)])
 def test_pallas_live_slots_skips_the_empty_tail(live):
     """With `live_slots`, blocks past the bound are not read: NaN pages there (fill 0) would poison the output if
@@ -212,14 +188,10 @@ def test_stacked_pool_reads_the_given_layer(backend):
     def stacked(layer):
         out, mass = kernels.decode_attention(q, k, v, fill, layer=layer, backend=backend)
         listed, _ = kernels.decode_attention(q, k, v, fill, slots, layer=layer, backend=backend)
-        _, _, bound = kernels.decode_attention(q, k, v, fill, layer=layer, bounds=(kmin, kmax), backend=backend)
-        return out, mass, listed, kernels.page_scores(q, kmin, kmax, fill, layer=layer, backend=backend), bound
+        return out, mass, listed, kernels.page_scores(q, kmin, kmax, fill, layer=layer, backend=backend)
 
     for layer in range(layers):
-        out, mass, listed, scores, bound = stacked(jnp.int32(layer))
-        np.testing.assert_array_equal(np.isneginf(bound), np.isneginf(scores))
-        np.testing.assert_allclose(np.asarray(bound)[np.isfinite(bound)], np.asarray(scores)[np.isfinite(scores)],
-                                   rtol=1e-5, atol=1e-4)
+        out, mass, listed, scores = stacked(jnp.int32(layer))
         ref_out, ref_mass = kernels.decode_attention(q, k[layer], v[layer], fill, backend="reference")
         ref_listed, _ = kernels.decode_attention(q, k[layer], v[layer], fill, slots, backend="reference")
         ref_scores = kernels.page_scores(q, kmin[layer], kmax[layer], fill, backend="reference")
