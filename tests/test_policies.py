@@ -308,11 +308,12 @@ def test_token_level_raas_step():
     assert evictions > 0
 
 
-@pytest.mark.parametrize("name", ["raas", "dense"])
-def test_pallas_backend_generates_like_the_reference(model, name):
-    """The Pallas decode attention (interpret mode here) drives a real decode loop: RaaS's by its mass, Dense's
-    over prompts of different lengths with the pool's empty tail skipped (`live_slots`)."""
-    options = {"score": "exact", "budget": 64} if name == "raas" else {}
+@pytest.mark.parametrize("name,options", [("raas", {"score": "exact", "budget": 64}),
+                                          ("raas", {"score": "estimate", "budget": 32}), ("dense", {})])
+def test_pallas_backend_generates_like_the_reference(model, name, options):
+    """The Pallas kernels (interpret mode here) drive a real decode loop: RaaS's refresh by attention mass or by
+    the page-bound kernel with evictions, Dense's over prompts of different lengths with the pool's empty tail
+    skipped (`live_slots`)."""
     reference = make_policy(name, page_size=4, **options)
     pallas = make_policy(name, page_size=4, backend="pallas", **options)
     want = [r.token_ids for r in model.generate(PROMPTS, max_new_tokens=40, chat=False, policy=reference)]
