@@ -5,10 +5,10 @@ picks Mosaic GPU). The Triton lowering is deprecated since JAX 0.11 but is the o
 (gathers of pages, small dots) today; `kernels/__init__.py` hides the choice so it can move to Mosaic GPU.
 
 decode_attention: one program per (sequence, KV head, split). A split walks up to `blocks_per_split` blocks of
-`block_slots` slots (round-robin over the splits; none past the caller's `live_slots` bound) (T = block_slots * page tokens) with an online softmax, all query heads of the group in
-one dot (rows padded to 16 for Triton). Per block it stores the per-slot sums of exp(logit - m_running) and
-m_running, so the jnp epilogue can turn them into each slot's softmax mass once the global max and sum are
-known (flash-decoding combine). With a slot list `[B, Hkv, K]` the same loop gathers only the listed pages
+`block_slots` slots (T = block_slots * page tokens; blocks go round-robin to the splits, none past the caller's
+`live_slots` bound) with an online softmax, all query heads of the group in one dot (rows padded to 16 for
+Triton). Per block it stores the per-slot sums of exp(logit - m_running) and m_running, so the jnp epilogue can
+turn them into each slot's softmax mass once the global max and sum are known (flash-decoding combine). With a slot list `[B, Hkv, K]` the same loop gathers only the listed pages
 (Quest), gathering their token rows straight from the pool: no XLA gather copy. Given `layer`, the kernels take
 the pools of every layer and read that layer in place (a layer slice passed to a custom call would be copied).
 

@@ -168,9 +168,9 @@ def largest_decode_batch(gen: Generator, position: int, limit: int, *, reserve: 
                          probes: tuple[int, int] = (16, 64), prompt_len: int = 128, headroom: int = 34,
                          cap: int = 1024) -> tuple[int, list[dict]]:
     """The largest batch (at most `cap` per data shard) whose compiled decode fits in `limit` bytes less `reserve`
-    (allocator slack and fragmentation). The decode's bytes are affine in the batch: two compiles at `probes` with the layer
-    loop rolled (seconds, not the unrolled build's ~15 s) give the line, and the real (unrolled) decode is then
-    compiled at the answer to check it, stepping down 5% at a time until it fits. No memory is allocated.
+    (allocator slack and fragmentation). The decode's bytes are affine in the batch: two compiles at `probes` with
+    the layer loop rolled (seconds, not the unrolled build's ~15 s) give the line, and the real (unrolled) decode
+    is then compiled at the answer to check it, stepping down 5% at a time until it fits. No memory is allocated.
     Returns (batch, the compiled sizes in the order measured)."""
     rolled = dataclasses.replace(gen, unroll_layers=False)
     data = data_parallelism(gen.policy)  # a sharded batch is a multiple of the mesh's data axis
