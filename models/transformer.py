@@ -104,21 +104,23 @@ def fuse_projections(cfg: ModelConfig, params: dict) -> dict:
     [L, H, Hkv, G + 2, D] (each KV head's G query heads, its key, its value) and gate/up as one `gate_up_proj`
     kernel [L, H, 2, F]; biases alike. Two GEMMs fewer per layer, and at batch 1 the small k/v projections
     (which XLA would run as multiply-reduce loops, under its GEMM size threshold) ride in a cuBLAS GEMV.
-    Sharding the KV-head axis or F over devices keeps each device's heads whole. Already fused: unchanged."""
+    Sharding the KV-head axis or F over devices keeps each device's heads whole. Already fused: unchanged.
+    numpy leaves are fused with numpy (on the host, before placing), device arrays with jax.numpy."""
     layers = params["layers"]
     attn, mlp = layers["self_attn"], layers["mlp"]
     if "qkv_proj" in attn:
         return params
+    xp = np if isinstance(attn["q_proj"]["kernel"], np.ndarray) else jnp
     hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     group = hq // hkv
 
     def heads(x, per_kv):  # [..., Hkv * per_kv * D] -> [..., Hkv, per_kv, D]
         return x.reshape(*x.shape[:-1], hkv, per_kv, d)
 
-    qkv = {name: jnp.concatenate([heads(attn["q_proj"][name], group), heads(attn["k_proj"][name], 1),
+    qkv = {name: xp.concatenate([heads(attn["q_proj"][name], group), heads(attn["k_proj"][name], 1),
                                   heads(attn["v_proj"][name], 1)], axis=-2)
            for name in attn["q_proj"]}  # kernel [L, H, Hkv, G + 2, D], bias [L, Hkv, G + 2, D]
-    gate_up = {name: jnp.stack([mlp["gate_proj"][name], mlp["up_proj"][name]], axis=-2)
+    gate_up = {name: xp.stack([mlp["gate_proj"][name], mlp["up_proj"][name]], axis=-2)
                for name in mlp["gate_proj"]}  # kernel [L, H, 2, F], bias [L, 2, F]
     attn = {k: v for k, v in attn.items() if k not in ("q_proj", "k_proj", "v_proj")} | {"qkv_proj": qkv}
     mlp = {k: v for k, v in mlp.items() if k not in ("gate_proj", "up_proj")} | {"gate_up_proj": gate_up}

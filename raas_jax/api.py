@@ -339,7 +339,7 @@ def load(path: str | Path | None = None, dtype: Any = None, mesh: Any = None) ->
         hf_config, np_params = checkpoint.read_source(path, dtype)
         cfg = ModelConfig.from_hf_dict(hf_config)
         mesh = _resolve_mesh(cfg, mesh)
-        params = _fused(cfg, _place(np_params, mesh), mesh)
+        params = _place(fuse_projections(cfg, np_params), mesh)  # fused on the host: no device copy
         with tempfile.TemporaryDirectory(prefix="raas-jax-tok-") as tmp:
             gguf_reader.save_gguf_tokenizer(path, Path(tmp))
             tokenizer = _load_tokenizer(Path(tmp))
@@ -349,7 +349,7 @@ def load(path: str | Path | None = None, dtype: Any = None, mesh: Any = None) ->
         hf_config, np_params = checkpoint.read_source(path, dtype)
         cfg = ModelConfig.from_hf_dict(hf_config)
         mesh = _resolve_mesh(cfg, mesh)
-        params = _fused(cfg, _place(np_params, mesh), mesh)
+        params = _place(fuse_projections(cfg, np_params), mesh)  # fused on the host: no device copy
         tokenizer_dir = path
     tokenizer = _load_tokenizer(tokenizer_dir)
     return Model(cfg, params, dtype, tokenizer, _eos_ids(tokenizer_dir, cfg, tokenizer), path, mesh)
@@ -364,9 +364,22 @@ def _resolve_mesh(cfg: ModelConfig, mesh: Any) -> Any:
 
 
 def _fused(cfg: ModelConfig, params: dict, mesh: Any) -> dict:
-    """The placed parameters in the model's fused layout (models.fuse_projections), placed alike. The fused q/k/v
-    and gate/up weights exist beside the loaded ones until this returns (two thirds of the layer weights)."""
+    """Placed parameters in the model's fused layout (models.fuse_projections), placed alike. The fused q/k/v and
+    gate/up weights exist beside the loaded ones until this returns (two thirds of the layer weights): where the
+    device has no room for that, the checkpoint's layout is kept (the model takes both) with a warning."""
     fuse = functools.partial(fuse_projections, cfg)
+    layers = params["layers"]
+    if "qkv_proj" in layers["self_attn"]:
+        return params
+    copied = [layers["self_attn"][m] for m in ("q_proj", "k_proj", "v_proj")] + \
+             [layers["mlp"][m] for m in ("gate_proj", "up_proj")]
+    extra = sum(x.nbytes for x in jax.tree.leaves(copied)) // (1 if mesh is None else mesh.shape["model"])
+    free = device_free_bytes()
+    if free is not None and extra > free:
+        warnings.warn(f"no room on the device to fuse the q/k/v and gate/up weights ({_size(extra)} needed, "
+                      f"{_size(free)} free): keeping the checkpoint's layout, which decodes a little slower "
+                      "(docs/performance.md section 16)", stacklevel=3)
+        return params
     if mesh is None:
         return jax.jit(fuse)(params)
     from raas_jax.sharding import param_shardings

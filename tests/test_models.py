@@ -79,6 +79,21 @@ def test_fused_projections_equal_the_checkpoint_layout(case, tmp_path):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_no_room_to_fuse_keeps_the_checkpoint_layout(tiny_llama_dir, tmp_path, monkeypatch):
+    """A converted model is fused on the device after restoring; without room for the fused copy `load` keeps the
+    checkpoint's layout and says so, and the logits are the same."""
+    from raas_jax import api
+
+    convert(tiny_llama_dir, tmp_path / "ours", dtype="f32", progress=False)
+    fused = raas_jax.load(tmp_path / "ours", dtype="f32")
+    monkeypatch.setattr(api, "device_free_bytes", lambda: 0)
+    with pytest.warns(UserWarning, match="no room on the device to fuse"):
+        plain = raas_jax.load(tmp_path / "ours", dtype="f32")
+    assert "q_proj" in plain.params["layers"]["self_attn"] and "qkv_proj" in fused.params["layers"]["self_attn"]
+    tokens = np.random.default_rng(3).integers(0, VOCAB, (2, 11))
+    np.testing.assert_allclose(plain.logits(tokens), fused.logits(tokens), rtol=1e-5, atol=1e-5)
+
+
 def test_hf_directory_loads_without_conversion(tiny_llama_dir):
     import transformers
 
