@@ -364,27 +364,36 @@ def _resolve_mesh(cfg: ModelConfig, mesh: Any) -> Any:
 
 
 def _fused(cfg: ModelConfig, params: dict, mesh: Any) -> dict:
-    """Placed parameters in the model's fused layout (models.fuse_projections), placed alike. The fused q/k/v and
-    gate/up weights exist beside the loaded ones until this returns (two thirds of the layer weights): where the
-    device has no room for that, the checkpoint's layout is kept (the model takes both) with a warning."""
-    fuse = functools.partial(fuse_projections, cfg)
+    """Placed parameters in the model's fused layout (models.fuse_projections), placed alike. Only the q/k/v and
+    gate/up weights go through the fusing call (the others are kept as they are); their fused copy exists beside
+    them until this returns (two thirds of the layer weights): where the device has no room for that, the
+    checkpoint's layout is kept (the model takes both) with a warning."""
     layers = params["layers"]
-    if "qkv_proj" in layers["self_attn"]:
+    attn, mlp = layers["self_attn"], layers["mlp"]
+    if "qkv_proj" in attn:
         return params
-    copied = [layers["self_attn"][m] for m in ("q_proj", "k_proj", "v_proj")] + \
-             [layers["mlp"][m] for m in ("gate_proj", "up_proj")]
-    extra = sum(x.nbytes for x in jax.tree.leaves(copied)) // (1 if mesh is None else mesh.shape["model"])
+    projections = {"self_attn": {m: attn[m] for m in ("q_proj", "k_proj", "v_proj")},
+                   "mlp": {m: mlp[m] for m in ("gate_proj", "up_proj")}}
+    extra = sum(x.nbytes for x in jax.tree.leaves(projections)) // (1 if mesh is None else mesh.shape["model"])
     free = device_free_bytes()
     if free is not None and extra > free:
         warnings.warn(f"no room on the device to fuse the q/k/v and gate/up weights ({_size(extra)} needed, "
                       f"{_size(free)} free): keeping the checkpoint's layout, which decodes a little slower "
                       "(docs/performance.md section 16)", stacklevel=3)
         return params
-    if mesh is None:
-        return jax.jit(fuse)(params)
-    from raas_jax.sharding import param_shardings
 
-    return jax.jit(fuse, out_shardings=param_shardings(jax.eval_shape(fuse, params), mesh))(params)
+    def fuse(projections: dict) -> dict:
+        return fuse_projections(cfg, {"layers": projections})["layers"]
+
+    shardings = None
+    if mesh is not None:
+        from raas_jax.sharding import param_shardings
+
+        shardings = param_shardings({"layers": jax.eval_shape(fuse, projections)}, mesh)["layers"]
+    fused = jax.jit(fuse, out_shardings=shardings)(projections)
+    attn = {k: v for k, v in attn.items() if k not in projections["self_attn"]} | fused["self_attn"]
+    mlp = {k: v for k, v in mlp.items() if k not in projections["mlp"]} | fused["mlp"]
+    return params | {"layers": layers | {"self_attn": attn, "mlp": mlp}}
 
 
 def _place(np_params: dict, mesh: Any) -> dict:

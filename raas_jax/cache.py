@@ -151,13 +151,17 @@ def write_chunk(cache: dict[str, jax.Array], layer: jax.Array, k: jax.Array, v: 
     kmin, kmax = page_key_bounds(k_pages, fill)  # [B, Hkv, C/P, D]
     chunk = {"k": k_pages, "v": v_pages, "kmin": kmin, "kmax": kmax, "fill": fill.astype(jnp.int32),
              "start": jnp.where(fill > 0, start, 0).astype(jnp.int32), "pinned": (fill > 0) & pin}
+    # Page j goes to slot j. The last chunk of a padded batch can reach past the pool (a Dense pool holds the longest
+    # prompt plus the new tokens, not the padding to a whole chunk): those pages are padding and are dropped, where a
+    # slice update would clamp its start and write the chunk over earlier pages.
+    slots = first + jnp.arange(pages, dtype=jnp.int32)  # [C/P]
     cache = dict(cache)
     for name, value in chunk.items():  # only the chunk's slots, and only in rows with tokens here
-        index = (layer, 0, 0, first) + (0,) * (value.ndim - 3)
-        old = jax.lax.dynamic_slice(cache[name], index, (1,) + value.shape)[0]
-        row = active.reshape((b,) + (1,) * (value.ndim - 1))
-        cache[name] = jax.lax.dynamic_update_slice(
-            cache[name], jnp.where(row, value.astype(cache[name].dtype), old)[None], index)
+        index = (layer, slice(None), slice(None), slots)  # picks [C/P, B, Hkv, ...] (the advanced indices lead)
+        old = cache[name].at[index].get(mode="fill", fill_value=0)
+        new = jnp.moveaxis(value.astype(cache[name].dtype), 2, 0)  # [C/P, B, Hkv, ...]
+        row = active.reshape((1, b) + (1,) * (value.ndim - 2))
+        cache[name] = cache[name].at[index].set(jnp.where(row, new, old), mode="drop")
     resident = cache["fill"][layer] > 0  # [B, Hkv, S]
     stamp = jnp.where(active[:, None, None] & resident, last[:, None, None], cache["stamp"][layer])
     cur = jnp.where(active[:, None], (last // page_size)[:, None], cache["cur"][layer]).astype(jnp.int32)

@@ -247,6 +247,22 @@ def test_chunked_prefill_equals_the_whole_prompt(model, name):
     assert set(state.cache) == set(jax.eval_shape(lambda: policy.init(model.cfg, 4, 16, model.dtype)))
 
 
+@pytest.mark.parametrize("policy", [Dense(page_size=4), RaaS(budget=76, page_size=4)], ids=["dense", "raas"])
+def test_chunks_padded_past_the_pool_are_dropped(model, policy):
+    """A 65-token prompt in chunks of 32 pads to 24 pages; Dense's pool for it and 8 new tokens has 20 slots and
+    RaaS's budget 19: the last chunk's padding pages fall outside the pool and must not overwrite earlier pages
+    (a clamped slice update did). The generation equals the whole-prompt one."""
+    prompts = [[(7 * i) % 250 + 3 for i in range(65)], [9, 8, 7] * 7]
+    assert policy.num_slots(65, 8) < 24 and prefill_plan(policy, [65, 21], 32) == 32
+    gen = model._generator(policy)
+    whole, _ = run_generation(gen, model.params, prompts, max_new_tokens=8, eos_ids=(), prefill_chunk=None)
+    chunked, state = run_generation(gen, model.params, prompts, max_new_tokens=8, eos_ids=(), prefill_chunk=32)
+    np.testing.assert_array_equal(chunked, whole)
+    fill = np.asarray(state.cache["fill"][0, 0, 0])  # layer 0, the 65-token row, KV head 0
+    # the prompt and the 7 new tokens fed back (the 8th is sampled, not cached): 18 pages, none lost
+    np.testing.assert_array_equal(np.flatnonzero(fill), np.arange(-(-(65 + 7) // 4)))
+
+
 def test_chunked_prefill_through_the_blockwise_kernels(model, monkeypatch):
     """What a TPU (and a GPU that refuses cuDNN) runs: chunks and H2O's key mass through the blockwise jnp passes,
     the whole prompt through blockwise attention, against the reference prefill."""
