@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from . import pallas_gpu, pallas_tpu, prefill, reference
 
+POOL_ARRAYS = reference.POOL_ARRAYS
 BACKENDS = ("auto", "reference", "pallas", "pallas_tpu")
 AUTO_ON_GPU = "pallas"  # measured faster than XLA for every kernel and bench shape (docs/performance.md 5, 8)
 AUTO_ON_TPU = "pallas_tpu"  # not measured yet (no TPU): a bandwidth model in docs/performance.md
@@ -80,6 +81,33 @@ def top_k_mask(scores, k: int, *, backend: str = "auto"):
     if chosen == "pallas_tpu" and pallas_tpu.top_k_supported(scores):
         return pallas_tpu.top_k_mask(scores, k, interpret=_tpu_interpret())
     return reference.top_k_mask(scores, k)
+
+
+def append_token(pool, layer, k, v, positions, victim, page_size: int, *, backend: str = "auto"):
+    """Append one token per (sequence, KV head) to `layer` of the stacked pool (the arrays in POOL_ARRAYS):
+    k/v [B,Hkv,D], positions [B], victim [B,Hkv] -> (the new arrays, slot written [B,Hkv], evicted or -1 [B,Hkv]).
+
+    The Pallas GPU kernel writes everything in one launch, in place (the reference: one scatter per array)."""
+    chosen = resolve(backend)
+    if chosen == "pallas" and pallas_gpu.append_supported(pool, k):
+        return pallas_gpu.append_token(pool, layer, k, v, positions, victim, page_size=page_size,
+                                       interpret=_interpret())
+    return reference.append_token(pool, layer, k, v, positions, victim, page_size)
+
+
+def refresh_top_half(q, pool, layer, positions, page_size: int, *, backend: str = "auto"):
+    """RaaS's default refresh of `layer`: the top half of the evictable pages by the Quest bound get stamp =
+    the position. q [B,Hq,D]; pool: the stacked kmin/kmax/fill/pinned/cur/stamp; positions [B] -> stamp [L,B,Hkv,S].
+
+    The Pallas GPU kernel scores, ranks and stamps in one launch, in place; rows longer than it keeps in registers
+    (pallas_gpu.MAX_REFRESH_SLOTS) take the reference: the page-score kernel, a sort and XLA fusions."""
+    chosen = resolve(backend)
+    if chosen == "pallas" and pallas_gpu.refresh_supported(q, pool):
+        return pallas_gpu.refresh_top_half(q, pool, layer, positions, page_size=page_size, interpret=_interpret())
+    if chosen in ("pallas", "pallas_tpu"):
+        scores = page_scores(q, pool["kmin"], pool["kmax"], pool["fill"][layer], layer=layer, backend=backend)
+        return reference.refresh_top_half(q, pool, layer, positions, page_size, scores=scores)
+    return reference.refresh_top_half(q, pool, layer, positions, page_size)
 
 
 def causal_attention(q, k, v, q_positions, k_positions, *, scale=None, return_key_mass=False,

@@ -323,3 +323,156 @@ def top_k_mask(scores, k: int, *, interpret: bool = False):
         name="raas_top_k_mask",
     )(scores.astype(jnp.float32))
     return mask != 0
+
+
+APPEND_ARRAYS = ("k", "v", "kmin", "kmax", "fill", "start", "stamp", "pinned", "cur")  # reference.POOL_ARRAYS
+
+
+def _append_kernel(layer_ref, pos_ref, victim_ref, k_new_ref, v_new_ref, *refs, page, slots):
+    (k_in, _, kmin_in, kmax_in, fill_in, start_in, _, pinned_in, cur_in,
+     k_out, v_out, kmin_out, kmax_out, fill_out, start_out, stamp_out, pinned_out, cur_out, slot_out, evicted_out) = refs
+    layer = layer_ref[0]  # the pool refs hold this (sequence, KV head)'s arrays in every layer: [L, S(*P), ...]
+    cur = cur_in[layer]
+    ids = jax.lax.broadcasted_iota(jnp.int32, (pl.next_power_of_2(slots),), 0)  # [S'] Triton tensors are 2^n long
+    fill = jnp.where(ids < slots, fill_in[layer, jnp.minimum(ids, slots - 1)], -1)  # [S'] padding: never free
+    cur_fill = jnp.sum(jnp.where(ids == cur, fill, 0))
+    first_free = jnp.min(jnp.where(fill == 0, ids, slots))
+    has_free = first_free < slots
+    need_new = cur_fill >= page
+    victim = victim_ref[0]
+    slot = jnp.where(need_new, jnp.where(has_free, first_free, victim), cur)
+    offset = jnp.where(need_new, 0, cur_fill)
+    position = pos_ref[0]
+    row, one = pl.ds(slot * page + offset, 1), pl.ds(slot, 1)
+    k_new = k_new_ref[...][None, :]  # [1, D]
+    k_out[layer, row, :] = k_new
+    v_out[layer, row, :] = v_new_ref[...][None, :]
+    k32 = k_new.astype(jnp.float32)
+    kmin_out[layer, one, :] = jnp.where(need_new, k32, jnp.minimum(kmin_in[layer, one, :].astype(jnp.float32), k32)
+                                        ).astype(k_new.dtype)
+    kmax_out[layer, one, :] = jnp.where(need_new, k32, jnp.maximum(kmax_in[layer, one, :].astype(jnp.float32), k32)
+                                        ).astype(k_new.dtype)
+    fill_out[layer, one] = jnp.full((1,), offset + 1, jnp.int32)
+    start_out[layer, one] = jnp.where(need_new, position, start_in[layer, one])
+    stamp_out[layer, one] = jnp.full((1,), position, jnp.int32)  # the page written now is the newest
+    pinned_out[layer, one] = jnp.logical_and(jnp.logical_not(need_new), pinned_in[layer, one])
+    cur_out[pl.ds(layer, 1)] = jnp.full((1,), slot, jnp.int32)
+    slot_out[...] = jnp.full((1,), slot, jnp.int32)
+    evicted_out[...] = jnp.full((1,), jnp.where(need_new & jnp.logical_not(has_free), victim, -1), jnp.int32)
+
+
+def append_supported(pool, k) -> bool:
+    d = k.shape[-1]
+    return (d >= 16 and d & (d - 1) == 0 and all(offsets_fit(pool[name]) for name in APPEND_ARRAYS)
+            and pool["pinned"].dtype == jnp.bool_)
+
+
+@functools.partial(jax.jit, static_argnames=("page_size", "interpret"))
+def append_token(pool, layer, k, v, positions, victim, *, page_size: int, interpret: bool = False):
+    """kernels/reference.py's `append_token` in one launch: one program per (sequence, KV head) finds the slot
+    (current page, else the first free slot, else the victim), then writes the token's k/v row, the page's key
+    bounds and its fill / start / stamp / pinned, and `cur`, into the stacked pool arrays in place
+    (`input_output_aliases`): no other byte of the pool is read or written. XLA's version is one scatter
+    fusion per array (9 launches per layer, ~1.7 us each at B = 1 on an H200)."""
+    num_layers, b, hkv, s, page, d = pool["k"].shape
+    assert page == page_size, (page, page_size)
+    flat = {name: pool[name].reshape(num_layers, b, hkv, s * page, d) for name in ("k", "v")}  # a free reshape
+    arrays = [flat.get(name, pool[name]) for name in APPEND_ARRAYS]
+
+    def whole_head(rank):  # every layer of one (sequence, KV head): block (0, i, h, 0, ...)
+        return lambda i, h: (0, i, h) + (0,) * rank
+
+    pool_specs = [pl.BlockSpec((num_layers, None, None) + x.shape[3:], whole_head(x.ndim - 3)) for x in arrays]
+    row = lambda i, h: (i, h, 0)  # noqa: E731
+    in_specs = [
+        pl.BlockSpec((1,), lambda i, h: (0,)),
+        pl.BlockSpec((None, 1), lambda i, h: (i, 0)),
+        pl.BlockSpec((None, None, 1), row),
+        pl.BlockSpec((None, None, d), row),
+        pl.BlockSpec((None, None, d), row),
+    ] + pool_specs
+    inputs = [jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(positions, jnp.int32).reshape(b, 1),
+              jnp.asarray(victim, jnp.int32).reshape(b, hkv, 1), k.astype(pool["k"].dtype), v.astype(pool["v"].dtype)]
+    first_pool_input = len(inputs)
+    written = pl.pallas_call(
+        functools.partial(_append_kernel, page=page, slots=s),
+        grid=(b, hkv),
+        in_specs=in_specs,
+        out_specs=pool_specs + [pl.BlockSpec((None, None, 1), row)] * 2,
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrays]
+        + [jax.ShapeDtypeStruct((b, hkv, 1), jnp.int32)] * 2,
+        input_output_aliases={first_pool_input + i: i for i in range(len(arrays))},
+        compiler_params=pltriton.CompilerParams(num_warps=1, num_stages=1),
+        interpret=interpret,
+        name="raas_append_token",
+    )(*inputs, *arrays)
+    out = dict(zip(APPEND_ARRAYS, written))
+    out["k"], out["v"] = out["k"].reshape(pool["k"].shape), out["v"].reshape(pool["v"].shape)
+    return out, written[-2][..., 0], written[-1][..., 0]
+
+
+MAX_REFRESH_SLOTS = 128  # a row's bounds [S, D] and its [S, S] rank comparisons live in registers
+
+
+def _refresh_kernel(layer_ref, pos_ref, q_ref, kmin_ref, kmax_ref, fill_ref, pinned_ref, cur_ref, stamp_in,
+                    stamp_out, *, group, page, slots):
+    layer = layer_ref[0]  # the pool refs hold this (sequence, KV head)'s arrays in every layer
+    ids = jax.lax.broadcasted_iota(jnp.int32, (pl.next_power_of_2(slots),), 0)  # [S'] 2^n: Triton tensors
+    in_pool = ids < slots
+    rows = jnp.minimum(ids, slots - 1)  # padding lanes re-read the last slot and are masked below
+    kmin = kmin_ref[layer, rows].astype(jnp.float32)  # [S', D]
+    kmax = kmax_ref[layer, rows].astype(jnp.float32)
+    bound = None
+    for g in range(group):  # static: the query heads of the group (the Quest bound, max over them)
+        qg = q_ref[g, :].astype(jnp.float32)[None, :]  # [1, D]
+        u = jnp.sum(jnp.maximum(qg * kmin, qg * kmax), axis=1)  # [S']
+        bound = u if bound is None else jnp.maximum(bound, u)
+    candidate = (in_pool & (fill_ref[layer, rows] >= page) & jnp.logical_not(pinned_ref[layer, rows])
+                 & (ids != cur_ref[layer]))  # evictable: full, unpinned, not the page being filled
+    score = jnp.where(candidate, bound, -jnp.inf)
+    # rank of slot i among the candidates: those scoring higher, or equal at a lower slot, come first
+    ahead = candidate[None, :] & ((score[None, :] > score[:, None])
+                                  | ((score[None, :] == score[:, None]) & (ids[None, :] < ids[:, None])))  # [S', S']
+    rank = jnp.sum(ahead.astype(jnp.int32), axis=1)
+    keep = (jnp.sum(candidate.astype(jnp.int32)) + 1) // 2
+    important = candidate & (rank < keep)
+    stamp = jnp.where(important, pos_ref[0], stamp_in[layer, rows])
+    # padding lanes point at the last slot too and write its new value (a masked store would not do: interpret mode
+    # writes the old value through masked lanes, and the last lane wins)
+    stamp_out[layer, rows] = jnp.where(in_pool, stamp, jnp.sum(jnp.where(ids == slots - 1, stamp, 0)))
+
+
+def refresh_supported(q, pool) -> bool:
+    d, slots = q.shape[-1], pool["fill"].shape[-1]
+    return slots <= MAX_REFRESH_SLOTS and page_scores_supported(q, pool["kmin"]) and pool["pinned"].dtype == jnp.bool_
+
+
+@functools.partial(jax.jit, static_argnames=("page_size", "interpret"))
+def refresh_top_half(q, pool, layer, positions, *, page_size: int, interpret: bool = False):
+    """kernels/reference.py's `refresh_top_half` in one launch: one program per (sequence, KV head) scores the
+    pages by the Quest bound, ranks the evictable ones and writes the stamps of the top half, in place
+    (`input_output_aliases`). What it replaces: the page-score kernel, a sort, and XLA's rank, mask and stamp
+    fusions."""
+    num_layers, b, hkv, s, d = pool["kmin"].shape
+    hq = q.shape[1]
+    group = hq // hkv
+    rows = 1 << (group - 1).bit_length()
+    qg = jnp.pad(q.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+
+    def whole_head(rank):  # every layer of one (sequence, KV head): block (0, i, h, 0, ...)
+        return lambda i, h: (0, i, h) + (0,) * rank
+
+    arrays = [pool[name] for name in ("kmin", "kmax", "fill", "pinned", "cur", "stamp")]
+    pool_specs = [pl.BlockSpec((num_layers, None, None) + x.shape[3:], whole_head(x.ndim - 3)) for x in arrays]
+    return pl.pallas_call(
+        functools.partial(_refresh_kernel, group=group, page=page_size, slots=s),
+        grid=(b, hkv),
+        in_specs=[pl.BlockSpec((1,), lambda i, h: (0,)), pl.BlockSpec((None, 1), lambda i, h: (i, 0)),
+                  pl.BlockSpec((None, None, rows, d), lambda i, h: (i, h, 0, 0))] + pool_specs,
+        out_specs=pool_specs[-1],
+        out_shape=jax.ShapeDtypeStruct(pool["stamp"].shape, pool["stamp"].dtype),
+        input_output_aliases={3 + len(arrays) - 1: 0},
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="raas_refresh_top_half",
+    )(jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(positions, jnp.int32).reshape(b, 1), qg, *arrays)

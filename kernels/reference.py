@@ -113,3 +113,84 @@ def top_k_mask(scores, k: int):
     _, top = jax.lax.top_k(scores, k)  # lax.top_k is stable: equal values keep the lower index first
     chosen = jnp.zeros(scores.shape, jnp.bool_)
     return jnp.put_along_axis(chosen, top, True, axis=-1, inplace=False)
+
+
+POOL_ARRAYS = ("k", "v", "kmin", "kmax", "fill", "start", "stamp", "pinned", "cur")  # what `append_token` edits
+
+
+def _slot_of(array, slot):
+    """array [B, Hkv, S, ...], slot [B, Hkv] -> array[b, h, slot[b, h]] [B, Hkv, ...]."""
+    index = slot.reshape(slot.shape + (1,) * (array.ndim - 2))
+    return jnp.take_along_axis(array, index, axis=2)[:, :, 0]
+
+
+def append_token(pool, layer, k, v, positions, victim, page_size: int):
+    """Append one token per (sequence, KV head) to `layer` of the stacked pool, opening a new page when the
+    current one is full: in the first free slot (lowest index), else in `victim`.
+
+    pool: the stacked cache arrays named in POOL_ARRAYS, k/v [L, B, Hkv, S, P, D], kmin/kmax [L, B, Hkv, S, D],
+    fill/start/stamp [L, B, Hkv, S] int32, pinned [L, B, Hkv, S] bool, cur [L, B, Hkv] int32;
+    k, v [B, Hkv, D]; positions [B]; victim [B, Hkv].
+    Writes the token's k/v row, the page's key bounds (the token's key if the page is new, else widened by it),
+    fill = offset + 1, start (the position if new), stamp = the position (the newest page), pinned (kept only
+    if the page is not new) and cur = the slot written.
+    Returns (the new arrays, slot written [B, Hkv], evicted slot or -1 [B, Hkv]).
+    """
+    fill, cur = pool["fill"][layer], pool["cur"][layer]  # [B, Hkv, S], [B, Hkv]
+    b, hkv = cur.shape
+    cur_fill = _slot_of(fill, cur)  # [B, Hkv]
+    need_new = cur_fill >= page_size
+    free = fill == 0
+    has_free = jnp.any(free, axis=-1)
+    fresh = jnp.where(has_free, jnp.argmax(free, axis=-1), victim).astype(jnp.int32)
+    slot = jnp.where(need_new, fresh, cur)  # [B, Hkv]
+    offset = jnp.where(need_new, 0, cur_fill)  # [B, Hkv]
+    evicted = jnp.where(need_new & ~has_free, victim, -1)
+    pos = jnp.broadcast_to(positions[:, None], (b, hkv)).astype(jnp.int32)
+    k = k.astype(pool["k"].dtype)
+
+    def at_slot(name):  # [B, Hkv, ...] value of `name` in the written slot
+        return _slot_of(pool[name][layer], slot)
+
+    new_page = need_new[..., None]
+    pages = {"k": k, "v": v.astype(pool["v"].dtype),
+             "kmin": jnp.where(new_page, k, jnp.minimum(at_slot("kmin"), k)),
+             "kmax": jnp.where(new_page, k, jnp.maximum(at_slot("kmax"), k))}
+    meta = {"fill": offset + 1, "start": jnp.where(need_new, pos, at_slot("start")),
+            "stamp": pos,  # novice protection: the page written now is the newest
+            "pinned": ~need_new & at_slot("pinned")}
+    index = (layer, jnp.arange(b)[:, None], jnp.arange(hkv)[None, :], slot)
+    out = {}
+    for name, value in pages.items():  # k/v: one token of the page; kmin/kmax: the page's bounds
+        out[name] = pool[name].at[index + ((offset,) if name in ("k", "v") else ())].set(value)
+    for name, value in meta.items():
+        out[name] = pool[name].at[index].set(value.astype(pool[name].dtype))
+    out["cur"] = pool["cur"].at[layer].set(slot)
+    return out, slot, evicted
+
+
+def rank_descending(scores, candidates):
+    """Rank of each candidate slot by score, highest first (ties: lower slot); others rank after them.
+
+    [B, Hkv, S] -> int32 [B, Hkv, S]."""
+    order = jnp.argsort(jnp.where(candidates, -scores, jnp.inf), axis=-1, stable=True)
+    return jnp.argsort(order, axis=-1).astype(jnp.int32)
+
+
+def top_half_mask(scores, candidates):
+    """The top ceil(C/2) of the C candidate slots of each row by score (ties: lower slot): [B, Hkv, S] bool."""
+    keep = (jnp.sum(candidates, axis=-1, keepdims=True) + 1) // 2
+    return candidates & (rank_descending(scores, candidates) < keep)
+
+
+def refresh_top_half(q, pool, layer, positions, page_size: int, scores=None):
+    """RaaS's default refresh of `layer` after the append: among the evictable pages (full, unpinned, not `cur`),
+    the top half by the Quest page bound get stamp = the position. q [B, Hq, D]; pool: the stacked kmin, kmax,
+    fill, pinned, cur and stamp (see `append_token`); positions [B] -> the new stamp array [L, B, Hkv, S]."""
+    fill, cur, stamp = pool["fill"][layer], pool["cur"][layer], pool["stamp"][layer]  # `scores`: the bounds if known
+    slot_ids = jnp.arange(fill.shape[-1])
+    candidates = (fill >= page_size) & ~pool["pinned"][layer] & (slot_ids != cur[..., None])
+    if scores is None:
+        scores = page_scores(q, pool["kmin"][layer], pool["kmax"][layer], fill)
+    important = top_half_mask(scores, candidates)
+    return pool["stamp"].at[layer].set(jnp.where(important, positions[:, None, None], stamp))

@@ -18,11 +18,12 @@ page Y is overwriting slot X.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from raas_jax import kernels
 from raas_jax.models.config import ModelConfig
 
 LayerCache = dict[str, jax.Array]
@@ -176,12 +177,6 @@ def page_sums(token_values: jax.Array, page_size: int) -> jax.Array:
     return padded.reshape(b, h, pages, page_size).sum(-1)
 
 
-def slot_of(array: jax.Array, slot: jax.Array) -> jax.Array:
-    """array [B, Hkv, S, ...], slot [B, Hkv] -> array[b, h, slot[b, h]] [B, Hkv, ...]."""
-    index = slot.reshape(slot.shape + (1,) * (array.ndim - 2))
-    return jnp.take_along_axis(array, index, axis=2)[:, :, 0]
-
-
 PAGE_ARRAYS = ("k", "v", "kmin", "kmax")  # pool-sized: the kernels read them stacked, in place
 
 
@@ -198,63 +193,20 @@ def store_layer(cache: dict[str, jax.Array], layer: jax.Array, values: LayerCach
     return {**cache, **{name: cache[name].at[layer].set(value) for name, value in values.items()}}
 
 
-class TokenWrite(NamedTuple):
-    """What appending one token per (sequence, KV head) writes into one layer (`token_write`)."""
-    slot: jax.Array  # [B, Hkv] slot written
-    offset: jax.Array  # [B, Hkv] token position inside that page
-    evicted: jax.Array  # [B, Hkv] slot whose page was evicted, or -1
-    pages: dict[str, jax.Array]  # k, v [B, Hkv, D]: the token; kmin, kmax [B, Hkv, D]: the page's new bounds
-    meta: dict[str, jax.Array]  # fill, start, stamp, pinned [B, Hkv]: the slot's new metadata
-
-
-def token_write(cache: dict[str, jax.Array], layer: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
-                victim: jax.Array, page_size: int) -> TokenWrite:
-    """Where the token of each (sequence, KV head) of `layer` goes and what it writes (see `append_token`)."""
-    fill, cur = cache["fill"][layer], cache["cur"][layer]  # [B, Hkv, S], [B, Hkv]
-    b, hkv = cur.shape
-    cur_fill = slot_of(fill, cur)  # [B, Hkv]
-    need_new = cur_fill >= page_size
-    free = fill == 0
-    has_free = jnp.any(free, axis=-1)
-    fresh = jnp.where(has_free, jnp.argmax(free, axis=-1), victim).astype(jnp.int32)
-    slot = jnp.where(need_new, fresh, cur)  # [B, Hkv]
-    offset = jnp.where(need_new, 0, cur_fill)  # [B, Hkv]
-    evicted = jnp.where(need_new & ~has_free, victim, -1)
-    pos = jnp.broadcast_to(positions[:, None], (b, hkv)).astype(jnp.int32)
-    k = k.astype(cache["k"].dtype)
-
-    def at_slot(name: str) -> jax.Array:  # [B, Hkv, ...] value of `name` in the written slot
-        return slot_of(cache[name][layer], slot)
-
-    new_page = need_new[..., None]
-    pages = {"k": k, "v": v.astype(cache["v"].dtype),
-             "kmin": jnp.where(new_page, k, jnp.minimum(at_slot("kmin"), k)),
-             "kmax": jnp.where(new_page, k, jnp.maximum(at_slot("kmax"), k))}
-    meta = {"fill": offset + 1, "start": jnp.where(need_new, pos, at_slot("start")),
-            "stamp": pos,  # novice protection: the page written now is the newest
-            "pinned": ~need_new & at_slot("pinned")}
-    return TokenWrite(slot, offset, evicted, pages, meta)
-
-
 def append_token(cache: dict[str, jax.Array], layer: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
-                 victim: jax.Array, page_size: int) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
+                 victim: jax.Array, page_size: int, backend: str = "reference"
+                 ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
     """Append one token per (sequence, KV head) of `layer`, opening a new page when the current one is full.
 
     Works on the stacked cache and writes only what changes (one token of k/v, one slot of metadata per
     (sequence, head)), so the pages are updated in place. A new page goes to the first free slot, else
-    to `victim` [B, Hkv] (chosen by the policy from the state before this token).
+    to `victim` [B, Hkv] (chosen by the policy from the state before this token). The rules are
+    kernels/reference.py's `append_token`; on a GPU one Pallas kernel writes everything.
     k, v [B, Hkv, D], positions [B]. Returns (cache, slot written [B, Hkv], evicted slot or -1 [B, Hkv]).
     """
-    write = token_write(cache, layer, k, v, positions, victim, page_size)
-    b, hkv = write.slot.shape
-    index = (layer, jnp.arange(b)[:, None], jnp.arange(hkv)[None, :], write.slot)
-    out = dict(cache)
-    for name, value in write.pages.items():  # k/v: one token of the page; kmin/kmax: the page's bounds
-        out[name] = cache[name].at[index + ((write.offset,) if name in ("k", "v") else ())].set(value)
-    for name, value in write.meta.items():
-        out[name] = cache[name].at[index].set(value)
-    out["cur"] = cache["cur"].at[layer].set(write.slot)
-    return out, write.slot, write.evicted
+    pool = {name: cache[name] for name in kernels.POOL_ARRAYS}
+    written, slot, evicted = kernels.append_token(pool, layer, k, v, positions, victim, page_size, backend=backend)
+    return {**cache, **written}, slot, evicted
 
 
 def refresh_stamps(cache: dict[str, jax.Array], layer: jax.Array, important: jax.Array,

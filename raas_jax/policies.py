@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from raas_jax import kernels
+from raas_jax.kernels.reference import rank_descending, top_half_mask
 from raas_jax.cache import (LayerCache, append_token, compact_pages, init_pool, layer_at, page_sums, refresh_stamps,
                             store_layer, write_chunk, write_prompt)
 from raas_jax.models.config import ModelConfig
@@ -68,20 +69,6 @@ def evictable(view: LayerCache, page_size: int) -> jax.Array:
     slot_ids = jnp.arange(view["fill"].shape[-1])
     not_current = slot_ids[None, None, :] != view["cur"][..., None]
     return (view["fill"] >= page_size) & ~view["pinned"] & not_current
-
-
-def rank_descending(scores: jax.Array, candidates: jax.Array) -> jax.Array:
-    """Rank of each candidate slot by score, highest first (ties: lower slot); others rank after them.
-
-    [B, Hkv, S] -> int32 [B, Hkv, S]."""
-    order = jnp.argsort(jnp.where(candidates, -scores, jnp.inf), axis=-1, stable=True)
-    return jnp.argsort(order, axis=-1).astype(jnp.int32)
-
-
-def top_half_mask(scores: jax.Array, candidates: jax.Array) -> jax.Array:
-    """The top ceil(C/2) of the C candidate slots of each row by score (ties: lower slot): [B, Hkv, S] bool."""
-    keep = (jnp.sum(candidates, axis=-1, keepdims=True) + 1) // 2
-    return candidates & (rank_descending(scores, candidates) < keep)
 
 
 def quest_select(scores: jax.Array, cur: jax.Array, fill: jax.Array, k: int, backend: str = "auto") -> jax.Array:
@@ -191,7 +178,7 @@ class Policy:
     def decode(self, cache, layer, q, k, v, positions):
         """q [B, Hq, D], k/v [B, Hkv, D], positions [B] -> (out [B, Hq, D], cache)."""
         victim = self.victim(layer_at(cache, layer, pages=False))
-        cache, slot, _ = append_token(cache, layer, k, v, positions, victim, self.page_size)
+        cache, slot, _ = append_token(cache, layer, k, v, positions, victim, self.page_size, backend=self.backend)
         view = layer_at(cache, layer, pages=False)  # metadata; the kernels read k/v/kmin/kmax stacked
         out, mass = self.attend(cache, layer, view, q)
         return out, self.update_stats(cache, layer, view, q, mass, positions, slot)
@@ -333,6 +320,9 @@ class RaaS(_FixedBudget):
         return candidates & (scores > self.refresh)
 
     def update_stats(self, cache, layer, view, q, mass, positions, slot):
+        if self.score == "estimate" and self.refresh == "top_half":  # the default: one kernel on a GPU
+            stamp = kernels.refresh_top_half(q, cache, layer, positions, self.page_size, backend=self.backend)
+            return {**cache, "stamp": stamp}
         return refresh_stamps(cache, layer, self.importance(cache, layer, view, q, mass), positions)
 
 

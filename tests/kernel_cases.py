@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 from hypothesis import strategies as st
 
@@ -36,3 +37,16 @@ def page_pool(rng, b, hkv, group, s, page, d):
     fill = rng.integers(0, page + 1, (b, hkv, s)).astype(np.int32)
     fill[1, 0] = 0
     return q, k, v, fill
+
+
+def random_pool(rng, layers, b, hkv, s, page, d, dtype=jnp.float32):
+    """Stacked pool arrays (kernels.POOL_ARRAYS) with random contents; some rows' current page full."""
+    fill = rng.integers(0, page + 1, (layers, b, hkv, s)).astype(np.int32)
+    return {"k": jnp.asarray(rng.normal(size=(layers, b, hkv, s, page, d)), dtype),
+            "v": jnp.asarray(rng.normal(size=(layers, b, hkv, s, page, d)), dtype),
+            "kmin": jnp.asarray(rng.normal(size=(layers, b, hkv, s, d)), dtype),
+            "kmax": jnp.asarray(rng.normal(size=(layers, b, hkv, s, d)), dtype),
+            "fill": jnp.asarray(fill), "start": jnp.asarray(rng.integers(0, 500, fill.shape), jnp.int32),
+            "stamp": jnp.asarray(rng.integers(0, 500, fill.shape), jnp.int32),
+            "pinned": jnp.asarray(rng.random(fill.shape) < 0.3),
+            "cur": jnp.asarray(rng.integers(0, s, (layers, b, hkv)), jnp.int32)}

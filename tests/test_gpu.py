@@ -11,6 +11,8 @@ from raas_jax import bench, kernels
 from raas_jax.generate import Generator, run_generation
 from raas_jax.policies import H2O, Dense, RaaS, StreamingLLM
 
+from kernel_cases import random_pool
+
 pytestmark = pytest.mark.gpu
 
 
@@ -147,3 +149,38 @@ def test_pallas_top_k_mask_on_gpu(slots, k):
     got = np.asarray(pallas_gpu.top_k_mask(jnp.asarray(scores), k))
     want = np.asarray(kernels.top_k_mask(jnp.asarray(scores), k, backend="reference"))
     assert (got == want).all()
+
+
+def test_pallas_append_on_gpu():
+    """The one-launch append writes what the XLA scatters write, at decode shapes, on the real Triton path."""
+    rng = np.random.default_rng(5)
+    layers, b, hkv, s, page, d = 4, 8, 8, 160, 16, 128
+    pool = random_pool(rng, layers, b, hkv, s, page, d, jnp.bfloat16)
+    k = jnp.asarray(rng.normal(size=(b, hkv, d)), jnp.bfloat16)
+    v = jnp.asarray(rng.normal(size=(b, hkv, d)), jnp.bfloat16)
+    positions = jnp.asarray(rng.integers(3000, 4000, b), jnp.int32)
+    victim = jnp.asarray(rng.integers(0, s, (b, hkv)), jnp.int32)
+    for layer in (0, layers - 1):
+        want = kernels.append_token(pool, jnp.int32(layer), k, v, positions, victim, page, backend="reference")
+        got = kernels.append_token(pool, jnp.int32(layer), k, v, positions, victim, page, backend="pallas")
+        for name in kernels.POOL_ARRAYS:
+            np.testing.assert_array_equal(np.asarray(got[0][name]), np.asarray(want[0][name]), err_msg=name)
+        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+        np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(want[2]))
+
+
+def test_pallas_refresh_on_gpu():
+    """The one-launch RaaS refresh stamps the pages the reference stamps (page bounds in f32 both ways; only
+    a near-tie at the top-half boundary, summed in another order, may flip a row)."""
+    rng = np.random.default_rng(6)
+    layers, b, hkv, group, s, page, d = 3, 64, 8, 4, 64, 16, 128
+    pool = random_pool(rng, layers, b, hkv, s, page, d, jnp.bfloat16)
+    pool["kmax"] = (pool["kmin"].astype(jnp.float32) + jnp.asarray(rng.random(pool["kmin"].shape))).astype(jnp.bfloat16)
+    q = jnp.asarray(rng.normal(size=(b, hkv * group, d)), jnp.bfloat16)
+    positions = jnp.asarray(rng.integers(3000, 4000, b), jnp.int32)
+    for layer in (0, layers - 1):
+        want = np.asarray(kernels.refresh_top_half(q, pool, jnp.int32(layer), positions, page, backend="reference"))
+        got = np.asarray(kernels.refresh_top_half(q, pool, jnp.int32(layer), positions, page, backend="pallas"))
+        rows_differ = (got != want).any(axis=-1).sum()
+        assert rows_differ <= 1, rows_differ
+        assert (got != np.asarray(pool["stamp"]))[layer].any()

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 
 from raas_jax import kernels
 
-from kernel_cases import ATTENTION_CASES, TOP_K_CASES, page_pool, top_k_scores
+from kernel_cases import ATTENTION_CASES, TOP_K_CASES, page_pool, random_pool, top_k_scores
 
 
 def brute_decode(q, k, v, fill):
@@ -250,3 +250,125 @@ def test_pallas_top_k_mask_equals_lax_top_k_in_interpret_mode(log_slots, k, seed
 
 def test_auto_backend_is_the_reference_on_cpu():
     assert kernels.resolve("auto") == "reference"
+
+
+def brute_append(pool, layer, k, v, positions, victim, page):
+    """Per (sequence, head) with Python control flow: the append rule of kernels/reference.py's docstring."""
+    out = {name: np.array(x) for name, x in pool.items()}
+    b, hkv = out["cur"].shape[1:]
+    slots, evicted = np.zeros((b, hkv), np.int32), np.full((b, hkv), -1, np.int32)
+    for bi in range(b):
+        for h in range(hkv):
+            fill, cur = out["fill"][layer, bi, h], out["cur"][layer, bi, h]
+            new_page = fill[cur] >= page
+            if not new_page:
+                slot, offset = cur, fill[cur]
+            else:
+                free = [j for j in range(len(fill)) if fill[j] == 0]
+                slot, offset = (free[0] if free else victim[bi, h]), 0
+                if not free:
+                    evicted[bi, h] = victim[bi, h]
+            key = np.asarray(k[bi, h]).astype(out["k"].dtype)
+            out["k"][layer, bi, h, slot, offset] = key
+            out["v"][layer, bi, h, slot, offset] = np.asarray(v[bi, h]).astype(out["v"].dtype)
+            at = (layer, bi, h, slot)
+            out["kmin"][at] = key if new_page else np.minimum(out["kmin"][at], key)
+            out["kmax"][at] = key if new_page else np.maximum(out["kmax"][at], key)
+            out["fill"][at], out["stamp"][at] = offset + 1, positions[bi]
+            out["start"][at] = positions[bi] if new_page else out["start"][at]
+            out["pinned"][at] = out["pinned"][at] and not new_page
+            out["cur"][layer, bi, h] = slots[bi, h] = slot
+    return out, slots, evicted
+
+
+@pytest.mark.parametrize("backend", ["reference", "pallas"])
+@pytest.mark.parametrize("slots,free", [(8, True), (8, False), (5, False), (12, True)])  # 5, 12: not 2^n
+def test_append_token_matches_brute_force(backend, slots, free):
+    """The append (reference: XLA scatters; pallas: one kernel, interpret mode here) writes exactly what the rule
+    says into the given layer and nothing else: the current page, else the first free slot, else the victim."""
+    rng = np.random.default_rng(slots + free)
+    layers, b, hkv, page, d = 3, 4, 2, 4, 16
+    for trial in range(3):
+        pool = random_pool(rng, layers, b, hkv, slots, page, d)
+        fill = np.array(pool["fill"])
+        cur = rng.integers(0, slots - 1, (layers, b, hkv)).astype(np.int32)  # never the last slot
+        fill[:, :2, 0] = page  # rows 0, 1 of head 0: every page full, the current one included
+        if free:
+            fill[..., -1] = 0  # a free slot in every row besides random ones
+        else:
+            fill[fill == 0] = 1
+        pool["fill"], pool["cur"] = jnp.asarray(fill), jnp.asarray(cur)
+        k = jnp.asarray(rng.normal(size=(b, hkv, d)), jnp.float32)
+        v = jnp.asarray(rng.normal(size=(b, hkv, d)), jnp.float32)
+        positions = jnp.asarray(rng.integers(500, 900, b), jnp.int32)
+        victim = jnp.asarray(rng.integers(0, slots, (b, hkv)), jnp.int32)
+        layer = trial % layers
+        got, got_slot, got_evicted = jax.jit(
+            lambda p, l: kernels.append_token(p, l, k, v, positions, victim, page, backend=backend))(pool, layer)
+        want, want_slot, want_evicted = brute_append(pool, layer, k, v, np.asarray(positions), np.asarray(victim), page)
+        np.testing.assert_array_equal(np.asarray(got_slot), want_slot)
+        np.testing.assert_array_equal(np.asarray(got_evicted), want_evicted)
+        assert (want_evicted >= 0).any() == (not free)
+        for name in kernels.POOL_ARRAYS:
+            np.testing.assert_array_equal(np.asarray(got[name]), want[name], err_msg=name)
+
+
+@pytest.mark.parametrize("slots", [64, 160])
+def test_pallas_bookkeeping_lowers_to_triton_calls_that_write_in_place(slots):
+    """For CUDA the append and the refresh are one Triton custom call each, whose pool outputs alias their pool
+    inputs (checked without a GPU: lowering for another platform needs none)."""
+    from raas_jax.kernels import pallas_gpu
+
+    pool = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                        random_pool(np.random.default_rng(0), 2, 3, 2, slots, 16, 128, jnp.bfloat16))
+    scalar, token = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((3, 2, 128), jnp.bfloat16)
+    positions, victim = jax.ShapeDtypeStruct((3,), jnp.int32), jax.ShapeDtypeStruct((3, 2), jnp.int32)
+    append = jax.jit(lambda *args: pallas_gpu.append_token(*args, page_size=16))
+    text = append.trace(pool, scalar, token, token, positions, victim).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("raas_append_token") >= 1 and text.count("__gpu$xla.gpu.triton") == 1
+    assert text.count("output_operand_alias<") == len(kernels.POOL_ARRAYS)
+    if slots <= pallas_gpu.MAX_REFRESH_SLOTS:
+        q = jax.ShapeDtypeStruct((3, 8, 128), jnp.bfloat16)
+        refresh = jax.jit(lambda *args: pallas_gpu.refresh_top_half(*args, page_size=16))
+        text = refresh.trace(q, pool, scalar, positions).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("raas_refresh_top_half") >= 1 and text.count("__gpu$xla.gpu.triton") == 1
+        assert text.count("output_operand_alias<") == 1
+
+
+def brute_refresh(q, pool, layer, positions, page):
+    """Per (sequence, head): the evictable pages sorted by the Quest bound (ties: lower slot), top half stamped."""
+    stamp = np.array(pool["stamp"])
+    b, hq, d = q.shape
+    hkv = stamp.shape[2]
+    group = hq // hkv
+    for bi in range(b):
+        for h in range(hkv):
+            kmin, kmax = (np.asarray(pool[n][layer, bi, h], np.float64) for n in ("kmin", "kmax"))
+            qs = np.asarray(q[bi, h * group:(h + 1) * group], np.float64)  # [G, D]
+            bound = np.max(np.sum(np.maximum(qs[:, None] * kmin, qs[:, None] * kmax), axis=-1), axis=0)  # [S]
+            fill, pinned = np.asarray(pool["fill"][layer, bi, h]), np.asarray(pool["pinned"][layer, bi, h])
+            cur = int(pool["cur"][layer, bi, h])
+            candidates = [j for j in range(len(fill)) if fill[j] >= page and not pinned[j] and j != cur]
+            ranked = sorted(candidates, key=lambda j: (-bound[j], j))
+            for j in ranked[:(len(candidates) + 1) // 2]:
+                stamp[layer, bi, h, j] = positions[bi]
+    return stamp
+
+
+@pytest.mark.parametrize("backend", ["reference", "pallas"])
+@pytest.mark.parametrize("group,slots", [(1, 8), (4, 64), (7, 12), (4, 128), (2, 200)])  # 200: past the kernel's rows
+def test_refresh_top_half_matches_brute_force(backend, group, slots):
+    rng = np.random.default_rng(group * 1000 + slots)
+    layers, b, hkv, page, d = 2, 3, 2, 4, 16
+    pool = random_pool(rng, layers, b, hkv, slots, page, d)
+    pool["kmax"] = pool["kmin"] + jnp.asarray(rng.random(pool["kmin"].shape), jnp.float32)  # a bound: kmin <= kmax
+    fill = np.asarray(pool["fill"]).copy()
+    fill[..., : slots // 2] = page  # at least half full: several candidates per row
+    pool["fill"] = jnp.asarray(fill)
+    q = jnp.asarray(rng.normal(size=(b, hkv * group, d)), jnp.float32)
+    positions = jnp.asarray(rng.integers(1000, 2000, b), jnp.int32)
+    for layer in range(layers):
+        got = jax.jit(lambda p, l: kernels.refresh_top_half(q, p, l, positions, page, backend=backend))(pool, layer)
+        want = brute_refresh(np.asarray(q), pool, layer, np.asarray(positions), page)
+        np.testing.assert_array_equal(np.asarray(got), want)
+        assert (np.asarray(got) != np.asarray(pool["stamp"])).any()
