@@ -415,18 +415,23 @@ MAX_REFRESH_SLOTS = 128  # a row's bounds [S, D] and its [S, S] rank comparisons
 
 
 def _refresh_kernel(layer_ref, pos_ref, q_ref, kmin_ref, kmax_ref, fill_ref, pinned_ref, cur_ref, stamp_in,
-                    stamp_out, *, group, page, slots):
+                    stamp_out, *, group, page, slots, head_dim, channels):
     layer = layer_ref[0]  # the pool refs hold this (sequence, KV head)'s arrays in every layer
     ids = jax.lax.broadcasted_iota(jnp.int32, (pl.next_power_of_2(slots),), 0)  # [S'] 2^n: Triton tensors
     in_pool = ids < slots
     rows = jnp.minimum(ids, slots - 1)  # padding lanes re-read the last slot and are masked below
-    kmin = kmin_ref[layer, rows].astype(jnp.float32)  # [S', D]
-    kmax = kmax_ref[layer, rows].astype(jnp.float32)
-    bound = None
-    for g in range(group):  # static: the query heads of the group (the Quest bound, max over them)
-        qg = q_ref[g, :].astype(jnp.float32)[None, :]  # [1, D]
-        u = jnp.sum(jnp.maximum(qg * kmin, qg * kmax), axis=1)  # [S']
-        bound = u if bound is None else jnp.maximum(bound, u)
+    # the Quest bound per query head of the group, summed over channel chunks (a [S', D] f32 tile per bound array
+    # would not fit in registers at 4 warps), then the max over the group
+    per_head = [jnp.zeros(ids.shape, jnp.float32) for _ in range(group)]
+    for c in range(0, head_dim, channels):  # static
+        kmin = kmin_ref[layer, rows, pl.ds(c, channels)].astype(jnp.float32)  # [S', C]
+        kmax = kmax_ref[layer, rows, pl.ds(c, channels)].astype(jnp.float32)
+        for g in range(group):  # static: a GQA group has a handful of query heads
+            qg = q_ref[g, pl.ds(c, channels)].astype(jnp.float32)[None, :]  # [1, C]
+            per_head[g] = per_head[g] + jnp.sum(jnp.maximum(qg * kmin, qg * kmax), axis=1)  # [S']
+    bound = per_head[0]
+    for u in per_head[1:]:
+        bound = jnp.maximum(bound, u)
     candidate = (in_pool & (fill_ref[layer, rows] >= page) & jnp.logical_not(pinned_ref[layer, rows])
                  & (ids != cur_ref[layer]))  # evictable: full, unpinned, not the page being filled
     score = jnp.where(candidate, bound, -jnp.inf)
@@ -447,8 +452,9 @@ def refresh_supported(q, pool) -> bool:
     return slots <= MAX_REFRESH_SLOTS and page_scores_supported(q, pool["kmin"]) and pool["pinned"].dtype == jnp.bool_
 
 
-@functools.partial(jax.jit, static_argnames=("page_size", "interpret"))
-def refresh_top_half(q, pool, layer, positions, *, page_size: int, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("page_size", "interpret", "channels", "num_warps"))
+def refresh_top_half(q, pool, layer, positions, *, page_size: int, interpret: bool = False, channels: int = 32,
+                     num_warps: int = 4):
     """kernels/reference.py's `refresh_top_half` in one launch: one program per (sequence, KV head) scores the
     pages by the Quest bound, ranks the evictable ones and writes the stamps of the top half, in place
     (`input_output_aliases`). What it replaces: the page-score kernel, a sort, and XLA's rank, mask and stamp
@@ -465,14 +471,14 @@ def refresh_top_half(q, pool, layer, positions, *, page_size: int, interpret: bo
     arrays = [pool[name] for name in ("kmin", "kmax", "fill", "pinned", "cur", "stamp")]
     pool_specs = [pl.BlockSpec((num_layers, None, None) + x.shape[3:], whole_head(x.ndim - 3)) for x in arrays]
     return pl.pallas_call(
-        functools.partial(_refresh_kernel, group=group, page=page_size, slots=s),
+        functools.partial(_refresh_kernel, group=group, page=page_size, slots=s, head_dim=d, channels=min(channels, d)),
         grid=(b, hkv),
         in_specs=[pl.BlockSpec((1,), lambda i, h: (0,)), pl.BlockSpec((None, 1), lambda i, h: (i, 0)),
                   pl.BlockSpec((None, None, rows, d), lambda i, h: (i, h, 0, 0))] + pool_specs,
         out_specs=pool_specs[-1],
         out_shape=jax.ShapeDtypeStruct(pool["stamp"].shape, pool["stamp"].dtype),
         input_output_aliases={3 + len(arrays) - 1: 0},
-        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="raas_refresh_top_half",
     )(jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(positions, jnp.int32).reshape(b, 1), qg, *arrays)
