@@ -419,7 +419,8 @@ def _refresh_kernel(layer_ref, pos_ref, q_ref, kmin_ref, kmax_ref, fill_ref, pin
     layer = layer_ref[0]  # the pool refs hold this (sequence, KV head)'s arrays in every layer
     ids = jax.lax.broadcasted_iota(jnp.int32, (pl.next_power_of_2(slots),), 0)  # [S'] 2^n: Triton tensors
     in_pool = ids < slots
-    rows = jnp.minimum(ids, slots - 1)  # padding lanes re-read the last slot and are masked below
+    # a 2^n row is one contiguous block (vectorised loads); otherwise padding lanes re-read the last slot
+    rows = pl.ds(0, slots) if slots == ids.shape[0] else jnp.minimum(ids, slots - 1)
     # the Quest bound per query head of the group, summed over channel chunks (a [S', D] f32 tile per bound array
     # would not fit in registers at 4 warps), then the max over the group
     per_head = [jnp.zeros(ids.shape, jnp.float32) for _ in range(group)]
@@ -442,9 +443,10 @@ def _refresh_kernel(layer_ref, pos_ref, q_ref, kmin_ref, kmax_ref, fill_ref, pin
     keep = (jnp.sum(candidate.astype(jnp.int32)) + 1) // 2
     important = candidate & (rank < keep)
     stamp = jnp.where(important, pos_ref[0], stamp_in[layer, rows])
-    # padding lanes point at the last slot too and write its new value (a masked store would not do: interpret mode
-    # writes the old value through masked lanes, and the last lane wins)
-    stamp_out[layer, rows] = jnp.where(in_pool, stamp, jnp.sum(jnp.where(ids == slots - 1, stamp, 0)))
+    if slots < ids.shape[0]:  # padding lanes point at the last slot too: they write its new value (a masked store
+        # would not do: interpret mode writes the old value through masked lanes, and the last lane wins)
+        stamp = jnp.where(in_pool, stamp, jnp.sum(jnp.where(ids == slots - 1, stamp, 0)))
+    stamp_out[layer, rows] = stamp
 
 
 def refresh_supported(q, pool) -> bool:
@@ -453,8 +455,8 @@ def refresh_supported(q, pool) -> bool:
 
 
 @functools.partial(jax.jit, static_argnames=("page_size", "interpret", "channels", "num_warps"))
-def refresh_top_half(q, pool, layer, positions, *, page_size: int, interpret: bool = False, channels: int = 32,
-                     num_warps: int = 4):
+def refresh_top_half(q, pool, layer, positions, *, page_size: int, interpret: bool = False,
+                     channels: int = 32, num_warps: int = 4):
     """kernels/reference.py's `refresh_top_half` in one launch: one program per (sequence, KV head) scores the
     pages by the Quest bound, ranks the evictable ones and writes the stamps of the top half, in place
     (`input_output_aliases`). What it replaces: the page-score kernel, a sort, and XLA's rank, mask and stamp
@@ -471,7 +473,8 @@ def refresh_top_half(q, pool, layer, positions, *, page_size: int, interpret: bo
     arrays = [pool[name] for name in ("kmin", "kmax", "fill", "pinned", "cur", "stamp")]
     pool_specs = [pl.BlockSpec((num_layers, None, None) + x.shape[3:], whole_head(x.ndim - 3)) for x in arrays]
     return pl.pallas_call(
-        functools.partial(_refresh_kernel, group=group, page=page_size, slots=s, head_dim=d, channels=min(channels, d)),
+        functools.partial(_refresh_kernel, group=group, page=page_size, slots=s, head_dim=d,
+                          channels=min(channels, d)),
         grid=(b, hkv),
         in_specs=[pl.BlockSpec((1,), lambda i, h: (0,)), pl.BlockSpec((None, 1), lambda i, h: (i, 0)),
                   pl.BlockSpec((None, None, rows, d), lambda i, h: (i, h, 0, 0))] + pool_specs,

@@ -16,6 +16,7 @@ then each (policy:batch) is timed with bench.time_decode at --position on the --
 """
 
 import argparse
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -26,16 +27,20 @@ from raas_jax.generate import DECODE_CHUNK, DecodeState, Generator, SamplingPara
 from raas_jax.kernels import pallas_gpu
 
 APPEND_SUPPORTED, REFRESH_SUPPORTED = pallas_gpu.append_supported, pallas_gpu.refresh_supported
+REFRESH = pallas_gpu.refresh_top_half
 KERNELS = {"xla": (False, False), "append": (True, False), "fused": (True, True)}  # (append, refresh) in Pallas
 
 
 def use_variant(kind: str) -> None:
-    """Switch the bookkeeping kernels on or off by their `supported` checks (the dispatch's fallback is the XLA path)."""
-    if kind not in KERNELS:
-        raise ValueError(f"unknown variant {kind!r}; choose from {', '.join(KERNELS)}")
-    append, refresh = KERNELS[kind]
+    """Switch the bookkeeping kernels on or off by their `supported` checks (the dispatch's fallback is the XLA
+    path). `fused:C` sums the refresh's page bound over C channels at a time (the kernel's `channels`)."""
+    name, _, channels = kind.partition(":")
+    if name not in KERNELS:
+        raise ValueError(f"unknown variant {kind!r}; choose from {', '.join(KERNELS)} (fused:C for C channels)")
+    append, refresh = KERNELS[name]
     pallas_gpu.append_supported = APPEND_SUPPORTED if append else (lambda *a: False)
     pallas_gpu.refresh_supported = REFRESH_SUPPORTED if refresh else (lambda *a: False)
+    pallas_gpu.refresh_top_half = functools.partial(REFRESH, channels=int(channels)) if channels else REFRESH
 
 
 def check(kinds: list[str]) -> None:
