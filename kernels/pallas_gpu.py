@@ -349,9 +349,9 @@ def _append_kernel(layer_ref, pos_ref, victim_ref, k_new_ref, v_new_ref, *refs, 
     v_out[layer, row, :] = v_new_ref[...][None, :]
     k32 = k_new.astype(jnp.float32)
     kmin_out[layer, one, :] = jnp.where(need_new, k32, jnp.minimum(kmin_in[layer, one, :].astype(jnp.float32), k32)
-                                        ).astype(k_new.dtype)
+                                        ).astype(kmin_out.dtype)
     kmax_out[layer, one, :] = jnp.where(need_new, k32, jnp.maximum(kmax_in[layer, one, :].astype(jnp.float32), k32)
-                                        ).astype(k_new.dtype)
+                                        ).astype(kmax_out.dtype)
     fill_out[layer, one] = jnp.full((1,), offset + 1, jnp.int32)
     start_out[layer, one] = jnp.where(need_new, position, start_in[layer, one])
     stamp_out[layer, one] = jnp.full((1,), position, jnp.int32)  # the page written now is the newest
@@ -450,7 +450,7 @@ def _refresh_kernel(layer_ref, pos_ref, q_ref, kmin_ref, kmax_ref, fill_ref, pin
 
 
 def refresh_supported(q, pool) -> bool:
-    d, slots = q.shape[-1], pool["fill"].shape[-1]
+    slots = pool["fill"].shape[-1]
     return slots <= MAX_REFRESH_SLOTS and page_scores_supported(q, pool["kmin"]) and pool["pinned"].dtype == jnp.bool_
 
 
@@ -462,6 +462,9 @@ def refresh_top_half(q, pool, layer, positions, *, page_size: int, interpret: bo
     (`input_output_aliases`). What it replaces: the page-score kernel, a sort, and XLA's rank, mask and stamp
     fusions."""
     num_layers, b, hkv, s, d = pool["kmin"].shape
+    channels = min(channels, d)
+    if channels & (channels - 1) or d % channels:
+        raise ValueError(f"refresh channels must be a power of two dividing the head dim {d}, got {channels}")
     hq = q.shape[1]
     group = hq // hkv
     rows = 1 << (group - 1).bit_length()
@@ -474,7 +477,7 @@ def refresh_top_half(q, pool, layer, positions, *, page_size: int, interpret: bo
     pool_specs = [pl.BlockSpec((num_layers, None, None) + x.shape[3:], whole_head(x.ndim - 3)) for x in arrays]
     return pl.pallas_call(
         functools.partial(_refresh_kernel, group=group, page=page_size, slots=s, head_dim=d,
-                          channels=min(channels, d)),
+                          channels=channels),
         grid=(b, hkv),
         in_specs=[pl.BlockSpec((1,), lambda i, h: (0,)), pl.BlockSpec((None, 1), lambda i, h: (i, 0)),
                   pl.BlockSpec((None, None, rows, d), lambda i, h: (i, h, 0, 0))] + pool_specs,

@@ -6,7 +6,7 @@
 On the Llama-3-8B cache shape (4 of its layers, 8 KV heads, group 4, head dim 128, pages of 16) with `--slots` pages
 per head: each refresh tuning (channel chunk, warps) is checked against the reference (rows whose stamps differ:
 near-ties only) and timed, then the append. Per call: microseconds and the bandwidth of the bytes it must read
-(refresh: the layer's key bounds; append: a row of each metadata array). Prints a table.
+(refresh: the layer's key bounds; append: the `fill` row it scans). Prints a table.
 """
 
 import argparse

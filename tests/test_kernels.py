@@ -357,15 +357,23 @@ def brute_refresh(q, pool, layer, positions, page):
 
 @pytest.mark.parametrize("backend", ["reference", "pallas"])
 @pytest.mark.parametrize("group,slots", [(1, 8), (4, 64), (7, 12), (4, 128), (2, 200)])  # 200: past the kernel's rows
-def test_refresh_top_half_matches_brute_force(backend, group, slots):
+@pytest.mark.parametrize("values", ["normal", "ties"])
+def test_refresh_top_half_matches_brute_force(backend, group, slots, values):
+    """Scores from normal values, or from small integers (many equal bounds, and a sequence whose query is 0: every
+    bound ties), so the lower-slot tie rule decides; head dim 64 takes the kernel's bound sum in two channel chunks."""
     rng = np.random.default_rng(group * 1000 + slots)
-    layers, b, hkv, page, d = 2, 3, 2, 4, 16
+    layers, b, hkv, page, d = 2, 3, 2, 4, 64
     pool = random_pool(rng, layers, b, hkv, slots, page, d)
-    pool["kmax"] = pool["kmin"] + jnp.asarray(rng.random(pool["kmin"].shape), jnp.float32)  # a bound: kmin <= kmax
+    q = rng.normal(size=(b, hkv * group, d))
+    if values == "ties":
+        pool["kmin"] = jnp.asarray(rng.integers(-1, 1, pool["kmin"].shape), jnp.float32)
+        q = np.round(q).clip(-1, 1) * (rng.random((1, 1, d)) < 0.1)  # a few nonzero channels: few distinct bounds
+        q[0] = 0
+    pool["kmax"] = pool["kmin"] + jnp.asarray(rng.integers(0, 2, pool["kmin"].shape), jnp.float32)  # kmin <= kmax
+    q = jnp.asarray(q, jnp.float32)
     fill = np.asarray(pool["fill"]).copy()
     fill[..., : slots // 2] = page  # at least half full: several candidates per row
     pool["fill"] = jnp.asarray(fill)
-    q = jnp.asarray(rng.normal(size=(b, hkv * group, d)), jnp.float32)
     positions = jnp.asarray(rng.integers(1000, 2000, b), jnp.int32)
     for layer in range(layers):
         got = jax.jit(lambda p, l: kernels.refresh_top_half(q, p, l, positions, page, backend=backend))(pool, layer)
