@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from .reference import MASK_VALUE
+from .reference import MASK_VALUE, POOL_ARRAYS
 
 MIN_ROWS = 16  # Triton dots need every dimension >= 16: the query heads of a group are padded to this
 
@@ -325,7 +325,7 @@ def top_k_mask(scores, k: int, *, interpret: bool = False):
     return mask != 0
 
 
-APPEND_ARRAYS = ("k", "v", "kmin", "kmax", "fill", "start", "stamp", "pinned", "cur")  # reference.POOL_ARRAYS
+APPEND_ARRAYS = POOL_ARRAYS  # the arrays the append writes, in the order of the kernel's refs
 
 
 def _append_kernel(layer_ref, pos_ref, victim_ref, k_new_ref, v_new_ref, *refs, page, slots):
