@@ -355,7 +355,7 @@ def brute_refresh(q, pool, layer, positions, page):
     return stamp
 
 
-@pytest.mark.parametrize("backend", ["reference", "pallas"])
+@pytest.mark.parametrize("backend", ["reference", "pallas", "pallas_tpu"])  # pallas_tpu: its page scores + XLA
 @pytest.mark.parametrize("group,slots", [(1, 8), (4, 64), (7, 12), (4, 128), (2, 200)])  # 200: past the kernel's rows
 @pytest.mark.parametrize("values", ["normal", "ties"])
 def test_refresh_top_half_matches_brute_force(backend, group, slots, values):
