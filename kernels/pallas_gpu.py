@@ -325,6 +325,16 @@ def top_k_mask(scores, k: int, *, interpret: bool = False):
     return mask != 0
 
 
+def whole_head_specs(arrays):
+    """Block specs for stacked cache arrays [L, B, Hkv, ...] on a (sequence, KV head) grid: each program gets its
+    head's arrays in every layer ([L, ...]) and indexes the layer itself (a traced scalar)."""
+    def spec(x):
+        rank = x.ndim - 3
+        return pl.BlockSpec((x.shape[0], None, None) + x.shape[3:], lambda i, h: (0, i, h) + (0,) * rank)
+
+    return [spec(x) for x in arrays]
+
+
 APPEND_ARRAYS = POOL_ARRAYS  # the arrays the append writes, in the order of the kernel's refs
 
 
@@ -378,11 +388,7 @@ def append_token(pool, layer, k, v, positions, victim, *, page_size: int, interp
     assert page == page_size, (page, page_size)
     flat = {name: pool[name].reshape(num_layers, b, hkv, s * page, d) for name in ("k", "v")}  # a free reshape
     arrays = [flat.get(name, pool[name]) for name in APPEND_ARRAYS]
-
-    def whole_head(rank):  # every layer of one (sequence, KV head): block (0, i, h, 0, ...)
-        return lambda i, h: (0, i, h) + (0,) * rank
-
-    pool_specs = [pl.BlockSpec((num_layers, None, None) + x.shape[3:], whole_head(x.ndim - 3)) for x in arrays]
+    pool_specs = whole_head_specs(arrays)
     row = lambda i, h: (i, h, 0)  # noqa: E731
     in_specs = [
         pl.BlockSpec((1,), lambda i, h: (0,)),
@@ -461,7 +467,7 @@ def refresh_top_half(q, pool, layer, positions, *, page_size: int, interpret: bo
     pages by the Quest bound, ranks the evictable ones and writes the stamps of the top half, in place
     (`input_output_aliases`). What it replaces: the page-score kernel, a sort, and XLA's rank, mask and stamp
     fusions."""
-    num_layers, b, hkv, s, d = pool["kmin"].shape
+    _, b, hkv, s, d = pool["kmin"].shape
     channels = min(channels, d)
     if channels & (channels - 1) or d % channels:
         raise ValueError(f"refresh channels must be a power of two dividing the head dim {d}, got {channels}")
@@ -470,11 +476,8 @@ def refresh_top_half(q, pool, layer, positions, *, page_size: int, interpret: bo
     rows = 1 << (group - 1).bit_length()
     qg = jnp.pad(q.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
 
-    def whole_head(rank):  # every layer of one (sequence, KV head): block (0, i, h, 0, ...)
-        return lambda i, h: (0, i, h) + (0,) * rank
-
     arrays = [pool[name] for name in ("kmin", "kmax", "fill", "pinned", "cur", "stamp")]
-    pool_specs = [pl.BlockSpec((num_layers, None, None) + x.shape[3:], whole_head(x.ndim - 3)) for x in arrays]
+    pool_specs = whole_head_specs(arrays)
     return pl.pallas_call(
         functools.partial(_refresh_kernel, group=group, page=page_size, slots=s, head_dim=d,
                           channels=channels),
