@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from .reference import MASK_VALUE, POOL_ARRAYS
+from .reference import MASK_VALUE, POOL_ARRAYS, compute_dtype, to_pool_dtype
 
 MIN_ROWS = 16  # Triton dots need every dimension >= 16: the query heads of a group are padded to this
 
@@ -117,6 +117,7 @@ def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, splits,
             v = v_ref[layer, pl.ds(first * page, tokens)]
             token_fill = fill_ref[first + token // page]  # [T]
         valid = offset < token_fill  # [T]
+        k, v = k.astype(q.dtype), v.astype(q.dtype)  # an FP8 pool's tiles upcast in registers (else a no-op)
         logits = pltriton.dot(q, k, trans_b=True).astype(jnp.float32) * scale  # [R, T]
         logits = jnp.where(valid[None, :], logits, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(logits, axis=1))  # [R]
@@ -167,7 +168,8 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, 
     scale = d**-0.5 if scale is None else scale
     listed = s if slots is None else slots.shape[-1]
     block_slots, splits, per_split = plan(b, hkv, listed, page, tuning)
-    qg = jnp.pad(q.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0))).astype(k.dtype)
+    compute = compute_dtype(k.dtype, q.dtype)  # the pool's dtype, or q's over an FP8 pool
+    qg = jnp.pad(q.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0))).astype(compute)
     k_flat = k.reshape(num_layers, b, hkv, s * page, d)  # tokens of one head are contiguous: a free reshape
     v_flat = v.reshape(num_layers, b, hkv, s * page, d)
     head = lambda i, h, j: (0, i, h, 0, 0)  # noqa: E731  the whole pool of one KV head, every layer
@@ -398,7 +400,8 @@ def append_token(pool, layer, k, v, positions, victim, *, page_size: int, interp
         pl.BlockSpec((None, None, d), row),
     ] + pool_specs
     inputs = [jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(positions, jnp.int32).reshape(b, 1),
-              jnp.asarray(victim, jnp.int32).reshape(b, hkv, 1), k.astype(pool["k"].dtype), v.astype(pool["v"].dtype)]
+              jnp.asarray(victim, jnp.int32).reshape(b, hkv, 1), to_pool_dtype(k, pool["k"].dtype),
+              to_pool_dtype(v, pool["v"].dtype)]
     first_pool_input = len(inputs)
     written = pl.pallas_call(
         functools.partial(_append_kernel, page=page, slots=s),

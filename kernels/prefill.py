@@ -275,11 +275,14 @@ def prior_positions(start, batch: int, num_keys: int):
     return jnp.broadcast_to(jnp.where(ids < start, ids, -1), (batch, num_keys))
 
 
-def flat_pool(pool, layer=None):
-    """[B,Hkv,S,P,D] (or [L,...] read at `layer`) -> heads-major keys [B,Hkv,S*P,D]: flat index = slot * P + offset."""
+def flat_pool(pool, layer=None, dtype=None):
+    """[B,Hkv,S,P,D] (or [L,...] read at `layer`) -> heads-major keys [B,Hkv,S*P,D]: flat index = slot * P + offset.
+    An FP8 pool comes back in `dtype` (the queries' dtype): its pages are computed with, not stored, in FP8."""
     if layer is not None:
         pool = pool[layer]
     b, hkv, s, p, d = pool.shape
+    if dtype is not None:
+        pool = pool.astype(reference.compute_dtype(pool.dtype, dtype))
     return pool.reshape(b, hkv, s * p, d)
 
 
@@ -296,7 +299,7 @@ def chunk_attention(q, k, v, positions, k_pool, v_pool, *, layer=None, scale=Non
     (all of it visible) and over the chunk (causal), merged by their log-sum-exp: cuDNN on a GPU, `blockwise`
     elsewhere or when cuDNN refuses (f32, odd head dims)."""
     impl = _check(implementation or choose_implementation(backend, q.dtype))
-    k_prior, v_prior = flat_pool(k_pool, layer), flat_pool(v_pool, layer)  # [B, Hkv, N, D]
+    k_prior, v_prior = flat_pool(k_pool, layer, q.dtype), flat_pool(v_pool, layer, q.dtype)  # [B, Hkv, N, D]
     b, hkv, n, _ = k_prior.shape
     start = chunk_start(positions)
     before = prior_positions(start, b, n)  # [B, N]
@@ -362,7 +365,7 @@ def chunk_key_mass(q, positions, k_pool, *, layer=None, scale=None, backend="aut
     """`key_mass` of a chunk's queries over the pool, once the chunk is written into it: q [B,C,Hq,D],
     positions [B,C], k_pool [B,Hkv,S,P,D] (or [L,...] with `layer`) holding each row's positions 0 .. its last
     position in the chunk at flat index = position -> [B,Hkv,G,S*P] float32."""
-    keys = flat_pool(k_pool, layer)  # [B, Hkv, N, D]
+    keys = flat_pool(k_pool, layer, q.dtype)  # [B, Hkv, N, D]
     b, _, n, _ = keys.shape
     ids = jnp.arange(n, dtype=jnp.int32)
     last = jnp.max(positions, axis=1, keepdims=True)  # [B, 1]: -1 for rows without tokens here (no valid query)

@@ -16,6 +16,26 @@ MASK_VALUE = -1e30  # finite, so a fully masked row gives zeros instead of NaN
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
+def is_float8(dtype) -> bool:
+    """An 8-bit float pool (`kv_dtype="fp8"`): stored only, upcast to the query's dtype to compute."""
+    dtype = jnp.dtype(dtype)
+    return dtype.itemsize == 1 and jnp.issubdtype(dtype, jnp.floating)
+
+
+def compute_dtype(pool_dtype, q_dtype):
+    """The dtype attention computes in over a pool of `pool_dtype`: the pool's own, or q's for an FP8 pool."""
+    return jnp.dtype(q_dtype) if is_float8(pool_dtype) else jnp.dtype(pool_dtype)
+
+
+def to_pool_dtype(x, dtype):
+    """Cast keys/values into a pool of `dtype`, saturating at the largest finite value for FP8 (e4m3fn has no
+    infinity: a plain cast turns an out-of-range value into NaN; the GPU's cvt.satfinite saturates as this does)."""
+    if is_float8(dtype) and jnp.dtype(x.dtype) != jnp.dtype(dtype):
+        top = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x.astype(jnp.float32), -top, top)
+    return x.astype(dtype)
+
+
 def decode_attention(q, k, v, fill, slots=None, *, scale=None):
     """Softmax attention of one query per sequence over the resident pages.
 
@@ -34,7 +54,10 @@ def decode_attention(q, k, v, fill, slots=None, *, scale=None):
         fill = jnp.where(valid_slot, jnp.take_along_axis(fill, safe, axis=2), 0)  # [B, Hkv, K]
     page = k.shape[3]
     # Inputs stay in the cache dtype (no float32 copy of the pool); products accumulate in float32.
-    qg = (q.reshape(b, hkv, group, d).astype(jnp.float32) * scale).astype(k.dtype)  # [B, Hkv, G, D]
+    # An FP8 pool is upcast to q's dtype (exact), as the GPU kernel does per tile.
+    compute = compute_dtype(k.dtype, q.dtype)
+    k, v = k.astype(compute), v.astype(compute)
+    qg = (q.reshape(b, hkv, group, d).astype(jnp.float32) * scale).astype(compute)  # [B, Hkv, G, D]
     logits = jnp.einsum("bhgd,bhspd->bhgsp", qg, k, precision=HIGHEST,
                         preferred_element_type=jnp.float32)  # [B, Hkv, G, S, P]
     token_valid = jnp.arange(page)[None, None, None, :] < fill[..., None]  # [B, Hkv, S, P]
@@ -147,15 +170,16 @@ def append_token(pool, layer, k, v, positions, victim, page_size: int):
     offset = jnp.where(need_new, 0, cur_fill)  # [B, Hkv]
     evicted = jnp.where(need_new & ~has_free, victim, -1)
     pos = jnp.broadcast_to(positions[:, None], (b, hkv)).astype(jnp.int32)
-    k = k.astype(pool["k"].dtype)
+    k = to_pool_dtype(k, pool["k"].dtype)
+    stored = k.astype(pool["kmin"].dtype)  # the bounds bound the key as stored (FP8: rounded, then exact here)
 
     def at_slot(name):  # [B, Hkv, ...] value of `name` in the written slot
         return _slot_of(pool[name][layer], slot)
 
     new_page = need_new[..., None]
-    pages = {"k": k, "v": v.astype(pool["v"].dtype),
-             "kmin": jnp.where(new_page, k, jnp.minimum(at_slot("kmin"), k)),
-             "kmax": jnp.where(new_page, k, jnp.maximum(at_slot("kmax"), k))}
+    pages = {"k": k, "v": to_pool_dtype(v, pool["v"].dtype),
+             "kmin": jnp.where(new_page, stored, jnp.minimum(at_slot("kmin"), stored)),
+             "kmax": jnp.where(new_page, stored, jnp.maximum(at_slot("kmax"), stored))}
     meta = {"fill": offset + 1, "start": jnp.where(need_new, pos, at_slot("start")),
             "stamp": pos,  # novice protection: the page written now is the newest
             "pinned": ~need_new & at_slot("pinned")}

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from raas_jax.cache import cache_bytes, page_key_bounds
+from raas_jax.cache import cache_bytes, page_key_bounds, pool_dtype
+from raas_jax.kernels.reference import to_pool_dtype
 from raas_jax.checkpoint import param_shapes
 from raas_jax.generate import DecodeState, Generator, SamplingParams, DECODE_CHUNK, data_parallelism
 from raas_jax.models.config import ModelConfig
@@ -73,9 +74,10 @@ def write_random_layer(pools: tuple, fill: jax.Array, layer: jax.Array, seed: in
     at the largest batch. Unfilled tokens hold noise; `fill` [L, B, Hkv, S] masks them."""
     k, v, kmin, kmax = pools
     key = jax.random.fold_in(jax.random.PRNGKey(seed), layer)
-    k_layer = jax.random.normal(jax.random.fold_in(key, 0), k.shape[1:], k.dtype)  # [B, Hkv, S, P, D]
-    v_layer = jax.random.normal(jax.random.fold_in(key, 1), v.shape[1:], v.dtype)
-    lo, hi = page_key_bounds(k_layer, fill[layer])  # [B, Hkv, S, D]
+    draw = lambda i: to_pool_dtype(jax.random.normal(jax.random.fold_in(key, i), k.shape[1:], kmin.dtype),  # noqa: E731
+                                   k.dtype)  # [B, Hkv, S, P, D] (an FP8 pool: drawn in the bounds' dtype, then cast)
+    k_layer, v_layer = draw(0), draw(1)
+    lo, hi = page_key_bounds(k_layer, fill[layer], kmin.dtype)  # [B, Hkv, S, D]
     return k.at[layer].set(k_layer), v.at[layer].set(v_layer), kmin.at[layer].set(lo), kmax.at[layer].set(hi)
 
 
@@ -117,7 +119,8 @@ def synthetic_cache(policy: Policy, cfg: ModelConfig, batch: int, position: int,
         return jnp.asarray(x) if mesh is None else jax.device_put(x, NamedSharding(mesh, cache_spec(x.ndim)))
 
     fill = place(fill)
-    zeros = jax.jit(lambda: (jnp.zeros(k_shape, dtype), jnp.zeros(k_shape, dtype), jnp.zeros(bounds_shape, dtype),
+    pages = pool["k"].dtype  # the policy's kv_dtype
+    zeros = jax.jit(lambda: (jnp.zeros(k_shape, pages), jnp.zeros(k_shape, pages), jnp.zeros(bounds_shape, dtype),
                              jnp.zeros(bounds_shape, dtype)),
                     out_shardings=None if mesh is None else (NamedSharding(mesh, cache_spec(6)),) * 2
                     + (NamedSharding(mesh, cache_spec(5)),) * 2)
@@ -190,9 +193,10 @@ def largest_decode_batch(gen: Generator, position: int, limit: int, *, reserve: 
 
 
 def kv_bytes_read(policy: Policy, cfg: ModelConfig, batch: int, position: int, dtype: Any) -> int:
-    """KV bytes one decode step must read under the policy (keys + values, plus Quest's key bounds)."""
+    """KV bytes one decode step must read under the policy (keys + values in its kv_dtype, plus Quest's key bounds
+    in `dtype`)."""
     item = jnp.dtype(dtype).itemsize
-    per_token = 2 * cfg.num_kv_heads * cfg.head_dim * item  # k and v, one layer
+    per_token = 2 * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(pool_dtype(policy.kv_dtype, dtype)).itemsize
     if policy.fixed_budget:  # RaaS, H2O, StreamingLLM: the whole fixed pool
         return batch * cfg.num_layers * policy.budget * per_token
     if isinstance(policy, Quest):
@@ -234,6 +238,7 @@ class Measurement:
     impl: str = "jax"  # torch reference rows (bench_torch) say "torch_cuda_graph" (on a CPU "torch_eager")
     ratio_vs_torch: float | None = None  # step_ms / the torch reference's at the same model, N and B
     mesh: str | None = None  # e.g. "data=2,model=1" when the run was spread over devices (sizes are per device)
+    kv_dtype: str = "auto"  # the policy's page storage dtype (cache.KV_DTYPES)
 
 
 def time_decode(gen: Generator, params: dict, cache: dict, batch: int, position: int, steps: int,
@@ -350,12 +355,13 @@ def run_e2e(model: str, policies: dict[str, Policy], positions: list[int], batch
                                 per_seq * batch / devices / 2**30, memory.get("bytes_in_use", 0) / 2**30,
                                 memory.get("peak_bytes_in_use", 0) / 2**30, roofline * 1e3, compiled,
                                 ratio_vs_torch=None if reference is None or mesh else seconds * 1e3 / reference,
-                                mesh=mesh)
+                                mesh=mesh, kv_dtype=policy.kv_dtype)
                 rows.append(dataclasses.asdict(m))
                 print(f"  {name:6s} N={position:6d} B={batch:4d} {m.step_ms:8.2f} ms/step {m.tokens_per_s:9.0f} tok/s "
                       f"cache {m.cache_gib:7.2f} GiB live {m.live_gib:6.1f} GiB roofline {m.roofline_ms:7.2f} ms"
                       + ("" if m.ratio_vs_torch is None else f" {m.ratio_vs_torch:5.2f}x torch ({reference:.2f} ms)")
-                      + (f" mesh {mesh} (memory per device)" if mesh else "") + (" COMPILED" if compiled else ""),
+                      + (f" mesh {mesh} (memory per device)" if mesh else "") + (" COMPILED" if compiled else "")
+                      + (f" kv {policy.kv_dtype}" if policy.kv_dtype != "auto" else ""),
                       flush=True)
                 save()
     if torch_reference:

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from raas_jax import kernels
+from raas_jax.kernels.reference import to_pool_dtype
 from raas_jax.models.config import ModelConfig
 
 LayerCache = dict[str, jax.Array]
@@ -34,12 +35,33 @@ def cache_bytes(cache: dict[str, jax.Array]) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache)))
 
 
-def init_pool(cfg: ModelConfig, batch: int, num_slots: int, page_size: int, dtype: Any) -> dict[str, jax.Array]:
-    """An empty pool, every array stacked over layers: [L, B, Hkv, S, ...]."""
+# `kv_dtype` names (vLLM's `kv_cache_dtype`): the dtype the pages are stored in. "auto" = the model's dtype.
+# "fp8" is float8_e4m3fn (vLLM's default fp8, 3 mantissa bits, largest value 448), cast with saturation and no scale;
+# the kernels upcast each tile to the query's dtype. The key bounds (kmin/kmax) stay in the model's dtype.
+KV_DTYPES = {"auto": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32,
+             "fp8": jnp.float8_e4m3fn, "fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
+
+
+def check_kv_dtype(kv_dtype: str) -> str:
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"unknown kv_dtype {kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}")
+    return kv_dtype
+
+
+def pool_dtype(kv_dtype: str, dtype: Any) -> Any:
+    """The dtype the pages are stored in: `kv_dtype` (a KV_DTYPES name), "auto" = the model's `dtype`."""
+    return KV_DTYPES[check_kv_dtype(kv_dtype)] or dtype
+
+
+def init_pool(cfg: ModelConfig, batch: int, num_slots: int, page_size: int, dtype: Any,
+              kv_dtype: str = "auto") -> dict[str, jax.Array]:
+    """An empty pool, every array stacked over layers: [L, B, Hkv, S, ...]. Pages in `kv_dtype` (KV_DTYPES),
+    key bounds in `dtype`."""
     slots = (cfg.num_layers, batch, cfg.num_kv_heads, num_slots)
+    pages = pool_dtype(kv_dtype, dtype)
     return {
-        "k": jnp.zeros(slots + (page_size, cfg.head_dim), dtype),  # [L, B, Hkv, S, P, D]
-        "v": jnp.zeros(slots + (page_size, cfg.head_dim), dtype),  # [L, B, Hkv, S, P, D]
+        "k": jnp.zeros(slots + (page_size, cfg.head_dim), pages),  # [L, B, Hkv, S, P, D]
+        "v": jnp.zeros(slots + (page_size, cfg.head_dim), pages),  # [L, B, Hkv, S, P, D]
         "kmin": jnp.zeros(slots + (cfg.head_dim,), dtype),  # [L, B, Hkv, S, D]
         "kmax": jnp.zeros(slots + (cfg.head_dim,), dtype),  # [L, B, Hkv, S, D]
         "fill": jnp.zeros(slots, jnp.int32),  # [L, B, Hkv, S]
@@ -60,11 +82,12 @@ def prompt_pages(x: jax.Array, page_size: int) -> jax.Array:
     return x.reshape(b, pages, page_size, hkv, d).transpose(0, 3, 1, 2, 4)
 
 
-def page_key_bounds(k: jax.Array, fill: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-channel min / max over the filled tokens of each page (0 on empty slots).
+def page_key_bounds(k: jax.Array, fill: jax.Array, dtype: Any = None) -> tuple[jax.Array, jax.Array]:
+    """Per-channel min / max over the filled tokens of each page (0 on empty slots), in `dtype` (default k's).
 
     k [B, Hkv, S, P, D], fill [B, Hkv, S] -> kmin, kmax [B, Hkv, S, D].
     """
+    k = k.astype(dtype or k.dtype)  # FP8 pages: bounds in the model's dtype (exact; e4m3fn has no infinity)
     valid = (jnp.arange(k.shape[3]) < fill[..., None])[..., None]  # [B, Hkv, S, P, 1]
     kmin = jnp.min(jnp.where(valid, k, jnp.inf), axis=3)
     kmax = jnp.max(jnp.where(valid, k, -jnp.inf), axis=3)
@@ -105,12 +128,12 @@ def write_prompt(layer: LayerCache, k: jax.Array, v: jax.Array, positions: jax.A
         layout = identity_layout(k_pages.shape[2], num_slots, layer["cur"].shape)
     page = jnp.maximum(layout, 0)  # [B, Hkv, S]
     gather = page[..., None, None]
-    k_pool = jnp.take_along_axis(k_pages, gather, axis=2).astype(layer["k"].dtype)  # [B, Hkv, S, P, D]
-    v_pool = jnp.take_along_axis(v_pages, gather, axis=2).astype(layer["v"].dtype)
+    k_pool = to_pool_dtype(jnp.take_along_axis(k_pages, gather, axis=2), layer["k"].dtype)  # [B, Hkv, S, P, D]
+    v_pool = to_pool_dtype(jnp.take_along_axis(v_pages, gather, axis=2), layer["v"].dtype)
     start = page * page_size
     fill = jnp.where(layout >= 0, jnp.clip(length - start, 0, page_size), 0).astype(jnp.int32)  # [B, Hkv, S]
     resident = fill > 0
-    kmin, kmax = page_key_bounds(k_pool, fill)
+    kmin, kmax = page_key_bounds(k_pool, fill, layer["kmin"].dtype)
     last_page = (length - 1) // page_size  # [B, 1, 1]
     cur = jnp.argmax(resident & (page == last_page), axis=-1).astype(jnp.int32)  # [B, Hkv]
     return {
@@ -145,11 +168,11 @@ def write_chunk(cache: dict[str, jax.Array], layer: jax.Array, k: jax.Array, v: 
     last = jnp.max(positions, axis=1)  # [B] last position so far, -1 = no token in this chunk
     active = last >= 0  # [B]
     token_valid = (positions >= 0)[..., None, None]  # [B, C, 1, 1]
-    k_pages = prompt_pages(jnp.where(token_valid, k, 0), page_size)  # [B, Hkv, C/P, P, D]
-    v_pages = prompt_pages(jnp.where(token_valid, v, 0), page_size)
+    k_pages = to_pool_dtype(prompt_pages(jnp.where(token_valid, k, 0), page_size), cache["k"].dtype)  # [B,Hkv,C/P,P,D]
+    v_pages = to_pool_dtype(prompt_pages(jnp.where(token_valid, v, 0), page_size), cache["v"].dtype)
     start = (first + jnp.arange(pages, dtype=jnp.int32)) * page_size  # [C/P]
     fill = jnp.broadcast_to(jnp.clip(last[:, None] + 1 - start, 0, page_size)[:, None, :], (b, hkv, pages))
-    kmin, kmax = page_key_bounds(k_pages, fill)  # [B, Hkv, C/P, D]
+    kmin, kmax = page_key_bounds(k_pages, fill, cache["kmin"].dtype)  # [B, Hkv, C/P, D]
     chunk = {"k": k_pages, "v": v_pages, "kmin": kmin, "kmax": kmax, "fill": fill.astype(jnp.int32),
              "start": jnp.where(fill > 0, start, 0).astype(jnp.int32), "pinned": (fill > 0) & pin}
     # Page j goes to slot j. The last chunk of a padded batch can reach past the pool (a Dense pool holds the longest

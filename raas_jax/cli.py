@@ -82,7 +82,8 @@ def policy_from_args(args: argparse.Namespace):
                 options[field.name] = parse_option(field, text)
             except ValueError as e:
                 raise ValueError(f"--{field.name.replace('_', '-')}: {e}") from None
-    return make_policy(name, budget=args.budget, page_size=args.page_size, backend=args.kernels, **options)
+    return make_policy(name, budget=args.budget, page_size=args.page_size, backend=args.kernels,
+                       kv_dtype=args.kv_dtype, **options)
 
 
 def add_policy_flags(p: argparse.ArgumentParser) -> None:
@@ -101,6 +102,15 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
                                help=f"{field.metadata['help']} (default {field.default})")
     p.add_argument("--kernels", default="auto", choices=list(KERNEL_BACKENDS),
                    help="attention kernels (default auto: Pallas on a GPU or TPU, the jnp reference elsewhere)")
+    add_kv_dtype_flag(p)
+
+
+def add_kv_dtype_flag(p: argparse.ArgumentParser) -> None:
+    from raas_jax.cache import KV_DTYPES
+
+    p.add_argument("--kv-dtype", default="auto", choices=list(KV_DTYPES),
+                   help="dtype the KV pages are stored in (default auto: the model's); fp8 = float8_e4m3fn, half the "
+                        "cache memory and attention bytes of bf16 (docs/accuracy.md measures what it costs)")
 
 
 def add_mesh_flag(p: argparse.ArgumentParser) -> None:
@@ -178,7 +188,7 @@ def _eval(args: argparse.Namespace) -> int:
     config = EvalConfig(dataset=args.dataset, policies=_csv(args.policies), budgets=budgets,
                         page_size=page_size, policy_page_sizes=policy_page_sizes,
                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                        limit=args.limit, fidelity=args.fidelity, model=args.model)
+                        limit=args.limit, fidelity=args.fidelity, model=args.model, kv_dtype=args.kv_dtype)
     grid(config)  # validates policy names and budgets before anything slow
     samples = load_samples(args.dataset, args.data_dir, args.question_field, args.answer_field, args.limit)
     out = Path(args.out)
@@ -296,8 +306,8 @@ def _bench(args: argparse.Namespace) -> int:
 
         check_torch()
     out.mkdir(parents=True, exist_ok=True)
-    policies = {k: dataclasses.replace(v, backend=args.kernels) for k, v in bench.default_policies().items()
-                if k in _csv(args.policies)}
+    policies = {k: dataclasses.replace(v, backend=args.kernels, kv_dtype=args.kv_dtype)
+                for k, v in bench.default_policies().items() if k in _csv(args.policies)}
     positions = [int(x) for x in _csv(args.positions)]
     batches = [int(x) for x in _csv(args.batches)]
     models = _csv(args.models)
@@ -427,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fidelity", action="store_true", help="also measure agreement / KL / divergence vs dense")
     p.add_argument("--model", default=None, help="model path (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default=None, choices=["bf16", "f32"])
+    add_kv_dtype_flag(p)
     p.add_argument("--out", default="out/eval", help="output folder; re-running resumes (default out/eval)")
     add_mesh_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -474,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "fits is added unless --no-largest-batch")
     p.add_argument("--kernels", default="auto", choices=list(KERNEL_BACKENDS),
                    help="e2e: attention kernels the policies use (default auto)")
+    add_kv_dtype_flag(p)
     p.add_argument("--shapes", default="", help="kernels: comma-separated shape names (default: all)")
     p.add_argument("--calls", type=int, default=None, help="kernels: calls per timed loop (default: ~20 GB read)")
     p.add_argument("--sweep", action="store_true", help="kernels: also time a grid of launch parameters")

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 
 from raas_jax import kernels
 from raas_jax.kernels.reference import rank_descending, top_half_mask
-from raas_jax.cache import (LayerCache, append_token, compact_pages, init_pool, layer_at, page_sums, refresh_stamps,
-                            store_layer, write_chunk, write_prompt)
+from raas_jax.cache import (LayerCache, append_token, check_kv_dtype, compact_pages, init_pool, layer_at, page_sums,
+                            refresh_stamps, store_layer, write_chunk, write_prompt)
 from raas_jax.models.config import ModelConfig
 
 INT32_MAX = jnp.iinfo(jnp.int32).max
@@ -125,6 +125,7 @@ class Policy:
 
     page_size: int = 16
     backend: str = "auto"
+    kv_dtype: str = "auto"  # the pages' storage dtype (cache.KV_DTYPES): "auto" = the model's, "fp8" = e4m3fn
 
     name: ClassVar[str] = "policy"
     fixed_budget: ClassVar[bool] = False  # True: the cache size depends on the budget alone
@@ -134,6 +135,7 @@ class Policy:
     def __post_init__(self):
         if self.page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+        check_kv_dtype(self.kv_dtype)
 
     # sizing ---------------------------------------------------------------------------------
     def num_slots(self, longest_prompt: int, max_new_tokens: int) -> int:
@@ -145,7 +147,7 @@ class Policy:
         """Raise a ValueError that says what to change when a prompt cannot fit."""
 
     def init(self, cfg: ModelConfig, batch: int, num_slots: int, dtype: Any) -> dict[str, jax.Array]:
-        return init_pool(cfg, batch, num_slots, self.page_size, dtype)
+        return init_pool(cfg, batch, num_slots, self.page_size, dtype, self.kv_dtype)
 
     # chunked prefill (docs/notes.md, issue 16) ----------------------------------------------------------------
     def chunkable(self, longest_prompt: int) -> bool:
@@ -225,8 +227,7 @@ class _FixedBudget(Policy):
     fixed_budget: ClassVar[bool] = True
 
     def __post_init__(self):
-        if self.page_size < 1:
-            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+        super().__post_init__()
         if self.budget % self.page_size:
             raise ValueError(f"budget {self.budget} is not a multiple of page_size {self.page_size}; "
                              f"use e.g. budget={self.budget // self.page_size * self.page_size or self.page_size}")
@@ -521,11 +522,11 @@ def make_policy(name: str, budget: int | None = None, page_size: int = 16, **opt
     if key not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
     cls = POLICIES[key]
-    allowed = {f.name for f in policy_options(cls)} | {"backend"}
+    allowed = {f.name for f in policy_options(cls)} | {"backend", "kv_dtype"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         flags = ", ".join("--" + n.replace("_", "-") for n in unknown)
-        takes = ", ".join("--" + n.replace("_", "-") for n in sorted(allowed - {"backend"})) or "no options"
+        takes = ", ".join("--" + n.replace("_", "-") for n in sorted(allowed - {"backend", "kv_dtype"})) or "no options"
         raise ValueError(f"{flags} does not apply to policy {key!r} (it takes {takes})")
     if cls is Dense:
         return Dense(page_size=page_size, **options)

@@ -39,11 +39,13 @@ def page_pool(rng, b, hkv, group, s, page, d):
     return q, k, v, fill
 
 
-def random_pool(rng, layers, b, hkv, s, page, d, dtype=jnp.float32):
-    """Stacked pool arrays (kernels.POOL_ARRAYS) with random contents; some rows' current page full."""
+def random_pool(rng, layers, b, hkv, s, page, d, dtype=jnp.float32, kv_dtype=None):
+    """Stacked pool arrays (kernels.POOL_ARRAYS) with random contents; some rows' current page full. Pages in
+    `kv_dtype` (default `dtype`), key bounds in `dtype`."""
     fill = rng.integers(0, page + 1, (layers, b, hkv, s)).astype(np.int32)
-    return {"k": jnp.asarray(rng.normal(size=(layers, b, hkv, s, page, d)), dtype),
-            "v": jnp.asarray(rng.normal(size=(layers, b, hkv, s, page, d)), dtype),
+    pages = kv_dtype or dtype
+    return {"k": jnp.asarray(rng.normal(size=(layers, b, hkv, s, page, d)), dtype).astype(pages),
+            "v": jnp.asarray(rng.normal(size=(layers, b, hkv, s, page, d)), dtype).astype(pages),
             "kmin": jnp.asarray(rng.normal(size=(layers, b, hkv, s, d)), dtype),
             "kmax": jnp.asarray(rng.normal(size=(layers, b, hkv, s, d)), dtype),
             "fill": jnp.asarray(fill), "start": jnp.asarray(rng.integers(0, 500, fill.shape), jnp.int32),

@@ -12,13 +12,15 @@ import pytest
 from raas_jax import bench
 from raas_jax.cli import main as cli_main
 from raas_jax.generate import Generator
+from raas_jax.cache import pool_dtype
 from raas_jax.policies import Dense, Quest, RaaS
 
 CFG = bench.MODEL_SHAPES["tiny"]
 
 
 @pytest.mark.parametrize("policy", [Dense(page_size=4), Quest(budget=32, page_size=4, dense_layers=1),
-                                    RaaS(budget=32, page_size=4)])
+                                    RaaS(budget=32, page_size=4), RaaS(budget=32, page_size=4, kv_dtype="fp8")],
+                         ids=["dense", "quest", "raas", "raas-fp8"])
 def test_synthetic_state_is_consistent_and_decodes(policy):
     position, prompt = 100, 12
     cache = bench.synthetic_cache(policy, CFG, 2, position, prompt, 10, jnp.float32)
@@ -32,8 +34,9 @@ def test_synthetic_state_is_consistent_and_decodes(policy):
         assert (start + fill).max() == position  # the current page ends at the position
     else:
         assert (resident_tokens == position).all()
-    k = np.asarray(cache["k"])
-    assert not np.allclose(k[0], k[1]) and np.asarray(cache["v"]).std() > 0.5  # every layer drawn, v too
+    assert cache["k"].dtype == pool_dtype(policy.kv_dtype, jnp.float32) and cache["kmin"].dtype == jnp.float32
+    k = np.asarray(cache["k"], np.float32)
+    assert not np.allclose(k[0], k[1]) and np.asarray(cache["v"], np.float32).std() > 0.5  # every layer drawn, v too
     valid = np.arange(page)[None, None, None, None, :, None] < fill[..., None, None]
     np.testing.assert_allclose(np.asarray(cache["kmax"]), np.where(valid, k, -np.inf).max(4).clip(
         min=np.where(fill[..., None] > 0, -np.inf, 0)), rtol=1e-6)
@@ -62,6 +65,7 @@ def test_kv_bytes_read_by_policy():
     assert bench.kv_bytes_read(RaaS(budget=1024), cfg, 2, 32768, jnp.bfloat16) == 2 * 1024 * per_token
     quest = bench.kv_bytes_read(Quest(budget=1024), cfg, 1, 32768, jnp.bfloat16)
     assert 1024 * per_token < quest < 32768 * per_token
+    assert bench.kv_bytes_read(RaaS(budget=1024, kv_dtype="fp8"), cfg, 2, 32768, jnp.bfloat16) == 1024 * per_token
 
 
 def test_bench_cli_on_cpu(tmp_path, capsys):

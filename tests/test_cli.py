@@ -65,6 +65,8 @@ def test_policy_flags_come_from_the_policy_dataclasses():
         parse("--policy", "raas", "--budget", "64", "--refresh", "half")
     with pytest.raises(ValueError, match="--pin-prefill: expected true or false"):
         parse("--policy", "raas", "--budget", "64", "--pin-prefill", "maybe")
+    assert parse("--policy", "raas", "--budget", "64", "--kv-dtype", "fp8") == RaaS(budget=64, kv_dtype="fp8")
+    assert parse("--kv-dtype", "bfloat16") == Dense(kv_dtype="bfloat16")
 
 
 def run_without_torch(tmp_path, code: str) -> "subprocess.CompletedProcess":

@@ -156,8 +156,8 @@ def test_resume_checks_dtype_fields_data_hash_fidelity_and_resolved_model(tmp_pa
                        ("data_sha256", "abd")):
         with pytest.raises(ValueError, match=key):
             check_config(tmp_path, config, **{**recorded, key: value})
-    for change in ({"fidelity": True}, {"model": str(tmp_path / "other")}):
-        with pytest.raises(ValueError, match="different (fidelity|model_resolved)"):
+    for change in ({"fidelity": True}, {"model": str(tmp_path / "other")}, {"kv_dtype": "fp8"}):
+        with pytest.raises(ValueError, match="different (fidelity|model_resolved|kv_dtype)"):
             check_config(tmp_path, EvalConfig(**{**config.__dict__, **change}), **recorded)
 
 

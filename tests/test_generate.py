@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -312,3 +313,32 @@ def test_new_prompt_lengths_reuse_the_compiled_chunk(model):
         assert compiled is None or sizes == compiled
         compiled = sizes
     assert "start" not in gen.__dict__  # the whole-prompt prefill was never compiled
+
+
+FP8_POLICIES = [Dense(page_size=4), RaaS(budget=64, page_size=4), Quest(budget=16, page_size=4),
+                H2O(budget=64, page_size=4), StreamingLLM(budget=64, page_size=4)]
+
+
+@pytest.mark.parametrize("policy", FP8_POLICIES, ids=lambda p: p.name)
+def test_fp8_kv_cache_stores_8_bit_pages_and_stays_close(model, policy):
+    """kv_dtype="fp8": every policy decodes from 8-bit pages (the cache says so), with teacher-forced logits within
+    a few percent of the f32 cache's. The error is an FP8 one: ~10x bf16's on the same run (so the pages really
+    are 8-bit), and a RaaS or H2O eviction may differ where the stored keys round differently."""
+    from raas_jax.api import teacher_forced_logits
+
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(3, 300, 40)), list(rng.integers(3, 300, 23))]
+    continuations = [list(rng.integers(3, 300, 60)), list(rng.integers(3, 300, 60))]
+    full, fp8, bf16 = (teacher_forced_logits(model, prompts, continuations, dataclasses.replace(policy, kv_dtype=kv))
+                       for kv in ("auto", "fp8", "bfloat16"))
+    error = lambda other: max(float(np.max(np.abs(a - b))) for a, b in zip(full, other))  # noqa: E731
+    scale = max(float(np.max(np.abs(a))) for a in full)
+    assert error(fp8) < 0.1 * scale
+    if policy.name in ("dense", "quest", "streaming"):  # no decision rides on the rounding
+        assert error(fp8) > 3 * error(bf16)
+    gen = model._generator(dataclasses.replace(policy, kv_dtype="fp8"))
+    tokens, state = run_generation(gen, model.params, prompts, max_new_tokens=40, eos_ids=(), prefill_chunk=16)
+    assert state.cache["k"].dtype == state.cache["v"].dtype == jnp.float8_e4m3fn
+    assert state.cache["kmin"].dtype == jnp.float32
+    assert np.isfinite(np.asarray(state.cache["k"], np.float32)).all()
+    assert all(len(t) == 40 for t in tokens)

@@ -151,13 +151,15 @@ def test_pallas_top_k_mask_on_gpu(slots, k):
     assert (got == want).all()
 
 
-def test_pallas_append_on_gpu():
-    """The one-launch append writes what the XLA scatters write, at decode shapes, on the real Triton path."""
+@pytest.mark.parametrize("kv_dtype", [None, jnp.float8_e4m3fn])
+def test_pallas_append_on_gpu(kv_dtype):
+    """The one-launch append writes what the XLA scatters write, at decode shapes, on the real Triton path (FP8
+    pages: the GPU's saturating cast gives the reference's clipped values)."""
     rng = np.random.default_rng(5)
     layers, b, hkv, s, page, d = 4, 8, 8, 160, 16, 128
-    pool = random_pool(rng, layers, b, hkv, s, page, d, jnp.bfloat16)
-    k = jnp.asarray(rng.normal(size=(b, hkv, d)), jnp.bfloat16)
-    v = jnp.asarray(rng.normal(size=(b, hkv, d)), jnp.bfloat16)
+    pool = random_pool(rng, layers, b, hkv, s, page, d, jnp.bfloat16, kv_dtype)
+    k = jnp.asarray(rng.normal(size=(b, hkv, d)), jnp.bfloat16).at[0, 0, 7].set(1000.0)
+    v = jnp.asarray(rng.normal(size=(b, hkv, d)), jnp.bfloat16).at[1, 2, 0].set(-1000.0)
     positions = jnp.asarray(rng.integers(3000, 4000, b), jnp.int32)
     victim = jnp.asarray(rng.integers(0, s, (b, hkv)), jnp.int32)
     for layer in (0, layers - 1):
@@ -167,6 +169,25 @@ def test_pallas_append_on_gpu():
             np.testing.assert_array_equal(np.asarray(got[0][name]), np.asarray(want[0][name]), err_msg=name)
         np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
         np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(want[2]))
+
+
+@pytest.mark.parametrize("listed", [None, 64])
+def test_pallas_fp8_decode_attention_on_gpu(listed):
+    """An FP8 pool at Llama-3-8B's attention shapes: the kernel's per-tile upcast equals the reference over the
+    same values in bf16."""
+    rng = np.random.default_rng(8)
+    b, hkv, group, s, page, d = 16, 8, 4, 256, 16, 128
+    q = jnp.asarray(rng.normal(size=(b, hkv * group, d)), jnp.bfloat16)
+    k = jnp.asarray(rng.normal(size=(2, b, hkv, s, page, d)), jnp.float32).astype(jnp.float8_e4m3fn)
+    v = jnp.asarray(rng.normal(size=(2, b, hkv, s, page, d)), jnp.float32).astype(jnp.float8_e4m3fn)
+    fill = jnp.asarray(rng.integers(0, page + 1, (b, hkv, s)), jnp.int32)
+    slots = None if listed is None else jnp.asarray(np.sort(rng.permutation(s)[:listed]) * np.ones((b, hkv, 1),
+                                                                                                 np.int64), jnp.int32)
+    out, mass = kernels.decode_attention(q, k, v, fill, slots, layer=jnp.int32(1), backend="pallas")
+    want, want_mass = kernels.decode_attention(q, k[1].astype(jnp.bfloat16), v[1].astype(jnp.bfloat16), fill, slots,
+                                               backend="reference")
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(np.asarray(mass), np.asarray(want_mass), rtol=2e-2, atol=2e-3)
 
 
 def test_pallas_refresh_on_gpu():

@@ -125,6 +125,27 @@ def test_pallas_decode_attention_matches_reference_in_interpret_mode(group, head
     np.testing.assert_allclose(np.asarray(via_dispatch), np.asarray(ref_out), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["reference", "pallas", "pallas_tpu"])  # pallas_tpu: falls back to the reference
+@pytest.mark.parametrize("q_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("listed", [False, True])
+def test_fp8_pool_attends_as_its_values_upcast(backend, q_dtype, listed):
+    """An FP8 pool (kv_dtype="fp8") is stored only: attention over it equals attention over the same values in q's
+    dtype, with or without a slot list, stacked over layers."""
+    rng = np.random.default_rng(7 + listed)
+    q, k, v, fill = page_pool(rng, 2, 2, 4, 32, 16, 128)
+    q = jnp.asarray(q, q_dtype)
+    k8 = jnp.stack([jnp.asarray(3 * k), jnp.asarray(k)]).astype(jnp.float8_e4m3fn)  # [L=2, ...]: layer 1 read
+    v8 = jnp.stack([jnp.asarray(v), jnp.asarray(2 * v)]).astype(jnp.float8_e4m3fn)
+    slots = jnp.asarray(rng.integers(-1, 32, (2, 2, 8)), jnp.int32) if listed else None
+    out, mass = kernels.decode_attention(q, k8, v8, fill, slots, layer=1, backend=backend)
+    want, want_mass = kernels.decode_attention(q, k8[1].astype(q_dtype), v8[1].astype(q_dtype), fill, slots,
+                                               backend="reference")
+    assert out.dtype == q.dtype
+    tol = 1e-5 if q_dtype == "float32" else 2e-2
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(mass), np.asarray(want_mass), rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("live", [(1, 64), (17, 5), (64, 33)])
 def test_pallas_live_slots_skips_the_empty_tail(live):
     """With `live_slots`, blocks past the bound are not read: NaN pages there (fill 0) would poison the output if
@@ -252,6 +273,15 @@ def test_auto_backend_is_the_reference_on_cpu():
     assert kernels.resolve("auto") == "reference"
 
 
+def stored(x, dtype):
+    """A key or value row as a pool of `dtype` stores it: FP8 saturates at its largest finite value."""
+    x = np.asarray(x, np.float32)
+    if np.dtype(dtype).itemsize == 1:
+        top = float(jnp.finfo(dtype).max)
+        x = np.clip(x, -top, top)
+    return x.astype(dtype)
+
+
 def brute_append(pool, layer, k, v, positions, victim, page):
     """Per (sequence, head) with Python control flow: the append rule of kernels/reference.py's docstring."""
     out = {name: np.array(x) for name, x in pool.items()}
@@ -268,9 +298,10 @@ def brute_append(pool, layer, k, v, positions, victim, page):
                 slot, offset = (free[0] if free else victim[bi, h]), 0
                 if not free:
                     evicted[bi, h] = victim[bi, h]
-            key = np.asarray(k[bi, h]).astype(out["k"].dtype)
+            key = stored(k[bi, h], out["k"].dtype)
             out["k"][layer, bi, h, slot, offset] = key
-            out["v"][layer, bi, h, slot, offset] = np.asarray(v[bi, h]).astype(out["v"].dtype)
+            out["v"][layer, bi, h, slot, offset] = stored(v[bi, h], out["v"].dtype)
+            key = key.astype(out["kmin"].dtype)  # the bounds bound the key as stored
             at = (layer, bi, h, slot)
             out["kmin"][at] = key if new_page else np.minimum(out["kmin"][at], key)
             out["kmax"][at] = key if new_page else np.maximum(out["kmax"][at], key)
@@ -282,14 +313,17 @@ def brute_append(pool, layer, k, v, positions, victim, page):
 
 
 @pytest.mark.parametrize("backend", ["reference", "pallas"])
-@pytest.mark.parametrize("slots,free", [(8, True), (8, False), (5, False), (12, True)])  # 5, 12: not 2^n
-def test_append_token_matches_brute_force(backend, slots, free):
+@pytest.mark.parametrize("slots,free,kv_dtype", [(8, True, None), (8, False, None), (5, False, None),
+                                                 (12, True, None), (8, False, "float8_e4m3fn"),
+                                                 (5, True, "float8_e5m2")])  # 5, 12: not 2^n
+def test_append_token_matches_brute_force(backend, slots, free, kv_dtype):
     """The append (reference: XLA scatters; pallas: one kernel, interpret mode here) writes exactly what the rule
-    says into the given layer and nothing else: the current page, else the first free slot, else the victim."""
+    says into the given layer and nothing else: the current page, else the first free slot, else the victim.
+    FP8 pages: the row saturates (one key is 1000, past e4m3fn's 448) and the bounds take the stored key."""
     rng = np.random.default_rng(slots + free)
     layers, b, hkv, page, d = 3, 4, 2, 4, 16
     for trial in range(3):
-        pool = random_pool(rng, layers, b, hkv, slots, page, d)
+        pool = random_pool(rng, layers, b, hkv, slots, page, d, kv_dtype=kv_dtype)
         fill = np.array(pool["fill"])
         cur = rng.integers(0, slots - 1, (layers, b, hkv)).astype(np.int32)  # never the last slot
         fill[:, :2, 0] = page  # rows 0, 1 of head 0: every page full, the current one included
@@ -298,8 +332,8 @@ def test_append_token_matches_brute_force(backend, slots, free):
         else:
             fill[fill == 0] = 1
         pool["fill"], pool["cur"] = jnp.asarray(fill), jnp.asarray(cur)
-        k = jnp.asarray(rng.normal(size=(b, hkv, d)), jnp.float32)
-        v = jnp.asarray(rng.normal(size=(b, hkv, d)), jnp.float32)
+        k = jnp.asarray(rng.normal(size=(b, hkv, d)), jnp.float32).at[0, 0, 3].set(1000.0)
+        v = jnp.asarray(rng.normal(size=(b, hkv, d)), jnp.float32).at[1, 1, 0].set(-1000.0)
         positions = jnp.asarray(rng.integers(500, 900, b), jnp.int32)
         victim = jnp.asarray(rng.integers(0, slots, (b, hkv)), jnp.int32)
         layer = trial % layers
@@ -310,7 +344,9 @@ def test_append_token_matches_brute_force(backend, slots, free):
         np.testing.assert_array_equal(np.asarray(got_evicted), want_evicted)
         assert (want_evicted >= 0).any() == (not free)
         for name in kernels.POOL_ARRAYS:
+            assert got[name].dtype == pool[name].dtype, name
             np.testing.assert_array_equal(np.asarray(got[name]), want[name], err_msg=name)
+        assert not np.isnan(np.asarray(got["k"], np.float32)).any()
 
 
 @pytest.mark.parametrize("slots", [64, 160])

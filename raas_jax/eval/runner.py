@@ -39,6 +39,7 @@ class EvalConfig:
     fidelity: bool = False
     model: str | None = None
     policy_page_sizes: tuple[tuple[str, tuple[int, ...]], ...] = ()  # e.g. (("h2o", (1, 16)),)
+    kv_dtype: str = "auto"  # every policy's page storage dtype (cache.KV_DTYPES)
 
     def page_sizes(self, policy_name: str) -> tuple[int, ...]:
         return dict(self.policy_page_sizes).get(policy_name, (self.page_size,))
@@ -101,13 +102,15 @@ def grid(config: EvalConfig) -> list[Cell]:
             seen.add(label)
             specs.append((label, name, options))
     if any(name == "dense" for _, name, _ in specs) or config.fidelity:
-        cells.append(Cell("dense", None, Dense(page_size=config.page_size), config.page_size))
+        cells.append(Cell("dense", None, Dense(page_size=config.page_size, kv_dtype=config.kv_dtype),
+                          config.page_size))
     for label, name, options in specs:
         if name == "dense":
             continue
         for budget in config.budgets:
             for page_size in config.page_sizes(name):
-                cells.append(Cell(label, budget, make_policy(name, budget=budget, page_size=page_size, **options),
+                cells.append(Cell(label, budget, make_policy(name, budget=budget, page_size=page_size,
+                                                              kv_dtype=config.kv_dtype, **options),
                                   config.page_size))
     return cells
 
@@ -189,7 +192,8 @@ def check_config(out: Path, config: EvalConfig, **recorded: Any) -> None:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON ({e}): use another --out") from None
         saved.setdefault("policy_page_sizes", [])
-        fixed = ["dataset", "page_size", "policy_page_sizes", "max_new_tokens", "fidelity"]
+        saved.setdefault("kv_dtype", "auto")  # runs from before the option stored pages in the model's dtype
+        fixed = ["dataset", "page_size", "policy_page_sizes", "max_new_tokens", "fidelity", "kv_dtype"]
         fixed += ["model_resolved" if "model_resolved" in saved else "model"]  # the same model by another path
         fixed += [k for k in recorded if k in saved]  # runs from before a key was recorded do not have it
         changed = [k for k in fixed if saved.get(k) != current.get(k)]
@@ -276,7 +280,8 @@ def _fidelity(model: Model, cell: Cell, runnable: list[Sample], results, prompts
     missing = [s for s in runnable if s.id not in dense_logits]
     if missing:
         logits = teacher_forced_logits(model, [prompts[s.id] for s in missing],
-                                       [done[("dense", s.id)]["token_ids"] for s in missing], Dense())
+                                       [done[("dense", s.id)]["token_ids"] for s in missing],
+                                       Dense(kv_dtype=cell.policy.kv_dtype))  # the dense rows' own cache dtype
         dense_logits.update({s.id: lg for s, lg in zip(missing, logits)})
     forced = teacher_forced_logits(model, [prompts[s.id] for s in runnable], [r["token_ids"] for r in dense_rows],
                                    cell.policy)
