@@ -47,6 +47,7 @@ class AttentionTuning:
     target_programs: int = 1024  # splits grow until (B * Hkv * splits) reaches this
     num_warps: int = 4
     num_stages: int = 2
+    prefetch: bool = False  # load block i + 1 into registers while block i is computed (a manual pipeline)
 
 
 DEFAULT_TUNING = AttentionTuning()
@@ -84,7 +85,7 @@ def supports(q, k, slots=None, stacked: bool = False) -> bool:
     return offsets_fit(k) and d >= 16 and d & (d - 1) == 0 and plan(q.shape[0], hkv, listed, page) is not None
 
 
-def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, splits, has_slots):
+def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, splits, has_slots, prefetch):
     if has_slots:
         (layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, slots_ref,
          o_ref, m_ref, l_ref, sums_ref, block_max_ref) = refs
@@ -99,11 +100,11 @@ def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, splits,
     live_blocks = (live_ref[0] + block_slots - 1) // block_slots
     walked = jnp.clip((live_blocks - split + splits - 1) // splits, 0, blocks_per_split)
 
-    def body(i, carry):
-        o, m, l = carry  # [R, D], [R], [R]
+    token = jax.lax.broadcasted_iota(jnp.int32, (tokens,), 0)  # [T]
+    offset = token % page  # position of each token in its page
+
+    def load(i):  # block i's pages: k, v [T, D] in the pool's dtype, tokens filled in their slot [T]
         first = (i * splits + split) * block_slots
-        token = jax.lax.broadcasted_iota(jnp.int32, (tokens,), 0)  # [T]
-        offset = token % page  # position of each token in its page
         # every load below is [T] or [T, D]: no reshape (layout change) of tiles in-kernel
         if has_slots:
             ids = slots_ref[first + token // page]  # [T] the slot each token comes from (repeated per page)
@@ -111,11 +112,12 @@ def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, splits,
             ids = jnp.maximum(ids, 0)
             k = k_ref[layer, ids * page + offset]  # [T, D] rows gathered from the flat pool
             v = v_ref[layer, ids * page + offset]
-            token_fill = jnp.where(present, fill_ref[ids], 0)  # [T]
-        else:  # the slot range of one head is contiguous
-            k = k_ref[layer, pl.ds(first * page, tokens)]  # [T, D]
-            v = v_ref[layer, pl.ds(first * page, tokens)]
-            token_fill = fill_ref[first + token // page]  # [T]
+            return k, v, jnp.where(present, fill_ref[ids], 0)  # [T]
+        # the slot range of one head is contiguous
+        return k_ref[layer, pl.ds(first * page, tokens)], v_ref[layer, pl.ds(first * page, tokens)], \
+            fill_ref[first + token // page]
+
+    def attend(i, o, m, l, k, v, token_fill):
         valid = offset < token_fill  # [T]
         k, v = k.astype(q.dtype), v.astype(q.dtype)  # an FP8 pool's tiles upcast in registers (else a no-op)
         logits = pltriton.dot(q, k, trans_b=True).astype(jnp.float32) * scale  # [R, T]
@@ -131,7 +133,15 @@ def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, splits,
 
     init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
-    o, m, l = jax.lax.fori_loop(0, walked, body, init)
+    if prefetch:  # the next block's tiles are loaded into registers while this block is computed
+        def body(i, carry):
+            o, m, l, k, v, token_fill = carry
+            ahead = load(jnp.minimum(i + 1, walked - 1))
+            return (*attend(i, o, m, l, k, v, token_fill), *ahead)
+
+        o, m, l, *_ = jax.lax.fori_loop(0, walked, body, (*init, *load(0)))
+    else:
+        o, m, l = jax.lax.fori_loop(0, walked, lambda i, carry: attend(i, *carry, *load(i)), init)
 
     def skip(i, carry):  # blocks past the live bound: no mass
         sums_ref[i] = jnp.zeros((rows, block_slots), jnp.float32)
@@ -191,7 +201,8 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, 
         inputs.append(slots.astype(jnp.int32))
     blocks = splits * per_split
     kernel = functools.partial(_attention_kernel, scale=scale, page=page, block_slots=block_slots,
-                               blocks_per_split=per_split, splits=splits, has_slots=slots is not None)
+                               blocks_per_split=per_split, splits=splits, has_slots=slots is not None,
+                               prefetch=tuning.prefetch)
     o, m, l, sums, block_max = pl.pallas_call(
         kernel,
         grid=(b, hkv, splits),

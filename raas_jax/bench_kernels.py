@@ -49,13 +49,16 @@ SHAPES = (
 )
 
 
-def make_inputs(shape: Shape, seed: int = 0):
+def make_inputs(shape: Shape, seed: int = 0, kv_dtype=None):
+    """q, k, v, fill, slot list (Quest shapes) of `shape`; pages in bf16 or `kv_dtype` (e.g. float8_e4m3fn)."""
     slots = shape.tokens // PAGE
     keys = jax.random.split(jax.random.PRNGKey(seed), 4)
     q = jax.random.normal(keys[0], (shape.batch, Q_HEADS, HEAD_DIM), jnp.bfloat16)
     k = jax.random.normal(keys[1], (shape.batch, KV_HEADS, slots, PAGE, HEAD_DIM), jnp.bfloat16)
     v = jax.random.normal(keys[2], (shape.batch, KV_HEADS, slots, PAGE, HEAD_DIM), jnp.bfloat16)
     fill = jnp.full((shape.batch, KV_HEADS, slots), PAGE, jnp.int32)
+    if kv_dtype is not None:
+        k, v = k.astype(kv_dtype), v.astype(kv_dtype)
     chosen = None
     if shape.selected:
         scores = jax.random.normal(keys[3], fill.shape)
@@ -146,9 +149,11 @@ def paged_attention_variants(q, k, v, fill, chosen):
 def our_variants(sweep: bool) -> dict[str, pallas_gpu.AttentionTuning]:
     if not sweep:
         return {"pallas (default)": pallas_gpu.DEFAULT_TUNING}
-    grid = [(64, 1024, 4, 2), (128, 1024, 4, 2), (256, 1024, 4, 2), (128, 1024, 8, 2), (256, 1024, 8, 2),
-            (64, 4096, 4, 2), (128, 4096, 4, 2), (64, 1024, 4, 3)]
-    return {f"pallas T={t} prog={p} w={w} s={s}": pallas_gpu.AttentionTuning(t, p, w, s) for t, p, w, s in grid}
+    grid = [(64, 1024, 4, 2, False), (128, 1024, 4, 2, False), (256, 1024, 4, 2, False), (128, 1024, 8, 2, False),
+            (64, 4096, 4, 2, False), (64, 1024, 4, 3, False), (64, 1024, 4, 1, True), (64, 1024, 4, 2, True),
+            (128, 1024, 4, 1, True), (128, 1024, 8, 1, True)]
+    return {f"pallas T={t} prog={p} w={w} s={s}" + (" prefetch" if f else ""): pallas_gpu.AttentionTuning(t, p, w, s, f)
+            for t, p, w, s, f in grid}
 
 
 def calls_for(shape: Shape, target_bytes: float = 2e10) -> int:
@@ -157,13 +162,18 @@ def calls_for(shape: Shape, target_bytes: float = 2e10) -> int:
 
 
 def run_kernels(shapes=SHAPES, calls: int | None = None, sweep: bool = False, out: Path | None = None,
-                verbose: bool = True) -> list[dict]:
-    """Time every variant at every shape; returns rows {shape, variant, us, tbps, ...} (also written to `out`)."""
+                verbose: bool = True, kv_dtype=None) -> list[dict]:
+    """Time every variant at every shape; returns rows {shape, variant, us, tbps, ...} (also written to `out`).
+    `kv_dtype` (e.g. jnp.float8_e4m3fn): our kernel and the reference read pages of that dtype (TB/s counts their
+    bytes); torch SDPA and paged_attention stay bf16."""
     interpret = jax.default_backend() != "gpu"
     rows: list[dict] = []
+    itemsize = 2 if kv_dtype is None else jnp.dtype(kv_dtype).itemsize
 
     def record(shape: Shape, variant: str, seconds: float | None, error: str = "", read_bytes: int | None = None):
-        read_bytes = shape.kv_bytes() if read_bytes is None else read_bytes
+        if read_bytes is None:  # the pages this variant reads: ours in kv_dtype, torch / paged_attention in bf16
+            ours = variant.startswith(("pallas", "jnp"))
+            read_bytes = shape.kv_bytes(itemsize if ours else 2)
         row = {"shape": shape.name, "batch": shape.batch, "tokens": shape.tokens, "selected": shape.selected,
                "variant": variant, "us": None if seconds is None else seconds * 1e6,
                "tbps": None if seconds is None else read_bytes / seconds / 1e12, "error": error[:300]}
@@ -176,7 +186,7 @@ def run_kernels(shapes=SHAPES, calls: int | None = None, sweep: bool = False, ou
 
     for shape in shapes:
         n = calls or calls_for(shape)
-        q, k, v, fill, chosen = make_inputs(shape)
+        q, k, v, fill, chosen = make_inputs(shape, kv_dtype=kv_dtype)
         mass_ref = None
         pool = (k, v, fill, chosen)
         timed: dict[str, tuple[Callable, tuple]] = {
@@ -185,7 +195,7 @@ def run_kernels(shapes=SHAPES, calls: int | None = None, sweep: bool = False, ou
         for name, tuning in ours.items():
             timed[name] = (lambda q, *pool, t=tuning: pallas_gpu.decode_attention(
                 q, *pool, tuning=t, interpret=interpret)[0], pool)
-        if not interpret:
+        if not interpret and kv_dtype is None:
             timed.update(paged_attention_variants(q, k, v, fill, chosen))
         for variant, (step, operands) in timed.items():
             try:

@@ -372,7 +372,10 @@ def _bench_kernels(args: argparse.Namespace, out) -> int:
         raise ValueError(f"no shape named {args.shapes!r}; choose from: "
                          + ", ".join(s.name for s in bench_kernels.SHAPES))
     out.mkdir(parents=True, exist_ok=True)
-    rows = bench_kernels.run_kernels(shapes, args.calls, args.sweep, out / "kernels.json")
+    from raas_jax.cache import KV_DTYPES
+
+    rows = bench_kernels.run_kernels(shapes, args.calls, args.sweep, out / "kernels.json",
+                                     kv_dtype=KV_DTYPES[args.kv_dtype])  # "auto": bf16
     table = bench_kernels.summary_table(rows)
     (out / "kernels.md").write_text(table + "\n")
     bench_kernels.plot_kernels(rows, out / "kernels_tbps.png")

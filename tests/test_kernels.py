@@ -117,7 +117,8 @@ def test_pallas_decode_attention_matches_reference_in_interpret_mode(group, head
     ref_out, ref_mass = kernels.decode_attention(q, k, v, fill, backend="reference")
     # default launch, then one that loops over several blocks per program, then one block per program
     for tuning in (pallas_gpu.DEFAULT_TUNING, pallas_gpu.AttentionTuning(block_tokens=32, target_programs=1),
-                   pallas_gpu.AttentionTuning(block_tokens=256, target_programs=4096)):
+                   pallas_gpu.AttentionTuning(block_tokens=256, target_programs=4096),
+                   pallas_gpu.AttentionTuning(block_tokens=32, target_programs=1, prefetch=True)):
         out, mass = pallas_gpu.decode_attention(q, k, v, fill, interpret=True, tuning=tuning)
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.asarray(mass), np.asarray(ref_mass), rtol=1e-5, atol=1e-6)
@@ -183,7 +184,8 @@ def test_pallas_slot_list_matches_reference_in_interpret_mode(group, head_dim, p
     slots = np.stack([[rng.permutation(s)[:listed] for _ in range(hkv)] for _ in range(b)]).astype(np.int32)
     slots[0, 1, -3:] = -1  # fewer resident pages than the budget: padded with -1
     ref_out, ref_mass = kernels.decode_attention(q, k, v, fill, slots, backend="reference")
-    for tuning in (pallas_gpu.DEFAULT_TUNING, pallas_gpu.AttentionTuning(block_tokens=32, target_programs=1)):
+    for tuning in (pallas_gpu.DEFAULT_TUNING, pallas_gpu.AttentionTuning(block_tokens=32, target_programs=1),
+                   pallas_gpu.AttentionTuning(block_tokens=16, target_programs=1, prefetch=True)):
         out, mass = pallas_gpu.decode_attention(q, k, v, fill, slots, interpret=True, tuning=tuning)
         assert mass.shape == (b, hkv, listed)
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=1e-5, atol=1e-5)
