@@ -47,7 +47,8 @@ class AttentionTuning:
     target_programs: int = 1024  # splits grow until (B * Hkv * splits) reaches this
     num_warps: int = 4
     num_stages: int = 2
-    prefetch: bool = False  # load block i + 1 into registers while block i is computed (a manual pipeline)
+    transposed: bool = False  # compute logits^T = k q^T (keys as the first dot operand)
+    fp8_as_f16: bool = False  # over an FP8 pool: compute in float16 (one conversion from e4m3), q pre-scaled
 
 
 DEFAULT_TUNING = AttentionTuning()
@@ -85,7 +86,7 @@ def supports(q, k, slots=None, stacked: bool = False) -> bool:
     return offsets_fit(k) and d >= 16 and d & (d - 1) == 0 and plan(q.shape[0], hkv, listed, page) is not None
 
 
-def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, splits, has_slots, prefetch):
+def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, splits, has_slots, transposed):
     if has_slots:
         (layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, slots_ref,
          o_ref, m_ref, l_ref, sums_ref, block_max_ref) = refs
@@ -120,28 +121,30 @@ def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, splits,
     def attend(i, o, m, l, k, v, token_fill):
         valid = offset < token_fill  # [T]
         k, v = k.astype(q.dtype), v.astype(q.dtype)  # an FP8 pool's tiles upcast in registers (else a no-op)
-        logits = pltriton.dot(q, k, trans_b=True).astype(jnp.float32) * scale  # [R, T]
-        logits = jnp.where(valid[None, :], logits, MASK_VALUE)
-        m_new = jnp.maximum(m, jnp.max(logits, axis=1))  # [R]
-        p = jnp.where(valid[None, :], jnp.exp(logits - m_new[:, None]), 0.0)  # [R, T]
-        correction = jnp.exp(m - m_new)
-        l = l * correction + jnp.sum(p, axis=1)
-        o = o * correction[:, None] + pltriton.dot(p.astype(v.dtype), v).astype(jnp.float32)
-        sums_ref[i] = jnp.sum(p.reshape(rows, block_slots, page), axis=2)  # [R, SB] relative to m_new
+        if transposed:  # logits^T = k q^T: the (upcast) keys are the dot's first operand, which may stay in registers
+            logits = pltriton.dot(k, q, trans_b=True).astype(jnp.float32) * scale  # [T, R]
+            logits = jnp.where(valid[:, None], logits, MASK_VALUE)
+            m_new = jnp.maximum(m, jnp.max(logits, axis=0))  # [R]
+            p = jnp.where(valid[:, None], jnp.exp(logits - m_new[None, :]), 0.0)  # [T, R]
+            correction = jnp.exp(m - m_new)
+            l = l * correction + jnp.sum(p, axis=0)
+            o = o * correction[:, None] + pltriton.dot(p.astype(v.dtype), v, trans_a=True).astype(jnp.float32)
+            sums_ref[i] = jnp.sum(p.reshape(block_slots, page, rows), axis=1).T  # [R, SB] relative to m_new
+        else:
+            logits = pltriton.dot(q, k, trans_b=True).astype(jnp.float32) * scale  # [R, T]
+            logits = jnp.where(valid[None, :], logits, MASK_VALUE)
+            m_new = jnp.maximum(m, jnp.max(logits, axis=1))  # [R]
+            p = jnp.where(valid[None, :], jnp.exp(logits - m_new[:, None]), 0.0)  # [R, T]
+            correction = jnp.exp(m - m_new)
+            l = l * correction + jnp.sum(p, axis=1)
+            o = o * correction[:, None] + pltriton.dot(p.astype(v.dtype), v).astype(jnp.float32)
+            sums_ref[i] = jnp.sum(p.reshape(rows, block_slots, page), axis=2)  # [R, SB] relative to m_new
         block_max_ref[i] = m_new
         return o, m_new, l
 
     init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
-    if prefetch:  # the next block's tiles are loaded into registers while this block is computed
-        def body(i, carry):
-            o, m, l, k, v, token_fill = carry
-            ahead = load(jnp.minimum(i + 1, walked - 1))
-            return (*attend(i, o, m, l, k, v, token_fill), *ahead)
-
-        o, m, l, *_ = jax.lax.fori_loop(0, walked, body, (*init, *load(0)))
-    else:
-        o, m, l = jax.lax.fori_loop(0, walked, lambda i, carry: attend(i, *carry, *load(i)), init)
+    o, m, l = jax.lax.fori_loop(0, walked, lambda i, carry: attend(i, *carry, *load(i)), init)
 
     def skip(i, carry):  # blocks past the live bound: no mass
         sums_ref[i] = jnp.zeros((rows, block_slots), jnp.float32)
@@ -179,6 +182,8 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, 
     listed = s if slots is None else slots.shape[-1]
     block_slots, splits, per_split = plan(b, hkv, listed, page, tuning)
     compute = compute_dtype(k.dtype, q.dtype)  # the pool's dtype, or q's over an FP8 pool
+    if tuning.fp8_as_f16 and k.dtype != compute and compute.itemsize == 2:  # f16 holds every e4m3 value; q scaled first
+        q, scale, compute = (q.astype(jnp.float32) * scale).astype(jnp.float16), 1.0, jnp.float16
     qg = jnp.pad(q.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0))).astype(compute)
     k_flat = k.reshape(num_layers, b, hkv, s * page, d)  # tokens of one head are contiguous: a free reshape
     v_flat = v.reshape(num_layers, b, hkv, s * page, d)
@@ -202,7 +207,7 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, 
     blocks = splits * per_split
     kernel = functools.partial(_attention_kernel, scale=scale, page=page, block_slots=block_slots,
                                blocks_per_split=per_split, splits=splits, has_slots=slots is not None,
-                               prefetch=tuning.prefetch)
+                               transposed=tuning.transposed)
     o, m, l, sums, block_max = pl.pallas_call(
         kernel,
         grid=(b, hkv, splits),

@@ -149,11 +149,13 @@ def paged_attention_variants(q, k, v, fill, chosen):
 def our_variants(sweep: bool) -> dict[str, pallas_gpu.AttentionTuning]:
     if not sweep:
         return {"pallas (default)": pallas_gpu.DEFAULT_TUNING}
-    grid = [(64, 1024, 4, 2, False), (128, 1024, 4, 2, False), (256, 1024, 4, 2, False), (128, 1024, 8, 2, False),
-            (64, 4096, 4, 2, False), (64, 1024, 4, 3, False), (64, 1024, 4, 1, True), (64, 1024, 4, 2, True),
-            (128, 1024, 4, 1, True), (128, 1024, 8, 1, True)]
-    return {f"pallas T={t} prog={p} w={w} s={s}" + (" prefetch" if f else ""): pallas_gpu.AttentionTuning(t, p, w, s, f)
-            for t, p, w, s, f in grid}
+    grid = [(64, 1024, 4, 2, False, False), (128, 1024, 4, 2, False, False), (64, 1024, 4, 3, False, False),
+            (64, 1024, 4, 2, True, False), (128, 1024, 4, 2, True, False), (64, 1024, 4, 3, True, False),
+            (64, 1024, 4, 2, False, True), (64, 1024, 4, 3, False, True), (64, 1024, 4, 3, True, True),
+            (128, 1024, 8, 3, True, True)]
+    return {f"pallas T={t} prog={p} w={w} s={s}" + (" kq" if tr else "") + (" f16" if h else ""):
+            pallas_gpu.AttentionTuning(t, p, w, s, tr, h)
+            for t, p, w, s, tr, h in grid}
 
 
 def calls_for(shape: Shape, target_bytes: float = 2e10) -> int:
