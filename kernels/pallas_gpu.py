@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from .reference import MASK_VALUE, POOL_ARRAYS, compute_dtype, to_pool_dtype
+from .reference import MASK_VALUE, POOL_ARRAYS, compute_dtype, is_float8, to_pool_dtype
 
 MIN_ROWS = 16  # Triton dots need every dimension >= 16: the query heads of a group are padded to this
 
@@ -47,8 +47,11 @@ class AttentionTuning:
     target_programs: int = 1024  # splits grow until (B * Hkv * splits) reaches this
     num_warps: int = 4
     num_stages: int = 2
-    transposed: bool = False  # compute logits^T = k q^T (keys as the first dot operand)
-    fp8_as_f16: bool = False  # over an FP8 pool: compute in float16 (one conversion from e4m3), q pre-scaled
+    # Over an FP8 pool (measured in docs/performance.md section 18: 1.38-1.46x the bf16 pool's time at B = 128 4K and
+    # B = 32 32K, where a bf16 compute dtype and 2 stages gave none): compute in float16, which holds every e4m3 value
+    # (q scaled first, as the reference does), with one more pipeline stage.
+    fp8_as_f16: bool = True
+    fp8_num_stages: int = 3
 
 
 DEFAULT_TUNING = AttentionTuning()
@@ -86,7 +89,7 @@ def supports(q, k, slots=None, stacked: bool = False) -> bool:
     return offsets_fit(k) and d >= 16 and d & (d - 1) == 0 and plan(q.shape[0], hkv, listed, page) is not None
 
 
-def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, splits, has_slots, transposed):
+def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, splits, has_slots):
     if has_slots:
         (layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, slots_ref,
          o_ref, m_ref, l_ref, sums_ref, block_max_ref) = refs
@@ -121,24 +124,14 @@ def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, splits,
     def attend(i, o, m, l, k, v, token_fill):
         valid = offset < token_fill  # [T]
         k, v = k.astype(q.dtype), v.astype(q.dtype)  # an FP8 pool's tiles upcast in registers (else a no-op)
-        if transposed:  # logits^T = k q^T: the (upcast) keys are the dot's first operand, which may stay in registers
-            logits = pltriton.dot(k, q, trans_b=True).astype(jnp.float32) * scale  # [T, R]
-            logits = jnp.where(valid[:, None], logits, MASK_VALUE)
-            m_new = jnp.maximum(m, jnp.max(logits, axis=0))  # [R]
-            p = jnp.where(valid[:, None], jnp.exp(logits - m_new[None, :]), 0.0)  # [T, R]
-            correction = jnp.exp(m - m_new)
-            l = l * correction + jnp.sum(p, axis=0)
-            o = o * correction[:, None] + pltriton.dot(p.astype(v.dtype), v, trans_a=True).astype(jnp.float32)
-            sums_ref[i] = jnp.sum(p.reshape(block_slots, page, rows), axis=1).T  # [R, SB] relative to m_new
-        else:
-            logits = pltriton.dot(q, k, trans_b=True).astype(jnp.float32) * scale  # [R, T]
-            logits = jnp.where(valid[None, :], logits, MASK_VALUE)
-            m_new = jnp.maximum(m, jnp.max(logits, axis=1))  # [R]
-            p = jnp.where(valid[None, :], jnp.exp(logits - m_new[:, None]), 0.0)  # [R, T]
-            correction = jnp.exp(m - m_new)
-            l = l * correction + jnp.sum(p, axis=1)
-            o = o * correction[:, None] + pltriton.dot(p.astype(v.dtype), v).astype(jnp.float32)
-            sums_ref[i] = jnp.sum(p.reshape(rows, block_slots, page), axis=2)  # [R, SB] relative to m_new
+        logits = pltriton.dot(q, k, trans_b=True).astype(jnp.float32) * scale  # [R, T]
+        logits = jnp.where(valid[None, :], logits, MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=1))  # [R]
+        p = jnp.where(valid[None, :], jnp.exp(logits - m_new[:, None]), 0.0)  # [R, T]
+        correction = jnp.exp(m - m_new)
+        l = l * correction + jnp.sum(p, axis=1)
+        o = o * correction[:, None] + pltriton.dot(p.astype(v.dtype), v).astype(jnp.float32)
+        sums_ref[i] = jnp.sum(p.reshape(rows, block_slots, page), axis=2)  # [R, SB] relative to m_new
         block_max_ref[i] = m_new
         return o, m_new, l
 
@@ -183,8 +176,10 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, 
     block_slots, splits, per_split = plan(b, hkv, listed, page, tuning)
     compute = compute_dtype(k.dtype, q.dtype)  # the pool's dtype, or q's over an FP8 pool
     if tuning.fp8_as_f16 and k.dtype != compute and compute.itemsize == 2:  # f16 holds every e4m3 value; q scaled first
-        q, scale, compute = (q.astype(jnp.float32) * scale).astype(jnp.float16), 1.0, jnp.float16
-    qg = jnp.pad(q.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0))).astype(compute)
+        compute, q_in, scale = jnp.float16, (q.astype(jnp.float32) * scale).astype(jnp.float16), 1.0
+    else:
+        q_in = q
+    qg = jnp.pad(q_in.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0))).astype(compute)
     k_flat = k.reshape(num_layers, b, hkv, s * page, d)  # tokens of one head are contiguous: a free reshape
     v_flat = v.reshape(num_layers, b, hkv, s * page, d)
     head = lambda i, h, j: (0, i, h, 0, 0)  # noqa: E731  the whole pool of one KV head, every layer
@@ -206,8 +201,7 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, 
         inputs.append(slots.astype(jnp.int32))
     blocks = splits * per_split
     kernel = functools.partial(_attention_kernel, scale=scale, page=page, block_slots=block_slots,
-                               blocks_per_split=per_split, splits=splits, has_slots=slots is not None,
-                               transposed=tuning.transposed)
+                               blocks_per_split=per_split, splits=splits, has_slots=slots is not None)
     o, m, l, sums, block_max = pl.pallas_call(
         kernel,
         grid=(b, hkv, splits),
@@ -226,7 +220,8 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, 
             jax.ShapeDtypeStruct((b, hkv, per_split, splits, rows, block_slots), jnp.float32),  # block i*splits+j
             jax.ShapeDtypeStruct((b, hkv, per_split, splits, rows), jnp.float32),
         ],
-        compiler_params=pltriton.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages),
+        compiler_params=pltriton.CompilerParams(
+            num_warps=tuning.num_warps, num_stages=tuning.fp8_num_stages if is_float8(k.dtype) else tuning.num_stages),
         interpret=interpret,
         name="raas_decode_attention",
     )(*inputs)

@@ -149,13 +149,15 @@ def paged_attention_variants(q, k, v, fill, chosen):
 def our_variants(sweep: bool) -> dict[str, pallas_gpu.AttentionTuning]:
     if not sweep:
         return {"pallas (default)": pallas_gpu.DEFAULT_TUNING}
-    grid = [(64, 1024, 4, 2, False, False), (128, 1024, 4, 2, False, False), (64, 1024, 4, 3, False, False),
-            (64, 1024, 4, 2, True, False), (128, 1024, 4, 2, True, False), (64, 1024, 4, 3, True, False),
-            (64, 1024, 4, 2, False, True), (64, 1024, 4, 3, False, True), (64, 1024, 4, 3, True, True),
-            (128, 1024, 8, 3, True, True)]
-    return {f"pallas T={t} prog={p} w={w} s={s}" + (" kq" if tr else "") + (" f16" if h else ""):
-            pallas_gpu.AttentionTuning(t, p, w, s, tr, h)
-            for t, p, w, s, tr, h in grid}
+    grid = [(64, 1024, 4, 2), (128, 1024, 4, 2), (256, 1024, 4, 2), (128, 1024, 8, 2), (64, 4096, 4, 2),
+            (64, 1024, 4, 3)]
+    variants = {f"pallas T={t} prog={p} w={w} s={s}": pallas_gpu.AttentionTuning(t, p, w, s, fp8_num_stages=s)
+                for t, p, w, s in grid}
+    for stages in (2, 3):  # over an FP8 pool: its compute dtype (float16 or q's) at 2 and 3 stages
+        for as_f16 in (True, False):
+            variants[f"pallas T=64 fp8 s={stages}" + (" f16" if as_f16 else " bf16")] = pallas_gpu.AttentionTuning(
+                fp8_as_f16=as_f16, fp8_num_stages=stages)
+    return variants
 
 
 def calls_for(shape: Shape, target_bytes: float = 2e10) -> int:

@@ -118,7 +118,7 @@ def test_pallas_decode_attention_matches_reference_in_interpret_mode(group, head
     # default launch, then one that loops over several blocks per program, then one block per program
     for tuning in (pallas_gpu.DEFAULT_TUNING, pallas_gpu.AttentionTuning(block_tokens=32, target_programs=1),
                    pallas_gpu.AttentionTuning(block_tokens=256, target_programs=4096),
-                   pallas_gpu.AttentionTuning(block_tokens=32, target_programs=1, transposed=True)):
+                   pallas_gpu.AttentionTuning(block_tokens=32, target_programs=1, num_stages=3)):
         out, mass = pallas_gpu.decode_attention(q, k, v, fill, interpret=True, tuning=tuning)
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.asarray(mass), np.asarray(ref_mass), rtol=1e-5, atol=1e-6)
@@ -145,10 +145,10 @@ def test_fp8_pool_attends_as_its_values_upcast(backend, q_dtype, listed):
     tol = 1e-5 if q_dtype == "float32" else 2e-2
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
     np.testing.assert_allclose(np.asarray(mass), np.asarray(want_mass), rtol=tol, atol=tol)
-    if backend == "pallas" and q_dtype == "bfloat16":  # the kernel's other forms: k q^T, and float16 compute
+    if backend == "pallas" and q_dtype == "bfloat16":  # the kernel's other form: bf16 compute (the default: f16)
         from raas_jax.kernels import pallas_gpu
 
-        tuning = pallas_gpu.AttentionTuning(block_tokens=32, target_programs=1, transposed=True, fp8_as_f16=True)
+        tuning = pallas_gpu.AttentionTuning(block_tokens=32, target_programs=1, fp8_as_f16=False)
         out, mass = pallas_gpu.decode_attention(q, k8, v8, fill, slots, layer=1, interpret=True, tuning=tuning)
         np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
         np.testing.assert_allclose(np.asarray(mass), np.asarray(want_mass), rtol=tol, atol=tol)
@@ -192,7 +192,7 @@ def test_pallas_slot_list_matches_reference_in_interpret_mode(group, head_dim, p
     slots[0, 1, -3:] = -1  # fewer resident pages than the budget: padded with -1
     ref_out, ref_mass = kernels.decode_attention(q, k, v, fill, slots, backend="reference")
     for tuning in (pallas_gpu.DEFAULT_TUNING, pallas_gpu.AttentionTuning(block_tokens=32, target_programs=1),
-                   pallas_gpu.AttentionTuning(block_tokens=16, target_programs=1, transposed=True)):
+                   pallas_gpu.AttentionTuning(block_tokens=16, target_programs=1)):
         out, mass = pallas_gpu.decode_attention(q, k, v, fill, slots, interpret=True, tuning=tuning)
         assert mass.shape == (b, hkv, listed)
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=1e-5, atol=1e-5)
