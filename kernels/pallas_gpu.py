@@ -12,7 +12,8 @@ turn them into each slot's softmax mass once the global max and sum are known (f
 (Quest), gathering their token rows straight from the pool: no XLA gather copy. Given `layer`, the kernels take
 the pools of every layer and read that layer in place (a layer slice passed to a custom call would be copied).
 
-Measured on an H200 (docs/performance.md section 5): 1.22-1.59x the jnp reference under XLA at every benchmark
+Over an FP8 pool (`kv_dtype="fp8"`) each tile is upcast in registers and the products run in float16 (see
+AttentionTuning). Measured on an H200 (docs/performance.md section 5): 1.22-1.59x the jnp reference under XLA at every benchmark
 shape (5.8x on the Quest path), 4.0 TB/s at B=32 with 32K tokens; `backend="auto"` uses these on a GPU.
 
 page_scores: one program per (sequence, KV head, block of slots): the Quest bound sum_d max(q*kmin, q*kmax)

@@ -3,8 +3,8 @@
 Per (layer, sequence, KV head) the cache owns S slots of P tokens. Arrays are stacked over layers so
 the model can scan over them; the policies (raas_jax/policies.py) see one layer at a time:
 
-    k, v        [B, Hkv, S, P, D]   the pages
-    kmin, kmax  [B, Hkv, S, D]      per-channel key min / max of each page (Quest bound)
+    k, v        [B, Hkv, S, P, D]   the pages, in the policy's kv_dtype (KV_DTYPES: the model's dtype or FP8)
+    kmin, kmax  [B, Hkv, S, D]      per-channel key min / max of each page as stored (Quest bound), model dtype
     fill        [B, Hkv, S] int32   tokens held by the slot, 0 = free
     start       [B, Hkv, S] int32   position of the slot's first token
     stamp       [B, Hkv, S] int32   RaaS timestamp: last position at which the page was written or judged important
