@@ -53,6 +53,9 @@ class AttentionTuning:
     # (q scaled first, as the reference does), with one more pipeline stage.
     fp8_as_f16: bool = True
     fp8_num_stages: int = 3
+    # An FP8 pool of 2^31 to 2^32 values is past Triton's int32 offsets (they turn int64 only past 4 GiB): it is read
+    # as uint16 pairs, the even and odd channels in two dots each. True: that form at any size (tests, benchmarks).
+    pack_fp8: bool = False
 
 
 DEFAULT_TUNING = AttentionTuning()
@@ -87,10 +90,19 @@ def supports(q, k, slots=None, stacked: bool = False) -> bool:
     _, hkv, s, page, _ = k.shape[1:] if stacked else k.shape
     d = q.shape[-1]
     listed = s if slots is None else slots.shape[-1]
-    return offsets_fit(k) and d >= 16 and d & (d - 1) == 0 and plan(q.shape[0], hkv, listed, page) is not None
+    # an FP8 pool Triton cannot address is read as uint16 pairs, with dots over d / 2 >= 16 channels
+    addressable = offsets_fit(k) or (is_float8(k.dtype) and d >= 32)
+    return addressable and d >= 16 and d & (d - 1) == 0 and plan(q.shape[0], hkv, listed, page) is not None
 
 
-def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, splits, has_slots):
+def _unpack_fp8(x, dtype, compute):
+    """A tile of FP8 pairs packed in uint16 [T, D/2] -> its even and odd channels [T, D/2] each, in `compute`."""
+    low = jax.lax.bitcast_convert_type((x & 0xFF).astype(jnp.uint8), dtype)  # little-endian: channel 2j is the low byte
+    high = jax.lax.bitcast_convert_type((x >> 8).astype(jnp.uint8), dtype)
+    return low.astype(compute), high.astype(compute)
+
+
+def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, splits, has_slots, packed):
     if has_slots:
         (layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, slots_ref,
          o_ref, m_ref, l_ref, sums_ref, block_max_ref) = refs
@@ -100,6 +112,7 @@ def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, splits,
     layer = layer_ref[0]  # k_ref / v_ref hold this head's pool in every layer: [L, S*P, D]
     q = q_ref[...]  # [R, D]
     rows, d = q.shape
+    half = d // 2
     tokens = block_slots * page
     # split j walks blocks j, j + splits, j + 2 * splits, ... below the live bound (blocks past it are empty)
     live_blocks = (live_ref[0] + block_slots - 1) // block_slots
@@ -124,20 +137,30 @@ def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, splits,
 
     def attend(i, o, m, l, k, v, token_fill):
         valid = offset < token_fill  # [T]
-        k, v = k.astype(q.dtype), v.astype(q.dtype)  # an FP8 pool's tiles upcast in registers (else a no-op)
-        logits = pltriton.dot(q, k, trans_b=True).astype(jnp.float32) * scale  # [R, T]
+        if packed:  # FP8 pairs in uint16 (a pool Triton's int32 offsets reach only so): q and o in [even | odd] order
+            (k_even, k_odd), (v_even, v_odd) = _unpack_fp8(k, packed, q.dtype), _unpack_fp8(v, packed, q.dtype)
+            logits = (pltriton.dot(q_ref[:, pl.ds(0, half)], k_even, trans_b=True).astype(jnp.float32)
+                      + pltriton.dot(q_ref[:, pl.ds(half, half)], k_odd, trans_b=True).astype(jnp.float32)) * scale
+        else:
+            k, v = k.astype(q.dtype), v.astype(q.dtype)  # an FP8 pool's tiles upcast in registers (else a no-op)
+            logits = pltriton.dot(q, k, trans_b=True).astype(jnp.float32) * scale  # [R, T]
         logits = jnp.where(valid[None, :], logits, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(logits, axis=1))  # [R]
         p = jnp.where(valid[None, :], jnp.exp(logits - m_new[:, None]), 0.0)  # [R, T]
         correction = jnp.exp(m - m_new)
         l = l * correction + jnp.sum(p, axis=1)
-        o = o * correction[:, None] + pltriton.dot(p.astype(v.dtype), v).astype(jnp.float32)
+        if packed:
+            o = (o[0] * correction[:, None] + pltriton.dot(p.astype(q.dtype), v_even).astype(jnp.float32),
+                 o[1] * correction[:, None] + pltriton.dot(p.astype(q.dtype), v_odd).astype(jnp.float32))
+        else:
+            o = o * correction[:, None] + pltriton.dot(p.astype(v.dtype), v).astype(jnp.float32)
         sums_ref[i] = jnp.sum(p.reshape(rows, block_slots, page), axis=2)  # [R, SB] relative to m_new
         block_max_ref[i] = m_new
         return o, m_new, l
 
-    init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
-            jnp.zeros((rows,), jnp.float32))
+    zeros = jnp.zeros((rows, half), jnp.float32)
+    init = ((zeros, zeros) if packed else jnp.zeros((rows, d), jnp.float32),
+            jnp.full((rows,), MASK_VALUE, jnp.float32), jnp.zeros((rows,), jnp.float32))
     o, m, l = jax.lax.fori_loop(0, walked, lambda i, carry: attend(i, *carry, *load(i)), init)
 
     def skip(i, carry):  # blocks past the live bound: no mass
@@ -146,7 +169,11 @@ def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, splits,
         return carry
 
     jax.lax.fori_loop(walked, blocks_per_split, skip, 0)
-    o_ref[...] = o
+    if packed:
+        o_ref[:, pl.ds(0, half)] = o[0]
+        o_ref[:, pl.ds(half, half)] = o[1]
+    else:
+        o_ref[...] = o
     m_ref[...] = m
     l_ref[...] = l
 
@@ -177,19 +204,27 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, 
     block_slots, splits, per_split = plan(b, hkv, listed, page, tuning)
     compute = compute_dtype(k.dtype, q.dtype)  # the pool's dtype, or q's over an FP8 pool
     if tuning.fp8_as_f16 and k.dtype != compute and compute.itemsize == 2:  # f16 holds every e4m3 value; q scaled first
-        compute, q_in, scale = jnp.float16, (q.astype(jnp.float32) * scale).astype(jnp.float16), 1.0
+        compute, q_in, scale = jnp.float16, q.astype(jnp.float32) * scale, 1.0
     else:
         q_in = q
+    if compute == jnp.float16:  # saturate, as the pages are, rather than turn a query past 65504 into inf
+        q_in = jnp.clip(q_in.astype(jnp.float32), -65504.0, 65504.0)
     qg = jnp.pad(q_in.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0))).astype(compute)
     k_flat = k.reshape(num_layers, b, hkv, s * page, d)  # tokens of one head are contiguous: a free reshape
     v_flat = v.reshape(num_layers, b, hkv, s * page, d)
+    packed = is_float8(k.dtype) and (tuning.pack_fp8 or not offsets_fit(k))
+    stored = d // 2 if packed else d  # channels per row as the kernel reads the pool
+    if packed:  # q's channels as [even | odd], the pool as uint16 pairs (half the elements: int32 offsets suffice)
+        qg = jnp.concatenate([qg[..., 0::2], qg[..., 1::2]], axis=-1)
+        k_flat, v_flat = (jax.lax.bitcast_convert_type(x.reshape(x.shape[:-1] + (stored, 2)), jnp.uint16)
+                          for x in (k_flat, v_flat))
     head = lambda i, h, j: (0, i, h, 0, 0)  # noqa: E731  the whole pool of one KV head, every layer
     in_specs = [
         pl.BlockSpec((1,), lambda i, h, j: (0,)),
         pl.BlockSpec((None, 1), lambda i, h, j: (i, 0)),
         pl.BlockSpec((None, None, rows, d), lambda i, h, j: (i, h, 0, 0)),
-        pl.BlockSpec((num_layers, None, None, s * page, d), head),
-        pl.BlockSpec((num_layers, None, None, s * page, d), head),
+        pl.BlockSpec((num_layers, None, None, s * page, stored), head),
+        pl.BlockSpec((num_layers, None, None, s * page, stored), head),
         pl.BlockSpec((None, None, s), lambda i, h, j: (i, h, 0)),
     ]
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
@@ -202,7 +237,8 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, 
         inputs.append(slots.astype(jnp.int32))
     blocks = splits * per_split
     kernel = functools.partial(_attention_kernel, scale=scale, page=page, block_slots=block_slots,
-                               blocks_per_split=per_split, splits=splits, has_slots=slots is not None)
+                               blocks_per_split=per_split, splits=splits, has_slots=slots is not None,
+                               packed=jnp.dtype(k.dtype) if packed else False)
     o, m, l, sums, block_max = pl.pallas_call(
         kernel,
         grid=(b, hkv, splits),
@@ -226,6 +262,8 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, 
         interpret=interpret,
         name="raas_decode_attention",
     )(*inputs)
+    if packed:  # [even | odd] channels back in order
+        o = jnp.stack([o[..., :stored], o[..., stored:]], axis=-1).reshape(o.shape)
     sums = sums.reshape(b, hkv, blocks, rows, block_slots)  # blocks in slot order
     block_max = block_max.reshape(b, hkv, blocks, rows)
     # combine the splits at the global max of each row

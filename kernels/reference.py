@@ -28,12 +28,23 @@ def compute_dtype(pool_dtype, q_dtype):
 
 
 def to_pool_dtype(x, dtype):
-    """Cast keys/values into a pool of `dtype`, saturating at the largest finite value for FP8 (e4m3fn has no
-    infinity: a plain cast turns an out-of-range value into NaN; the GPU's cvt.satfinite saturates as this does)."""
-    if is_float8(dtype) and jnp.dtype(x.dtype) != jnp.dtype(dtype):
+    """Cast keys/values into a pool of `dtype`, saturating at its largest finite value when that is below x's (FP8:
+    e4m3fn has no infinity, so a plain cast turns an out-of-range value into NaN, and the GPU's cvt.satfinite
+    saturates as this does; float16 pages of a bf16 model would turn one into inf)."""
+    dtype = jnp.dtype(dtype)
+    if dtype != jnp.dtype(x.dtype) and jnp.issubdtype(dtype, jnp.floating) \
+            and float(jnp.finfo(dtype).max) < float(jnp.finfo(x.dtype).max):
         top = float(jnp.finfo(dtype).max)
         x = jnp.clip(x.astype(jnp.float32), -top, top)
     return x.astype(dtype)
+
+
+def as_stored(x, pool_dtype):
+    """x as a pool of `pool_dtype` gives it back: rounded (and saturated) to it, in x's dtype. Prefill attends these
+    values, so a prompt sees what decode will read and a chunked prefill equals the whole-prompt one."""
+    if jnp.dtype(pool_dtype) == jnp.dtype(x.dtype):
+        return x
+    return to_pool_dtype(x, pool_dtype).astype(x.dtype)
 
 
 def decode_attention(q, k, v, fill, slots=None, *, scale=None):

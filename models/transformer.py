@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from raas_jax.kernels import causal_attention
+from raas_jax.kernels.reference import as_stored
 
 from .config import ModelConfig, RopeScaling
 
@@ -161,8 +162,11 @@ class Attention(nn.Module):
             out, cache = self.policy.decode(cache, layer, q[:, 0], k[:, 0], v[:, 0], positions[:, 0])
             out = out[:, None]  # [B, 1, Hq, D]
         elif mode == "chunk":
+            k, v = as_stored(k, cache["k"].dtype), as_stored(v, cache["v"].dtype)
             out, cache = self.policy.prefill_chunk(cache, layer, q, k, v, positions)  # [B, C, Hq, D]
         else:
+            if cache is not None:  # the prompt attends the keys and values its pages will hold (as decode reads them)
+                k, v = as_stored(k, cache["k"].dtype), as_stored(v, cache["v"].dtype)
             out = self.prompt_attention(q, k, v, positions)  # [B, T, Hq, D]
             if cache is not None:
                 cache = self.policy.prefill(cache, layer, q, k, v, positions)

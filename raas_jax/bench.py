@@ -169,7 +169,7 @@ def decode_memory(gen: Generator, batch: int, position: int, prompt_len: int = 1
 
 def largest_decode_batch(gen: Generator, position: int, limit: int, *, reserve: int = 2 * 2**30,
                          probes: tuple[int, int] = (16, 64), prompt_len: int = 128, headroom: int = 34,
-                         cap: int = 1024) -> tuple[int, list[dict]]:
+                         cap: int = 4096) -> tuple[int, list[dict]]:
     """The largest batch (at most `cap` per data shard) whose compiled decode fits in `limit` bytes less `reserve`
     (allocator slack and fragmentation). The decode's bytes are affine in the batch: two compiles at `probes` with
     the layer loop rolled (seconds, not the unrolled build's ~15 s) give the line, and the real (unrolled) decode
@@ -409,7 +409,7 @@ def plot_e2e(rows: list[dict], out_dir: Path, batch: int, device: str | None = N
     device = device or jax.devices()[0].device_kind
     at_batch = [r for r in rows if r["batch"] == batch]
     return [line_plot(_series(at_batch, lambda rs, m=metric: rs[0][m]), out_dir / f"e2e_{metric}_b{batch}.png",
-                      "decode position N", label, f"batch {batch}, bf16, {device}")
+                      "decode position N", label, f"batch {batch}, {dtype_label(rows)}, {device}")
             for metric, label in (("step_ms", "ms per decode step"),
                                   ("live_gib", "device memory in use (GiB): weights + cache"))]
 
@@ -421,7 +421,13 @@ def plot_throughput(rows: list[dict], out_dir: Path, device: str | None = None) 
     device = device or jax.devices()[0].device_kind
     return line_plot(_series(rows, lambda rs: max(r["tokens_per_s"] for r in rs)), out_dir / "e2e_tokens_per_s.png",
                      "decode position N", "tokens/s at the largest batch that fits",
-                     f"bf16, {device}", log_y=True)
+                     f"{dtype_label(rows)}, {device}", log_y=True)
+
+
+def dtype_label(rows: list[dict]) -> str:
+    """"bf16", or the page dtypes of the rows when some are not the model's (e.g. "bf16 weights, fp8 pages")."""
+    pages = sorted({r.get("kv_dtype", "auto") for r in rows})
+    return "bf16" if pages == ["auto"] else "bf16 weights, " + "/".join(p.replace("auto", "bf16") for p in pages) + " pages"
 
 
 def default_policies() -> dict[str, Policy]:

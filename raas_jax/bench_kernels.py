@@ -157,6 +157,7 @@ def our_variants(sweep: bool) -> dict[str, pallas_gpu.AttentionTuning]:
         for as_f16 in (True, False):
             variants[f"pallas T=64 fp8 s={stages}" + (" f16" if as_f16 else " bf16")] = pallas_gpu.AttentionTuning(
                 fp8_as_f16=as_f16, fp8_num_stages=stages)
+    variants["pallas T=64 fp8 s=3 f16 uint16 pairs"] = pallas_gpu.AttentionTuning(pack_fp8=True)
     return variants
 
 
@@ -222,7 +223,7 @@ def run_kernels(shapes=SHAPES, calls: int | None = None, sweep: bool = False, ou
             except Exception as e:
                 record(shape, "torch SDPA (dense KV)", None, f"{type(e).__name__}: {e}")
         if shape.selected:  # the selection that feeds the Quest path: bounds over every resident page + top-k
-            kmin, kmax = jnp.min(k, axis=3), jnp.max(k, axis=3)
+            kmin, kmax = jnp.min(k, axis=3).astype(q.dtype), jnp.max(k, axis=3).astype(q.dtype)  # the model's dtype
             bounds = (kmin, kmax, fill, jnp.zeros(fill.shape[:2], jnp.int32))
             budget = shape.selected // PAGE
             bound_bytes = 2 * kmin.size * kmin.dtype.itemsize
@@ -274,8 +275,9 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_kernels(rows: list[dict], path: Path, device: str | None = None, copy_tbps: float | None = None) -> Path:
-    """Effective bandwidth per shape, one bar per family (attention families only)."""
+def plot_kernels(rows: list[dict], path: Path, device: str | None = None, copy_tbps: float | None = None,
+                 pages: str = "bf16") -> Path:
+    """Effective bandwidth per shape, one bar per family (attention families only); `pages`: our pool's dtype."""
     from raas_jax.plots import bar_plot
 
     best = best_per_family(rows)
@@ -283,5 +285,5 @@ def plot_kernels(rows: list[dict], path: Path, device: str | None = None, copy_t
     series = {f: [None if best[s][f] is None else best[s][f]["tbps"] for s in best] for f in attention}
     device = device or jax.devices()[0].device_kind
     return bar_plot(list(best), series, path, "effective TB/s (KV bytes read / time)",
-                    f"decode attention, bf16, 32/8 heads, head_dim 128, page 16 ({device})",
+                    f"decode attention, {pages} pages (SDPA: bf16), 32/8 heads, head_dim 128, page 16 ({device})",
                     None if copy_tbps is None else ("device copy bandwidth (read + write)", copy_tbps))

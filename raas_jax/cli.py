@@ -320,8 +320,8 @@ def _bench(args: argparse.Namespace) -> int:
                               largest_batch=not args.no_largest_batch, hf_reference=hf,
                               torch_reference=torch_rows, mesh=args.mesh)
     if args.real_tokens:
-        real = bench.real_run(_csv(args.models)[0], policies.get("raas", bench.RaaS(budget=1024)), args.real_batch,
-                              args.real_tokens)
+        raas = policies.get("raas", bench.RaaS(budget=1024, kv_dtype=args.kv_dtype))
+        real = bench.real_run(_csv(args.models)[0], raas, args.real_batch, args.real_tokens)
         print(f"real run: {real}")
         (out / "e2e_real_run.json").write_text(json.dumps(real, indent=1))
     for batch in batches:
@@ -378,7 +378,7 @@ def _bench_kernels(args: argparse.Namespace, out) -> int:
                                      kv_dtype=KV_DTYPES[args.kv_dtype])  # "auto": bf16
     table = bench_kernels.summary_table(rows)
     (out / "kernels.md").write_text(table + "\n")
-    bench_kernels.plot_kernels(rows, out / "kernels_tbps.png")
+    bench_kernels.plot_kernels(rows, out / "kernels_tbps.png", pages=args.kv_dtype.replace("auto", "bf16"))
     print(table)
     return 0
 

@@ -10,6 +10,7 @@ transpose of those shapes inside the loop is traffic the roofline does not count
 
 import argparse
 import collections
+import dataclasses
 import re
 
 import jax
@@ -27,21 +28,25 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--position", type=int, default=16384)
     ap.add_argument("--rolled", action="store_true", help="keep the layer scan rolled (generation unrolls on GPU)")
+    ap.add_argument("--kv-dtype", default="auto", help="page dtype (cache.KV_DTYPES), e.g. fp8")
     args = ap.parse_args()
     cfg = bench.MODEL_SHAPES[args.model]
-    policy = bench.default_policies()[args.policy]
+    policy = dataclasses.replace(bench.default_policies()[args.policy], kv_dtype=args.kv_dtype)
     gen = Generator(cfg, jnp.bfloat16, policy, unroll_layers=not args.rolled and jax.default_backend() != "cpu")
     decode_args = bench.abstract_decode_args(gen, args.batch, args.position, headroom=0)
     text = gen.decode.lower(*decode_args).compile().as_text()
     shapes, b = decode_args[1].cache, args.batch
     k_shape = shapes["k"].shape  # [L, B, Hkv, S, P, D]
     flat = (*k_shape[:3], k_shape[3] * k_shape[4], k_shape[5])  # the Pallas kernel's [.., S*P, D] view
+    packed = (*flat[:-1], flat[-1] // 2)  # an FP8 pool read as uint16 pairs (pallas_gpu.AttentionTuning.pack_fp8)
     kinds = {",".join(map(str, k_shape)): "stacked", ",".join(map(str, k_shape[1:])): "layer",
-             ",".join(map(str, flat)): "stacked flat", ",".join(map(str, flat[1:])): "layer flat"}
+             ",".join(map(str, flat)): "stacked flat", ",".join(map(str, flat[1:])): "layer flat",
+             ",".join(map(str, packed)): "stacked u16",
+             ",".join(map(str, packed[1:])): "layer u16"}
     full = ",".join(map(str, k_shape))
     counts = collections.Counter()
     for line in text.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%?[\w.-]+ = bf16\[([\d,]+)\]\S* (\w[\w-]*)\(", line)
+        m = re.match(r"\s*(?:ROOT )?%?[\w.-]+ = \w+\[([\d,]+)\]\S* (\w[\w-]*)\(", line)
         if m and m.group(1) in kinds:
             counts[(kinds[m.group(1)], m.group(2))] += 1
     print(f"{args.policy} B={b} N={args.position}: pool {full}")

@@ -45,6 +45,15 @@ def test_grid_runs_dense_once():
         grid(EvalConfig(dataset="x", policies=("nope",), budgets=(64,)))
 
 
+def test_grid_stores_every_cell_in_the_page_dtype():
+    """--kv-dtype applies to every cell, dense (the fidelity reference) included."""
+    cells = grid(EvalConfig(dataset="x", policies=("dense", "raas", "h2o:recent_fraction=0.25"), budgets=(64,),
+                            page_size=4, kv_dtype="fp8"))
+    assert [c.policy.kv_dtype for c in cells] == ["fp8"] * 3
+    assert {c.policy.kv_dtype for c in grid(EvalConfig(dataset="x", policies=("dense", "raas"), budgets=(64,)))} \
+        == {"auto"}
+
+
 def test_per_policy_page_sizes():
     default, per_policy = parse_page_sizes("16,h2o=1/16,StreamingLLM=1")
     assert (default, per_policy) == (16, (("h2o", (1, 16)), ("streaming", (1,))))

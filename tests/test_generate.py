@@ -197,6 +197,8 @@ CHUNK_POLICIES = {
     "h2o": H2O(budget=64, page_size=4),
     "h2o-token": H2O(budget=64, page_size=1),
     "streaming": StreamingLLM(budget=64, page_size=4),
+    "dense-fp8": Dense(page_size=4, kv_dtype="fp8"),  # the prompt attends its pages as stored, chunked or whole
+    "h2o-fp8": H2O(budget=64, page_size=4, kv_dtype="fp8"),
 }
 SLOW_CHUNK_POLICIES = ("raas-unpinned", "h2o-token")  # variants of the same code paths
 CHUNK_PROMPTS = [list(range(3, 48)), [7, 8, 9] * 7, [250] * 5]  # 45, 21 and 5 tokens: padding in every chunk
@@ -220,7 +222,8 @@ def assert_same_cache(chunked, whole, page_size):
     assert set(chunked) == set(whole)
     filled = np.arange(page_size) < np.asarray(whole["fill"])[..., None]  # [L, B, Hkv, S, P]
     for name in whole:
-        got, want = np.asarray(chunked[name]), np.asarray(whole[name])
+        got, want = (np.asarray(x, np.float32 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype)
+                     for x in (chunked[name], whole[name]))
         if name in ("k", "v"):  # empty slots and unfilled offsets hold anything
             got, want = got * filled[..., None], want * filled[..., None]
         if np.issubdtype(want.dtype, np.floating):

@@ -183,11 +183,33 @@ def test_pallas_fp8_decode_attention_on_gpu(listed):
     fill = jnp.asarray(rng.integers(0, page + 1, (b, hkv, s)), jnp.int32)
     slots = None if listed is None else jnp.asarray(np.sort(rng.permutation(s)[:listed]) * np.ones((b, hkv, 1),
                                                                                                  np.int64), jnp.int32)
-    out, mass = kernels.decode_attention(q, k, v, fill, slots, layer=jnp.int32(1), backend="pallas")
     want, want_mass = kernels.decode_attention(q, k[1].astype(jnp.bfloat16), v[1].astype(jnp.bfloat16), fill, slots,
                                                backend="reference")
+    from raas_jax.kernels import pallas_gpu
+
+    for tuning in (pallas_gpu.DEFAULT_TUNING, pallas_gpu.AttentionTuning(pack_fp8=True)):  # and as uint16 pairs
+        out, mass = pallas_gpu.decode_attention(q, k, v, fill, slots, layer=jnp.int32(1), tuning=tuning)
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
+        np.testing.assert_allclose(np.asarray(mass), np.asarray(want_mass), rtol=2e-2, atol=2e-3)
+
+
+def test_pallas_fp8_pool_past_int32_offsets_on_gpu():
+    """An FP8 pool of 2.25 Gi values (past Triton's int32 offsets, under its 4 GiB switch to int64) is read as uint16
+    pairs: equal to the reference over the same values in bf16."""
+    from raas_jax.kernels import pallas_gpu
+
+    b, hkv, group, s, page, d = 4, 8, 4, 18432, 16, 128
+    keys = jax.random.split(jax.random.PRNGKey(9), 3)
+    q = jax.random.normal(keys[0], (b, hkv * group, d), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (2, b, hkv, s, page, d), jnp.bfloat16).astype(jnp.float8_e4m3fn)
+    v = jax.random.normal(keys[2], (2, b, hkv, s, page, d), jnp.bfloat16).astype(jnp.float8_e4m3fn)
+    fill = jnp.full((b, hkv, s), page, jnp.int32).at[:, :, -1].set(3)
+    assert not pallas_gpu.offsets_fit(k) and pallas_gpu.supports(q, k, stacked=True)
+    out, mass = kernels.decode_attention(q, k, v, fill, layer=jnp.int32(1), backend="pallas")
+    want, want_mass = kernels.decode_attention(q, k[1].astype(jnp.bfloat16), v[1].astype(jnp.bfloat16), fill,
+                                               backend="reference")
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
-    np.testing.assert_allclose(np.asarray(mass), np.asarray(want_mass), rtol=2e-2, atol=2e-3)
+    np.testing.assert_allclose(np.asarray(mass), np.asarray(want_mass), rtol=2e-2, atol=1e-5)
 
 
 def test_pallas_refresh_on_gpu():
