@@ -156,10 +156,10 @@ def test_fp8_pool_attends_as_its_values_upcast(backend, q_dtype, listed):
         assert np.isfinite(np.asarray(huge, np.float32)).all()
 
 
-def test_fp8_pools_past_int32_offsets_are_read_as_uint16_pairs():
-    """2^31 to 2^32 one-byte elements overflow Triton's int32 offsets: the kernel reads such a pool as uint16 pairs
-    (half the elements) instead of falling back to the reference. The packed form is checked at a small size (forced)
-    against the reference; the dispatch is checked to keep the Pallas call at 2.25 Gi elements (abstractly)."""
+def test_fp8_pools_are_read_as_uint16_pairs():
+    """The kernel reads an FP8 pool as uint16 pairs (the default; one byte per load is the other form), which also
+    keeps a pool of 2^31 to 2^32 one-byte values inside Triton's int32 offsets: both forms against the reference at a
+    small size, and the dispatch keeps the Pallas call for 2.25 Gi values (abstractly) even with bytes asked for."""
     from raas_jax.kernels import pallas_gpu
 
     rng = np.random.default_rng(11)
@@ -168,15 +168,16 @@ def test_fp8_pools_past_int32_offsets_are_read_as_uint16_pairs():
     k8, v8 = (jnp.stack([jnp.asarray(x), jnp.asarray(-x)]).astype(jnp.float8_e4m3fn) for x in (k, v))
     want, want_mass = kernels.decode_attention(q, k8[1].astype(q.dtype), v8[1].astype(q.dtype), fill,
                                                backend="reference")
-    for fp8_as_f16 in (True, False):
-        tuning = pallas_gpu.AttentionTuning(block_tokens=32, target_programs=4, pack_fp8=True, fp8_as_f16=fp8_as_f16)
+    for pack, fp8_as_f16 in ((True, True), (True, False), (False, True)):
+        tuning = pallas_gpu.AttentionTuning(block_tokens=32, target_programs=4, pack_fp8=pack, fp8_as_f16=fp8_as_f16)
         out, mass = pallas_gpu.decode_attention(q, k8, v8, fill, layer=1, interpret=True, tuning=tuning)
         np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
         np.testing.assert_allclose(np.asarray(mass), np.asarray(want_mass), rtol=2e-2, atol=2e-3)
     big = jax.ShapeDtypeStruct((2, 1, 1, 2**20 // 16 * 9, 16, 128), jnp.float8_e4m3fn)  # 2.25 * 2^30 elements
     assert not pallas_gpu.offsets_fit(big) and pallas_gpu.supports(jax.ShapeDtypeStruct((1, 4, 128), jnp.bfloat16),
                                                                    big, stacked=True)
-    jaxpr = jax.make_jaxpr(lambda q, k, f: kernels.decode_attention(q, k, k, f, layer=0, backend="pallas"))(
+    bytewise = pallas_gpu.AttentionTuning(pack_fp8=False)
+    jaxpr = jax.make_jaxpr(lambda q, k, f: pallas_gpu.decode_attention(q, k, k, f, layer=0, tuning=bytewise))(
         jax.ShapeDtypeStruct((1, 4, 128), jnp.bfloat16), big, jax.ShapeDtypeStruct((1, 1, 2**20 // 16 * 9), jnp.int32))
     assert "pallas_call" in str(jaxpr) and "bitcast_convert_type" in str(jaxpr)
 
