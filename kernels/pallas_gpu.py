@@ -12,9 +12,10 @@ turn them into each slot's softmax mass once the global max and sum are known (f
 (Quest), gathering their token rows straight from the pool: no XLA gather copy. Given `layer`, the kernels take
 the pools of every layer and read that layer in place (a layer slice passed to a custom call would be copied).
 
-Over an FP8 pool (`kv_dtype="fp8"`) each tile is upcast in registers and the products run in float16 (see
-AttentionTuning). Measured on an H200 (docs/performance.md section 5): 1.22-1.59x the jnp reference under XLA at every benchmark
-shape (5.8x on the Quest path), 4.0 TB/s at B=32 with 32K tokens; `backend="auto"` uses these on a GPU.
+Over an FP8 pool (`kv_dtype="fp8"`) the pages are read as uint16 pairs, upcast in registers, and the products run
+in float16 (see AttentionTuning). Measured on an H200 (docs/performance.md section 5): 1.22-1.59x the jnp reference
+under XLA at every benchmark shape (5.8x on the Quest path), 4.0 TB/s at B=32 with 32K tokens; `backend="auto"` uses
+these on a GPU.
 
 page_scores: one program per (sequence, KV head, block of slots): the Quest bound sum_d max(q*kmin, q*kmax)
 for each query head of the group, max over the group, -inf on empty slots.
@@ -48,9 +49,9 @@ class AttentionTuning:
     target_programs: int = 1024  # splits grow until (B * Hkv * splits) reaches this
     num_warps: int = 4
     num_stages: int = 2
-    # Over an FP8 pool (measured in docs/performance.md section 18: 1.38-1.46x the bf16 pool's time at B = 128 4K and
-    # B = 32 32K, where a bf16 compute dtype and 2 stages gave none): compute in float16, which holds every e4m3 value
-    # (q scaled first, as the reference does), with one more pipeline stage.
+    # Over an FP8 pool (docs/performance.md section 18: 1.38-1.46x faster than over a bf16 pool at B = 128 4K and
+    # B = 32 32K, where a bf16 compute dtype and 2 stages gained nothing): compute in float16, which holds every e4m3
+    # value (q scaled first, as the reference does), with one more pipeline stage.
     fp8_as_f16: bool = True
     fp8_num_stages: int = 3
     # An FP8 pool is read as uint16 pairs (the even and odd channels in two dots each): 1.15x faster than one byte per
@@ -138,7 +139,7 @@ def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, splits,
 
     def attend(i, o, m, l, k, v, token_fill):
         valid = offset < token_fill  # [T]
-        if packed:  # FP8 pairs in uint16 (a pool Triton's int32 offsets reach only so): q and o in [even | odd] order
+        if packed:  # FP8 pairs in uint16 (AttentionTuning.pack_fp8): q and o in [even | odd] channel order
             (k_even, k_odd), (v_even, v_odd) = _unpack_fp8(k, packed, q.dtype), _unpack_fp8(v, packed, q.dtype)
             logits = (pltriton.dot(q_ref[:, pl.ds(0, half)], k_even, trans_b=True).astype(jnp.float32)
                       + pltriton.dot(q_ref[:, pl.ds(half, half)], k_odd, trans_b=True).astype(jnp.float32)) * scale

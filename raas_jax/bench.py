@@ -427,7 +427,9 @@ def plot_throughput(rows: list[dict], out_dir: Path, device: str | None = None) 
 def dtype_label(rows: list[dict]) -> str:
     """"bf16", or the page dtypes of the rows when some are not the model's (e.g. "bf16 weights, fp8 pages")."""
     pages = sorted({r.get("kv_dtype", "auto") for r in rows})
-    return "bf16" if pages == ["auto"] else "bf16 weights, " + "/".join(p.replace("auto", "bf16") for p in pages) + " pages"
+    if pages == ["auto"]:
+        return "bf16"
+    return "bf16 weights, " + "/".join(p.replace("auto", "bf16") for p in pages) + " pages"
 
 
 def default_policies() -> dict[str, Policy]:

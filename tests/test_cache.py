@@ -78,9 +78,8 @@ def test_fp8_pages_saturate_and_bound_what_they_store(kv_dtype):
     np.testing.assert_array_equal(np.asarray(layer["kmin"][1, 0, 1]), keys[1, 0, 1, :2].min(0))  # 2 tokens filled
     chunked = init_pool(CFG, 2, 8, 4, jnp.float32, kv_dtype)
     for start in (0, 8):
-        cache = write_chunk(chunked, jnp.int32(0), k[:, start:start + 8], v[:, start:start + 8], pos[:, start:start + 8],
-                            4, pin=True)
-        chunked = cache
+        part = slice(start, start + 8)
+        chunked = write_chunk(chunked, jnp.int32(0), k[:, part], v[:, part], pos[:, part], 4, pin=True)
     filled = (np.arange(4) < np.asarray(layer["fill"])[..., None])[..., None]  # [B, Hkv, S, P, 1] resident tokens
     for name in ("k", "v", "kmin", "kmax", "fill"):
         got, want = np.asarray(chunked[name][0], np.float32), np.asarray(layer[name], np.float32)
