@@ -214,7 +214,7 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, 
     qg = jnp.pad(q_in.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0))).astype(compute)
     k_flat = k.reshape(num_layers, b, hkv, s * page, d)  # tokens of one head are contiguous: a free reshape
     v_flat = v.reshape(num_layers, b, hkv, s * page, d)
-    packed = is_float8(k.dtype) and (tuning.pack_fp8 or not offsets_fit(k))
+    packed = is_float8(k.dtype) and d >= 32 and (tuning.pack_fp8 or not offsets_fit(k))  # dots over d / 2 >= 16
     stored = d // 2 if packed else d  # channels per row as the kernel reads the pool
     if packed:  # q's channels as [even | odd], the pool as uint16 pairs (half the elements: int32 offsets suffice)
         qg = jnp.concatenate([qg[..., 0::2], qg[..., 1::2]], axis=-1)

@@ -32,7 +32,7 @@ def to_pool_dtype(x, dtype):
     e4m3fn has no infinity, so a plain cast turns an out-of-range value into NaN, and the GPU's cvt.satfinite
     saturates as this does; float16 pages of a bf16 model would turn one into inf)."""
     dtype = jnp.dtype(dtype)
-    if dtype != jnp.dtype(x.dtype) and jnp.issubdtype(dtype, jnp.floating) \
+    if dtype != jnp.dtype(x.dtype) and jnp.issubdtype(dtype, jnp.floating) and jnp.issubdtype(x.dtype, jnp.floating) \
             and float(jnp.finfo(dtype).max) < float(jnp.finfo(x.dtype).max):
         top = float(jnp.finfo(dtype).max)
         x = jnp.clip(x.astype(jnp.float32), -top, top)

@@ -320,7 +320,7 @@ def _bench(args: argparse.Namespace) -> int:
                               largest_batch=not args.no_largest_batch, hf_reference=hf,
                               torch_reference=torch_rows, mesh=args.mesh)
     if args.real_tokens:
-        raas = policies.get("raas", bench.RaaS(budget=1024, kv_dtype=args.kv_dtype))
+        raas = policies.get("raas", bench.RaaS(budget=1024, backend=args.kernels, kv_dtype=args.kv_dtype))
         real = bench.real_run(_csv(args.models)[0], raas, args.real_batch, args.real_tokens)
         print(f"real run: {real}")
         (out / "e2e_real_run.json").write_text(json.dumps(real, indent=1))

@@ -173,6 +173,14 @@ def test_fp8_pools_are_read_as_uint16_pairs():
         out, mass = pallas_gpu.decode_attention(q, k8, v8, fill, layer=1, interpret=True, tuning=tuning)
         np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
         np.testing.assert_allclose(np.asarray(mass), np.asarray(want_mass), rtol=2e-2, atol=2e-3)
+    def packed(d, tuning=pallas_gpu.DEFAULT_TUNING):  # whether the kernel reads a small FP8 pool of head dim d as pairs
+        pool = jax.ShapeDtypeStruct((1, 1, 2, 8, 16, d), jnp.float8_e4m3fn)
+        jaxpr = jax.make_jaxpr(lambda q, k, f: pallas_gpu.decode_attention(q, k, k, f, layer=0, tuning=tuning))(
+            jax.ShapeDtypeStruct((1, 8, d), jnp.bfloat16), pool, jax.ShapeDtypeStruct((1, 2, 8), jnp.int32))
+        return "bitcast_convert_type" in str(jaxpr)
+
+    assert packed(64) and not packed(64, pallas_gpu.AttentionTuning(pack_fp8=False))  # pairs are the default
+    assert not packed(16)  # head dim 16: dots over 8 channels would be too small for Triton; bytes instead
     big = jax.ShapeDtypeStruct((2, 1, 1, 2**20 // 16 * 9, 16, 128), jnp.float8_e4m3fn)  # 2.25 * 2^30 elements
     assert not pallas_gpu.offsets_fit(big) and pallas_gpu.supports(jax.ShapeDtypeStruct((1, 4, 128), jnp.bfloat16),
                                                                    big, stacked=True)
