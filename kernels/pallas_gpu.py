@@ -115,6 +115,8 @@ def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, splits,
     q = q_ref[...]  # [R, D]
     rows, d = q.shape
     half = d // 2
+    if packed:  # loaded once, outside the block loop: the [even | odd] channel halves of q
+        q_even, q_odd = q_ref[:, pl.ds(0, half)], q_ref[:, pl.ds(half, half)]  # [R, D/2] each
     tokens = block_slots * page
     # split j walks blocks j, j + splits, j + 2 * splits, ... below the live bound (blocks past it are empty)
     live_blocks = (live_ref[0] + block_slots - 1) // block_slots
@@ -141,8 +143,8 @@ def _attention_kernel(*refs, scale, page, block_slots, blocks_per_split, splits,
         valid = offset < token_fill  # [T]
         if packed:  # FP8 pairs in uint16 (AttentionTuning.pack_fp8): q and o in [even | odd] channel order
             (k_even, k_odd), (v_even, v_odd) = _unpack_fp8(k, packed, q.dtype), _unpack_fp8(v, packed, q.dtype)
-            logits = (pltriton.dot(q_ref[:, pl.ds(0, half)], k_even, trans_b=True).astype(jnp.float32)
-                      + pltriton.dot(q_ref[:, pl.ds(half, half)], k_odd, trans_b=True).astype(jnp.float32)) * scale
+            logits = (pltriton.dot(q_even, k_even, trans_b=True).astype(jnp.float32)
+                      + pltriton.dot(q_odd, k_odd, trans_b=True).astype(jnp.float32)) * scale
         else:
             k, v = k.astype(q.dtype), v.astype(q.dtype)  # an FP8 pool's tiles upcast in registers (else a no-op)
             logits = pltriton.dot(q, k, trans_b=True).astype(jnp.float32) * scale  # [R, T]
