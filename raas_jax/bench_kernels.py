@@ -1,8 +1,8 @@
 """Kernel benchmark: decode attention over the page pool, ours against XLA, JAX's paged_attention and torch SDPA.
 
-Every JAX variant is timed as `calls` back-to-back calls inside one jitted `fori_loop` (each call's query
-depends on the previous output, so nothing is hoisted), torch as `calls` calls replayed from one CUDA graph:
-neither measures dispatch. Effective bandwidth = KV bytes the variant must read / time per call.
+Every JAX variant is timed as `calls` back-to-back calls inside one jitted `fori_loop`, 20 calls unrolled per
+iteration (each call's query depends on the previous output, so nothing is hoisted), torch as `calls` calls
+replayed from one CUDA graph: neither measures dispatch. Effective bandwidth = KV bytes the variant must read / time per call.
 """
 
 from __future__ import annotations
@@ -66,14 +66,24 @@ def make_inputs(shape: Shape, seed: int = 0, kv_dtype=None):
     return q, k, v, fill, chosen
 
 
-def time_loop(step: Callable, q, operands: tuple, calls: int, reps: int = 3) -> float:
+TORCH_DEPENDENT = "torch SDPA, q += 1e-3 * out per call (as our loop)"
+
+
+UNROLL = 20  # calls per iteration of the timed loop
+
+
+def time_loop(step: Callable, q, operands: tuple, calls: int, reps: int = 3, unroll: int = UNROLL) -> float:
     """Seconds per call of `step(q, *operands) -> out [like q]`, `calls` dependent calls in one jitted loop.
 
-    The operands (the pool) are arguments of the jitted loop, not captured constants."""
+    The operands (the pool) are arguments of the jitted loop, not captured constants. `unroll` calls run per loop
+    iteration: XLA's rolled while loop costs host work per iteration that starves the GPU when a call takes a few
+    microseconds (docs/performance.md section 19: two Pallas launches per call took 17.8 us per call rolled, 6.8 us
+    unrolled by 20), which torch's CUDA-graph replay does not pay."""
 
     @jax.jit
     def loop(q, operands):
-        return jax.lax.fori_loop(0, calls, lambda i, x: (x + 1e-3 * step(x, *operands)).astype(x.dtype), q)
+        return jax.lax.fori_loop(0, calls, lambda i, x: (x + 1e-3 * step(x, *operands)).astype(x.dtype), q,
+                                 unroll=unroll)
 
     jax.block_until_ready(loop(q, operands))
     best = float("inf")
@@ -84,8 +94,10 @@ def time_loop(step: Callable, q, operands: tuple, calls: int, reps: int = 3) -> 
     return best
 
 
-def time_torch_sdpa(shape: Shape, calls: int, reps: int = 3) -> float | None:
-    """torch SDPA (GQA) on an equal dense KV, `calls` calls replayed from one CUDA graph; None without CUDA."""
+def time_torch_sdpa(shape: Shape, calls: int, reps: int = 3, dependent: bool = False) -> float | None:
+    """torch SDPA (GQA) on an equal dense KV, `calls` calls replayed from one CUDA graph; None without CUDA.
+    `dependent`: each call's query is updated from the previous output (`q += 1e-3 * out`, one more kernel per call),
+    as in our timed loop."""
     try:
         import torch
         import torch.nn.functional as F
@@ -97,7 +109,10 @@ def time_torch_sdpa(shape: Shape, calls: int, reps: int = 3) -> float | None:
     q = torch.randn(shape.batch, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(shape.batch, KV_HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    sdpa = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+    def sdpa():
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        if dependent:
+            q.add_(out, alpha=1e-3)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -162,8 +177,9 @@ def our_variants(sweep: bool) -> dict[str, pallas_gpu.AttentionTuning]:
 
 
 def calls_for(shape: Shape, target_bytes: float = 2e10) -> int:
-    """Enough calls that one timed loop reads ~20 GB (so host overhead is noise), between 20 and 2000."""
-    return int(np.clip(target_bytes / shape.kv_bytes(), 20, 2000))
+    """Enough calls that one timed loop reads ~20 GB (so host overhead is noise), between 20 and 2000, a multiple
+    of the loop's unroll."""
+    return int(np.clip(target_bytes / shape.kv_bytes(), 20, 2000)) // UNROLL * UNROLL
 
 
 def run_kernels(shapes=SHAPES, calls: int | None = None, sweep: bool = False, out: Path | None = None,
@@ -217,11 +233,12 @@ def run_kernels(shapes=SHAPES, calls: int | None = None, sweep: bool = False, ou
                 record(shape, variant, time_loop(step, q, operands, n))
             except Exception as e:  # a variant that does not compile at this shape is reported, not fatal
                 record(shape, variant, None, f"{type(e).__name__}: {e}")
-        if not interpret:
-            try:
-                record(shape, "torch SDPA (dense KV)", time_torch_sdpa(shape, n))
-            except Exception as e:
-                record(shape, "torch SDPA (dense KV)", None, f"{type(e).__name__}: {e}")
+        if not interpret:  # the headline is SDPA alone (the faster); the dependent form does what our loop does
+            for variant, dependent in (("torch SDPA (dense KV)", False), (TORCH_DEPENDENT, True)):
+                try:
+                    record(shape, variant, time_torch_sdpa(shape, n, dependent=dependent))
+                except Exception as e:
+                    record(shape, variant, None, f"{type(e).__name__}: {e}")
         if shape.selected:  # the selection that feeds the Quest path: bounds over every resident page + top-k
             kmin, kmax = jnp.min(k, axis=3).astype(q.dtype), jnp.max(k, axis=3).astype(q.dtype)  # the model's dtype
             bounds = (kmin, kmax, fill, jnp.zeros(fill.shape[:2], jnp.int32))
