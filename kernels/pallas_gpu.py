@@ -58,9 +58,6 @@ class AttentionTuning:
     # load (section 18), and it keeps a pool of 2^31 to 2^32 values inside Triton's int32 offsets (they turn int64
     # only past 4 GiB). False: one byte per load where the offsets allow it.
     pack_fp8: bool = True
-    combine_warps: int = 4  # the second launch: splits combined, the mass normalised
-    combine_tile: int = 8192  # float32 partial-output values the combine kernel loads at once
-    mass_tile: int = 1024  # float32 per-block sums per program of the combine (its grid's third axis)
 
 
 DEFAULT_TUNING = AttentionTuning()
@@ -68,10 +65,6 @@ DEFAULT_TUNING = AttentionTuning()
 
 def _pow2_at_most(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << (max(1, n) - 1).bit_length()
 
 
 def plan(batch: int, kv_heads: int, slots: int, page: int, tuning: AttentionTuning = DEFAULT_TUNING):
@@ -111,8 +104,8 @@ def _unpack_fp8(x, dtype, compute):
     return low.astype(compute), high.astype(compute)
 
 
-def _attention_kernel(*refs, scale, prescale, compute, group, page, block_slots, blocks_per_split, splits, listed,
-                      has_slots, packed):
+def _attention_kernel(*refs, scale, prescale, compute, group, page, block_slots, blocks_per_split, splits, has_slots,
+                      packed):
     if has_slots:
         (layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, slots_ref,
          o_ref, m_ref, l_ref, sums_ref, block_max_ref) = refs
@@ -120,15 +113,13 @@ def _attention_kernel(*refs, scale, prescale, compute, group, page, block_slots,
         layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, o_ref, m_ref, l_ref, sums_ref, block_max_ref = refs
     split = pl.program_id(2)
     layer = layer_ref[0]  # k_ref / v_ref hold this head's pool in every layer: [L, S*P, D]
-    d = q_ref.shape[-1]
-    rows = max(MIN_ROWS, _pow2_at_least(group))  # Triton dots need >= 16 rows
-    kept = o_ref.shape[0]  # rows of the partial outputs: the group padded to a power of two
-    head = jax.lax.broadcasted_iota(jnp.int32, (rows,), 0)
-    # q's padding rows repeat the group's last head, so their outputs equal that head's and may be stored over it
-    q_rows, out_rows = jnp.minimum(head, group - 1), jnp.minimum(head, kept - 1)  # [R] each
+    rows, d = o_ref.shape  # the group padded to >= 16 rows (Triton dots need 16)
+    # q padded outside [R, D], or as given [G, D]: then its padding rows repeat the group's last head (their
+    # outputs are dropped)
+    q_rows = jnp.minimum(jax.lax.broadcasted_iota(jnp.int32, (rows,), 0), group - 1)  # [R]
 
     def load_q(channels):  # the group's queries [R, C] in the compute dtype, scaled and saturated as the pages are
-        x = q_ref[q_rows, channels]
+        x = q_ref[:, channels] if q_ref.shape[0] == rows else q_ref[q_rows, channels]
         if prescale is not None:
             x = x.astype(jnp.float32) * prescale
         if compute == jnp.float16:  # a query past 65504 saturates rather than turn into inf
@@ -136,13 +127,13 @@ def _attention_kernel(*refs, scale, prescale, compute, group, page, block_slots,
         return x.astype(compute)
 
     half = d // 2
-    if packed:  # the pool holds channel pairs: q's even and odd channels, loaded once, outside the block loop
+    if packed:  # loaded once, outside the block loop: q's even and odd channels, as the pool's pairs hold them
         q_even, q_odd = load_q(pl.ds(0, half, stride=2)), load_q(pl.ds(1, half, stride=2))  # [R, D/2] each
     else:
         q = load_q(pl.ds(0, d))  # [R, D]
     tokens = block_slots * page
     # split j walks blocks j, j + splits, j + 2 * splits, ... below the live bound (blocks past it are empty)
-    live_blocks = (jnp.minimum(live_ref[0], listed) + block_slots - 1) // block_slots
+    live_blocks = (live_ref[0] + block_slots - 1) // block_slots
     walked = jnp.clip((live_blocks - split + splits - 1) // splits, 0, blocks_per_split)
 
     token = jax.lax.broadcasted_iota(jnp.int32, (tokens,), 0)  # [T]
@@ -164,7 +155,7 @@ def _attention_kernel(*refs, scale, prescale, compute, group, page, block_slots,
 
     def attend(i, o, m, l, k, v, token_fill):
         valid = offset < token_fill  # [T]
-        if packed:  # FP8 pairs in uint16 (AttentionTuning.pack_fp8): o kept as its even and odd channels
+        if packed:  # FP8 pairs in uint16 (AttentionTuning.pack_fp8): q and o in [even | odd] channel order
             (k_even, k_odd), (v_even, v_odd) = _unpack_fp8(k, packed, compute), _unpack_fp8(v, packed, compute)
             logits = (pltriton.dot(q_even, k_even, trans_b=True).astype(jnp.float32)
                       + pltriton.dot(q_odd, k_odd, trans_b=True).astype(jnp.float32)) * scale
@@ -181,8 +172,8 @@ def _attention_kernel(*refs, scale, prescale, compute, group, page, block_slots,
                  o[1] * correction[:, None] + pltriton.dot(p.astype(compute), v_odd).astype(jnp.float32))
         else:
             o = o * correction[:, None] + pltriton.dot(p.astype(compute), v).astype(jnp.float32)
-        sums_ref[i, out_rows] = jnp.sum(p.reshape(rows, block_slots, page), axis=2)  # [R, SB] relative to m_new
-        block_max_ref[i, out_rows] = m_new
+        sums_ref[i] = jnp.sum(p.reshape(rows, block_slots, page), axis=2)  # [R, SB] relative to m_new
+        block_max_ref[i] = m_new
         return o, m_new, l
 
     zeros = jnp.zeros((rows, half), jnp.float32)
@@ -191,51 +182,18 @@ def _attention_kernel(*refs, scale, prescale, compute, group, page, block_slots,
     o, m, l = jax.lax.fori_loop(0, walked, lambda i, carry: attend(i, *carry, *load(i)), init)
 
     def skip(i, carry):  # blocks past the live bound: no mass
-        sums_ref[i, out_rows] = jnp.zeros((rows, block_slots), jnp.float32)
-        block_max_ref[i, out_rows] = jnp.full((rows,), MASK_VALUE, jnp.float32)
+        sums_ref[i] = jnp.zeros((rows, block_slots), jnp.float32)
+        block_max_ref[i] = jnp.full((rows,), MASK_VALUE, jnp.float32)
         return carry
 
     jax.lax.fori_loop(walked, blocks_per_split, skip, 0)
-    if packed:  # partial outputs as [even | odd] channels; the combine interleaves them
-        o_ref[out_rows, pl.ds(0, half)] = o[0]
-        o_ref[out_rows, pl.ds(half, half)] = o[1]
+    if packed:
+        o_ref[:, pl.ds(0, half)] = o[0]
+        o_ref[:, pl.ds(half, half)] = o[1]
     else:
-        o_ref[out_rows] = o
-    m_ref[out_rows] = m
-    l_ref[out_rows] = l
-
-
-def _combine_kernel(o_ref, m_ref, l_ref, sums_ref, block_max_ref, out_ref, mass_ref, *, group, split_chunk,
-                    block_chunk, packed):
-    """One (sequence, KV head, chunk of blocks): each slot's softmax mass in the chunk (the max over the group's
-    heads), and in the first chunk the splits' partial outputs combined at the global max of each row
-    (flash-decoding). Every program recomputes the global max and sum from the splits' (m, l): a few values."""
-    splits, kept, d = o_ref.shape  # kept: the group padded to a power of two (rows past the group repeat its last)
-    blocks = sums_ref.shape[0]
-    m = m_ref[...]  # [splits, G']
-    top = jnp.max(m, axis=0)  # [G']
-    total = jnp.maximum(jnp.sum(l_ref[...] * jnp.exp(m - top[None, :]), axis=0), 1e-30)  # [G']
-    out_rows = jnp.minimum(jax.lax.broadcasted_iota(jnp.int32, (kept,), 0), group - 1)  # [G'] repeats store over group - 1
-    half = d // 2
-    # (channels of the partial output, channels of the output): packed partials hold [even | odd] halves
-    parts = ([(pl.ds(0, half), pl.ds(0, half, stride=2)), (pl.ds(half, half), pl.ds(1, half, stride=2))] if packed
-             else [(pl.ds(0, d), pl.ds(0, d))])
-    @pl.when(pl.program_id(2) == 0)
-    def _():
-        for source, target in parts:
-            def add(c, acc, source=source):  # split_chunk splits at a time
-                chunk = pl.ds(c * split_chunk, split_chunk)
-                weight = jnp.exp(m_ref[chunk] - top[None, :])  # [SC, G']
-                return acc + jnp.sum(o_ref[chunk, :, source] * weight[:, :, None], axis=0)  # [G', C]
-            width = half if packed else d
-            acc = jax.lax.fori_loop(0, splits // split_chunk, add, jnp.zeros((kept, width), jnp.float32))
-            out_ref[out_rows, target] = (acc / total[:, None]).astype(out_ref.dtype)
-
-    # this program's blocks; the last chunk's indices clamp (repeated blocks, equal values)
-    first = pl.program_id(2) * block_chunk
-    block = jnp.minimum(first + jax.lax.broadcasted_iota(jnp.int32, (block_chunk,), 0), blocks - 1)  # [BC]
-    scale_rows = jnp.exp(block_max_ref[block] - top[None, :]) / total[None, :]  # [BC, G']
-    mass_ref[block] = jnp.max(sums_ref[block] * scale_rows[:, :, None], axis=1)  # [BC, SB]
+        o_ref[...] = o
+    m_ref[...] = m
+    l_ref[...] = l
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "tuning"))
@@ -252,16 +210,13 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, 
     With `layer` (an int32 scalar, may be traced) k/v are the pools of every layer [L, B, Hkv, S, P, D] and the
     kernel reads layer `layer` of them in place: slicing the layer outside would copy it (XLA materialises a
     custom call's operands), one pool-sized copy per layer and step.
-
-    Two launches and no XLA op between or around them: the attention kernel takes q as it is (padding, scaling and
-    casting it in registers) and writes per-split partials; the combine kernel writes the output and the mass.
     """
     if layer is None:
         k, v, layer = k[None], v[None], 0
     num_layers, b, hkv, s, page, d = k.shape
     hq = q.shape[1]
     group = hq // hkv
-    kept = _pow2_at_least(group)  # rows of the partial outputs
+    rows = max(MIN_ROWS, 1 << (group - 1).bit_length())
     scale = d**-0.5 if scale is None else scale
     listed = s if slots is None else slots.shape[-1]
     block_slots, splits, per_split = plan(b, hkv, listed, page, tuning)
@@ -273,6 +228,9 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, 
     v_flat = v.reshape(num_layers, b, hkv, s * page, d)
     packed = is_float8(k.dtype) and d >= 32 and (tuning.pack_fp8 or not offsets_fit(k))  # dots over d / 2 >= 16
     stored = d // 2 if packed else d  # channels per row as the kernel reads the pool
+    q_heads = q.reshape(b, hkv, group, d)
+    if not is_float8(k.dtype):  # padded by XLA: gathering its rows in the kernel made bf16 pools 5% slower at B = 128
+        q_heads = jnp.pad(q_heads, ((0, 0), (0, 0), (0, rows - group), (0, 0)))  # (docs/performance.md section 19)
     if packed:  # the pool as uint16 pairs (an XLA bitcast; half the elements: int32 offsets suffice)
         k_flat, v_flat = (jax.lax.bitcast_convert_type(x.reshape(x.shape[:-1] + (stored, 2)), jnp.uint16)
                           for x in (k_flat, v_flat))
@@ -280,7 +238,7 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, 
     in_specs = [
         pl.BlockSpec((1,), lambda i, h, j: (0,)),
         pl.BlockSpec((None, 1), lambda i, h, j: (i, 0)),
-        pl.BlockSpec((None, None, group, d), lambda i, h, j: (i, h, 0, 0)),
+        pl.BlockSpec((None, None, q_heads.shape[2], d), lambda i, h, j: (i, h, 0, 0)),
         pl.BlockSpec((num_layers, None, None, s * page, stored), head),
         pl.BlockSpec((num_layers, None, None, s * page, stored), head),
         pl.BlockSpec((None, None, s), lambda i, h, j: (i, h, 0)),
@@ -288,58 +246,52 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, 
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     if live_slots is None or slots is not None:
         live_slots = jnp.full((b,), listed, jnp.int32)
-    live_slots = jnp.asarray(live_slots, jnp.int32).reshape(b, 1)  # clipped to `listed` in the kernel
-    inputs = [layer, live_slots, q.reshape(b, hkv, group, d), k_flat, v_flat, fill.astype(jnp.int32)]
+    live_slots = jnp.minimum(jnp.asarray(live_slots, jnp.int32), listed).reshape(b, 1)
+    inputs = [layer, live_slots, q_heads, k_flat, v_flat, fill.astype(jnp.int32)]
     if slots is not None:
         in_specs.append(pl.BlockSpec((None, None, listed), lambda i, h, j: (i, h, 0)))
         inputs.append(slots.astype(jnp.int32))
     blocks = splits * per_split
     kernel = functools.partial(_attention_kernel, scale=scale, prescale=prescale, compute=compute, group=group,
-                               page=page, block_slots=block_slots, blocks_per_split=per_split, splits=splits,
-                               listed=listed, has_slots=slots is not None,
+                               page=page, block_slots=block_slots,
+                               blocks_per_split=per_split, splits=splits, has_slots=slots is not None,
                                packed=jnp.dtype(k.dtype) if packed else False)
     o, m, l, sums, block_max = pl.pallas_call(
         kernel,
         grid=(b, hkv, splits),
         in_specs=in_specs,
         out_specs=[
-            pl.BlockSpec((None, None, None, kept, d), lambda i, h, j: (i, h, j, 0, 0)),
-            pl.BlockSpec((None, None, None, kept), lambda i, h, j: (i, h, j, 0)),
-            pl.BlockSpec((None, None, None, kept), lambda i, h, j: (i, h, j, 0)),
-            pl.BlockSpec((None, None, per_split, None, kept, block_slots), lambda i, h, j: (i, h, 0, j, 0, 0)),
-            pl.BlockSpec((None, None, per_split, None, kept), lambda i, h, j: (i, h, 0, j, 0)),
+            pl.BlockSpec((None, None, None, rows, d), lambda i, h, j: (i, h, j, 0, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda i, h, j: (i, h, j, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda i, h, j: (i, h, j, 0)),
+            pl.BlockSpec((None, None, per_split, None, rows, block_slots), lambda i, h, j: (i, h, 0, j, 0, 0)),
+            pl.BlockSpec((None, None, per_split, None, rows), lambda i, h, j: (i, h, 0, j, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((b, hkv, splits, kept, d), jnp.float32),
-            jax.ShapeDtypeStruct((b, hkv, splits, kept), jnp.float32),
-            jax.ShapeDtypeStruct((b, hkv, splits, kept), jnp.float32),
-            jax.ShapeDtypeStruct((b, hkv, per_split, splits, kept, block_slots), jnp.float32),  # block i*splits+j
-            jax.ShapeDtypeStruct((b, hkv, per_split, splits, kept), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, splits, rows, d), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, splits, rows), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, splits, rows), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, per_split, splits, rows, block_slots), jnp.float32),  # block i*splits+j
+            jax.ShapeDtypeStruct((b, hkv, per_split, splits, rows), jnp.float32),
         ],
         compiler_params=pltriton.CompilerParams(
             num_warps=tuning.num_warps, num_stages=tuning.fp8_num_stages if is_float8(k.dtype) else tuning.num_stages),
         interpret=interpret,
         name="raas_decode_attention",
     )(*inputs)
-    width = d // 2 if packed else d
-    split_chunk = min(splits, _pow2_at_most(max(1, tuning.combine_tile // (kept * width))))
-    block_chunk = min(_pow2_at_least(blocks), _pow2_at_most(max(1, tuning.mass_tile // (kept * block_slots))))
-    combine = functools.partial(_combine_kernel, group=group, split_chunk=split_chunk, block_chunk=block_chunk,
-                                packed=packed)
-    one = lambda *shape: pl.BlockSpec((None, None) + shape, lambda i, h, c: (i, h) + (0,) * len(shape))  # noqa: E731
-    out, mass = pl.pallas_call(
-        combine,
-        grid=(b, hkv, pl.cdiv(blocks, block_chunk)),
-        in_specs=[one(splits, kept, d), one(splits, kept), one(splits, kept), one(blocks, kept, block_slots),
-                  one(blocks, kept)],
-        out_specs=[one(group, d), one(blocks, block_slots)],
-        out_shape=[jax.ShapeDtypeStruct((b, hkv, group, d), q.dtype),
-                   jax.ShapeDtypeStruct((b, hkv, blocks, block_slots), jnp.float32)],
-        compiler_params=pltriton.CompilerParams(num_warps=tuning.combine_warps, num_stages=1),
-        interpret=interpret,
-        name="raas_decode_attention_combine",
-    )(o, m, l, sums.reshape(b, hkv, blocks, kept, block_slots), block_max.reshape(b, hkv, blocks, kept))
-    return out.reshape(b, hq, d), mass.reshape(b, hkv, listed)
+    if packed:  # [even | odd] channels back in order
+        o = jnp.stack([o[..., :stored], o[..., stored:]], axis=-1).reshape(o.shape)
+    sums = sums.reshape(b, hkv, blocks, rows, block_slots)  # blocks in slot order
+    block_max = block_max.reshape(b, hkv, blocks, rows)
+    # combine the splits at the global max of each row
+    top = jnp.max(m, axis=2)  # [B, Hkv, R]
+    weight = jnp.exp(m - top[:, :, None])  # [B, Hkv, splits, R]
+    total = jnp.maximum(jnp.sum(l * weight, axis=2), 1e-30)  # [B, Hkv, R]
+    out = jnp.sum(o * weight[..., None], axis=2) / total[..., None]  # [B, Hkv, R, D]
+    scale_rows = jnp.exp(block_max - top[:, :, None]) / total[:, :, None]  # [B, Hkv, NB, R]
+    mass = sums[:, :, :, :group] * scale_rows[:, :, :, :group, None]  # [B, Hkv, NB, G, SB]
+    mass = jnp.max(mass, axis=3).reshape(b, hkv, listed)  # max over the real query heads of the group
+    return out[:, :, :group].reshape(b, hq, d).astype(q.dtype), mass
 
 
 def _scores_kernel(layer_ref, q_ref, kmin_ref, kmax_ref, fill_ref, u_ref, *, group, block_slots):

@@ -190,30 +190,6 @@ def test_fp8_pools_are_read_as_uint16_pairs():
     assert "pallas_call" in str(jaxpr) and "bitcast_convert_type" in str(jaxpr)
 
 
-@pytest.mark.parametrize("group,kv_dtype", [(7, None), (4, "float8_e4m3fn"), (1, None)])
-def test_pallas_combine_over_tiles_of_splits_and_blocks(group, kv_dtype):
-    """The second launch combines the splits a tile at a time and writes the mass one chunk of blocks per program:
-    small tiles make it loop over chunks of splits and spread the blocks over programs whose last one repeats
-    (clamps) blocks (24 slots = 12 blocks of 2), for a group that is not a power of two (its padding rows are stored
-    over the last head) and FP8 pairs."""
-    from raas_jax.kernels import pallas_gpu
-
-    rng = np.random.default_rng(group)
-    q, k, v, fill = page_pool(rng, 2, 2, group, 24, 4, 64)
-    if kv_dtype:
-        k, v = jnp.asarray(k).astype(kv_dtype), jnp.asarray(v).astype(kv_dtype)
-        q = jnp.asarray(q, jnp.bfloat16)
-    ref_out, ref_mass = kernels.decode_attention(q, jnp.asarray(k).astype(q.dtype), jnp.asarray(v).astype(q.dtype),
-                                                 fill, backend="reference")
-    tol = dict(rtol=2e-2, atol=2e-2) if kv_dtype else dict(rtol=1e-5, atol=1e-5)
-    for tile in (8192, 128, 16):  # one tile; programs of 8 blocks (the second clamped); one split, one block at a time
-        tuning = pallas_gpu.AttentionTuning(block_tokens=8, target_programs=64, combine_tile=tile, mass_tile=tile)
-        assert pallas_gpu.plan(2, 2, 24, 4, tuning) == (2, 4, 3)  # 4 splits of 3 blocks of 2 slots
-        out, mass = pallas_gpu.decode_attention(q, k, v, fill, interpret=True, tuning=tuning)
-        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32), **tol)
-        np.testing.assert_allclose(np.asarray(mass), np.asarray(ref_mass), rtol=tol["rtol"], atol=tol["atol"] / 10)
-
-
 @pytest.mark.parametrize("live", [(1, 64), (17, 5), (64, 33)])
 def test_pallas_live_slots_skips_the_empty_tail(live):
     """With `live_slots`, blocks past the bound are not read: NaN pages there (fill 0) would poison the output if
