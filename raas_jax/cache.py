@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from raas_jax import kernels
-from raas_jax.kernels.reference import to_pool_dtype
+from raas_jax.kernels.reference import is_float8, to_pool_dtype
 from raas_jax.models.config import ModelConfig
 
 LayerCache = dict[str, jax.Array]
@@ -70,6 +70,18 @@ def init_pool(cfg: ModelConfig, batch: int, num_slots: int, page_size: int, dtyp
         "pinned": jnp.zeros(slots, jnp.bool_),  # [L, B, Hkv, S]
         "cur": jnp.zeros(slots[:-1], jnp.int32),  # [L, B, Hkv]
     }
+
+
+@jax.jit
+def _entries_at_limit(x: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.abs(x.astype(jnp.float32)) >= float(jnp.finfo(x.dtype).max), dtype=jnp.float32)  # one fusion
+
+
+def saturated_entries(cache: dict[str, jax.Array]) -> int:
+    """Key / value entries of an FP8 pool stored at the format's largest magnitude (448 for e4m3fn): writes clip
+    values past it (`to_pool_dtype`; no k/v scales are applied), so a count above 0 says some were likely clipped.
+    0 for pools of other dtypes."""
+    return sum(int(_entries_at_limit(cache[name])) for name in ("k", "v") if is_float8(cache[name].dtype))
 
 
 def prompt_pages(x: jax.Array, page_size: int) -> jax.Array:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from raas_jax.cache import saturated_entries
 from raas_jax.policies import Dense, next_pow2
 from raas_jax.models.config import ModelConfig
 from raas_jax.models.transformer import Transformer
@@ -260,6 +262,11 @@ def run_generation(gen: Generator, params, prompts: Sequence[Sequence[int]], *, 
         if int(state.step) <= step and not bool(jnp.all(state.done)):
             raise RuntimeError(f"decoding made no progress at step {step} of {max_new_tokens}")
     out = np.concatenate(drained, axis=1)
+    clipped = saturated_entries(state.cache)
+    if clipped:
+        warnings.warn(f"{clipped} key/value entries of the FP8 page pool sit at its largest magnitude "
+                      f"({float(jnp.finfo(state.cache['k'].dtype).max):g}): values past it were clipped (no k/v scales "
+                      "are applied). Compare the output with --kv-dtype auto (kv_dtype='auto').", stacklevel=2)
     return out, state
 
 

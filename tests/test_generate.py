@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -345,3 +346,18 @@ def test_fp8_kv_cache_stores_8_bit_pages_and_stays_close(model, policy):
     assert state.cache["kmin"].dtype == jnp.float32
     assert np.isfinite(np.asarray(state.cache["k"], np.float32)).all()
     assert all(len(t) == 40 for t in tokens)
+
+
+def test_fp8_pool_warns_when_values_reach_its_limit(model):
+    """Keys and values past e4m3fn's 448 are clipped when stored (no k/v scales): generation says so with a warning
+    that counts them, and an ordinary model's FP8 run stays silent."""
+    gen = model._generator(Dense(kv_dtype="fp8"))
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12]]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_generation(gen, model.params, prompts, max_new_tokens=4, eos_ids=())
+    assert not [w for w in caught if "FP8 page pool" in str(w.message)]
+    loud = jax.tree_util.tree_map_with_path(  # q, k and v projections x 1e4: keys and values far past 448
+        lambda path, x: x * 1e4 if "qkv_proj" in jax.tree_util.keystr(path) else x, model.params)
+    with pytest.warns(UserWarning, match=r"\d+ key/value entries of the FP8 page pool sit at its largest magnitude \(448\)"):
+        run_generation(gen, loud, prompts, max_new_tokens=4, eos_ids=())
