@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -247,30 +248,35 @@ def _inspect(args: argparse.Namespace) -> int:
         prompt = model.encode(args.prompt, chat=not args.no_chat)
     else:
         raise ValueError("give --prompt TEXT or --dataset NAME [--index I]")
-    raas = RaaS(budget=args.budget, page_size=args.page_size)
+    raas = RaaS(budget=args.budget, page_size=args.page_size, kv_dtype=args.kv_dtype)
     raas.check_prompts([len(prompt)])
-    continuation = model.generate([prompt], max_new_tokens=args.max_new_tokens)[0].token_ids
-    dense_trace = attention_map.trace(model, prompt, continuation, raas_jax.policies.Dense(page_size=args.page_size))
+    dense = functools.partial(raas_jax.policies.Dense, kv_dtype=args.kv_dtype)  # every trace stores its pages alike
+    continuation = model.generate([prompt], max_new_tokens=args.max_new_tokens,
+                                  policy=dense(page_size=args.page_size))[0].token_ids
+    dense_trace = attention_map.trace(model, prompt, continuation, dense(page_size=args.page_size))
     raas_trace = attention_map.trace(model, prompt, continuation, raas)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     title = (f"{model.path.name if model.path else 'model'}: {len(prompt)}-token prompt, {len(continuation)} "
-             f"dense tokens; RaaS budget {args.budget}, page {args.page_size}")
+             f"dense tokens; RaaS budget {args.budget}, page {args.page_size}"
+             + ("" if args.kv_dtype == "auto" else f", {args.kv_dtype} pages"))
     attention_map.plot(dense_trace, raas_trace, layer, args.head, out, title)
     regret = attention_map.regretted_evictions(dense_trace, raas_trace)
     lost = {f"raas@{args.budget}/p{args.page_size}": attention_map.lost_mass(dense_trace, raas_trace)}
     dense_traces = {args.page_size: dense_trace}  # lost mass compares pages of the same size
     for spec in (x.strip() for x in args.compare.split(",") if x.strip()):
         name, _, page = spec.partition("/p")
-        other = make_policy(name, budget=args.budget, page_size=int(page) if page else args.page_size)
+        other = make_policy(name, budget=args.budget, page_size=int(page) if page else args.page_size,
+                            kv_dtype=args.kv_dtype)
         if other.page_size not in dense_traces:
-            dense_traces[other.page_size] = attention_map.trace(
-                model, prompt, continuation, raas_jax.policies.Dense(page_size=other.page_size))
+            dense_traces[other.page_size] = attention_map.trace(model, prompt, continuation,
+                                                                dense(page_size=other.page_size))
         lost[f"{other.name}@{args.budget}/p{other.page_size}"] = attention_map.lost_mass(
             dense_traces[other.page_size], attention_map.trace(model, prompt, continuation, other))
     regret["lost_mass"] = lost
     out.with_suffix(".json").write_text(json.dumps({"prompt_tokens": len(prompt), "new_tokens": len(continuation),
-                                                    "layer": layer, "head": args.head, **regret}, indent=1))
+                                                    "layer": layer, "head": args.head, "kv_dtype": args.kv_dtype,
+                                                    **regret}, indent=1))
     print(f"wrote {out}; RaaS evictions {regret['evictions']} (all layers/heads), of which {regret['regretted']} "
           f"are pages dense attends later with mass > {regret['threshold']}")
     print("share of dense attention mass on pages the policy had evicted (mean over steps, layers, heads): "
@@ -463,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=None, help="layer to draw (default: the middle one)")
     p.add_argument("--head", type=int, default=0, help="KV head to draw (default 0)")
     p.add_argument("--dtype", default=None, choices=["bf16", "f32"])
+    add_kv_dtype_flag(p)
     p.add_argument("--out", default="out/attention.png", help="PNG path (a JSON of the eviction summary beside it)")
     p.set_defaults(func=_inspect)
 

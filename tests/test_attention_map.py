@@ -66,6 +66,22 @@ def test_inspect_attention_cli_writes_png_and_summary(tiny_llama_converted, tmp_
     assert main(["inspect", "attention", "--model", str(tiny_llama_converted), "--prompt", "x", "--layer", "9"]) == 2
 
 
+def test_inspect_attention_over_fp8_pages(tiny_llama_converted, tmp_path, monkeypatch):
+    """--kv-dtype fp8: the generation and every traced policy store their pages in FP8, and the summary says so."""
+    from raas_jax import attention_map
+
+    traced = []
+    real_trace = attention_map.trace
+    monkeypatch.setattr(attention_map, "trace", lambda model, prompt, cont, policy, **kw: (
+        traced.append(policy.kv_dtype), real_trace(model, prompt, cont, policy, **kw))[1])
+    out = tmp_path / "attention.png"
+    assert main(["inspect", "attention", "--model", str(tiny_llama_converted), "--prompt", "the quick fox",
+                 "--no-chat", "--max-new-tokens", "16", "--budget", "16", "--page-size", "4", "--out", str(out),
+                 "--compare", "h2o", "--kv-dtype", "fp8"]) == 0
+    assert traced == ["fp8"] * 3  # dense, raas, h2o
+    assert json.loads(out.with_suffix(".json").read_text())["kv_dtype"] == "fp8"
+
+
 def test_lost_mass_is_zero_for_dense_and_positive_once_raas_evicts(traces):
     _, dense, raas = traces
     assert attention_map.lost_mass(dense, dense) == 0
