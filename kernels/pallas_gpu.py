@@ -122,8 +122,9 @@ def _attention_kernel(*refs, scale, prescale, compute, group, page, block_slots,
         x = q_ref[:, channels] if q_ref.shape[0] == rows else q_ref[q_rows, channels]
         if prescale is not None:
             x = x.astype(jnp.float32) * prescale
-        if compute == jnp.float16:  # a query past 65504 saturates rather than turn into inf
-            x = jnp.clip(x.astype(jnp.float32), -65504.0, 65504.0)
+        if compute == jnp.float16:  # a query past 65504 saturates rather than turn into inf (NaN stays NaN:
+            x = x.astype(jnp.float32)  # Triton lowers jnp.clip to maxnum / minnum, which would drop it)
+            x = jnp.where(jnp.abs(x) > 65504.0, jnp.sign(x) * 65504.0, x)
         return x.astype(compute)
 
     half = d // 2

@@ -153,6 +153,11 @@ class Attention(nn.Module):
         inv_freq = rope_inv_freq(d, cfg.rope_theta, cfg.rope_scaling)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
+        scaled = cache is not None and "k_scale" in cache  # FP8 pages with calibrated scales (cache.kv_scales)
+        if scaled:  # pages hold k / k_scale, v / v_scale; q * k_scale keeps every logit and page score as it was
+            k_scale, v_scale = cache["k_scale"][layer], cache["v_scale"][layer]  # float32 scalars
+            q, k, v = ((x.astype(jnp.float32) * s).astype(x.dtype) for x, s in ((q, k_scale), (k, 1 / k_scale),
+                                                                                (v, 1 / v_scale)))
         if mode == "decode":
             # Materialise q, k, v once. At B = 1 XLA rewrites the small k/v projections (a vector times a
             # [H, Hkv*D] matrix, under its 1e7-element GEMM threshold) as multiply-reduce loops and fuses a copy of
@@ -170,6 +175,8 @@ class Attention(nn.Module):
             out = self.prompt_attention(q, k, v, positions)  # [B, T, Hq, D]
             if cache is not None:
                 cache = self.policy.prefill(cache, layer, q, k, v, positions)
+        if scaled:
+            out = (out.astype(jnp.float32) * v_scale).astype(out.dtype)
         out = _dense(cfg.hidden_size, cfg.o_bias, self.dtype, "o_proj")(out.reshape(b, t, hq * d))
         return out, cache
 

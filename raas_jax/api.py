@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from raas_jax import checkpoint
+from raas_jax.calibrate import read_kv_absmax
 from raas_jax.cache import cache_bytes
 from raas_jax.generate import (DEFAULT_PREFILL_CHUNK, Generator, data_parallelism, forced_logits, run_generation,
                                trim_at_eos)
@@ -49,6 +50,8 @@ class Model:
         self.tokenizer = tokenizer
         self.eos_ids = tuple(int(i) for i in eos_ids)
         self.path = path
+        # calibrated per-layer (key, value) maxima for FP8 pages (kv_scales.json beside the checkpoint), or None
+        self.kv_absmax: tuple[tuple[float, ...], tuple[float, ...]] | None = None
         self._generators: dict[Any, Generator] = {}
 
     def __repr__(self) -> str:
@@ -150,11 +153,18 @@ class Model:
                              f"{self.path}): copy the tokenizer files next to config.json, or pass token ids")
         return self.tokenizer
 
+    def with_kv_scales(self, policy: Policy) -> Policy:
+        """`policy` with this model's calibrated FP8 maxima filled in (FP8 pages, none given), else unchanged."""
+        if self.kv_absmax is not None and policy.kv_absmax is None and policy.kv_dtype.startswith("fp8"):
+            return dataclasses.replace(policy, kv_absmax=self.kv_absmax)
+        return policy
+
     def _generator(self, policy: Policy | None) -> Generator:
         chosen = Dense() if policy is None else policy
         if not isinstance(chosen, Policy):
             raise ValueError(f"policy must be a raas_jax.policies object (Dense, RaaS, Quest, H2O, StreamingLLM) "
                              f"or None, got {policy!r}")
+        chosen = self.with_kv_scales(chosen)
         if self.mesh is not None:
             from raas_jax.sharding import ShardedPolicy
 
@@ -352,7 +362,9 @@ def load(path: str | Path | None = None, dtype: Any = None, mesh: Any = None) ->
         params = _place(fuse_projections(cfg, np_params), mesh)  # fused on the host: no device copy
         tokenizer_dir = path
     tokenizer = _load_tokenizer(tokenizer_dir)
-    return Model(cfg, params, dtype, tokenizer, _eos_ids(tokenizer_dir, cfg, tokenizer), path, mesh)
+    model = Model(cfg, params, dtype, tokenizer, _eos_ids(tokenizer_dir, cfg, tokenizer), path, mesh)
+    model.kv_absmax = read_kv_absmax(path, cfg.num_layers)  # `raas-jax calibrate-kv` wrote it, if anyone did
+    return model
 
 
 def _resolve_mesh(cfg: ModelConfig, mesh: Any) -> Any:

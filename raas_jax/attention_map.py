@@ -90,6 +90,7 @@ class Trace:
 
 def trace(model, prompt: Sequence[int], continuation: Sequence[int], policy: Policy, progress: bool = True) -> Trace:
     """Replay `continuation` after `prompt` under `policy` (batch 1), recording every decode step."""
+    policy = model.with_kv_scales(policy)  # the model's calibrated FP8 scales, as its generation uses them
     policy.check_prompts([len(prompt)])
     traced = MassTrace(policy)
     module = Transformer(model.cfg, model.dtype, traced)

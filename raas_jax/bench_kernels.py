@@ -268,7 +268,7 @@ def run_kernels(shapes=SHAPES, calls: int | None = None, sweep: bool = False, ou
 
 
 FAMILIES = {"ours (Pallas)": "pallas", "jnp reference (XLA)": "jnp reference",
-            "ops.gpu.paged_attention (best)": "ops.gpu.paged_attention", "torch SDPA": "torch SDPA",
+            "ops.gpu.paged_attention (best)": "ops.gpu.paged_attention", "torch SDPA": "torch SDPA (dense KV)",
             "page_scores + top-k (ours)": "page_scores + top-k (pallas)"}
 
 

@@ -10,6 +10,7 @@ the model can scan over them; the policies (raas_jax/policies.py) see one layer 
     stamp       [B, Hkv, S] int32   RaaS timestamp: last position at which the page was written or judged important
     pinned      [B, Hkv, S] bool    prompt pages (never evicted)
     cur         [B, Hkv]    int32   slot being filled
+    k_scale, v_scale  [L] float32   FP8 pages with calibrated scales only: pages hold k / k_scale, v / v_scale
     (+ policy-specific arrays, e.g. H2O's accumulated attention mass)
 
 Slot order does not matter to attention (RoPE is applied before caching), so evicting page X to start
@@ -18,10 +19,12 @@ page Y is overwriting slot X.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from raas_jax import kernels
 from raas_jax.kernels.reference import is_float8, to_pool_dtype
@@ -53,13 +56,38 @@ def pool_dtype(kv_dtype: str, dtype: Any) -> Any:
     return KV_DTYPES[check_kv_dtype(kv_dtype)] or dtype
 
 
+# A calibrated absmax maps to 1 / KV_SCALE_HEADROOM of an FP8 format's largest value: later keys and values up to
+# twice the calibration's largest stay unclipped (e4m3fn's precision is relative, so the headroom costs none).
+KV_SCALE_HEADROOM = 2.0
+
+
+def kv_scales(kv_absmax: tuple[Sequence[float], Sequence[float]], pages: Any, num_layers: int
+              ) -> tuple[jax.Array, jax.Array]:
+    """Per-layer (k_scale, v_scale) [L] float32 for FP8 pages from calibrated per-layer absolute maxima of the
+    keys and values (`raas-jax calibrate-kv`): pages hold k / k_scale and v / v_scale (vLLM's k_scale / v_scale)."""
+    limit = float(jnp.finfo(pages).max) / KV_SCALE_HEADROOM
+    scales = []
+    for name, absmax in zip(("key", "value"), kv_absmax):
+        values = np.asarray(absmax, np.float64)
+        if values.shape != (num_layers,) or not np.all(np.isfinite(values)) or not np.all(values >= 0):
+            raise ValueError(f"calibrated {name} absmax must be {num_layers} finite values >= 0 (one per layer), got "
+                             f"{values.shape} values; re-run `raas-jax calibrate-kv` for this model")
+        scales.append(jnp.asarray(np.maximum(values, 1e-30) / limit, jnp.float32))
+    return scales[0], scales[1]
+
+
 def init_pool(cfg: ModelConfig, batch: int, num_slots: int, page_size: int, dtype: Any,
-              kv_dtype: str = "auto") -> dict[str, jax.Array]:
+              kv_dtype: str = "auto", kv_absmax: tuple[Sequence[float], Sequence[float]] | None = None
+              ) -> dict[str, jax.Array]:
     """An empty pool, every array stacked over layers: [L, B, Hkv, S, ...]. Pages in `kv_dtype` (KV_DTYPES),
-    key bounds in `dtype`."""
+    key bounds in `dtype`. FP8 pages with `kv_absmax` (per-layer key and value maxima) also carry the per-layer
+    `k_scale` / `v_scale` [L] the attention divides the pages by (models/transformer.py)."""
     slots = (cfg.num_layers, batch, cfg.num_kv_heads, num_slots)
     pages = pool_dtype(kv_dtype, dtype)
-    return {
+    scales = {}
+    if kv_absmax is not None and is_float8(pages):
+        scales = dict(zip(("k_scale", "v_scale"), kv_scales(kv_absmax, pages, cfg.num_layers)))
+    return scales | {
         "k": jnp.zeros(slots + (page_size, cfg.head_dim), pages),  # [L, B, Hkv, S, P, D]
         "v": jnp.zeros(slots + (page_size, cfg.head_dim), pages),  # [L, B, Hkv, S, P, D]
         "kmin": jnp.zeros(slots + (cfg.head_dim,), dtype),  # [L, B, Hkv, S, D]
@@ -73,15 +101,19 @@ def init_pool(cfg: ModelConfig, batch: int, num_slots: int, page_size: int, dtyp
 
 
 @jax.jit
-def _entries_at_limit(x: jax.Array) -> jax.Array:
-    return jnp.sum(jnp.abs(x.astype(jnp.float32)) >= float(jnp.finfo(x.dtype).max), dtype=jnp.float32)  # one fusion
+def _entries_at_limit(x: jax.Array, layer: jax.Array) -> jax.Array:
+    """Entries of layer `layer` of an FP8 pool [L, ...] at the format's largest magnitude (int32)."""
+    values = jax.lax.dynamic_index_in_dim(x, layer, keepdims=False)
+    return jnp.sum(jnp.abs(values.astype(jnp.float32)) >= float(jnp.finfo(x.dtype).max), dtype=jnp.int32)
 
 
 def saturated_entries(cache: dict[str, jax.Array]) -> int:
     """Key / value entries of an FP8 pool stored at the format's largest magnitude (448 for e4m3fn): writes clip
-    values past it (`to_pool_dtype`; no k/v scales are applied), so a count above 0 says some were likely clipped.
-    0 for pools of other dtypes."""
-    return sum(int(_entries_at_limit(cache[name])) for name in ("k", "v") if is_float8(cache[name].dtype))
+    values past it (`to_pool_dtype`), so a count above 0 says some were likely clipped. 0 for pools of other
+    dtypes. One layer at a time: a backend that does not fuse the upcast into the sum (XLA on the CPU) then holds
+    one layer in float32, not the pool."""
+    return sum(int(_entries_at_limit(cache[name], jnp.int32(layer)))
+               for name in ("k", "v") if is_float8(cache[name].dtype) for layer in range(cache[name].shape[0]))
 
 
 def prompt_pages(x: jax.Array, page_size: int) -> jax.Array:

@@ -284,6 +284,31 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_kv(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import jax.numpy as jnp
+
+    import raas_jax
+    from raas_jax.calibrate import measure_kv_absmax, write_kv_absmax
+    from raas_jax.eval.datasets import load_samples
+    from raas_jax.eval.runner import build_prompt
+
+    model = raas_jax.load(args.model, dtype=args.dtype)
+    if model.path is None or not Path(model.path).is_dir():
+        raise ValueError(f"calibrated scales are saved beside a checkpoint directory; {model.path} is a file: convert "
+                         "it first (`raas-jax convert SRC OUT`) and calibrate OUT")
+    samples = load_samples(args.dataset, args.data_dir, limit=args.limit)
+    prompts = [build_prompt(model, sample.question, args.dataset) for sample in samples]
+    absmax = measure_kv_absmax(model, prompts, args.max_new_tokens, args.batch_size, progress=not args.quiet)
+    path = write_kv_absmax(model.path, absmax, dataset=args.dataset, prompts=len(prompts),
+                           max_new_tokens=args.max_new_tokens, dtype=jnp.dtype(model.dtype).name)
+    print(f"wrote {path}: per-layer |k| max {min(absmax[0]):.3g}-{max(absmax[0]):.3g}, |v| max "
+          f"{min(absmax[1]):.3g}-{max(absmax[1]):.3g} over {len(prompts)} prompts; `--kv-dtype fp8` on this model "
+          "now stores k / k_scale and v / v_scale")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -451,6 +476,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_mesh_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("calibrate-kv", help="measure per-layer key/value maxima for FP8 pages (vLLM's k_scale / "
+                       "v_scale) and save them beside the checkpoint (kv_scales.json)")
+    p.add_argument("--model", default=None, help="converted or HF directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dataset", default="gsm8k", help="prompts: gsm8k | math500 | aime24 | milestones:D | PATH.jsonl")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--limit", type=at_least(1), default=32, help="prompts to calibrate on (default 32)")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=256,
+                   help="greedy tokens after each prompt whose keys and values count too (default 256)")
+    p.add_argument("--batch-size", type=at_least(1), default=8)
+    p.add_argument("--dtype", default=None, choices=["bf16", "f32"])
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_calibrate_kv)
 
     p = sub.add_parser("inspect", help="`inspect attention`: heatmap of per-page attention mass over decode steps "
                        "(dense) with RaaS's evictions and refreshes on top")

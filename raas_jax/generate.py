@@ -264,9 +264,12 @@ def run_generation(gen: Generator, params, prompts: Sequence[Sequence[int]], *, 
     out = np.concatenate(drained, axis=1)
     clipped = saturated_entries(state.cache)
     if clipped:
+        remedy = ("past the range of the model's calibrated scales: re-run `raas-jax calibrate-kv` on more or longer "
+                  "prompts" if "k_scale" in state.cache else "no k/v scales are applied: `raas-jax calibrate-kv` "
+                  "measures them for this model")
         warnings.warn(f"{clipped} key/value entries of the FP8 page pool sit at its largest magnitude "
-                      f"({float(jnp.finfo(state.cache['k'].dtype).max):g}): values past it were clipped (no k/v scales "
-                      "are applied). Compare the output with --kv-dtype auto (kv_dtype='auto').", stacklevel=2)
+                      f"({float(jnp.finfo(state.cache['k'].dtype).max):g}): values were clipped ({remedy}). Compare the "
+                      "output with --kv-dtype auto (kv_dtype='auto').", stacklevel=2)
     return out, state
 
 

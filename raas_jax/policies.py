@@ -126,6 +126,9 @@ class Policy:
     page_size: int = 16
     backend: str = "auto"
     kv_dtype: str = "auto"  # the pages' storage dtype (cache.KV_DTYPES): "auto" = the model's, "fp8" = e4m3fn
+    # FP8 pages: calibrated per-layer (key, value) absolute maxima (`raas-jax calibrate-kv`; a loaded model fills
+    # them in from its checkpoint), from which the pool's k_scale / v_scale follow (cache.kv_scales). None: unscaled.
+    kv_absmax: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     name: ClassVar[str] = "policy"
     fixed_budget: ClassVar[bool] = False  # True: the cache size depends on the budget alone
@@ -147,7 +150,7 @@ class Policy:
         """Raise a ValueError that says what to change when a prompt cannot fit."""
 
     def init(self, cfg: ModelConfig, batch: int, num_slots: int, dtype: Any) -> dict[str, jax.Array]:
-        return init_pool(cfg, batch, num_slots, self.page_size, dtype, self.kv_dtype)
+        return init_pool(cfg, batch, num_slots, self.page_size, dtype, self.kv_dtype, self.kv_absmax)
 
     # chunked prefill (docs/notes.md, issue 16) ----------------------------------------------------------------
     def chunkable(self, longest_prompt: int) -> bool:

@@ -110,8 +110,8 @@ def param_shardings(params: Any, mesh: Mesh) -> Any:
 
 
 def cache_spec(ndim: int) -> P:
-    """[L, B, Hkv, ...] -> batch over data, KV heads over model."""
-    return P(None, "data", "model", *([None] * (ndim - 3)))
+    """[L, B, Hkv, ...] -> batch over data, KV heads over model; per-layer values ([L]: FP8 scales) replicated."""
+    return P(None, "data", "model", *([None] * (ndim - 3))) if ndim >= 3 else P()
 
 
 def cache_shardings(cache: Any, mesh: Mesh) -> Any:

@@ -200,6 +200,8 @@ CHUNK_POLICIES = {
     "streaming": StreamingLLM(budget=64, page_size=4),
     "dense-fp8": Dense(page_size=4, kv_dtype="fp8"),  # the prompt attends its pages as stored, chunked or whole
     "h2o-fp8": H2O(budget=64, page_size=4, kv_dtype="fp8"),
+    # calibrated scales (2 layers): pages hold k / k_scale, v / v_scale in both paths
+    "raas-fp8-scaled": RaaS(budget=64, page_size=4, kv_dtype="fp8", kv_absmax=((20.0, 30.0), (10.0, 20.0))),
 }
 SLOW_CHUNK_POLICIES = ("raas-unpinned", "h2o-token")  # variants of the same code paths
 CHUNK_PROMPTS = [list(range(3, 48)), [7, 8, 9] * 7, [250] * 5]  # 45, 21 and 5 tokens: padding in every chunk
@@ -361,3 +363,56 @@ def test_fp8_pool_warns_when_values_reach_its_limit(model):
         lambda path, x: x * 1e4 if "qkv_proj" in jax.tree_util.keystr(path) else x, model.params)
     with pytest.warns(UserWarning, match=r"\d+ key/value entries of the FP8 page pool sit at its largest magnitude \(448\)"):
         run_generation(gen, loud, prompts, max_new_tokens=4, eos_ids=())
+
+
+def test_calibrated_fp8_scales_store_large_keys_and_values(model):
+    """The model with keys and values 1e4 x larger (q and o_proj / 1e4 keep its function): unscaled FP8
+    pages clip them (far off, and a warning), pages with calibrated scales (calibrate.measure_kv_absmax ->
+    k_scale, v_scale) carry them with the error FP8 pages give the original model."""
+    import copy
+
+    from raas_jax.api import teacher_forced_logits
+    from raas_jax.calibrate import measure_kv_absmax
+
+    c, group = 1e4, model.cfg.num_heads // model.cfg.num_kv_heads
+    factor = np.concatenate([np.full(group, 1 / c), [c, c]])[:, None]  # per fused row: the group's q heads, k, v
+
+    def louder(path, x):
+        name = jax.tree_util.keystr(path)
+        if "qkv_proj" in name:  # kernel [..., Hkv, G + 2, D], bias [..., Hkv, G + 2, D]
+            return x * factor.astype(x.dtype)
+        return x / c if "o_proj" in name and "kernel" in name else x
+
+    loud = copy.copy(model)
+    loud.params = jax.tree_util.tree_map_with_path(louder, model.params)
+    rng = np.random.default_rng(1)
+    prompts = [list(rng.integers(3, 300, 30)), list(rng.integers(3, 300, 17))]
+    continuations = [list(rng.integers(3, 300, 24)), list(rng.integers(3, 300, 24))]
+
+    def logits(m, **policy):
+        return teacher_forced_logits(m, prompts, continuations, RaaS(budget=48, page_size=4, **policy))
+
+    want = logits(model)
+    error = lambda got: max(float(np.max(np.abs(a - b))) for a, b in zip(want, got))  # noqa: E731
+    assert error(logits(loud)) < 1e-3  # the same function in a float32 cache
+    baseline = error(logits(model, kv_dtype="fp8"))  # FP8's own error on the original model
+    absmax = measure_kv_absmax(loud, prompts, max_new_tokens=24, progress=False)
+    assert min(absmax[0]) > 448 and min(absmax[1]) > 448  # past e4m3fn's largest value in every layer
+    assert error(logits(loud, kv_dtype="fp8", kv_absmax=absmax)) < 3 * baseline + 1e-3
+
+    def stored_keys(policy):  # the prompt's keys as the pages give them back (times k_scale if any) [L, B, Hkv, S, P, D]
+        _, state = run_generation(loud._generator(policy), loud.params, prompts, max_new_tokens=1, eos_ids=())
+        k = np.asarray(state.cache["k"], np.float32)
+        return k * np.asarray(state.cache["k_scale"]).reshape(-1, 1, 1, 1, 1, 1) if "k_scale" in state.cache else k
+
+    want_keys = stored_keys(Dense(page_size=4))
+    relative = lambda k: np.linalg.norm(k - want_keys) / np.linalg.norm(want_keys)  # noqa: E731
+    assert relative(stored_keys(Dense(page_size=4, kv_dtype="fp8", kv_absmax=absmax))) < 0.05  # FP8's rounding
+    with pytest.warns(UserWarning, match="no k/v scales are applied: `raas-jax calibrate-kv`"):
+        assert relative(stored_keys(Dense(page_size=4, kv_dtype="fp8"))) > 0.5  # clipped at 448
+    gen = loud._generator(RaaS(budget=48, page_size=4, kv_dtype="fp8", kv_absmax=absmax))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, state = run_generation(gen, loud.params, prompts, max_new_tokens=8, eos_ids=())
+    assert state.cache["k_scale"].shape == (model.cfg.num_layers,)
+    assert not [w for w in caught if "FP8 page pool" in str(w.message)]  # scaled: nothing at the limit

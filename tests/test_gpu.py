@@ -191,6 +191,9 @@ def test_pallas_fp8_decode_attention_on_gpu(listed):
         out, mass = pallas_gpu.decode_attention(q, k, v, fill, slots, layer=jnp.int32(1), tuning=tuning)
         np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
         np.testing.assert_allclose(np.asarray(mass), np.asarray(want_mass), rtol=2e-2, atol=2e-3)
+    # the kernel saturates q at float16's range itself: a NaN must stay NaN (Triton's clip would drop it)
+    poisoned, _ = pallas_gpu.decode_attention(q.at[0, 0, 0].set(jnp.nan), k, v, fill, slots, layer=jnp.int32(1))
+    assert np.isnan(np.asarray(poisoned[0, 0], np.float32)).all()
 
 
 def test_pallas_fp8_pool_past_int32_offsets_on_gpu():

@@ -156,6 +156,31 @@ def test_fp8_pool_attends_as_its_values_upcast(backend, q_dtype, listed):
         assert np.isfinite(np.asarray(huge, np.float32)).all()
 
 
+@pytest.mark.parametrize("group,head_dim,kv_dtype", [(3, 32, "float8_e4m3fn"), (7, 64, "float8_e5m2"),
+                                                     (16, 64, "float8_e4m3fn"), (24, 16, "float8_e4m3fn")])
+def test_pallas_fp8_query_rows_and_channels_for_any_group(group, head_dim, kv_dtype):
+    """Over FP8 pools the kernel pads, scales and casts q itself: groups that are not a power of two (padding rows
+    repeat the last head), exactly 16 heads (no padding: a contiguous load), more than 16, pairs (head dim >= 32)
+    and bytes (16), e4m3 and e5m2, with a slot list; and a NaN query stays NaN (interpret mode; test_gpu.py checks
+    the Triton lowering, where a clip would drop it)."""
+    from raas_jax.kernels import pallas_gpu
+
+    rng = np.random.default_rng(group + head_dim)
+    q, k, v, fill = page_pool(rng, 2, 2, group, 16, 8, head_dim)
+    q = jnp.asarray(q, jnp.bfloat16)
+    k8, v8 = (jnp.stack([jnp.asarray(-x), jnp.asarray(x)]).astype(kv_dtype) for x in (k, v))  # layer 1 is read
+    slots = jnp.asarray(rng.integers(-1, 16, (2, 2, 8)), jnp.int32)
+    for listed in (None, slots):
+        want, want_mass = kernels.decode_attention(q, k8[1].astype(q.dtype), v8[1].astype(q.dtype), fill, listed,
+                                                   backend="reference")
+        tuning = pallas_gpu.AttentionTuning(block_tokens=16, target_programs=8)
+        out, mass = pallas_gpu.decode_attention(q, k8, v8, fill, listed, layer=1, interpret=True, tuning=tuning)
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
+        np.testing.assert_allclose(np.asarray(mass), np.asarray(want_mass), rtol=2e-2, atol=2e-3)
+    poisoned, _ = pallas_gpu.decode_attention(q.at[0, 0, 0].set(jnp.nan), k8, v8, fill, layer=1, interpret=True)
+    assert np.isnan(np.asarray(poisoned[0, 0], np.float32)).all()
+
+
 def test_fp8_pools_are_read_as_uint16_pairs():
     """The kernel reads an FP8 pool as uint16 pairs (the default; one byte per load is the other form), which also
     keeps a pool of 2^31 to 2^32 one-byte values inside Triton's int32 offsets: both forms against the reference at a
