@@ -78,3 +78,14 @@ def test_calibrate_cli_writes_scales_the_loaded_model_applies(tiny_llama_convert
     cache = model._generator(Dense(page_size=4, kv_dtype="fp8")).policy.init(model.cfg, 1, 4, model.dtype)
     np.testing.assert_allclose(np.asarray(cache["k_scale"]), np.asarray(k_max) * 2 / 448, rtol=1e-6)
     assert main(["calibrate-kv", "--model", str(model_dir), "--dataset", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_an_fp8_eval_resumes_only_with_the_same_scales(tmp_path):
+    """The calibrated maxima an FP8 eval ran with are part of its config: a resume with other ones is refused."""
+    from raas_jax.eval.runner import EvalConfig, check_config
+
+    config = EvalConfig("gsm8k", kv_dtype="fp8")
+    check_config(tmp_path, config, kv_absmax=((1.0, 2.0), (3.0, 4.0)))
+    check_config(tmp_path, config, kv_absmax=((1.0, 2.0), (3.0, 4.0)))  # the same: resumes
+    with pytest.raises(ValueError, match="different kv_absmax"):
+        check_config(tmp_path, config, kv_absmax=None)  # the scales file was deleted since

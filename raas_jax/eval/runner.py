@@ -216,7 +216,8 @@ def run_eval(model: Model, samples: Sequence[Sample], config: EvalConfig, out: s
     """Run every (cell, sample) not yet in out/samples.jsonl; return all rows."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    check_config(out, config)
+    # FP8 cells store pages with the model's calibrated scales when it has them: a resume must use the same ones
+    check_config(out, config, kv_absmax=model.kv_absmax if config.kv_dtype.startswith("fp8") else None)
     cells = grid(config)
     done = read_done(out / SAMPLES_FILE)
     prompts = {s.id: build_prompt(model, s.question, config.dataset) for s in samples}
