@@ -109,10 +109,12 @@ def time_torch_sdpa(shape: Shape, calls: int, reps: int = 3, dependent: bool = F
     q = torch.randn(shape.batch, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(shape.batch, KV_HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    def sdpa():
+
+    def sdpa(q=q, k=k, v=v):
         out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         if dependent:
             q.add_(out, alpha=1e-3)
+
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -130,7 +132,7 @@ def time_torch_sdpa(shape: Shape, calls: int, reps: int = 3, dependent: bool = F
         graph.replay()
         torch.cuda.synchronize()
         best = min(best, (time.perf_counter() - start) / calls)
-    del graph, q, k, v
+    del graph, sdpa, q, k, v
     torch.cuda.empty_cache()
     return best
 

@@ -21,8 +21,9 @@ SCALES_FILE = "kv_scales.json"
 
 @jax.jit
 def _layer_absmax(x: jax.Array) -> jax.Array:
-    """[L, B, ...] -> [L] largest |x| of each layer (one fused reduction: no float32 copy of the pool)."""
-    return jnp.max(jnp.abs(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1)
+    """[L, B, ...] -> [L] largest |x| of each layer, reduced in the pool's dtype (exact for a max: no float32 copy of
+    the pool on a backend that would not fuse the upcast)."""
+    return jnp.max(jnp.abs(x).reshape(x.shape[0], -1), axis=1).astype(jnp.float32)
 
 
 def measure_kv_absmax(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int = 8,

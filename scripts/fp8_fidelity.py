@@ -54,7 +54,7 @@ def main() -> None:
           f"|v| max {min(absmax[1]):.3g}-{max(absmax[1]):.3g}")
     held = prompts[args.calibrate:]
     continuations = [r.token_ids for r in model.generate(held, max_new_tokens=args.new_tokens, chat=False)]
-    print(f"| policy | pages | KL | max abs logit difference | argmax agreement |\n|---|---|---|---|---|")
+    print("| policy | pages | KL | max abs logit difference | argmax agreement |\n|---|---|---|---|---|")
     for cls, options in ((Dense, {}), (RaaS, {"budget": args.budget})):
         reference = teacher_forced_logits(model, held, continuations, cls(**options))
         for pages, extra in (("fp8", {"kv_dtype": "fp8"}), ("fp8, calibrated scales", {"kv_dtype": "fp8",
