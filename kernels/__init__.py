@@ -1,7 +1,9 @@
 """Attention and page-scoring kernels behind one dispatch entry.
 
 `backend="reference"` is the plain-jnp oracle (kernels/reference.py), also the CPU path.
-`backend="pallas"` is kernels/pallas_gpu.py (Pallas, Triton lowering), run in interpret mode off-GPU.
+`backend="pallas"` is kernels/pallas_gpu.py (Pallas, Triton lowering), run in interpret mode off-GPU; on a Hopper
+GPU its decode attention over bf16 / f16 pages without a slot list is kernels/mosaic_gpu.py (Pallas, Mosaic GPU
+lowering: TMA copies and wgmma), measured faster at every bench shape (docs/performance.md section 20).
 `backend="pallas_tpu"` is kernels/pallas_tpu.py (Pallas, Mosaic TPU lowering), run in TPU interpret mode off-TPU.
 `backend="auto"` picks `AUTO_ON_GPU` on a GPU, `AUTO_ON_TPU` on a TPU and the reference elsewhere; shapes the
 Pallas kernels do not take (their `supports` functions) fall back to the reference.
@@ -12,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from . import pallas_gpu, pallas_tpu, prefill, reference
+from . import mosaic_gpu, pallas_gpu, pallas_tpu, prefill, reference
 
 POOL_ARRAYS = reference.POOL_ARRAYS
 BACKENDS = ("auto", "reference", "pallas", "pallas_tpu")
@@ -47,6 +49,9 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, 
     """
     stacked = layer is not None
     chosen = resolve(backend)
+    if chosen == "pallas" and not _interpret() and mosaic_gpu.available() and mosaic_gpu.supports(
+            q, k, slots, stacked=stacked):
+        return mosaic_gpu.decode_attention(q, k, v, fill, layer=layer, live_slots=live_slots, scale=scale)
     if chosen == "pallas" and pallas_gpu.supports(q, k, slots, stacked=stacked):
         return pallas_gpu.decode_attention(q, k, v, fill, slots, layer=layer, live_slots=live_slots, scale=scale,
                                            interpret=_interpret())

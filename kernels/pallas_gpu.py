@@ -284,15 +284,25 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, 
         o = jnp.stack([o[..., :stored], o[..., stored:]], axis=-1).reshape(o.shape)
     sums = sums.reshape(b, hkv, blocks, rows, block_slots)  # blocks in slot order
     block_max = block_max.reshape(b, hkv, blocks, rows)
-    # combine the splits at the global max of each row
-    top = jnp.max(m, axis=2)  # [B, Hkv, R]
+    return combine_splits(o, m, l, sums, block_max, group=group, dtype=q.dtype)
+
+
+def combine_splits(o, m, l, sums, block_max, *, group: int, dtype):
+    """The flash-decoding combine of a split kernel's partials -> (out [B, Hq, D], mass [B, Hkv, S]).
+
+    o [B, Hkv, splits, R, D] (unnormalised, relative to m), m / l [B, Hkv, splits, R] (running max and sum),
+    sums [B, Hkv, NB, R, SB] (per-slot sums of block i relative to block_max [B, Hkv, NB, R]); rows past `group`
+    are padding."""
+    b, hkv, _, _, d = o.shape
+    nb, sb = sums.shape[2], sums.shape[4]
+    top = jnp.max(m, axis=2)  # [B, Hkv, R]: the global max of each row
     weight = jnp.exp(m - top[:, :, None])  # [B, Hkv, splits, R]
     total = jnp.maximum(jnp.sum(l * weight, axis=2), 1e-30)  # [B, Hkv, R]
     out = jnp.sum(o * weight[..., None], axis=2) / total[..., None]  # [B, Hkv, R, D]
     scale_rows = jnp.exp(block_max - top[:, :, None]) / total[:, :, None]  # [B, Hkv, NB, R]
     mass = sums[:, :, :, :group] * scale_rows[:, :, :, :group, None]  # [B, Hkv, NB, G, SB]
-    mass = jnp.max(mass, axis=3).reshape(b, hkv, listed)  # max over the real query heads of the group
-    return out[:, :, :group].reshape(b, hq, d).astype(q.dtype), mass
+    mass = jnp.max(mass, axis=3).reshape(b, hkv, nb * sb)  # max over the real query heads of the group
+    return out[:, :, :group].reshape(b, hkv * group, d).astype(dtype), mass
 
 
 def _scores_kernel(layer_ref, q_ref, kmin_ref, kmax_ref, fill_ref, u_ref, *, group, block_slots):

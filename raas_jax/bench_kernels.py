@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from raas_jax import kernels
-from raas_jax.kernels import pallas_gpu, reference
+from raas_jax.kernels import mosaic_gpu, pallas_gpu, reference
 from raas_jax.policies import quest_select
 
 Q_HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
@@ -163,18 +163,32 @@ def paged_attention_variants(q, k, v, fill, chosen):
     return variants
 
 
-def our_variants(sweep: bool) -> dict[str, pallas_gpu.AttentionTuning]:
-    if not sweep:
-        return {"pallas (default)": pallas_gpu.DEFAULT_TUNING}
-    grid = [(64, 1024, 4, 2), (128, 1024, 4, 2), (256, 1024, 4, 2), (128, 1024, 8, 2), (64, 4096, 4, 2),
-            (64, 1024, 4, 3)]
-    variants = {f"pallas T={t} prog={p} w={w} s={s}": pallas_gpu.AttentionTuning(t, p, w, s, fp8_num_stages=s)
-                for t, p, w, s in grid}
-    for stages in (2, 3):  # over an FP8 pool: its compute dtype (float16 or q's) at 2 and 3 stages
-        for as_f16 in (True, False):
-            variants[f"pallas T=64 fp8 s={stages}" + (" f16" if as_f16 else " bf16")] = pallas_gpu.AttentionTuning(
-                fp8_as_f16=as_f16, fp8_num_stages=stages)
-    variants["pallas T=64 fp8 s=3 f16 bytes"] = pallas_gpu.AttentionTuning(pack_fp8=False)  # the default: uint16 pairs
+def our_variants(sweep: bool, interpret: bool = False) -> dict[str, Callable]:
+    """Our kernels by name: each takes (q, k, v, fill, slots) -> (out, mass). "pallas (default)" is what
+    `backend="pallas"` runs (Mosaic GPU on a Hopper GPU where it applies, else Triton); on a Hopper GPU the Triton
+    kernel is timed beside it."""
+    variants = {"pallas (default)": lambda q, k, v, fill, slots: kernels.decode_attention(
+        q, k, v, fill, slots, backend="pallas")}
+    triton = {"pallas triton": pallas_gpu.DEFAULT_TUNING} if not interpret and mosaic_gpu.available() else {}
+    mosaic = {}
+    if sweep:
+        grid = [(64, 1024, 4, 2), (128, 1024, 4, 2), (256, 1024, 4, 2), (128, 1024, 8, 2), (64, 4096, 4, 2),
+                (64, 1024, 4, 3)]
+        triton = {f"pallas triton T={t} prog={p} w={w} s={s}": pallas_gpu.AttentionTuning(t, p, w, s, fp8_num_stages=s)
+                  for t, p, w, s in grid}
+        for stages in (2, 3):  # over an FP8 pool: its compute dtype (float16 or q's) at 2 and 3 stages
+            for as_f16 in (True, False):
+                triton[f"pallas triton T=64 fp8 s={stages}" + (" f16" if as_f16 else " bf16")] = (
+                    pallas_gpu.AttentionTuning(fp8_as_f16=as_f16, fp8_num_stages=stages))
+        triton["pallas triton T=64 fp8 s=3 f16 bytes"] = pallas_gpu.AttentionTuning(pack_fp8=False)  # default: pairs
+        if not interpret and mosaic_gpu.available():
+            mosaic = {f"pallas mosaic T={t} s={s} prog={p}": mosaic_gpu.MosaicTuning(t, s, p)
+                      for t, s, p in [(128, 1, 528), (128, 1, 1056), (128, 2, 264), (128, 2, 132), (64, 3, 528)]}
+    for name, tuning in triton.items():
+        variants[name] = lambda q, k, v, fill, slots, t=tuning: pallas_gpu.decode_attention(
+            q, k, v, fill, slots, tuning=t, interpret=interpret)
+    for name, tuning in mosaic.items():  # bf16 pools without a slot list (mosaic_gpu.supports)
+        variants[name] = lambda q, k, v, fill, slots, t=tuning: mosaic_gpu.decode_attention(q, k, v, fill, tuning=t)
     return variants
 
 
@@ -214,17 +228,17 @@ def run_kernels(shapes=SHAPES, calls: int | None = None, sweep: bool = False, ou
         pool = (k, v, fill, chosen)
         timed: dict[str, tuple[Callable, tuple]] = {
             "jnp reference (XLA)": (lambda q, *pool: reference.decode_attention(q, *pool)[0], pool)}
-        ours = our_variants(sweep)
-        for name, tuning in ours.items():
-            timed[name] = (lambda q, *pool, t=tuning: pallas_gpu.decode_attention(
-                q, *pool, tuning=t, interpret=interpret)[0], pool)
+        ours = our_variants(sweep, interpret)
+        if kv_dtype is not None or chosen is not None:  # the Mosaic GPU kernel takes neither
+            ours = {name: f for name, f in ours.items() if not name.startswith("pallas mosaic")}
+        for name, attend in ours.items():
+            timed[name] = (lambda q, *pool, f=attend: f(q, *pool)[0], pool)
         if not interpret and kv_dtype is None:
             timed.update(paged_attention_variants(q, k, v, fill, chosen))
         for variant, (step, operands) in timed.items():
             try:
                 if variant in ours:  # correctness at this shape before timing
-                    out_p, mass_p = pallas_gpu.decode_attention(q, k, v, fill, chosen, tuning=ours[variant],
-                                                                interpret=interpret)
+                    out_p, mass_p = ours[variant](q, k, v, fill, chosen)
                     if mass_ref is None:
                         ref_out, mass_ref = reference.decode_attention(q, k, v, fill, chosen)
                     err = float(jnp.linalg.norm((out_p - ref_out).astype(jnp.float32))
@@ -269,7 +283,7 @@ def run_kernels(shapes=SHAPES, calls: int | None = None, sweep: bool = False, ou
     return rows
 
 
-FAMILIES = {"ours (Pallas)": "pallas", "jnp reference (XLA)": "jnp reference",
+FAMILIES = {"ours (Pallas)": "pallas (default)", "jnp reference (XLA)": "jnp reference",
             "ops.gpu.paged_attention (best)": "ops.gpu.paged_attention", "torch SDPA": "torch SDPA (dense KV)",
             "page_scores + top-k (ours)": "page_scores + top-k (pallas)"}
 

@@ -110,6 +110,65 @@ def test_pallas_reads_a_layer_of_a_stacked_pool_past_4_gib():
             assert _relative_error(mass, ref_mass) <= 1e-2
 
 
+@pytest.mark.parametrize("group,head_dim,page", [(1, 64, 16), (4, 128, 16), (7, 128, 32), (8, 64, 8)])
+def test_mosaic_decode_attention_on_gpu(group, head_dim, page):
+    """The Mosaic GPU kernel (the default for bf16 pages without a slot list on Hopper) against the f32 reference,
+    with live bounds that end mid-pool, on layer 2 of a stacked pool."""
+    from raas_jax.kernels import mosaic_gpu
+
+    if not mosaic_gpu.available():
+        pytest.skip("not a Hopper GPU")
+    rng = np.random.default_rng(group * 7 + head_dim + page)
+    layers, b, hkv, s = 3, 32, 8, 2048 // page
+    k = jax.random.normal(jax.random.PRNGKey(1), (layers, b, hkv, s, page, head_dim), jnp.bfloat16)
+    v = jax.random.normal(jax.random.PRNGKey(2), (layers, b, hkv, s, page, head_dim), jnp.bfloat16)
+    q = jnp.asarray(rng.normal(size=(b, hkv * group, head_dim)), jnp.bfloat16)
+    live = rng.integers(0, s + 1, b).astype(np.int32)
+    live[:3] = (0, 1, s)
+    fill = rng.integers(0, page + 1, (b, hkv, s)).astype(np.int32)
+    fill = np.where(np.arange(s)[None, None] < live[:, None, None], fill, 0).astype(np.int32)
+    out, mass = mosaic_gpu.decode_attention(q, k, v, jnp.asarray(fill), layer=jnp.int32(2),
+                                            live_slots=jnp.asarray(live))
+    ref, ref_mass = kernels.decode_attention(q.astype(jnp.float32), k[2].astype(jnp.float32),
+                                             v[2].astype(jnp.float32), jnp.asarray(fill), backend="reference")
+    assert np.isfinite(np.asarray(out, np.float32)).all() and np.isfinite(np.asarray(mass)).all()
+    assert _relative_error(out[1:], ref[1:]) <= 1e-2 and not np.asarray(out, np.float32)[0].any()
+    assert _relative_error(mass, ref_mass) <= 1e-2
+
+
+def test_the_dispatch_takes_mosaic_on_hopper_and_triton_otherwise():
+    from raas_jax.kernels import mosaic_gpu
+
+    q = jnp.zeros((2, 32, 128), jnp.bfloat16)
+    k = jnp.zeros((2, 8, 64, 16, 128), jnp.bfloat16)
+    fill = jnp.full((2, 8, 64), 16, jnp.int32)
+
+    def lowered(k, slots=None):
+        attend = lambda q, k, v, fill: kernels.decode_attention(q, k, v, fill, slots)  # noqa: E731
+        return jax.jit(attend).lower(q, k, k, fill).as_text()
+
+    assert ("mosaic_gpu" in lowered(k)) == mosaic_gpu.available()
+    assert "mosaic_gpu" not in lowered(k.astype(jnp.float8_e4m3fn))  # FP8 pages: Triton
+    assert "mosaic_gpu" not in lowered(k, jnp.zeros((2, 8, 8), jnp.int32))  # slot lists: Triton
+
+
+def test_mosaic_reads_a_layer_of_a_stacked_pool_past_4_gib():
+    from raas_jax.kernels import mosaic_gpu
+
+    if not mosaic_gpu.available():
+        pytest.skip("not a Hopper GPU")
+    layers, b, hkv, group, s, page, d = 17, 64, 8, 4, 128, 16, 128  # 4.6 GB per pool
+    k = jax.random.normal(jax.random.PRNGKey(3), (layers, b, hkv, s, page, d), jnp.bfloat16)
+    v = jax.random.normal(jax.random.PRNGKey(4), (layers, b, hkv, s, page, d), jnp.bfloat16)
+    rng = np.random.default_rng(6)
+    q = jnp.asarray(rng.normal(size=(b, hkv * group, d)), jnp.bfloat16)
+    fill = jnp.asarray(rng.integers(1, page + 1, (b, hkv, s)).astype(np.int32))
+    out, mass = mosaic_gpu.decode_attention(q, k, v, fill, layer=jnp.int32(layers - 1))
+    ref, ref_mass = kernels.decode_attention(q.astype(jnp.float32), k[-1].astype(jnp.float32),
+                                             v[-1].astype(jnp.float32), fill, backend="reference")
+    assert _relative_error(out, ref) <= 1e-2 and _relative_error(mass, ref_mass) <= 1e-2
+
+
 def test_pallas_page_scores_on_gpu():
     rng = np.random.default_rng(3)
     b, hkv, group, s, d = 32, 8, 4, 2048, 128

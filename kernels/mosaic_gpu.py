@@ -1,0 +1,258 @@
+"""Decode attention over a bf16 / f16 page pool as a Mosaic GPU kernel (TMA pipeline + Hopper wgmma).
+
+The Triton kernel (kernels/pallas_gpu.py) streams the pool at 3.4-3.9 TB/s where torch's SDPA reaches 4.2-4.5
+(docs/performance.md section 19). This one streams the pages with TMA copies into a ring of `stages` SMEM buffers,
+so the next blocks are in flight while the tensor cores work on the current one, and computes with `wgmma`.
+
+Same contract and same partial outputs as the Triton kernel (the split combine in `pallas_gpu.combine_splits`):
+one program per (sequence, KV head, split), a split walks blocks j, j + splits, ... below the live bound, with an
+online softmax over [64, T] logits (the group's query rows padded to wgmma's 64). Per block it stores the per-slot
+sums of exp(logit - m_running) and m_running. The per-slot sums are one more small product, p @ E, where E [T, N] is
+the token -> slot indicator: a reshape of p's register layout is not available, a product is. p goes in as two
+bf16 halves (p = hi + lo) so the sums keep ~16 bits, close to the float32 sums of the Triton kernel.
+
+Token validity (offset in page < the slot's fill) comes in as a float [B, Hkv, S * P] vector made by XLA from `fill`
+and streamed with the block: a per-column gather of `fill` has no register layout either.
+
+Not handled here (the dispatch keeps the Triton kernel for them): FP8 pools, slot lists (Quest), head dims that are
+not a multiple of 64, groups over 64 query heads, pages over 16 tokens at 128-token blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from .pallas_gpu import combine_splits
+from .reference import MASK_VALUE
+
+@dataclasses.dataclass(frozen=True)
+class MosaicTuning:
+    """Launch parameters of the Mosaic GPU `decode_attention`."""
+
+    # Chosen on an H200 (docs/performance.md section 20): one 128-token block per program in SMEM (~93 KB, so two
+    # programs share an SM and each one's load overlaps the other's compute) beat 2-3 stages of one program per SM
+    # and 64-token blocks (their per-block barriers and reductions cost more than the bytes) at every bench shape.
+    block_tokens: int = 128  # tokens per pipeline step (a multiple of 64)
+    stages: int = 1  # SMEM buffers of k / v in flight per program
+    target_programs: int = 528  # splits grow until (B * Hkv * splits) reaches this (4 per SM on an H200)
+    exact_sums: bool = True  # per-slot sums from p's two bf16 halves (~16 bits); False: one bf16 product
+
+
+DEFAULT_TUNING = MosaicTuning()
+
+
+def plan(batch: int, kv_heads: int, slots: int, page: int, tuning: MosaicTuning = DEFAULT_TUNING):
+    """(block_slots, splits, blocks_per_split), or None if the shape is not taken."""
+    tokens = tuning.block_tokens
+    if tokens % 64 or tokens % page or page & (page - 1):
+        return None
+    block_slots = tokens // page
+    if block_slots > 64 or slots % block_slots:
+        return None
+    blocks = slots // block_slots
+    splits = 1
+    while batch * kv_heads * splits < tuning.target_programs and blocks % (2 * splits) == 0:
+        splits *= 2
+    return block_slots, splits, blocks // splits
+
+
+def supports(q, k, slots=None, stacked: bool = False, tuning: MosaicTuning = DEFAULT_TUNING) -> bool:
+    """Shapes this kernel takes: bf16 / f16 pools in q's dtype, no slot list, head dim a multiple of 64."""
+    _, hkv, s, page, d = k.shape[1:] if stacked else k.shape
+    group = q.shape[1] // hkv
+    return (slots is None and jnp.dtype(k.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and jnp.dtype(q.dtype) == jnp.dtype(k.dtype) and d % 64 == 0 and d <= 256 and _heads(group) <= 256
+            and plan(q.shape[0], hkv, s, page, tuning) is not None)
+
+
+def available() -> bool:
+    """Whether this machine's first device is a Hopper GPU (sm_90): wgmma is Hopper's, other GPUs keep Triton."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
+
+
+def _mma_transforms(cols: int, dtype):
+    swizzle = plgpu.find_swizzle(cols * jnp.dtype(dtype).itemsize * 8)
+    return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
+
+
+def _heads(group: int) -> int:
+    return -(-group // 8) * 8  # the group's query heads padded to wgmma's N granularity
+
+
+def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, valid_ref, e_ref,
+            o_ref, m_ref, l_ref, sums_ref, bmax_ref, *, scale, tokens, block_slots, splits, per_split, stages,
+            exact_sums, interpreted):
+    """Transposed products ("swap AB"): logits^T [T, N] = K [T, D] @ Q^T [D, N], so the softmax works on T x N
+    values (N = the group padded to 8) rather than 64 x T; out^T [D, N] = V^T [D, T] @ P^T [T, N]; per-slot sums
+    [64, N] = E^T [64, T] @ P^T (rows past the block's slots are zero)."""
+    dtype = q_ref.dtype
+    heads, d = q_ref.shape[-2:]
+    b, h, split = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("split")
+    layer = layer_ref[0]
+    live_blocks = (live_ref[b] + block_slots - 1) // block_slots
+    walked = jnp.clip((live_blocks - split + splits - 1) // splits, 0, per_split)
+    cast = (lambda x, layout: x) if interpreted else plgpu.layout_cast  # interpret mode has no layouts
+    t = lambda ref: plgpu.transpose_ref(ref, (1, 0))  # noqa: E731
+
+    def scoped(q_smem, e_smem, k_smem, v_smem, valid_smem, p_smem, o_smem, sums_smem, vec_smem,
+               q_bar, k_bar, v_bar, valid_bar):
+        def issue(i, slot):  # block i of this split into buffer `slot`
+            start = (i * splits + split) * tokens
+            plgpu.copy_gmem_to_smem(k_ref.at[layer, b, h, pl.ds(start, tokens)], k_smem.at[slot], k_bar.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[layer, b, h, pl.ds(start, tokens)], v_smem.at[slot], v_bar.at[slot])
+            plgpu.copy_gmem_to_smem(valid_ref.at[b, h, pl.ds(start, tokens)], valid_smem.at[slot],
+                                    valid_bar.at[slot])
+
+        plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_bar.at[0])
+        plgpu.copy_gmem_to_smem(e_ref, e_smem, q_bar.at[1])
+        for slot in range(stages):
+            pl.when(slot < walked)(functools.partial(issue, slot, slot))
+        plgpu.barrier_wait(q_bar.at[0])
+        plgpu.barrier_wait(q_bar.at[1])
+
+        def product(a_ref, b_ref, shape, a_t=False, b_t=False):  # a @ b (each transposed if asked) in f32 [M, N]
+            if interpreted:  # GPU interpret mode reads neither transposed operands nor swizzled layouts
+                a, b = a_ref[...], b_ref[...]
+                return jnp.dot(a.T if a_t else a, b.T if b_t else b, preferred_element_type=jnp.float32)
+
+            def run(acc_ref):
+                plgpu.wgmma(acc_ref, t(a_ref) if a_t else a_ref, t(b_ref) if b_t else b_ref)
+                return acc_ref[...]
+
+            return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+
+        def step(i, carry):
+            acc, m, l = carry  # out^T [D, N] (relative to m), m / l [N]
+            slot = lax.rem(i, stages)
+            plgpu.barrier_wait(k_bar.at[slot])
+            logits = product(k_smem.at[slot], q_smem, (tokens, heads), b_t=True) * scale  # [T, N]
+            plgpu.barrier_wait(valid_bar.at[slot])
+            if interpreted:  # GPU interpret mode has no rule for plgpu.load
+                valid = valid_smem[slot]  # [T]
+            else:
+                valid = plgpu.load(valid_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(1))  # [T]
+            valid = lax.broadcast_in_dim(valid.astype(jnp.float32), (tokens, heads), [0]) > 0.5
+            logits = jnp.where(valid, logits, MASK_VALUE)
+            m_new = jnp.maximum(m, logits.max(axis=0))  # [N]
+            p = jnp.where(valid, jnp.exp(logits - lax.broadcast_in_dim(m_new, logits.shape, [1])), 0.0)  # [T, N]
+            correction = jnp.exp(m - m_new)
+            l = l * correction + p.sum(axis=0)
+            p_hi = p.astype(dtype)
+            halves = [p_hi, (p - p_hi.astype(jnp.float32)).astype(dtype)] if exact_sums else [p_hi]
+            for half, x in enumerate(halves):
+                if interpreted:
+                    p_smem[half] = x.T
+                else:  # stored as P^T [N, T]: K-major rows for wgmma's B operand
+                    t(p_smem.at[half])[...] = cast(x, plgpu.Layout.WGMMA_TRANSPOSED)
+            plgpu.commit_smem()
+            plgpu.barrier_wait(v_bar.at[slot])
+            pv = product(v_smem.at[slot], p_smem.at[0], (d, heads), a_t=True, b_t=True)  # [D, N]
+            acc = acc * lax.broadcast_in_dim(correction, acc.shape, [1]) + pv
+            sums = product(e_smem, p_smem.at[0], (64, heads), b_t=True)
+            if exact_sums:
+                sums = sums + product(e_smem, p_smem.at[1], (64, heads), b_t=True)
+            # k / v of this buffer are consumed (the products above were awaited): refill it
+            pl.when(i + stages < walked)(functools.partial(issue, i + stages, slot))
+            buf = lax.rem(i, 2)
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the copies out of `buf` two steps ago are done
+            sums_smem[buf] = sums  # [64, N]: slots x heads
+            vec_smem[buf] = m_new
+            plgpu.commit_smem()
+            out_block = (b, h, i, split)
+            plgpu.copy_smem_to_gmem(sums_smem.at[buf, pl.ds(0, max(block_slots, 8))], sums_ref.at[out_block],
+                                    commit_group=False)
+            plgpu.copy_smem_to_gmem(vec_smem.at[buf], bmax_ref.at[out_block])
+            return acc, m_new, l
+
+        acc = cast(jnp.zeros((d, heads), jnp.float32), plgpu.Layout.WGMMA)
+        m = cast(jnp.full((heads,), MASK_VALUE, jnp.float32), plgpu.Layout.WGMMA.reduce(0))
+        l = cast(jnp.zeros((heads,), jnp.float32), plgpu.Layout.WGMMA.reduce(0))
+        acc, m, l = lax.fori_loop(0, walked, step, (acc, m, l))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        o_smem[...] = acc
+        vec_smem[0] = m
+        vec_smem[1] = l
+        plgpu.commit_smem()
+        out_split = (b, h, split)
+        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[out_split], commit_group=False)
+        plgpu.copy_smem_to_gmem(vec_smem.at[0], m_ref.at[out_split], commit_group=False)
+        plgpu.copy_smem_to_gmem(vec_smem.at[1], l_ref.at[out_split])
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(
+        scoped,
+        plgpu.SMEM((heads, d), dtype, transforms=_mma_transforms(d, dtype)),
+        plgpu.SMEM((64, tokens), dtype, transforms=_mma_transforms(tokens, dtype)),
+        plgpu.SMEM((stages, tokens, d), dtype, transforms=_mma_transforms(d, dtype)),
+        plgpu.SMEM((stages, tokens, d), dtype, transforms=_mma_transforms(d, dtype)),
+        plgpu.SMEM((stages, tokens), valid_ref.dtype),
+        plgpu.SMEM((2 if exact_sums else 1, heads, tokens), dtype, transforms=_mma_transforms(tokens, dtype)),
+        plgpu.SMEM((d, heads), jnp.float32),
+        plgpu.SMEM((2, 64, heads), jnp.float32),
+        plgpu.SMEM((2, heads), jnp.float32),
+        plgpu.Barrier(num_barriers=2),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "tuning"))
+def decode_attention(q, k, v, fill, *, layer=None, live_slots=None, scale: float | None = None,
+                     interpret=False, tuning: MosaicTuning = DEFAULT_TUNING):
+    """q [B, Hq, D], k/v [B, Hkv, S, P, D] (or [L, ...] with `layer`), fill [B, Hkv, S]
+    -> (out [B, Hq, D], mass [B, Hkv, S] float32): kernels/reference.py's contract, as pallas_gpu.decode_attention.
+    """
+    if layer is None:
+        k, v, layer = k[None], v[None], 0
+    num_layers, b, hkv, s, page, d = k.shape
+    hq = q.shape[1]
+    group = hq // hkv
+    heads = _heads(group)
+    scale = d**-0.5 if scale is None else scale
+    block_slots, splits, per_split = plan(b, hkv, s, page, tuning)
+    tokens = block_slots * page
+    slot_rows = max(block_slots, 8)  # per-slot sums copied out per block (whole 8-row tiles)
+    q_heads = jnp.pad(q.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, heads - group), (0, 0)))  # [B, Hkv, N, D]
+    valid = (jnp.arange(page) < fill[..., None]).astype(q.dtype).reshape(b, hkv, s * page)  # [B, Hkv, S*P] 0 / 1
+    indicator = (jnp.arange(64)[:, None] == jnp.arange(tokens)[None, :] // page).astype(q.dtype)  # E^T [64, T]
+    k_flat = k.reshape(num_layers, b, hkv, s * page, d)
+    v_flat = v.reshape(num_layers, b, hkv, s * page, d)
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    if live_slots is None:
+        live_slots = jnp.full((b,), s, jnp.int32)
+    live_slots = jnp.minimum(jnp.asarray(live_slots, jnp.int32), s)
+    kernel = functools.partial(_kernel, scale=scale, tokens=tokens, block_slots=block_slots, splits=splits,
+                               per_split=per_split, stages=min(tuning.stages, per_split), exact_sums=tuning.exact_sums,
+                               interpreted=bool(interpret))
+    o, m, l, sums, block_max = plgpu.kernel(
+        kernel,
+        out_type=(
+            jax.ShapeDtypeStruct((b, hkv, splits, d, heads), jnp.float32),  # out^T per split
+            jax.ShapeDtypeStruct((b, hkv, splits, heads), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, splits, heads), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, per_split, splits, slot_rows, heads), jnp.float32),  # block i*splits+j
+            jax.ShapeDtypeStruct((b, hkv, per_split, splits, heads), jnp.float32),
+        ),
+        grid=(b, hkv, splits),
+        grid_names=("b", "h", "split"),
+        interpret=interpret,
+    )(layer, live_slots, q_heads, k_flat, v_flat, valid, indicator)
+    # blocks past each sequence's live bound were not walked: their outputs were never written
+    blocks = splits * per_split
+    block_id = jnp.arange(per_split)[:, None] * splits + jnp.arange(splits)[None, :]  # [per_split, splits]
+    walked = block_id[None] * block_slots < live_slots[:, None, None]  # [B, per_split, splits]
+    walked = walked[:, None, :, :, None]  # [B, 1, per_split, splits, 1]
+    sums = jnp.swapaxes(jnp.where(walked[..., None], sums, 0.0)[..., :block_slots, :], -1, -2)  # [.., N, SB]
+    block_max = jnp.where(walked, block_max, MASK_VALUE)
+    o = jnp.swapaxes(o, -1, -2)  # [B, Hkv, splits, N, D]
+    return combine_splits(o, m, l, sums.reshape(b, hkv, blocks, heads, block_slots),
+                          block_max.reshape(b, hkv, blocks, heads), group=group, dtype=q.dtype)

@@ -1,0 +1,118 @@
+"""The Mosaic GPU decode attention (kernels/mosaic_gpu.py) on a CPU: its pipeline logic in Pallas' GPU interpret mode
+against the reference, and its real form (wgmma, layouts, TMA) lowered for CUDA. On the H200: tests/test_gpu.py."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from raas_jax.kernels import mosaic_gpu, reference
+
+from kernel_cases import ATTENTION_CASES, page_pool
+
+
+def _interpret_params():
+    try:  # GPU interpret mode is JAX-internal (jax >= 0.10); where it is missing these tests cannot run
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError:
+        pytest.skip("this JAX has no Pallas GPU interpret mode")
+    return InterpretGPUParams()
+
+
+def _bf16(*arrays):
+    return [jnp.asarray(x, jnp.bfloat16) for x in arrays]
+
+
+def _check(q, k, v, fill, *, layer=None, live=None, tuning=mosaic_gpu.DEFAULT_TUNING):
+    out, mass = mosaic_gpu.decode_attention(q, k, v, jnp.asarray(fill), layer=layer, live_slots=live, tuning=tuning,
+                                            interpret=_interpret_params())
+    k_layer, v_layer = (k, v) if layer is None else (k[layer], v[layer])
+    want, want_mass = reference.decode_attention(q, k_layer, v_layer, jnp.asarray(fill))
+    # bf16 inputs, float32 products: the kernel and the reference differ by where q is scaled (before or after
+    # the product, as the Triton kernel), and the per-slot sums carry ~16 bits (p as two bf16 halves)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(np.asarray(mass), np.asarray(want_mass), rtol=2e-2, atol=2e-3)
+    return out, mass
+
+
+@pytest.mark.parametrize("group,head_dim,page", ATTENTION_CASES)
+def test_matches_the_reference_in_interpret_mode(group, head_dim, page):
+    rng = np.random.default_rng(group + head_dim + page)
+    q, k, v, fill = page_pool(rng, 2, 2, group, 256 // page, page, head_dim)  # 256 tokens: two blocks of 128
+    _check(*_bf16(q, k, v), fill)
+
+
+def test_splits_live_bound_and_a_layer_of_a_stacked_pool():
+    """Several splits (blocks round-robin), sequences whose live bound ends mid-split or at 0, layer 1 of 3."""
+    rng = np.random.default_rng(3)
+    layers, b, hkv, group, s, page, d = 3, 3, 2, 4, 64, 16, 64
+    q, k, v, _ = page_pool(rng, b, hkv, group, s, page, d)
+    k = rng.normal(size=(layers,) + k.shape).astype(np.float32)
+    v = rng.normal(size=(layers,) + v.shape).astype(np.float32)
+    live = np.array([64, 19, 0], np.int32)
+    fill = rng.integers(1, page + 1, (b, hkv, s)).astype(np.int32)
+    fill = np.where(np.arange(s)[None, None] < live[:, None, None], fill, 0).astype(np.int32)
+    tuning = mosaic_gpu.MosaicTuning(block_tokens=64, stages=2, target_programs=4 * b * hkv)  # 4 splits, 2 stages
+    assert mosaic_gpu.plan(b, hkv, s, page, tuning) == (4, 4, 4)
+    k_pool, v_pool = _bf16(k, v)
+    # blocks past sequence 1's bound (slots 20 on: block 4 holds its last live slot, 18) are not read
+    k_pool, v_pool = k_pool.at[:, 1, :, 20:].set(jnp.nan), v_pool.at[:, 1, :, 20:].set(jnp.nan)
+    out, mass = mosaic_gpu.decode_attention(jnp.asarray(q, jnp.bfloat16), k_pool, v_pool, jnp.asarray(fill),
+                                            layer=jnp.int32(1), live_slots=jnp.asarray(live), tuning=tuning,
+                                            interpret=_interpret_params())
+    assert np.isfinite(np.asarray(out, np.float32)).all() and np.isfinite(np.asarray(mass)).all()
+    want, want_mass = reference.decode_attention(jnp.asarray(q, jnp.bfloat16), *_bf16(k[1], v[1]), jnp.asarray(fill))
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(np.asarray(mass), np.asarray(want_mass), rtol=2e-2, atol=2e-3)
+    assert not np.asarray(mass)[2].any() and not np.asarray(out, np.float32)[2].any()  # nothing live: zeros
+
+
+def test_the_per_slot_sums_keep_float32_precision():
+    """The slot mass goes through a bf16 product (p @ E); as two halves it stays within ~1e-5 of the float32 sums,
+    where one bf16 product is off by up to 2^-9 of each value."""
+    rng = np.random.default_rng(11)
+    q, k, v, fill = page_pool(rng, 2, 2, 4, 16, 16, 64)
+    q, k, v = _bf16(q, k, v)
+    want = np.asarray(reference.decode_attention(q, k, v, jnp.asarray(fill))[1])
+    errors = {}
+    for exact in (True, False):
+        tuning = mosaic_gpu.MosaicTuning(exact_sums=exact)
+        mass = mosaic_gpu.decode_attention(q, k, v, jnp.asarray(fill), tuning=tuning, interpret=_interpret_params())[1]
+        errors[exact] = np.abs(np.asarray(mass) - want).max()
+    assert errors[True] < 1e-5 < errors[False], errors
+
+
+@pytest.mark.parametrize("tuning", [mosaic_gpu.DEFAULT_TUNING, mosaic_gpu.MosaicTuning(64, 3, 528),
+                                    mosaic_gpu.MosaicTuning(128, 2, 264, exact_sums=False)])
+@pytest.mark.parametrize("group,head_dim", [(4, 128), (7, 64)])
+def test_the_gpu_form_lowers_for_cuda(tuning, group, head_dim):
+    """wgmma with transposed operands, the layouts of the softmax, TMA copies: Mosaic GPU checks them while
+    lowering, which runs on a CPU (`lowering_platforms`); one Mosaic GPU call, nothing else but XLA ops."""
+    layers, b, hkv, s, page = 2, 4, 8, 64, 16
+    q = jax.ShapeDtypeStruct((b, hkv * group, head_dim), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((layers, b, hkv, s, page, head_dim), jnp.bfloat16)
+    fill = jax.ShapeDtypeStruct((b, hkv, s), jnp.int32)
+    live = jax.ShapeDtypeStruct((b,), jnp.int32)
+
+    def attend(q, k, v, fill, live):
+        return mosaic_gpu.decode_attention(q, k, v, fill, layer=jnp.int32(1), live_slots=live, tuning=tuning)
+
+    text = jax.jit(attend).trace(q, k, k, fill, live).lower(lowering_platforms=("cuda",)).as_text()
+    assert re.findall(r"stablehlo.custom_call @(\w+)", text) == ["mosaic_gpu_v2"]
+
+
+def test_supports_only_what_the_kernel_takes():
+    q = jnp.zeros((2, 8, 128), jnp.bfloat16)
+    k = jnp.zeros((2, 2, 16, 16, 128), jnp.bfloat16)
+    assert mosaic_gpu.supports(q, k)
+    assert mosaic_gpu.supports(q, k[None], stacked=True)
+    assert not mosaic_gpu.supports(q, k.astype(jnp.float8_e4m3fn))  # FP8 pages: the Triton kernel
+    assert not mosaic_gpu.supports(q, k, slots=jnp.zeros((2, 2, 4), jnp.int32))  # Quest's slot lists: Triton
+    assert not mosaic_gpu.supports(q[..., :96], k[..., :96])  # head dim not a multiple of 64
+    assert not mosaic_gpu.supports(q.astype(jnp.float32), k.astype(jnp.float32))  # wgmma takes 16-bit here
+    assert not mosaic_gpu.supports(q, k[:, :, :12])  # 12 slots: no whole 128-token block
+    assert not mosaic_gpu.available()  # this is a CPU: the dispatch never picks it here
