@@ -11,8 +11,9 @@ sums of exp(logit - m_running) and m_running. The per-slot sums are one more sma
 the token -> slot indicator: a reshape of p's register layout is not available, a product is. p goes in as two
 bf16 halves (p = hi + lo) so the sums keep ~16 bits, close to the float32 sums of the Triton kernel.
 
-Token validity (offset in page < the slot's fill) comes in as a float [B, Hkv, S * P] vector made by XLA from `fill`
-and streamed with the block: a per-column gather of `fill` has no register layout either.
+Token validity (offset in page < the slot's fill) is worked out in registers from the block's fill values (scalar
+loads): one select per slot of the block over each token's row (a per-row gather of `fill` has no register layout),
+so no token-level mask is written by XLA.
 
 Not handled here (the dispatch keeps the Triton kernel for them): FP8 pools, slot lists (Quest), head dims that are
 not a multiple of 64, groups over 64 query heads, pages over 16 tokens at 128-token blocks.
@@ -87,9 +88,9 @@ def _heads(group: int) -> int:
     return -(-group // 8) * 8  # the group's query heads padded to wgmma's N granularity
 
 
-def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, valid_ref, e_ref,
+def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, e_ref,
             o_ref, m_ref, l_ref, sums_ref, bmax_ref, *, scale, tokens, block_slots, splits, per_split, stages,
-            exact_sums, interpreted):
+            page, exact_sums, interpreted):
     """Transposed products ("swap AB"): logits^T [T, N] = K [T, D] @ Q^T [D, N], so the softmax works on T x N
     values (N = the group padded to 8) rather than 64 x T; out^T [D, N] = V^T [D, T] @ P^T [T, N]; per-slot sums
     [64, N] = E^T [64, T] @ P^T (rows past the block's slots are zero)."""
@@ -102,15 +103,14 @@ def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, valid_ref, e_ref,
     cast = (lambda x, layout: x) if interpreted else plgpu.layout_cast  # interpret mode has no layouts
     t = lambda ref: plgpu.transpose_ref(ref, (1, 0))  # noqa: E731
 
-    def scoped(q_smem, e_smem, k_smem, v_smem, valid_smem, p_smem, o_smem, sums_smem, vec_smem,
-               q_bar, k_bar, v_bar, valid_bar):
+    def scoped(q_smem, e_smem, k_smem, v_smem, p_smem, o_smem, sums_smem, vec_smem, q_bar, k_bar, v_bar):
         def issue(i, slot):  # block i of this split into buffer `slot`
             start = (i * splits + split) * tokens
             plgpu.copy_gmem_to_smem(k_ref.at[layer, b, h, pl.ds(start, tokens)], k_smem.at[slot], k_bar.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[layer, b, h, pl.ds(start, tokens)], v_smem.at[slot], v_bar.at[slot])
-            plgpu.copy_gmem_to_smem(valid_ref.at[b, h, pl.ds(start, tokens)], valid_smem.at[slot],
-                                    valid_bar.at[slot])
 
+        token = cast(lax.broadcasted_iota(jnp.int32, (tokens,), 0), plgpu.Layout.WGMMA.reduce(1))  # [T]
+        token_slot, token_offset = token // page, token % page
         plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_bar.at[0])
         plgpu.copy_gmem_to_smem(e_ref, e_smem, q_bar.at[1])
         for slot in range(stages):
@@ -132,14 +132,16 @@ def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, valid_ref, e_ref,
         def step(i, carry):
             acc, m, l = carry  # out^T [D, N] (relative to m), m / l [N]
             slot = lax.rem(i, stages)
+            first = (i * splits + split) * block_slots  # the block's first slot
+            # the block's fill row as scalars from GMEM, loaded before the waits below so their latency is hidden
+            # (a TMA copy must move a multiple of 128 bytes: 32 slots)
+            fills = [fill_ref[b, h, first + j] for j in range(block_slots)]
             plgpu.barrier_wait(k_bar.at[slot])
             logits = product(k_smem.at[slot], q_smem, (tokens, heads), b_t=True) * scale  # [T, N]
-            plgpu.barrier_wait(valid_bar.at[slot])
-            if interpreted:  # GPU interpret mode has no rule for plgpu.load
-                valid = valid_smem[slot]  # [T]
-            else:
-                valid = plgpu.load(valid_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(1))  # [T]
-            valid = lax.broadcast_in_dim(valid.astype(jnp.float32), (tokens, heads), [0]) > 0.5
+            token_fill = jnp.zeros((tokens,), jnp.int32)  # [T] the fill of each token's slot
+            for j, fill_j in enumerate(fills):  # a gather has no register layout: one select per slot of the block
+                token_fill = jnp.where(token_slot == j, fill_j, token_fill)
+            valid = lax.broadcast_in_dim(token_offset < token_fill, (tokens, heads), [0])  # [T, N]
             logits = jnp.where(valid, logits, MASK_VALUE)
             m_new = jnp.maximum(m, logits.max(axis=0))  # [N]
             p = jnp.where(valid, jnp.exp(logits - lax.broadcast_in_dim(m_new, logits.shape, [1])), 0.0)  # [T, N]
@@ -193,13 +195,11 @@ def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, valid_ref, e_ref,
         plgpu.SMEM((64, tokens), dtype, transforms=_mma_transforms(tokens, dtype)),
         plgpu.SMEM((stages, tokens, d), dtype, transforms=_mma_transforms(d, dtype)),
         plgpu.SMEM((stages, tokens, d), dtype, transforms=_mma_transforms(d, dtype)),
-        plgpu.SMEM((stages, tokens), valid_ref.dtype),
         plgpu.SMEM((2 if exact_sums else 1, heads, tokens), dtype, transforms=_mma_transforms(tokens, dtype)),
         plgpu.SMEM((d, heads), jnp.float32),
         plgpu.SMEM((2, 64, heads), jnp.float32),
         plgpu.SMEM((2, heads), jnp.float32),
         plgpu.Barrier(num_barriers=2),
-        plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
     )
@@ -222,7 +222,6 @@ def decode_attention(q, k, v, fill, *, layer=None, live_slots=None, scale: float
     tokens = block_slots * page
     slot_rows = max(block_slots, 8)  # per-slot sums copied out per block (whole 8-row tiles)
     q_heads = jnp.pad(q.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, heads - group), (0, 0)))  # [B, Hkv, N, D]
-    valid = (jnp.arange(page) < fill[..., None]).astype(q.dtype).reshape(b, hkv, s * page)  # [B, Hkv, S*P] 0 / 1
     indicator = (jnp.arange(64)[:, None] == jnp.arange(tokens)[None, :] // page).astype(q.dtype)  # E^T [64, T]
     k_flat = k.reshape(num_layers, b, hkv, s * page, d)
     v_flat = v.reshape(num_layers, b, hkv, s * page, d)
@@ -231,7 +230,8 @@ def decode_attention(q, k, v, fill, *, layer=None, live_slots=None, scale: float
         live_slots = jnp.full((b,), s, jnp.int32)
     live_slots = jnp.minimum(jnp.asarray(live_slots, jnp.int32), s)
     kernel = functools.partial(_kernel, scale=scale, tokens=tokens, block_slots=block_slots, splits=splits,
-                               per_split=per_split, stages=min(tuning.stages, per_split), exact_sums=tuning.exact_sums,
+                               per_split=per_split, stages=min(tuning.stages, per_split), page=page,
+                               exact_sums=tuning.exact_sums,
                                interpreted=bool(interpret))
     o, m, l, sums, block_max = plgpu.kernel(
         kernel,
@@ -245,7 +245,7 @@ def decode_attention(q, k, v, fill, *, layer=None, live_slots=None, scale: float
         grid=(b, hkv, splits),
         grid_names=("b", "h", "split"),
         interpret=interpret,
-    )(layer, live_slots, q_heads, k_flat, v_flat, valid, indicator)
+    )(layer, live_slots, q_heads, k_flat, v_flat, fill.astype(jnp.int32), indicator)
     # blocks past each sequence's live bound were not walked: their outputs were never written
     blocks = splits * per_split
     block_id = jnp.arange(per_split)[:, None] * splits + jnp.arange(splits)[None, :]  # [per_split, splits]
