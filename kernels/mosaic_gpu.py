@@ -1,22 +1,25 @@
-"""Decode attention over a bf16 / f16 page pool as a Mosaic GPU kernel (TMA pipeline + Hopper wgmma).
+"""Decode attention over a bf16 / f16 page pool as a Mosaic GPU kernel (TMA copies + Hopper wgmma).
 
-The Triton kernel (kernels/pallas_gpu.py) streams the pool at 3.4-3.9 TB/s where torch's SDPA reaches 4.2-4.5
-(docs/performance.md section 19). This one streams the pages with TMA copies into a ring of `stages` SMEM buffers,
-so the next blocks are in flight while the tensor cores work on the current one, and computes with `wgmma`.
+Same contract and same partial outputs as the Triton kernel of kernels/pallas_gpu.py (the split combine is
+`pallas_gpu.combine_splits`): one program per (sequence, KV head, split); a split walks blocks j, j + splits, ...
+below the live bound, copying each block's k and v into SMEM with TMA, with an online softmax. Per block it stores
+the per-slot sums of exp(logit - m_running) and m_running, so the combine can give each slot its softmax mass.
 
-Same contract and same partial outputs as the Triton kernel (the split combine in `pallas_gpu.combine_splits`):
-one program per (sequence, KV head, split), a split walks blocks j, j + splits, ... below the live bound, with an
-online softmax over [64, T] logits (the group's query rows padded to wgmma's 64). Per block it stores the per-slot
-sums of exp(logit - m_running) and m_running. The per-slot sums are one more small product, p @ E, where E [T, N] is
-the token -> slot indicator: a reshape of p's register layout is not available, a product is. p goes in as two
-bf16 halves (p = hi + lo) so the sums keep ~16 bits, close to the float32 sums of the Triton kernel.
+The products are transposed ("swap AB"): wgmma's M is 64, and the group has a handful of query heads, so
+logits^T [T, N] = K [T, D] @ Q^T [D, N] with N = the group padded to 8 (the softmax then works on T x N values,
+not 64 x T), out^T [D, N] = V^T @ P^T, and the per-slot sums [64, N] = E^T [64, T] @ P^T with E the token -> slot
+indicator (a reshape of p's register layout is not available, a product is). p goes in as two bf16 halves
+(hi + lo) so the sums keep ~16 bits, close to the float32 sums of the Triton kernel.
 
 Token validity (offset in page < the slot's fill) is worked out in registers from the block's fill values (scalar
 loads): one select per slot of the block over each token's row (a per-row gather of `fill` has no register layout),
 so no token-level mask is written by XLA.
 
-Not handled here (the dispatch keeps the Triton kernel for them): FP8 pools, slot lists (Quest), head dims that are
-not a multiple of 64, groups over 64 query heads, pages over 16 tokens at 128-token blocks.
+Taken (`supports`): bf16 / f16 pools in q's dtype, head dim 64 or 128, groups up to 16 query heads, pages of 2 to
+128 tokens, pools of whole 128-token blocks, on a Hopper GPU (`available`). The dispatch keeps the Triton kernel for
+everything else: FP8 pools, slot lists (Quest), other head dims and groups, other GPUs. On an H200 it is 2-16% faster
+than the Triton kernel at six of the seven `bench kernels` shapes and 3% slower at B = 128 with 1K tokens
+(docs/performance.md section 20).
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ class MosaicTuning:
     """Launch parameters of the Mosaic GPU `decode_attention`."""
 
     # Chosen on an H200 (docs/performance.md section 20): one 128-token block per program in SMEM (~93 KB, so two
-    # programs share an SM and each one's load overlaps the other's compute) beat 2-3 stages of one program per SM
-    # and 64-token blocks (their per-block barriers and reductions cost more than the bytes) at every bench shape.
+    # programs share an SM and each one's load overlaps the other's compute) was the fastest or within 3% of the
+    # fastest variant at every bench shape; 2-3 stages of one program per SM gained nothing, and 64-token blocks
+    # lost everywhere (their per-block barriers and reductions cost more than the bytes).
     block_tokens: int = 128  # tokens per pipeline step (a multiple of 64)
     stages: int = 1  # SMEM buffers of k / v in flight per program
     target_programs: int = 528  # splits grow until (B * Hkv * splits) reaches this (4 per SM on an H200)
@@ -64,13 +68,28 @@ def plan(batch: int, kv_heads: int, slots: int, page: int, tuning: MosaicTuning 
     return block_slots, splits, blocks // splits
 
 
+HEAD_DIMS = (64, 128)  # run on the H200 (tests/test_gpu.py); d = 256 would need fewer stages or a smaller block
+MAX_HEADS = 16  # the group padded to 8: runs on the H200 for N = 8; past 16, logits, p and out^T crowd the registers
+SMEM_BYTES = 232448  # per block on an H200, the reduction scratch included
+
+
+def smem_bytes(heads: int, d: int, tokens: int, stages: int, exact_sums: bool = True) -> int:
+    """SMEM one program allocates: the buffers of `_kernel`, plus ~3.1 KB of barriers, alignment and reduction scratch
+    (what Mosaic GPU's lowering reported over the buffers, tests/test_mosaic_gpu.py checks the bound)."""
+    return (2 * (heads * d + 64 * tokens + 2 * stages * tokens * d + (2 if exact_sums else 1) * heads * tokens)
+            + 4 * (d * heads + 2 * 64 * heads + 2 * heads) + 3584)
+
+
 def supports(q, k, slots=None, stacked: bool = False, tuning: MosaicTuning = DEFAULT_TUNING) -> bool:
-    """Shapes this kernel takes: bf16 / f16 pools in q's dtype, no slot list, head dim a multiple of 64."""
+    """Shapes this kernel takes (see the module docstring); the dispatch sends the rest to the Triton kernel."""
     _, hkv, s, page, d = k.shape[1:] if stacked else k.shape
-    group = q.shape[1] // hkv
+    heads = _heads(q.shape[1] // hkv)
+    planned = plan(q.shape[0], hkv, s, page, tuning)
     return (slots is None and jnp.dtype(k.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-            and jnp.dtype(q.dtype) == jnp.dtype(k.dtype) and d % 64 == 0 and d <= 256 and _heads(group) <= 256
-            and plan(q.shape[0], hkv, s, page, tuning) is not None)
+            and jnp.dtype(q.dtype) == jnp.dtype(k.dtype) and d in HEAD_DIMS and heads <= MAX_HEADS
+            and planned is not None
+            and smem_bytes(heads, d, tuning.block_tokens, min(tuning.stages, planned[2]), tuning.exact_sums)
+            <= SMEM_BYTES)
 
 
 def available() -> bool:
@@ -228,7 +247,7 @@ def decode_attention(q, k, v, fill, *, layer=None, live_slots=None, scale: float
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     if live_slots is None:
         live_slots = jnp.full((b,), s, jnp.int32)
-    live_slots = jnp.minimum(jnp.asarray(live_slots, jnp.int32), s)
+    live_slots = jnp.minimum(jnp.asarray(live_slots, jnp.int32).reshape(b), s)
     kernel = functools.partial(_kernel, scale=scale, tokens=tokens, block_slots=block_slots, splits=splits,
                                per_split=per_split, stages=min(tuning.stages, per_split), page=page,
                                exact_sums=tuning.exact_sums,

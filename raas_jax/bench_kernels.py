@@ -289,7 +289,9 @@ FAMILIES = {"ours (Pallas)": "pallas (default)", "jnp reference (XLA)": "jnp ref
 
 
 def best_per_family(rows: list[dict]) -> dict[str, dict[str, dict | None]]:
-    """shape -> family -> the fastest timed row of that family (None if none ran)."""
+    """shape -> family -> the fastest timed row of that family (None if none ran). "ours" is the row of what
+    `backend="pallas"` runs ("pallas (default)"), not the best of a sweep; rows saved before 6a1081b named it
+    "pallas (default)" as well, their sweep rows "pallas T=..."."""
     table = {}
     for shape in dict.fromkeys(r["shape"] for r in rows):
         table[shape] = {}

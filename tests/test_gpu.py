@@ -110,7 +110,7 @@ def test_pallas_reads_a_layer_of_a_stacked_pool_past_4_gib():
             assert _relative_error(mass, ref_mass) <= 1e-2
 
 
-@pytest.mark.parametrize("group,head_dim,page", [(1, 64, 16), (4, 128, 16), (7, 128, 32), (8, 64, 8)])
+@pytest.mark.parametrize("group,head_dim,page", [(1, 64, 16), (4, 128, 16), (7, 128, 32), (8, 64, 8), (16, 128, 16)])
 def test_mosaic_decode_attention_on_gpu(group, head_dim, page):
     """The Mosaic GPU kernel (the default for bf16 pages without a slot list on Hopper) against the f32 reference,
     with live bounds that end mid-pool, on layer 2 of a stacked pool."""

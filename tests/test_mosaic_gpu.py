@@ -1,5 +1,8 @@
 """The Mosaic GPU decode attention (kernels/mosaic_gpu.py) on a CPU: its pipeline logic in Pallas' GPU interpret mode
-against the reference, and its real form (wgmma, layouts, TMA) lowered for CUDA. On the H200: tests/test_gpu.py."""
+against the reference, and its real form (wgmma, layouts, TMA) lowered for CUDA. On the H200: tests/test_gpu.py.
+
+Interpret mode runs the TMA loads and barriers (with a race detector) but completes SMEM -> GMEM copies at once: the
+ordering of the kernel's output copies (`wait_smem_to_gmem`) is exercised only on a GPU."""
 
 from __future__ import annotations
 
@@ -15,12 +18,12 @@ from raas_jax.kernels import mosaic_gpu, reference
 from kernel_cases import ATTENTION_CASES, page_pool
 
 
-def _interpret_params():
+def _interpret_params(**options):
     try:  # GPU interpret mode is JAX-internal (jax >= 0.10); where it is missing these tests cannot run
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
     except ImportError:
         pytest.skip("this JAX has no Pallas GPU interpret mode")
-    return InterpretGPUParams()
+    return InterpretGPUParams(**options)
 
 
 def _bf16(*arrays):
@@ -44,6 +47,32 @@ def test_matches_the_reference_in_interpret_mode(group, head_dim, page):
     rng = np.random.default_rng(group + head_dim + page)
     q, k, v, fill = page_pool(rng, 2, 2, group, 256 // page, page, head_dim)  # 256 tokens: two blocks of 128
     _check(*_bf16(q, k, v), fill)
+
+
+def test_the_default_pipeline_refills_its_buffer_without_races():
+    """The default tuning (one buffer per program) over several blocks per split: each block is copied into the
+    buffer the previous one was read from, after the products that read it; the race detector would flag a refill
+    before them, and the values would be wrong."""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+
+    rng = np.random.default_rng(21)
+    b, hkv, group, s, page, d = 1, 2, 4, 48, 16, 64
+    assert mosaic_gpu.plan(b, hkv, s, page) == (8, 2, 3)  # 6 blocks: 2 splits of 3 through one buffer
+    q, k, v, fill = page_pool(rng, 2, hkv, group, s, page, d)
+    q, k, v, fill = q[:b], k[:b], v[:b], fill[:b]
+    interpret_pallas_call.reset_gpu_interpret_mode_state()
+    out, mass = mosaic_gpu.decode_attention(*_bf16(q, k, v), jnp.asarray(fill),
+                                            interpret=_interpret_params(detect_races=True))
+    assert not interpret_pallas_call.get_races().races_found
+    want, want_mass = reference.decode_attention(*_bf16(q, k, v), jnp.asarray(fill))
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(np.asarray(mass), np.asarray(want_mass), rtol=2e-2, atol=2e-3)
+
+
+def test_float16_pages():
+    rng = np.random.default_rng(4)
+    q, k, v, fill = page_pool(rng, 2, 2, 4, 16, 16, 128)
+    _check(*[jnp.asarray(x, jnp.float16) for x in (q, k, v)], fill)
 
 
 def test_splits_live_bound_and_a_layer_of_a_stacked_pool():
@@ -86,23 +115,44 @@ def test_the_per_slot_sums_keep_float32_precision():
     assert errors[True] < 1e-5 < errors[False], errors
 
 
-@pytest.mark.parametrize("tuning", [mosaic_gpu.DEFAULT_TUNING, mosaic_gpu.MosaicTuning(64, 3, 528),
-                                    mosaic_gpu.MosaicTuning(128, 2, 264, exact_sums=False)])
-@pytest.mark.parametrize("group,head_dim", [(4, 128), (7, 64)])
-def test_the_gpu_form_lowers_for_cuda(tuning, group, head_dim):
-    """wgmma with transposed operands, the layouts of the softmax, TMA copies: Mosaic GPU checks them while
-    lowering, which runs on a CPU (`lowering_platforms`); one Mosaic GPU call, nothing else but XLA ops."""
-    layers, b, hkv, s, page = 2, 4, 8, 64, 16
-    q = jax.ShapeDtypeStruct((b, hkv * group, head_dim), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((layers, b, hkv, s, page, head_dim), jnp.bfloat16)
+def _lowered(group, head_dim, tuning, dtype=jnp.bfloat16, s=64, page=16):
+    layers, b, hkv = 2, 4, 8
+    q = jax.ShapeDtypeStruct((b, hkv * group, head_dim), dtype)
+    k = jax.ShapeDtypeStruct((layers, b, hkv, s, page, head_dim), dtype)
     fill = jax.ShapeDtypeStruct((b, hkv, s), jnp.int32)
     live = jax.ShapeDtypeStruct((b,), jnp.int32)
 
     def attend(q, k, v, fill, live):
         return mosaic_gpu.decode_attention(q, k, v, fill, layer=jnp.int32(1), live_slots=live, tuning=tuning)
 
-    text = jax.jit(attend).trace(q, k, k, fill, live).lower(lowering_platforms=("cuda",)).as_text()
+    return jax.jit(attend).trace(q, k, k, fill, live).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("tuning", [mosaic_gpu.DEFAULT_TUNING, mosaic_gpu.MosaicTuning(64, 3, 528),
+                                    mosaic_gpu.MosaicTuning(128, 2, 264, exact_sums=False)])
+@pytest.mark.parametrize("group,head_dim,dtype", [(4, 128, jnp.bfloat16), (7, 64, jnp.bfloat16),
+                                                  (16, 128, jnp.float16)])
+def test_the_gpu_form_lowers_for_cuda(tuning, group, head_dim, dtype):
+    """wgmma with transposed operands, the layouts of the softmax, TMA copies: Mosaic GPU checks them while
+    lowering, which runs on a CPU (`lowering_platforms`); one Mosaic GPU call, nothing else but XLA ops."""
+    text = _lowered(group, head_dim, tuning, dtype)
     assert re.findall(r"stablehlo.custom_call @(\w+)", text) == ["mosaic_gpu_v2"]
+
+
+@pytest.mark.parametrize("group,head_dim,tokens,stages", [(16, 128, 128, 3), (8, 128, 128, 4), (8, 64, 128, 7),
+                                                          (8, 128, 64, 7), (8, 128, 128, 3), (16, 64, 64, 12)])
+def test_the_smem_estimate_bounds_what_lowering_allocates(group, head_dim, tokens, stages):
+    """`supports` refuses what would not fit in SMEM (the lowering's own check, which it reports in bytes):
+    the estimate is above the allocation and within 2 KB of it."""
+    tuning = mosaic_gpu.MosaicTuning(tokens, stages, 8)
+    estimate = mosaic_gpu.smem_bytes(8 * -(-group // 8), head_dim, tokens, stages)
+    try:
+        _lowered(group, head_dim, tuning, s=16 * stages * tokens // 16)
+        assert estimate <= mosaic_gpu.SMEM_BYTES + 2048  # it fit: the estimate did not refuse far below the limit
+    except ValueError as e:
+        allocated = int(re.search(r"smem_bytes=(\d+)", str(e)).group(1))
+        assert allocated <= estimate <= allocated + 2048
+        assert estimate > mosaic_gpu.SMEM_BYTES
 
 
 def test_supports_only_what_the_kernel_takes():
@@ -112,7 +162,12 @@ def test_supports_only_what_the_kernel_takes():
     assert mosaic_gpu.supports(q, k[None], stacked=True)
     assert not mosaic_gpu.supports(q, k.astype(jnp.float8_e4m3fn))  # FP8 pages: the Triton kernel
     assert not mosaic_gpu.supports(q, k, slots=jnp.zeros((2, 2, 4), jnp.int32))  # Quest's slot lists: Triton
-    assert not mosaic_gpu.supports(q[..., :96], k[..., :96])  # head dim not a multiple of 64
+    assert not mosaic_gpu.supports(q[..., :96], k[..., :96])  # head dims other than 64 and 128
+    assert mosaic_gpu.supports(q.astype(jnp.float16), k.astype(jnp.float16))
+    assert not mosaic_gpu.supports(q.astype(jnp.float16), k)  # q and the pages in one dtype
+    wide = jnp.zeros((2, 2 * 24, 128), jnp.bfloat16)  # a group of 24 (24 padded heads): not run on a GPU
+    assert mosaic_gpu.supports(wide[:, :32], k) and not mosaic_gpu.supports(wide, k)
     assert not mosaic_gpu.supports(q.astype(jnp.float32), k.astype(jnp.float32))  # wgmma takes 16-bit here
     assert not mosaic_gpu.supports(q, k[:, :, :12])  # 12 slots: no whole 128-token block
-    assert not mosaic_gpu.available()  # this is a CPU: the dispatch never picks it here
+    if jax.default_backend() == "cpu":
+        assert not mosaic_gpu.available()  # the dispatch never picks it here
