@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .pallas_gpu import combine_splits
+from .pallas_gpu import combine_splits, split_blocks
 from .reference import MASK_VALUE
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +61,7 @@ def plan(batch: int, kv_heads: int, slots: int, page: int, tuning: MosaicTuning 
     block_slots = tokens // page
     if block_slots > 64 or slots % block_slots:
         return None
-    blocks = slots // block_slots
-    splits = 1
-    while batch * kv_heads * splits < tuning.target_programs and blocks % (2 * splits) == 0:
-        splits *= 2
-    return block_slots, splits, blocks // splits
+    return (block_slots,) + split_blocks(batch * kv_heads, slots // block_slots, tuning.target_programs)
 
 
 HEAD_DIMS = (64, 128)  # run on the H200 (tests/test_gpu.py); d = 256 would need fewer stages or a smaller block

@@ -74,11 +74,16 @@ def plan(batch: int, kv_heads: int, slots: int, page: int, tuning: AttentionTuni
         block_slots //= 2
     if page & (page - 1) or slots % block_slots:
         return None
-    blocks = slots // block_slots
+    return (block_slots,) + split_blocks(batch * kv_heads, slots // block_slots, tuning.target_programs)
+
+
+def split_blocks(rows: int, blocks: int, target_programs: int) -> tuple[int, int]:
+    """(splits, blocks_per_split): the splits of each of `rows` (sequence, KV head) rows double until there are
+    `target_programs` programs, while they still divide the `blocks`."""
     splits = 1
-    while batch * kv_heads * splits < tuning.target_programs and blocks % (2 * splits) == 0:
+    while rows * splits < target_programs and blocks % (2 * splits) == 0:
         splits *= 2
-    return block_slots, splits, blocks // splits
+    return splits, blocks // splits
 
 
 def offsets_fit(array) -> bool:
