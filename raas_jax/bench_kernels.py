@@ -201,8 +201,10 @@ def calls_for(shape: Shape, target_bytes: float = 2e10) -> int:
 
 
 def run_kernels(shapes=SHAPES, calls: int | None = None, sweep: bool = False, out: Path | None = None,
-                verbose: bool = True, kv_dtype=None) -> list[dict]:
+                verbose: bool = True, kv_dtype=None, variants: tuple[str, ...] = ()) -> list[dict]:
     """Time every variant at every shape; returns rows {shape, variant, us, tbps, ...} (also written to `out`).
+    `variants`: name prefixes of the JAX variants to time (all if empty; then also the Quest page scores); torch SDPA
+    is always timed, as the headline's reference.
     `kv_dtype` (e.g. jnp.float8_e4m3fn): our kernel and the reference read pages of that dtype (TB/s counts their
     bytes); torch SDPA and paged_attention stay bf16."""
     interpret = jax.default_backend() != "gpu"
@@ -237,6 +239,8 @@ def run_kernels(shapes=SHAPES, calls: int | None = None, sweep: bool = False, ou
             timed[name] = (lambda q, *pool, f=attend: f(q, *pool)[0], pool)
         if not interpret and kv_dtype is None:
             timed.update(paged_attention_variants(q, k, v, fill, chosen))
+        if variants:
+            timed = {name: step for name, step in timed.items() if name.startswith(variants)}
         for variant, (step, operands) in timed.items():
             try:
                 if variant in ours:  # correctness at this shape before timing
@@ -257,7 +261,7 @@ def run_kernels(shapes=SHAPES, calls: int | None = None, sweep: bool = False, ou
                     record(shape, variant, time_torch_sdpa(shape, n, dependent=dependent))
                 except Exception as e:
                     record(shape, variant, None, f"{type(e).__name__}: {e}")
-        if shape.selected:  # the selection that feeds the Quest path: bounds over every resident page + top-k
+        if shape.selected and not variants:  # the selection that feeds the Quest path: bounds over every resident page + top-k
             kmin, kmax = jnp.min(k, axis=3).astype(q.dtype), jnp.max(k, axis=3).astype(q.dtype)  # the model's dtype
             bounds = (kmin, kmax, fill, jnp.zeros(fill.shape[:2], jnp.int32))
             budget = shape.selected // PAGE

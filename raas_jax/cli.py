@@ -406,7 +406,8 @@ def _bench_kernels(args: argparse.Namespace, out) -> int:
     from raas_jax.cache import KV_DTYPES
 
     rows = bench_kernels.run_kernels(shapes, args.calls, args.sweep, out / "kernels.json",
-                                     kv_dtype=KV_DTYPES[args.kv_dtype])  # "auto": bf16
+                                     kv_dtype=KV_DTYPES[args.kv_dtype],  # "auto": bf16
+                                     variants=tuple(_csv(args.variants)))
     table = bench_kernels.summary_table(rows)
     (out / "kernels.md").write_text(table + "\n")
     bench_kernels.plot_kernels(rows, out / "kernels_tbps.png", pages=args.kv_dtype.replace("auto", "bf16"))
@@ -537,6 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", default="", help="kernels: comma-separated shape names (default: all)")
     p.add_argument("--calls", type=int, default=None, help="kernels: calls per timed loop (default: ~20 GB read)")
     p.add_argument("--sweep", action="store_true", help="kernels: also time a grid of launch parameters")
+    p.add_argument("--variants", default="", help="kernels: comma-separated name prefixes of the variants to time, "
+                   "e.g. 'pallas (default),pallas mosaic' (default: all; torch SDPA is always timed)")
     p.add_argument("--out-dir", default="out/bench")
     p.add_argument("--allow-cpu", action="store_true")
     add_mesh_flag(p)  # e2e: weights and pools spread over the devices (data=2: batch halves, model=2: heads)

@@ -23,6 +23,12 @@ def test_run_kernels_times_every_variant_and_writes_json(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_run_kernels_times_only_the_variants_asked_for():
+    rows = bench_kernels.run_kernels([bench_kernels.Shape("tiny", 1, 64, 32)], calls=2, verbose=False,
+                                     variants=("pallas (default)",))
+    assert [r["variant"] for r in rows] == ["pallas (default)"] and rows[0]["error"] == ""
+
+
 def test_bench_kernels_cli_refuses_cpu_and_unknown_shapes(tmp_path, capsys):
     from raas_jax.cli import main as cli_main
 
