@@ -75,8 +75,8 @@ SMEM_BYTES = 232448  # per block on an H200, the reduction scratch included
 def smem_bytes(heads: int, d: int, tokens: int, stages: int, exact_sums: bool = True) -> int:
     """SMEM one program allocates: the buffers of `_kernel`, plus ~3.1 KB of barriers, alignment and reduction scratch
     (what Mosaic GPU's lowering reported over the buffers, tests/test_mosaic_gpu.py checks the bound)."""
-    return (2 * (heads * d + 64 * tokens + 2 * stages * tokens * d + (2 if exact_sums else 1) * heads * tokens)
-            + 4 * (d * heads + 2 * 64 * heads + 2 * heads) + 3584)
+    return (2 * (heads * d + 2 * stages * tokens * d + (2 if exact_sums else 1) * heads * tokens)
+            + 4 * (max(d, 128) * heads + 2 * heads) + 3584)
 
 
 def supports(q, k, slots=None, stacked: bool = False, tuning: MosaicTuning = DEFAULT_TUNING) -> bool:
@@ -106,7 +106,7 @@ def _heads(group: int) -> int:
     return -(-group // 8) * 8  # the group's query heads padded to wgmma's N granularity
 
 
-def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, e_ref,
+def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref,
             o_ref, m_ref, l_ref, sums_ref, bmax_ref, *, scale, tokens, block_slots, splits, per_split, stages,
             page, exact_sums, early_k, interpreted):
     """Transposed products ("swap AB"): logits^T [T, N] = K [T, D] @ Q^T [D, N], so the softmax works on T x N
@@ -121,7 +121,7 @@ def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, e_ref,
     cast = (lambda x, layout: x) if interpreted else plgpu.layout_cast  # interpret mode has no layouts
     t = lambda ref: plgpu.transpose_ref(ref, (1, 0))  # noqa: E731
 
-    def scoped(q_smem, e_smem, k_smem, v_smem, p_smem, o_smem, sums_smem, vec_smem, q_bar, k_bar, v_bar):
+    def scoped(q_smem, k_smem, v_smem, p_smem, stage_smem, vec_smem, q_bar, k_bar, v_bar):
         def issue(i, slot, keys=True, values=True):  # block i of this split into buffer `slot`
             start = (i * splits + split) * tokens
             if keys:
@@ -132,13 +132,22 @@ def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, e_ref,
         token = cast(lax.broadcasted_iota(jnp.int32, (tokens,), 0), plgpu.Layout.WGMMA.reduce(1))  # [T]
         token_slot, token_offset = token // page, token % page
         plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_bar.at[0])
-        plgpu.copy_gmem_to_smem(e_ref, e_smem, q_bar.at[1])
         for slot in range(stages):
             pl.when(slot < walked)(functools.partial(issue, slot, slot))
         plgpu.barrier_wait(q_bar.at[0])
-        plgpu.barrier_wait(q_bar.at[1])
+        # E^T [64, T], the token -> slot indicator (rows past the block's slots are zero), in registers
+        if interpreted:
+            slot_row = lax.broadcasted_iota(jnp.int32, (64, tokens), 0)
+            slot_of_token = lax.broadcasted_iota(jnp.int32, (64, tokens), 1) // page
+        else:
+            slot_row = lax.broadcast_in_dim(cast(lax.broadcasted_iota(jnp.int32, (64,), 0),
+                                                 plgpu.Layout.WGMMA.reduce(1)), (64, tokens), [0])
+            slot_of_token = lax.broadcast_in_dim(cast(lax.broadcasted_iota(jnp.int32, (tokens,), 0),
+                                                      plgpu.Layout.WGMMA.reduce(0)) // page, (64, tokens), [1])
+        indicator = jnp.where(slot_row == slot_of_token, 1.0, 0.0).astype(dtype)  # [64, T]
 
         def product(a_ref, b_ref, shape, a_t=False, b_t=False):  # a @ b (each transposed if asked) in f32 [M, N]
+            # (a_ref may be an array in registers, never transposed)
             if interpreted:  # GPU interpret mode reads neither transposed operands nor swizzled layouts
                 a, b = a_ref[...], b_ref[...]
                 return jnp.dot(a.T if a_t else a, b.T if b_t else b, preferred_element_type=jnp.float32)
@@ -154,7 +163,7 @@ def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, e_ref,
             slot = lax.rem(i, stages)
             first = (i * splits + split) * block_slots  # the block's first slot
             # the block's fill row as scalars from GMEM, loaded before the waits below so their latency is hidden
-            # (a TMA copy must move a multiple of 128 bytes: 32 slots)
+            # (a TMA copy must move a multiple of 128 bytes: 32 slots; loading them a block ahead gained nothing)
             fills = [fill_ref[b, h, first + j] for j in range(block_slots)]
             plgpu.barrier_wait(k_bar.at[slot])
             logits = product(k_smem.at[slot], q_smem, (tokens, heads), b_t=True) * scale  # [T, N]
@@ -180,18 +189,19 @@ def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, e_ref,
             plgpu.barrier_wait(v_bar.at[slot])
             pv = product(v_smem.at[slot], p_smem.at[0], (d, heads), a_t=True, b_t=True)  # [D, N]
             acc = acc * lax.broadcast_in_dim(correction, acc.shape, [1]) + pv
-            sums = product(e_smem, p_smem.at[0], (64, heads), b_t=True)
+            sums = product(indicator, p_smem.at[0], (64, heads), b_t=True)
             if exact_sums:
-                sums = sums + product(e_smem, p_smem.at[1], (64, heads), b_t=True)
+                sums = sums + product(indicator, p_smem.at[1], (64, heads), b_t=True)
             # k / v of this buffer are consumed (the products above were awaited): refill it
             pl.when(i + stages < walked)(functools.partial(issue, i + stages, slot, keys=not early_k))
             buf = lax.rem(i, 2)
             plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the copies out of `buf` two steps ago are done
-            sums_smem[buf] = sums  # [64, N]: slots x heads
+            sums_smem = stage_smem.at[pl.ds(buf * 64, 64)]
+            sums_smem[...] = sums  # [64, N]: slots x heads
             vec_smem[buf] = m_new
             plgpu.commit_smem()
             out_block = (b, h, i, split)
-            plgpu.copy_smem_to_gmem(sums_smem.at[buf, pl.ds(0, max(block_slots, 8))], sums_ref.at[out_block],
+            plgpu.copy_smem_to_gmem(sums_smem.at[pl.ds(0, max(block_slots, 8))], sums_ref.at[out_block],
                                     commit_group=False)
             plgpu.copy_smem_to_gmem(vec_smem.at[buf], bmax_ref.at[out_block])
             return acc, m_new, l
@@ -201,6 +211,7 @@ def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, e_ref,
         l = cast(jnp.zeros((heads,), jnp.float32), plgpu.Layout.WGMMA.reduce(0))
         acc, m, l = lax.fori_loop(0, walked, step, (acc, m, l))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        o_smem = stage_smem.at[pl.ds(0, d)]
         o_smem[...] = acc
         vec_smem[0] = m
         vec_smem[1] = l
@@ -214,14 +225,12 @@ def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, e_ref,
     pl.run_scoped(
         scoped,
         plgpu.SMEM((heads, d), dtype, transforms=_mma_transforms(d, dtype)),
-        plgpu.SMEM((64, tokens), dtype, transforms=_mma_transforms(tokens, dtype)),
         plgpu.SMEM((stages, tokens, d), dtype, transforms=_mma_transforms(d, dtype)),
         plgpu.SMEM((stages, tokens, d), dtype, transforms=_mma_transforms(d, dtype)),
         plgpu.SMEM((2 if exact_sums else 1, heads, tokens), dtype, transforms=_mma_transforms(tokens, dtype)),
-        plgpu.SMEM((d, heads), jnp.float32),
-        plgpu.SMEM((2, 64, heads), jnp.float32),
+        plgpu.SMEM((max(d, 128), heads), jnp.float32),  # staging of the outputs: out^T, or two blocks' sums
         plgpu.SMEM((2, heads), jnp.float32),
-        plgpu.Barrier(num_barriers=2),
+        plgpu.Barrier(num_barriers=1),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
     )
@@ -244,7 +253,6 @@ def decode_attention(q, k, v, fill, *, layer=None, live_slots=None, scale: float
     tokens = block_slots * page
     slot_rows = max(block_slots, 8)  # per-slot sums copied out per block (whole 8-row tiles)
     q_heads = jnp.pad(q.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, heads - group), (0, 0)))  # [B, Hkv, N, D]
-    indicator = (jnp.arange(64)[:, None] == jnp.arange(tokens)[None, :] // page).astype(q.dtype)  # E^T [64, T]
     k_flat = k.reshape(num_layers, b, hkv, s * page, d)
     v_flat = v.reshape(num_layers, b, hkv, s * page, d)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
@@ -267,7 +275,7 @@ def decode_attention(q, k, v, fill, *, layer=None, live_slots=None, scale: float
         grid=(b, hkv, splits),
         grid_names=("b", "h", "split"),
         interpret=interpret,
-    )(layer, live_slots, q_heads, k_flat, v_flat, fill.astype(jnp.int32), indicator)
+    )(layer, live_slots, q_heads, k_flat, v_flat, fill.astype(jnp.int32))
     # blocks past each sequence's live bound were not walked: their outputs were never written
     blocks = splits * per_split
     block_id = jnp.arange(per_split)[:, None] * splits + jnp.arange(splits)[None, :]  # [per_split, splits]
