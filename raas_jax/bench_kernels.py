@@ -78,33 +78,58 @@ def time_loop(step: Callable, q, operands: tuple, calls: int, reps: int = 3, unr
     The operands (the pool) are arguments of the jitted loop, not captured constants. `unroll` calls run per loop
     iteration: XLA's rolled while loop costs host work per iteration that starves the GPU when a call takes a few
     microseconds (docs/performance.md section 19: at B = 1 with 1K tokens 9.2 us per call rolled, 7.6 unrolled by 20;
-    with two Pallas launches per call 21.8 and 6.9), which torch's CUDA-graph replay does not pay."""
+    with two Pallas launches per call 21.8 and 6.9), which torch's CUDA-graph replay does not pay.
 
-    @jax.jit
-    def loop(q, operands):
-        return jax.lax.fori_loop(0, calls, lambda i, x: (x + 1e-3 * step(x, *operands)).astype(x.dtype), q,
-                                 unroll=unroll)
+    Per call is the difference of a loop of 2 * `calls` and one of `calls`, over `calls`: starting a loop costs a
+    fixed ~0.3 ms on an H200 (host dispatch, XLA's command-buffer launch; docs/performance.md section 21), which
+    divided over the 20 calls of a large shape added up to 15 us per call."""
 
-    jax.block_until_ready(loop(q, operands))
+    def loop_of(n):
+        @jax.jit
+        def loop(q, operands):
+            return jax.lax.fori_loop(0, n, lambda i, x: (x + 1e-3 * step(x, *operands)).astype(x.dtype), q,
+                                     unroll=unroll)
+        return loop
+
+    return _per_call(lambda n: _best_seconds(loop_of(n), (q, operands), reps), calls)
+
+
+def _best_seconds(run: Callable, args: tuple, reps: int) -> float:
+    jax.block_until_ready(run(*args))  # compile and warm up
     best = float("inf")
     for _ in range(reps):
         start = time.perf_counter()
-        jax.block_until_ready(loop(q, operands))
-        best = min(best, (time.perf_counter() - start) / calls)
+        jax.block_until_ready(run(*args))
+        best = min(best, time.perf_counter() - start)
     return best
 
 
+def _per_call(seconds_for: Callable[[int], float], calls: int) -> float:
+    """Per-call seconds from runs of `calls` and 2 * `calls` calls, so the fixed cost of a run cancels."""
+    short, long = seconds_for(calls), seconds_for(2 * calls)
+    return max(long - short, 1e-3 * long) / calls  # (a floor, so noise cannot make it zero or negative)
+
+
 def time_torch_sdpa(shape: Shape, calls: int, reps: int = 3, dependent: bool = False) -> float | None:
-    """torch SDPA (GQA) on an equal dense KV, `calls` calls replayed from one CUDA graph; None without CUDA.
+    """torch SDPA (GQA) on an equal dense KV, per call from CUDA graphs of `calls` and 2 * `calls` calls (as
+    `time_loop`); None without CUDA.
     `dependent`: each call's query is updated from the previous output (`q += 1e-3 * out`, one more kernel per call),
     as in our timed loop."""
     try:
         import torch
-        import torch.nn.functional as F
     except ImportError:
         return None
     if not torch.cuda.is_available():
         return None
+    per_call = _time_torch_sdpa(shape, calls, reps, dependent)
+    torch.cuda.empty_cache()  # the dense KV (up to 4 GiB) went with the call's frame
+    return per_call
+
+
+def _time_torch_sdpa(shape: Shape, calls: int, reps: int, dependent: bool) -> float:
+    import torch
+    import torch.nn.functional as F
+
     n = shape.read_tokens
     q = torch.randn(shape.batch, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(shape.batch, KV_HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
@@ -121,20 +146,23 @@ def time_torch_sdpa(shape: Shape, calls: int, reps: int = 3, dependent: bool = F
         for _ in range(3):
             sdpa()
     torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            sdpa()
-    best = float("inf")
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        graph.replay()
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - start) / calls)
-    del graph, sdpa, q, k, v
-    torch.cuda.empty_cache()
-    return best
+
+    def seconds_for(n):  # the best of `reps` replays of one CUDA graph of n calls
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(n):
+                sdpa()
+        best = float("inf")
+        for _ in range(reps + 1):  # the first replay warms up
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            graph.replay()
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        del graph
+        return best
+
+    return _per_call(seconds_for, calls)  # as time_loop: the fixed cost of a replay cancels
 
 
 def paged_attention_variants(q, k, v, fill, chosen):

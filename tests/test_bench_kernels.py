@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from raas_jax import bench_kernels
 
 
@@ -36,3 +38,17 @@ def test_bench_kernels_cli_refuses_cpu_and_unknown_shapes(tmp_path, capsys):
     assert "needs a GPU" in capsys.readouterr().err
     assert cli_main(["bench", "kernels", "--allow-cpu", "--shapes", "no such shape", "--out-dir", str(tmp_path)]) == 2
     assert "raas B=32 1K" in capsys.readouterr().err  # the error lists the shapes there are
+
+
+def test_per_call_time_cancels_the_fixed_cost_of_a_run():
+    """A run of n calls costs fixed + n * per_call (the loop's launch, ~0.3 ms on an H200): the difference of
+    n and 2n calls gives per_call alone, where total / n would add fixed / n to each call."""
+    runs = []
+
+    def seconds_for(n):
+        runs.append(n)
+        return 3e-4 + n * 1.5e-4
+
+    assert bench_kernels._per_call(seconds_for, 20) == pytest.approx(1.5e-4)
+    assert runs == [20, 40]
+    assert bench_kernels._per_call(lambda n: 1.0, 20) > 0  # noise with no difference: a small floor, not zero
