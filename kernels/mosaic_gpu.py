@@ -8,8 +8,8 @@ the per-slot sums of exp(logit - m_running) and m_running, so the combine can gi
 The products are transposed ("swap AB"): wgmma's M is 64, and the group has a handful of query heads, so
 logits^T [T, N] = K [T, D] @ Q^T [D, N] with N = the group padded to 8 (the softmax then works on T x N values,
 not 64 x T), out^T [D, N] = V^T @ P^T, and the per-slot sums [64, N] = E^T [64, T] @ P^T with E the token -> slot
-indicator (a reshape of p's register layout is not available, a product is). p goes in as two bf16 halves
-(hi + lo) so the sums keep ~16 bits, close to the float32 sums of the Triton kernel.
+indicator, built in registers (a reshape of p's register layout is not available, a product is). p goes in as two
+bf16 halves (hi + lo) so the sums keep ~16 bits, close to the float32 sums of the Triton kernel.
 
 Token validity (offset in page < the slot's fill) is worked out in registers from the block's fill values (scalar
 loads): one select per slot of the block over each token's row (a per-row gather of `fill` has no register layout),
@@ -17,9 +17,9 @@ so no token-level mask is written by XLA.
 
 Taken (`supports`): bf16 / f16 pools in q's dtype, head dim 64 or 128, groups up to 16 query heads, pages of 2 to
 128 tokens, pools of whole 128-token blocks, on a Hopper GPU (`available`). The dispatch keeps the Triton kernel for
-everything else: FP8 pools, slot lists (Quest), other head dims and groups, other GPUs. On an H200 it is 2-16% faster
-than the Triton kernel at six of the seven `bench kernels` shapes and 3% slower at B = 128 with 1K tokens
-(docs/performance.md section 20).
+everything else: FP8 pools, slot lists (Quest), other head dims and groups, other GPUs. On an H200 it is 1-13% faster
+than the Triton kernel at the seven bf16 `bench kernels` shapes, and alone (Nsight Compute, B = 32 with 4K tokens) it
+reads the pool at 4.18 TB/s (docs/performance.md section 21).
 """
 
 from __future__ import annotations
@@ -40,16 +40,16 @@ from .reference import MASK_VALUE
 class MosaicTuning:
     """Launch parameters of the Mosaic GPU `decode_attention`."""
 
-    # Chosen on an H200 (docs/performance.md section 20): one 128-token block per program in SMEM (~93 KB, so two
+    # Chosen on an H200 (docs/performance.md sections 20-21): one 128-token block per program in SMEM (~79 KB, so two
     # programs share an SM and each one's load overlaps the other's compute) was the fastest or within 3% of the
     # fastest variant at every bench shape; 2-3 stages of one program per SM gained nothing, and 64-token blocks
-    # lost everywhere (their per-block barriers and reductions cost more than the bytes).
+    # lost everywhere, also with 3 stages at two programs per SM.
     block_tokens: int = 128  # tokens per pipeline step (a multiple of 64)
     stages: int = 1  # SMEM buffers of k / v in flight per program
     target_programs: int = 528  # splits grow until (B * Hkv * splits) reaches this (4 per SM on an H200)
     exact_sums: bool = True  # per-slot sums from p's two bf16 halves (~16 bits); False: one bf16 product
     # Refill a buffer's k as soon as the logits are out (its copy then overlaps the softmax and the value products),
-    # not with v after the last product. Not timed yet (no device time left in the session that wrote it).
+    # not with v after the last product. Timed (section 21): no consistent gain, 28% slower at B = 32 with 4K tokens.
     early_k: bool = False
 
 
