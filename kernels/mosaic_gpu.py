@@ -49,7 +49,7 @@ class MosaicTuning:
     target_programs: int = 528  # splits grow until (B * Hkv * splits) reaches this (4 per SM on an H200)
     exact_sums: bool = True  # per-slot sums from p's two bf16 halves (~16 bits); False: one bf16 product
     # Refill a buffer's k as soon as the logits are out (its copy then overlaps the softmax and the value products),
-    # not with v after the last product. Timed (section 21): no consistent gain, 28% slower at B = 32 with 4K tokens.
+    # not with v after the last product. Timed (section 21): no consistent gain, 30% slower at B = 32 with 4K tokens.
     early_k: bool = False
 
 

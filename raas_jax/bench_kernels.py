@@ -1,8 +1,9 @@
 """Kernel benchmark: decode attention over the page pool, ours against XLA, JAX's paged_attention and torch SDPA.
 
-Every JAX variant is timed as `calls` back-to-back calls inside one jitted `fori_loop`, 20 calls unrolled per
-iteration (each call's query depends on the previous output, so nothing is hoisted), torch as `calls` calls
-replayed from one CUDA graph: neither measures dispatch. Effective bandwidth = KV bytes the variant must read / time per call.
+Every JAX variant is timed as back-to-back calls inside one jitted `fori_loop`, up to 20 calls unrolled per
+iteration (each call's query depends on the previous output, so nothing is hoisted), torch as calls replayed from one
+CUDA graph; both run `calls` and 2 * `calls` calls and take the difference, so neither the dispatch nor a run's fixed
+start is counted. Effective bandwidth = KV bytes the variant must read / time per call.
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ def time_loop(step: Callable, q, operands: tuple, calls: int, reps: int = 3, unr
 
     Per call is the difference of a loop of 2 * `calls` and one of `calls`, over `calls`: starting a loop costs a
     fixed ~0.3 ms on an H200 (host dispatch, XLA's command-buffer launch; docs/performance.md section 21), which
-    divided over the 20 calls of a large shape added up to 15 us per call."""
+    divided over the 20 calls of a large shape added up to 15 us per call. Both loops run at least two iterations
+    (`unroll` shrinks for few calls), so both are while loops and pay the same start."""
+    unroll = max(1, min(unroll, calls // 2))
 
     def loop_of(n):
         @jax.jit
@@ -105,9 +108,10 @@ def _best_seconds(run: Callable, args: tuple, reps: int) -> float:
 
 
 def _per_call(seconds_for: Callable[[int], float], calls: int) -> float:
-    """Per-call seconds from runs of `calls` and 2 * `calls` calls, so the fixed cost of a run cancels."""
+    """Per-call seconds from runs of `calls` and 2 * `calls` calls, so the fixed cost of a run cancels. Where noise
+    leaves no difference, the long run's plain average (the fixed cost included: an upper bound)."""
     short, long = seconds_for(calls), seconds_for(2 * calls)
-    return max(long - short, 1e-3 * long) / calls  # (a floor, so noise cannot make it zero or negative)
+    return (long - short) / calls if long > short else long / (2 * calls)
 
 
 def time_torch_sdpa(shape: Shape, calls: int, reps: int = 3, dependent: bool = False) -> float | None:
@@ -121,9 +125,10 @@ def time_torch_sdpa(shape: Shape, calls: int, reps: int = 3, dependent: bool = F
         return None
     if not torch.cuda.is_available():
         return None
-    per_call = _time_torch_sdpa(shape, calls, reps, dependent)
-    torch.cuda.empty_cache()  # the dense KV (up to 4 GiB) went with the call's frame
-    return per_call
+    try:
+        return _time_torch_sdpa(shape, calls, reps, dependent)
+    finally:
+        torch.cuda.empty_cache()  # the dense KV (up to 4 GiB) went with the call's frame
 
 
 def _time_torch_sdpa(shape: Shape, calls: int, reps: int, dependent: bool) -> float:
