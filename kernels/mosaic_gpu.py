@@ -48,9 +48,6 @@ class MosaicTuning:
     stages: int = 1  # SMEM buffers of k / v in flight per program
     target_programs: int = 528  # splits grow until (B * Hkv * splits) reaches this (4 per SM on an H200)
     exact_sums: bool = True  # per-slot sums from p's two bf16 halves (~16 bits); False: one bf16 product
-    # Refill a buffer's k as soon as the logits are out (its copy then overlaps the softmax and the value products),
-    # not with v after the last product. Timed (section 21): no consistent gain, 30% slower at B = 32 with 4K tokens.
-    early_k: bool = False
 
 
 DEFAULT_TUNING = MosaicTuning()
@@ -108,7 +105,7 @@ def _heads(group: int) -> int:
 
 def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref,
             o_ref, m_ref, l_ref, sums_ref, bmax_ref, *, scale, tokens, block_slots, splits, per_split, stages,
-            page, exact_sums, early_k, interpreted):
+            page, exact_sums, interpreted):
     """Transposed products ("swap AB"): logits^T [T, N] = K [T, D] @ Q^T [D, N], so the softmax works on T x N
     values (N = the group padded to 8) rather than 64 x T; out^T [D, N] = V^T [D, T] @ P^T [T, N]; per-slot sums
     [64, N] = E^T [64, T] @ P^T (rows past the block's slots are zero)."""
@@ -122,12 +119,10 @@ def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref,
     t = lambda ref: plgpu.transpose_ref(ref, (1, 0))  # noqa: E731
 
     def scoped(q_smem, k_smem, v_smem, p_smem, stage_smem, vec_smem, q_bar, k_bar, v_bar):
-        def issue(i, slot, keys=True, values=True):  # block i of this split into buffer `slot`
+        def issue(i, slot):  # block i of this split into buffer `slot`
             start = (i * splits + split) * tokens
-            if keys:
-                plgpu.copy_gmem_to_smem(k_ref.at[layer, b, h, pl.ds(start, tokens)], k_smem.at[slot], k_bar.at[slot])
-            if values:
-                plgpu.copy_gmem_to_smem(v_ref.at[layer, b, h, pl.ds(start, tokens)], v_smem.at[slot], v_bar.at[slot])
+            plgpu.copy_gmem_to_smem(k_ref.at[layer, b, h, pl.ds(start, tokens)], k_smem.at[slot], k_bar.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[layer, b, h, pl.ds(start, tokens)], v_smem.at[slot], v_bar.at[slot])
 
         token = cast(lax.broadcasted_iota(jnp.int32, (tokens,), 0), plgpu.Layout.WGMMA.reduce(1))  # [T]
         token_slot, token_offset = token // page, token % page
@@ -184,16 +179,15 @@ def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref,
                 else:  # stored as P^T [N, T]: K-major rows for wgmma's B operand
                     t(p_smem.at[half])[...] = cast(x, plgpu.Layout.WGMMA_TRANSPOSED)
             plgpu.commit_smem()  # (also a warpgroup barrier: every warp is past the logits product)
-            if early_k:  # k of this buffer is consumed: refill it while the values are used
-                pl.when(i + stages < walked)(functools.partial(issue, i + stages, slot, values=False))
             plgpu.barrier_wait(v_bar.at[slot])
             pv = product(v_smem.at[slot], p_smem.at[0], (d, heads), a_t=True, b_t=True)  # [D, N]
             acc = acc * lax.broadcast_in_dim(correction, acc.shape, [1]) + pv
             sums = product(indicator, p_smem.at[0], (64, heads), b_t=True)
             if exact_sums:
                 sums = sums + product(indicator, p_smem.at[1], (64, heads), b_t=True)
-            # k / v of this buffer are consumed (the products above were awaited): refill it
-            pl.when(i + stages < walked)(functools.partial(issue, i + stages, slot, keys=not early_k))
+            # k / v of this buffer are consumed (the products above were awaited): refill it (refilling k right
+            # after the logits product instead gained nothing, docs/performance.md section 21)
+            pl.when(i + stages < walked)(functools.partial(issue, i + stages, slot))
             buf = lax.rem(i, 2)
             plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the copies out of `buf` two steps ago are done
             sums_smem = stage_smem.at[pl.ds(buf * 64, 64)]
@@ -261,7 +255,7 @@ def decode_attention(q, k, v, fill, *, layer=None, live_slots=None, scale: float
     live_slots = jnp.minimum(jnp.asarray(live_slots, jnp.int32).reshape(b), s)
     kernel = functools.partial(_kernel, scale=scale, tokens=tokens, block_slots=block_slots, splits=splits,
                                per_split=per_split, stages=min(tuning.stages, per_split), page=page,
-                               exact_sums=tuning.exact_sums, early_k=tuning.early_k,
+                               exact_sums=tuning.exact_sums,
                                interpreted=bool(interpret))
     o, m, l, sums, block_max = plgpu.kernel(
         kernel,

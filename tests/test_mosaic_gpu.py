@@ -49,11 +49,10 @@ def test_matches_the_reference_in_interpret_mode(group, head_dim, page):
     _check(*_bf16(q, k, v), fill)
 
 
-@pytest.mark.parametrize("early_k", [False, True])
-def test_the_default_pipeline_refills_its_buffer_without_races(early_k):
+def test_the_default_pipeline_refills_its_buffer_without_races():
     """The default tuning (one buffer per program) over several blocks per split: each block is copied into the
     buffer the previous one was read from, after the products that read it; the race detector would flag a refill
-    before them, and the values would be wrong. `early_k`: k is refilled before the value products."""
+    before them, and the values would be wrong."""
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
 
     rng = np.random.default_rng(21)
@@ -63,7 +62,7 @@ def test_the_default_pipeline_refills_its_buffer_without_races(early_k):
     q, k, v, fill = q[:b], k[:b], v[:b], fill[:b]
     interpret_pallas_call.reset_gpu_interpret_mode_state()
     out, mass = mosaic_gpu.decode_attention(*_bf16(q, k, v), jnp.asarray(fill),
-                                            tuning=mosaic_gpu.MosaicTuning(early_k=early_k),
+                                            tuning=mosaic_gpu.DEFAULT_TUNING,
                                             interpret=_interpret_params(detect_races=True))
     assert not interpret_pallas_call.get_races().races_found
     want, want_mass = reference.decode_attention(*_bf16(q, k, v), jnp.asarray(fill))
@@ -131,8 +130,7 @@ def _lowered(group, head_dim, tuning, dtype=jnp.bfloat16, s=64, page=16):
 
 
 @pytest.mark.parametrize("tuning", [mosaic_gpu.DEFAULT_TUNING, mosaic_gpu.MosaicTuning(64, 3, 528),
-                                    mosaic_gpu.MosaicTuning(128, 2, 264, exact_sums=False),
-                                    mosaic_gpu.MosaicTuning(early_k=True)])
+                                    mosaic_gpu.MosaicTuning(128, 2, 264, exact_sums=False)])
 @pytest.mark.parametrize("group,head_dim,dtype", [(4, 128, jnp.bfloat16), (7, 64, jnp.bfloat16),
                                                   (16, 128, jnp.float16)])
 def test_the_gpu_form_lowers_for_cuda(tuning, group, head_dim, dtype):
