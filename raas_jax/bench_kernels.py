@@ -215,9 +215,10 @@ def our_variants(sweep: bool, interpret: bool = False) -> dict[str, Callable]:
                     pallas_gpu.AttentionTuning(fp8_as_f16=as_f16, fp8_num_stages=stages))
         triton["pallas triton T=64 fp8 s=3 f16 bytes"] = pallas_gpu.AttentionTuning(pack_fp8=False)  # default: pairs
         if not interpret and mosaic_gpu.available():
-            # one-stage programs share an SM two at a time: 264 = one wave of them (fewer, longer programs)
+            # one-stage programs share an SM two at a time: 264 = one wave of them (fewer, longer programs);
+            # 256 = one split per (sequence, KV head) at B = 32 (no combine's worth of partials)
             mosaic = {f"pallas mosaic T={t} s={s} prog={p}": mosaic_gpu.MosaicTuning(t, s, p)
-                      for t, s, p in [(128, 1, 264), (128, 1, 528), (128, 1, 792), (128, 1, 1056), (128, 2, 264),
+                      for t, s, p in [(128, 1, 256), (128, 1, 264), (128, 1, 528), (128, 1, 792), (128, 1, 1056), (128, 2, 264),
                                       (128, 2, 132), (64, 3, 528)]}
     for name, tuning in triton.items():
         variants[name] = lambda q, k, v, fill, slots, t=tuning: pallas_gpu.decode_attention(
@@ -227,10 +228,11 @@ def our_variants(sweep: bool, interpret: bool = False) -> dict[str, Callable]:
     return variants
 
 
-def calls_for(shape: Shape, target_bytes: float = 2e10) -> int:
-    """Enough calls that one timed loop reads ~20 GB (so host overhead is noise), between 20 and 2000, a multiple
-    of the loop's unroll."""
-    return int(np.clip(target_bytes / shape.kv_bytes(), 20, 2000)) // UNROLL * UNROLL
+def calls_for(shape: Shape, target_bytes: float = 1e11) -> int:
+    """Enough calls that one timed loop reads ~100 GB, between 100 and 4000, a multiple of the loop's unroll. With
+    20 GB per loop (until section 22 of docs/performance.md) a large shape's loop ran ~5 ms, and the jitter of its
+    start left up to +-10% between identical launches."""
+    return int(np.clip(target_bytes / shape.kv_bytes(), 100, 4000)) // UNROLL * UNROLL
 
 
 def run_kernels(shapes=SHAPES, calls: int | None = None, sweep: bool = False, out: Path | None = None,
