@@ -506,25 +506,37 @@ def append_token(pool, layer, k, v, positions, victim, *, page_size: int, interp
 MAX_REFRESH_SLOTS = 128  # a row's bounds [S, D] and its [S, S] rank comparisons live in registers
 
 
+def quest_bounds_by_products(q, kmin, kmax):
+    """q [R, C], kmin / kmax [S, C] -> [S, R] f32: the Quest bound sum_c max(q_c kmin_c, q_c kmax_c) of every page
+    for every query row, as two tensor-core products: kmax @ max(q, 0)^T + kmin @ min(q, 0)^T (kmin <= kmax, so
+    a channel's larger product is the one with its bound of q's sign). R, S and C are multiples of 16 (tl.dot)."""
+    dtype = jnp.promote_types(q.dtype, kmin.dtype)  # bf16 pools and queries: bf16 products, f32 sums
+    q, kmin, kmax = q.astype(dtype), kmin.astype(dtype), kmax.astype(dtype)
+    zero = jnp.zeros((), dtype)
+
+    def times_q_t(k, q_part):  # k @ q_part^T in f32 (IEEE for f32 operands, not TF32)
+        return jax.lax.dot_general(k, q_part, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST,
+                                   preferred_element_type=jnp.float32)
+
+    return times_q_t(kmax, jnp.maximum(q, zero)) + times_q_t(kmin, jnp.minimum(q, zero))
+
+
 def _refresh_kernel(layer_ref, pos_ref, q_ref, kmin_ref, kmax_ref, fill_ref, pinned_ref, cur_ref, stamp_in,
                     stamp_out, *, group, page, slots, head_dim, channels):
     layer = layer_ref[0]  # the pool refs hold this (sequence, KV head)'s arrays in every layer
-    ids = jax.lax.broadcasted_iota(jnp.int32, (pl.next_power_of_2(slots),), 0)  # [S'] 2^n: Triton tensors
+    lanes = max(16, pl.next_power_of_2(slots))  # 2^n (Triton tensors), >= 16 (a product's rows)
+    ids = jax.lax.broadcasted_iota(jnp.int32, (lanes,), 0)  # [S']
     in_pool = ids < slots
     # a 2^n row is one contiguous block (vectorised loads); otherwise padding lanes re-read the last slot
-    rows = pl.ds(0, slots) if slots == ids.shape[0] else jnp.minimum(ids, slots - 1)
-    # the Quest bound per query head of the group, summed over channel chunks (a [S', D] f32 tile per bound array
-    # would not fit in registers at 4 warps), then the max over the group
-    per_head = [jnp.zeros(ids.shape, jnp.float32) for _ in range(group)]
+    rows = pl.ds(0, slots) if slots == lanes else jnp.minimum(ids, slots - 1)
+    # the Quest bound per query row (two products per channel chunk), then the max over the group's real rows
+    per_row = None
     for c in range(0, head_dim, channels):  # static
-        kmin = kmin_ref[layer, rows, pl.ds(c, channels)].astype(jnp.float32)  # [S', C]
-        kmax = kmax_ref[layer, rows, pl.ds(c, channels)].astype(jnp.float32)
-        for g in range(group):  # static: a GQA group has a handful of query heads
-            qg = q_ref[g, pl.ds(c, channels)].astype(jnp.float32)[None, :]  # [1, C]
-            per_head[g] = per_head[g] + jnp.sum(jnp.maximum(qg * kmin, qg * kmax), axis=1)  # [S']
-    bound = per_head[0]
-    for u in per_head[1:]:
-        bound = jnp.maximum(bound, u)
+        part = quest_bounds_by_products(q_ref[:, pl.ds(c, channels)], kmin_ref[layer, rows, pl.ds(c, channels)],
+                                        kmax_ref[layer, rows, pl.ds(c, channels)])  # [S', R]
+        per_row = part if per_row is None else per_row + part
+    real_row = jax.lax.broadcasted_iota(jnp.int32, per_row.shape, 1) < group
+    bound = jnp.max(jnp.where(real_row, per_row, -jnp.inf), axis=1)  # [S']
     candidate = (in_pool & (fill_ref[layer, rows] >= page) & jnp.logical_not(pinned_ref[layer, rows])
                  & (ids != cur_ref[layer]))  # evictable: full, unpinned, not the page being filled
     score = jnp.where(candidate, bound, -jnp.inf)
@@ -548,18 +560,18 @@ def refresh_supported(q, pool) -> bool:
 
 @functools.partial(jax.jit, static_argnames=("page_size", "interpret", "channels", "num_warps"))
 def refresh_top_half(q, pool, layer, positions, *, page_size: int, interpret: bool = False,
-                     channels: int = 32, num_warps: int = 4):
+                     channels: int = 64, num_warps: int = 4):
     """kernels/reference.py's `refresh_top_half` in one launch: one program per (sequence, KV head) scores the
     pages by the Quest bound, ranks the evictable ones and writes the stamps of the top half, in place
     (`input_output_aliases`). What it replaces: the page-score kernel, a sort, and XLA's rank, mask and stamp
     fusions."""
     _, b, hkv, s, d = pool["kmin"].shape
     channels = min(channels, d)
-    if channels & (channels - 1) or d % channels:
-        raise ValueError(f"refresh channels must be a power of two dividing the head dim {d}, got {channels}")
+    if channels & (channels - 1) or d % channels or channels < 16:
+        raise ValueError(f"refresh channels must be a power of two >= 16 dividing the head dim {d}, got {channels}")
     hq = q.shape[1]
     group = hq // hkv
-    rows = 1 << (group - 1).bit_length()
+    rows = max(16, 1 << (group - 1).bit_length())  # the products' columns: 16 or more
     qg = jnp.pad(q.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
 
     arrays = [pool[name] for name in ("kmin", "kmax", "fill", "pinned", "cur", "stamp")]

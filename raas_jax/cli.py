@@ -537,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_kv_dtype_flag(p)
     p.add_argument("--shapes", default="", help="kernels: comma-separated shape names (default: all)")
     p.add_argument("--calls", type=int, default=None,
-                   help="kernels: calls per timed loop, timed again at twice as many (default: ~20 GB read)")
+                   help="kernels: calls per timed loop, timed again at twice as many (default: ~100 GB read)")
     p.add_argument("--sweep", action="store_true", help="kernels: also time a grid of launch parameters")
     p.add_argument("--variants", default="", help="kernels: comma-separated name prefixes of the variants to time, "
                    "e.g. 'pallas (default),pallas mosaic' (default: all; torch SDPA is always timed)")
