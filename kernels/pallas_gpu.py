@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -506,6 +507,16 @@ def append_token(pool, layer, k, v, positions, victim, *, page_size: int, interp
 MAX_REFRESH_SLOTS = 128  # a row's bounds [S, D] and its [S, S] rank comparisons live in registers
 
 
+@dataclasses.dataclass(frozen=True)
+class RefreshTuning:
+    """Launch parameters of `refresh_top_half` (timed by scripts/bookkeeping_kernels.py; docs/performance.md 22)."""
+
+    channels: int = 64  # head-dim channels per pair of bound products (a power of two >= 16)
+    num_warps: int = 4
+    heads_per_program: int = 1  # KV heads of one sequence per program, in a loop (its gcd with Hkv)
+    num_stages: int = 1  # Triton's software pipelining of that loop's loads
+
+
 def quest_bounds_by_products(q, kmin, kmax):
     """q [R, C], kmin / kmax [S, C] -> [S, R] f32: the Quest bound sum_c max(q_c kmin_c, q_c kmax_c) of every page
     for every query row, as two tensor-core products: kmax @ max(q, 0)^T + kmin @ min(q, 0)^T (kmin <= kmax, so
@@ -522,35 +533,41 @@ def quest_bounds_by_products(q, kmin, kmax):
 
 
 def _refresh_kernel(layer_ref, pos_ref, q_ref, kmin_ref, kmax_ref, fill_ref, pinned_ref, cur_ref, stamp_in,
-                    stamp_out, *, group, page, slots, head_dim, channels):
-    layer = layer_ref[0]  # the pool refs hold this (sequence, KV head)'s arrays in every layer
+                    stamp_out, *, group, page, slots, head_dim, channels, heads):
+    layer = layer_ref[0]  # the pool refs hold this sequence's `heads` KV heads in every layer
     lanes = max(16, pl.next_power_of_2(slots))  # 2^n (Triton tensors), >= 16 (a product's rows)
     ids = jax.lax.broadcasted_iota(jnp.int32, (lanes,), 0)  # [S']
     in_pool = ids < slots
     # a 2^n row is one contiguous block (vectorised loads); otherwise padding lanes re-read the last slot
     rows = pl.ds(0, slots) if slots == lanes else jnp.minimum(ids, slots - 1)
-    # the Quest bound per query row (two products per channel chunk), then the max over the group's real rows
-    per_row = None
-    for c in range(0, head_dim, channels):  # static
-        part = quest_bounds_by_products(q_ref[:, pl.ds(c, channels)], kmin_ref[layer, rows, pl.ds(c, channels)],
-                                        kmax_ref[layer, rows, pl.ds(c, channels)])  # [S', R]
-        per_row = part if per_row is None else per_row + part
-    real_row = jax.lax.broadcasted_iota(jnp.int32, per_row.shape, 1) < group
-    bound = jnp.max(jnp.where(real_row, per_row, -jnp.inf), axis=1)  # [S']
-    candidate = (in_pool & (fill_ref[layer, rows] >= page) & jnp.logical_not(pinned_ref[layer, rows])
-                 & (ids != cur_ref[layer]))  # evictable: full, unpinned, not the page being filled
-    score = jnp.where(candidate, bound, -jnp.inf)
-    # rank of slot i among the candidates: those scoring higher, or equal at a lower slot, come first
-    ahead = candidate[None, :] & ((score[None, :] > score[:, None])
-                                  | ((score[None, :] == score[:, None]) & (ids[None, :] < ids[:, None])))  # [S', S']
-    rank = jnp.sum(ahead.astype(jnp.int32), axis=1)
-    keep = (jnp.sum(candidate.astype(jnp.int32)) + 1) // 2
-    important = candidate & (rank < keep)
-    stamp = jnp.where(important, pos_ref[0], stamp_in[layer, rows])
-    if slots < ids.shape[0]:  # padding lanes point at the last slot too: they write its new value (a masked store
-        # would not do: interpret mode writes the old value through masked lanes, and the last lane wins)
-        stamp = jnp.where(in_pool, stamp, jnp.sum(jnp.where(ids == slots - 1, stamp, 0)))
-    stamp_out[layer, rows] = stamp
+
+    def refresh_head(h, carry):  # a loop, so Triton can load the next head's bounds while this one ranks
+        # the Quest bound per query row (two products per channel chunk), then the max over the group's real rows
+        per_row = None
+        for c in range(0, head_dim, channels):  # static
+            part = quest_bounds_by_products(q_ref[h, :, pl.ds(c, channels)],
+                                            kmin_ref[layer, h, rows, pl.ds(c, channels)],
+                                            kmax_ref[layer, h, rows, pl.ds(c, channels)])  # [S', R]
+            per_row = part if per_row is None else per_row + part
+        real_row = jax.lax.broadcasted_iota(jnp.int32, per_row.shape, 1) < group
+        bound = jnp.max(jnp.where(real_row, per_row, -jnp.inf), axis=1)  # [S']
+        candidate = (in_pool & (fill_ref[layer, h, rows] >= page) & jnp.logical_not(pinned_ref[layer, h, rows])
+                     & (ids != cur_ref[layer, h]))  # evictable: full, unpinned, not the page being filled
+        score = jnp.where(candidate, bound, -jnp.inf)
+        # rank of slot i among the candidates: those scoring higher, or equal at a lower slot, come first
+        ahead = candidate[None, :] & ((score[None, :] > score[:, None])
+                                      | ((score[None, :] == score[:, None]) & (ids[None, :] < ids[:, None])))
+        rank = jnp.sum(ahead.astype(jnp.int32), axis=1)  # [S'] from [S', S']
+        keep = (jnp.sum(candidate.astype(jnp.int32)) + 1) // 2
+        important = candidate & (rank < keep)
+        stamp = jnp.where(important, pos_ref[0], stamp_in[layer, h, rows])
+        if slots < lanes:  # padding lanes point at the last slot too: they write its new value (a masked store
+            # would not do: interpret mode writes the old value through masked lanes, and the last lane wins)
+            stamp = jnp.where(in_pool, stamp, jnp.sum(jnp.where(ids == slots - 1, stamp, 0)))
+        stamp_out[layer, h, rows] = stamp
+        return carry
+
+    jax.lax.fori_loop(0, heads, refresh_head, 0)
 
 
 def refresh_supported(q, pool) -> bool:
@@ -558,34 +575,40 @@ def refresh_supported(q, pool) -> bool:
     return slots <= MAX_REFRESH_SLOTS and page_scores_supported(q, pool["kmin"]) and pool["pinned"].dtype == jnp.bool_
 
 
-@functools.partial(jax.jit, static_argnames=("page_size", "interpret", "channels", "num_warps"))
+@functools.partial(jax.jit, static_argnames=("page_size", "interpret", "tuning"))
 def refresh_top_half(q, pool, layer, positions, *, page_size: int, interpret: bool = False,
-                     channels: int = 64, num_warps: int = 4):
-    """kernels/reference.py's `refresh_top_half` in one launch: one program per (sequence, KV head) scores the
-    pages by the Quest bound, ranks the evictable ones and writes the stamps of the top half, in place
+                     tuning: RefreshTuning = RefreshTuning()):
+    """kernels/reference.py's `refresh_top_half` in one launch: each program scores the pages of some KV heads of
+    one sequence by the Quest bound, ranks the evictable ones and writes the stamps of the top half, in place
     (`input_output_aliases`). What it replaces: the page-score kernel, a sort, and XLA's rank, mask and stamp
     fusions."""
     _, b, hkv, s, d = pool["kmin"].shape
-    channels = min(channels, d)
+    channels = min(tuning.channels, d)
     if channels & (channels - 1) or d % channels or channels < 16:
         raise ValueError(f"refresh channels must be a power of two >= 16 dividing the head dim {d}, got {channels}")
+    heads = math.gcd(tuning.heads_per_program, hkv)
     hq = q.shape[1]
     group = hq // hkv
     rows = max(16, 1 << (group - 1).bit_length())  # the products' columns: 16 or more
     qg = jnp.pad(q.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
 
     arrays = [pool[name] for name in ("kmin", "kmax", "fill", "pinned", "cur", "stamp")]
-    pool_specs = whole_head_specs(arrays)
+
+    def heads_spec(x):  # [L, B, Hkv, ...] -> this sequence's `heads` KV heads, every layer
+        rank = x.ndim - 3
+        return pl.BlockSpec((x.shape[0], None, heads) + x.shape[3:], lambda i, h: (0, i, h) + (0,) * rank)
+
+    pool_specs = [heads_spec(x) for x in arrays]
     return pl.pallas_call(
         functools.partial(_refresh_kernel, group=group, page=page_size, slots=s, head_dim=d,
-                          channels=channels),
-        grid=(b, hkv),
+                          channels=channels, heads=heads),
+        grid=(b, hkv // heads),
         in_specs=[pl.BlockSpec((1,), lambda i, h: (0,)), pl.BlockSpec((None, 1), lambda i, h: (i, 0)),
-                  pl.BlockSpec((None, None, rows, d), lambda i, h: (i, h, 0, 0))] + pool_specs,
+                  pl.BlockSpec((None, heads, rows, d), lambda i, h: (i, h, 0, 0))] + pool_specs,
         out_specs=pool_specs[-1],
         out_shape=jax.ShapeDtypeStruct(pool["stamp"].shape, pool["stamp"].dtype),
         input_output_aliases={3 + len(arrays) - 1: 0},
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+        compiler_params=pltriton.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages),
         interpret=interpret,
         name="raas_refresh_top_half",
     )(jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(positions, jnp.int32).reshape(b, 1), qg, *arrays)

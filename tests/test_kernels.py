@@ -486,3 +486,25 @@ def test_refresh_top_half_matches_brute_force(backend, group, slots, values):
         want = brute_refresh(np.asarray(q), pool, layer, np.asarray(positions), page)
         np.testing.assert_array_equal(np.asarray(got), want)
         assert (np.asarray(got) != np.asarray(pool["stamp"])).any()
+
+
+@pytest.mark.parametrize("slots", [12, 64])  # 12: padding lanes re-read the last slot; 64: one contiguous row
+@pytest.mark.parametrize("tuning", [{"heads_per_program": 2, "channels": 16},
+                                    {"heads_per_program": 2, "channels": 128, "num_stages": 2}])
+def test_refresh_kernel_tunings_match_brute_force(slots, tuning):
+    """Two KV heads per program (the kernel's loop over them) and other channel chunks per bound product stamp
+    what brute force stamps."""
+    from raas_jax.kernels import pallas_gpu
+
+    rng = np.random.default_rng(slots)
+    layers, b, hkv, group, page, d = 2, 3, 2, 4, 4, 128
+    pool = random_pool(rng, layers, b, hkv, slots, page, d)
+    pool["kmax"] = pool["kmin"] + jnp.asarray(rng.random(pool["kmin"].shape), jnp.float32)
+    fill = np.asarray(pool["fill"]).copy()
+    fill[..., : slots // 2] = page
+    pool["fill"] = jnp.asarray(fill)
+    q = jnp.asarray(rng.normal(size=(b, hkv * group, d)), jnp.float32)
+    positions = jnp.asarray(rng.integers(1000, 2000, b), jnp.int32)
+    got = pallas_gpu.refresh_top_half(q, pool, jnp.int32(1), positions, page_size=page, interpret=True,
+                                      tuning=pallas_gpu.RefreshTuning(**tuning))
+    np.testing.assert_array_equal(np.asarray(got), brute_refresh(np.asarray(q), pool, 1, np.asarray(positions), page))
