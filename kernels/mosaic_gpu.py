@@ -40,13 +40,16 @@ from .reference import MASK_VALUE
 class MosaicTuning:
     """Launch parameters of the Mosaic GPU `decode_attention`."""
 
-    # Chosen on an H200 (docs/performance.md sections 20-21): one 128-token block per program in SMEM (~79 KB, so two
+    # Chosen on an H200 (docs/performance.md sections 20-22): one 128-token block per program in SMEM (~79 KB, so two
     # programs share an SM and each one's load overlaps the other's compute) was the fastest or within 3% of the
     # fastest variant at every bench shape; 2-3 stages of one program per SM gained nothing, and 64-token blocks
     # lost everywhere, also with 3 stages at two programs per SM.
     block_tokens: int = 128  # tokens per pipeline step (a multiple of 64)
     stages: int = 1  # SMEM buffers of k / v in flight per program
-    target_programs: int = 528  # splits grow until (B * Hkv * splits) reaches this (4 per SM on an H200)
+    # Splits grow until (B * Hkv * splits) reaches this: 256 is one split per (sequence, KV head) from B = 32 with 8
+    # KV heads (section 22: at B = 32 1K 39.7 / 42.9 us in two runs, 528's four splits 43.4 / 44.5; at 4K 132.6 /
+    # 133.3 against 136.1 / 141.3; the same elsewhere within the noise)
+    target_programs: int = 256
     exact_sums: bool = True  # per-slot sums from p's two bf16 halves (~16 bits); False: one bf16 product
 
 
