@@ -589,8 +589,8 @@ def refresh_top_half(q, pool, layer, positions, *, page_size: int, interpret: bo
     heads = math.gcd(tuning.heads_per_program, hkv)
     hq = q.shape[1]
     group = hq // hkv
-    rows = max(16, 1 << (group - 1).bit_length())  # the products' columns: 16 or more
-    qg = jnp.pad(q.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+    q_rows = max(16, 1 << (group - 1).bit_length())  # the products' columns: 16 or more
+    qg = jnp.pad(q.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, q_rows - group), (0, 0)))
 
     arrays = [pool[name] for name in ("kmin", "kmax", "fill", "pinned", "cur", "stamp")]
 
@@ -604,7 +604,7 @@ def refresh_top_half(q, pool, layer, positions, *, page_size: int, interpret: bo
                           channels=channels, heads=heads),
         grid=(b, hkv // heads),
         in_specs=[pl.BlockSpec((1,), lambda i, h: (0,)), pl.BlockSpec((None, 1), lambda i, h: (i, 0)),
-                  pl.BlockSpec((None, heads, rows, d), lambda i, h: (i, h, 0, 0))] + pool_specs,
+                  pl.BlockSpec((None, heads, q_rows, d), lambda i, h: (i, h, 0, 0))] + pool_specs,
         out_specs=pool_specs[-1],
         out_shape=jax.ShapeDtypeStruct(pool["stamp"].shape, pool["stamp"].dtype),
         input_output_aliases={3 + len(arrays) - 1: 0},

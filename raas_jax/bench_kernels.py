@@ -216,10 +216,10 @@ def our_variants(sweep: bool, interpret: bool = False) -> dict[str, Callable]:
         triton["pallas triton T=64 fp8 s=3 f16 bytes"] = pallas_gpu.AttentionTuning(pack_fp8=False)  # default: pairs
         if not interpret and mosaic_gpu.available():
             # one-stage programs share an SM two at a time: 264 = one wave of them (fewer, longer programs);
-            # 256 = one split per (sequence, KV head) at B = 32 (no combine's worth of partials)
+            # 256 (the default) = one split per (sequence, KV head) from B = 32
             mosaic = {f"pallas mosaic T={t} s={s} prog={p}": mosaic_gpu.MosaicTuning(t, s, p)
-                      for t, s, p in [(128, 1, 256), (128, 1, 264), (128, 1, 528), (128, 1, 792), (128, 1, 1056), (128, 2, 264),
-                                      (128, 2, 132), (64, 3, 528)]}
+                      for t, s, p in [(128, 1, 256), (128, 1, 264), (128, 1, 528), (128, 1, 792), (128, 1, 1056),
+                                      (128, 2, 264), (128, 2, 132), (64, 3, 528)]}
     for name, tuning in triton.items():
         variants[name] = lambda q, k, v, fill, slots, t=tuning: pallas_gpu.decode_attention(
             q, k, v, fill, slots, tuning=t, interpret=interpret)
