@@ -215,17 +215,31 @@ def our_variants(sweep: bool, interpret: bool = False) -> dict[str, Callable]:
                     pallas_gpu.AttentionTuning(fp8_as_f16=as_f16, fp8_num_stages=stages))
         triton["pallas triton T=64 fp8 s=3 f16 bytes"] = pallas_gpu.AttentionTuning(pack_fp8=False)  # default: pairs
         if not interpret and mosaic_gpu.available():
-            # one-stage programs share an SM two at a time: 264 = one wave of them (fewer, longer programs);
-            # 256 (the default) = one split per (sequence, KV head) from B = 32
-            mosaic = {f"pallas mosaic T={t} s={s} prog={p}": mosaic_gpu.MosaicTuning(t, s, p)
-                      for t, s, p in [(128, 1, 256), (128, 1, 264), (128, 1, 528), (128, 1, 792), (128, 1, 1056),
-                                      (128, 2, 264), (128, 2, 132), (64, 3, 528)]}
+            mosaic = mosaic_sweep()
     for name, tuning in triton.items():
         variants[name] = lambda q, k, v, fill, slots, t=tuning: pallas_gpu.decode_attention(
             q, k, v, fill, slots, tuning=t, interpret=interpret)
     for name, tuning in mosaic.items():  # bf16 pools without a slot list (mosaic_gpu.supports)
         variants[name] = lambda q, k, v, fill, slots, t=tuning: mosaic_gpu.decode_attention(q, k, v, fill, tuning=t)
     return variants
+
+
+def mosaic_sweep() -> dict[str, mosaic_gpu.MosaicTuning]:
+    """The Mosaic GPU launches `--sweep` times, by variant name. One-stage programs share an SM two at a time: 264
+    is one wave of them (fewer, longer programs); 256 (the default) is one split per (sequence, KV head) from B = 32."""
+    return {f"pallas mosaic T={t} s={s} prog={p}": mosaic_gpu.MosaicTuning(t, s, p)
+            for t, s, p in [(128, 1, 256), (128, 1, 264), (128, 1, 528), (128, 1, 792), (128, 1, 1056),
+                            (128, 2, 264), (128, 2, 132), (64, 3, 528)]}
+
+
+def mosaic_launch(shape: Shape, tuning: mosaic_gpu.MosaicTuning = mosaic_gpu.DEFAULT_TUNING) -> str:
+    """What a Mosaic GPU launch resolves to at `shape`: sweep variants of different names can be the same launch
+    (at B=32 4K, 528 and 792 target programs are both 4 splits), which only the noise tells apart."""
+    planned = mosaic_gpu.plan(shape.batch, KV_HEADS, shape.tokens // PAGE, PAGE, tuning)
+    if planned is None:
+        return "not taken"
+    _, splits, per_split = planned
+    return f"{shape.batch * KV_HEADS * splits} programs of {per_split} blocks"
 
 
 def calls_for(shape: Shape, target_bytes: float = 1e11) -> int:
@@ -252,11 +266,13 @@ def run_kernels(shapes=SHAPES, calls: int | None = None, sweep: bool = False, ou
             read_bytes = shape.kv_bytes(itemsize if ours else 2)
         row = {"shape": shape.name, "batch": shape.batch, "tokens": shape.tokens, "selected": shape.selected,
                "variant": variant, "us": None if seconds is None else seconds * 1e6,
-               "tbps": None if seconds is None else read_bytes / seconds / 1e12, "error": error[:300]}
+               "tbps": None if seconds is None else read_bytes / seconds / 1e12, "error": error[:300],
+               "launch": launches.get(variant, "")}
         rows.append(row)
         if verbose:
             figure = f"{row['us']:9.1f} us {row['tbps']:6.2f} TB/s" if seconds is not None else f"failed: {error[:100]}"
-            print(f"  {shape.name:22s} {variant:48s} {figure}", flush=True)
+            launch = f"  [{row['launch']}]" if row["launch"] else ""
+            print(f"  {shape.name:22s} {variant:48s} {figure}{launch}", flush=True)
         if out is not None:
             out.write_text(json.dumps({"rows": rows, "jax": jax.__version__, "device": str(jax.devices()[0])}, indent=1))
 
@@ -268,8 +284,12 @@ def run_kernels(shapes=SHAPES, calls: int | None = None, sweep: bool = False, ou
         timed: dict[str, tuple[Callable, tuple]] = {
             "jnp reference (XLA)": (lambda q, *pool: reference.decode_attention(q, *pool)[0], pool)}
         ours = our_variants(sweep, interpret)
+        launches = {}
         if kv_dtype is not None or chosen is not None:  # the Mosaic GPU kernel takes neither
             ours = {name: f for name, f in ours.items() if not name.startswith("pallas mosaic")}
+        elif not interpret and mosaic_gpu.available():  # which launch each Mosaic variant resolves to here
+            launches = {name: mosaic_launch(shape, tuning) for name, tuning in mosaic_sweep().items() if name in ours}
+            launches["pallas (default)"] = mosaic_launch(shape)  # on a Hopper GPU, where the dispatch takes it
         for name, attend in ours.items():
             timed[name] = (lambda q, *pool, f=attend: f(q, *pool)[0], pool)
         if not interpret and kv_dtype is None:

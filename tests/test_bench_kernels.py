@@ -52,3 +52,14 @@ def test_per_call_time_cancels_the_fixed_cost_of_a_run():
     assert bench_kernels._per_call(seconds_for, 20) == pytest.approx(1.5e-4)
     assert runs == [20, 40]
     assert bench_kernels._per_call(lambda n: 1.0, 20) == pytest.approx(1 / 40)  # no difference: the plain average
+
+
+def test_mosaic_launch_names_the_launch_a_sweep_variant_resolves_to():
+    """Sweep variants of different names can be the same launch (docs/performance.md 22: 528 and 792 target
+    programs at B=32 4K, read 143.1 and 125.5 us in one run); the row's `launch` says so."""
+    shape = bench_kernels.Shape("raas B=32 4K", 32, 4096)
+    sweep = bench_kernels.mosaic_sweep()
+    by_target = {t.target_programs: bench_kernels.mosaic_launch(shape, t) for t in sweep.values() if t.stages == 1}
+    assert by_target[528] == by_target[792] == "1024 programs of 8 blocks"
+    assert by_target[256] == bench_kernels.mosaic_launch(shape) == "256 programs of 32 blocks"  # the default
+    assert by_target[1056] == "2048 programs of 4 blocks"
