@@ -379,6 +379,7 @@ def plot_kernels(rows: list[dict], path: Path, device: str | None = None, copy_t
     best = best_per_family(rows)
     attention = [f for f in FAMILIES if not f.startswith("page_scores")]
     series = {f: [None if best[s][f] is None else best[s][f]["tbps"] for s in best] for f in attention}
+    series = {f: bars for f, bars in series.items() if any(b is not None for b in bars)}  # families that ran
     device = device or jax.devices()[0].device_kind
     return bar_plot(list(best), series, path, "effective TB/s (KV bytes read / time)",
                     f"decode attention, {pages} pages (SDPA: bf16), 32/8 heads, head_dim 128, page 16 ({device})",
