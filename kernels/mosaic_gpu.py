@@ -15,11 +15,15 @@ Token validity (offset in page < the slot's fill) is worked out in registers fro
 loads): one select per slot of the block over each token's row (a per-row gather of `fill` has no register layout),
 so no token-level mask is written by XLA.
 
+Slot lists (Quest's selected pages, -1 = none): block i holds the pages listed at positions [i * SB, (i + 1) * SB),
+one TMA copy per page into its rows of the block's buffer, all arriving on the block's barrier.
+
 Taken (`supports`): bf16 / f16 pools in q's dtype, head dim 64 or 128, groups up to 16 query heads, pages of 2 to
-128 tokens, pools of whole 128-token blocks, on a Hopper GPU (`available`). The dispatch keeps the Triton kernel for
-everything else: FP8 pools, slot lists (Quest), other head dims and groups, other GPUs. On an H200 it is 1-13% faster
-than the Triton kernel at the seven bf16 `bench kernels` shapes, and alone (Nsight Compute, B = 32 with 4K tokens) it
-reads the pool at 4.18 TB/s (docs/performance.md section 21).
+128 tokens (8 or more with a slot list), pools (or lists) of whole 128-token blocks, on a Hopper GPU (`available`).
+The dispatch keeps the Triton kernel for everything else: FP8 pools, other head dims and groups, other GPUs, and for
+now slot lists (`SLOT_LISTS_DISPATCHED`: not yet run on a GPU). On an H200 it is 1-13% faster than the Triton kernel
+at the seven bf16 `bench kernels` shapes, and alone (Nsight Compute, B = 32 with 4K tokens) it reads the pool at
+4.18 TB/s (docs/performance.md section 21).
 """
 
 from __future__ import annotations
@@ -79,12 +83,19 @@ def smem_bytes(heads: int, d: int, tokens: int, stages: int, exact_sums: bool = 
             + 4 * (max(d, 128) * heads + 2 * heads) + 3584)
 
 
+# Slot lists (Quest's selected pages) run in this kernel (tests/test_mosaic_gpu.py, in interpret mode and lowered for
+# CUDA) but the dispatch keeps them on the Triton kernel until they are timed and tested on a GPU (docs/notes.md,
+# eighth session): then this becomes True.
+SLOT_LISTS_DISPATCHED = False
+
+
 def supports(q, k, slots=None, stacked: bool = False, tuning: MosaicTuning = DEFAULT_TUNING) -> bool:
-    """Shapes this kernel takes (see the module docstring); the dispatch sends the rest to the Triton kernel."""
+    """Shapes this kernel takes (see the module docstring); the dispatch sends the rest to the Triton kernel. A
+    slot list needs pages of 8 tokens or more (each page is its own TMA copy into whole 8-row SMEM tiles)."""
     _, hkv, s, page, d = k.shape[1:] if stacked else k.shape
     heads = _heads(q.shape[1] // hkv)
-    planned = plan(q.shape[0], hkv, s, page, tuning)
-    return (slots is None and jnp.dtype(k.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    planned = plan(q.shape[0], hkv, s if slots is None else slots.shape[-1], page, tuning)
+    return ((slots is None or page >= 8) and jnp.dtype(k.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
             and jnp.dtype(q.dtype) == jnp.dtype(k.dtype) and d in HEAD_DIMS and heads <= MAX_HEADS
             and planned is not None
             and smem_bytes(heads, d, tuning.block_tokens, min(tuning.stages, planned[2]), tuning.exact_sums)
@@ -106,12 +117,13 @@ def _heads(group: int) -> int:
     return -(-group // 8) * 8  # the group's query heads padded to wgmma's N granularity
 
 
-def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref,
-            o_ref, m_ref, l_ref, sums_ref, bmax_ref, *, scale, tokens, block_slots, splits, per_split, stages,
-            page, exact_sums, interpreted):
+def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, *refs, scale, tokens, block_slots, splits,
+            per_split, stages, page, exact_sums, listed, interpreted):
     """Transposed products ("swap AB"): logits^T [T, N] = K [T, D] @ Q^T [D, N], so the softmax works on T x N
     values (N = the group padded to 8) rather than 64 x T; out^T [D, N] = V^T [D, T] @ P^T [T, N]; per-slot sums
-    [64, N] = E^T [64, T] @ P^T (rows past the block's slots are zero)."""
+    [64, N] = E^T [64, T] @ P^T (rows past the block's slots are zero). With a slot list (`listed`), block i holds
+    the pages listed at positions [i * SB, (i + 1) * SB): one TMA copy per page, all on the block's barrier."""
+    slots_ref, (o_ref, m_ref, l_ref, sums_ref, bmax_ref) = (refs[0], refs[1:]) if listed else (None, refs)
     dtype = q_ref.dtype
     heads, d = q_ref.shape[-2:]
     b, h, split = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("split")
@@ -123,9 +135,17 @@ def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref,
 
     def scoped(q_smem, k_smem, v_smem, p_smem, stage_smem, vec_smem, q_bar, k_bar, v_bar):
         def issue(i, slot):  # block i of this split into buffer `slot`
-            start = (i * splits + split) * tokens
-            plgpu.copy_gmem_to_smem(k_ref.at[layer, b, h, pl.ds(start, tokens)], k_smem.at[slot], k_bar.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[layer, b, h, pl.ds(start, tokens)], v_smem.at[slot], v_bar.at[slot])
+            first = (i * splits + split) * block_slots  # the block's first slot (or list position)
+            if slots_ref is None:  # the block's pages are contiguous: one copy each for k and v
+                rows = pl.ds(first * page, tokens)
+                plgpu.copy_gmem_to_smem(k_ref.at[layer, b, h, rows], k_smem.at[slot], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[layer, b, h, rows], v_smem.at[slot], v_bar.at[slot])
+                return
+            for j in range(block_slots):  # one copy per listed page (-1, no page: any page, its fill reads 0)
+                rows = pl.ds(jnp.maximum(slots_ref[b, h, first + j], 0) * page, page)
+                into = pl.ds(j * page, page)
+                plgpu.copy_gmem_to_smem(k_ref.at[layer, b, h, rows], k_smem.at[slot, into], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[layer, b, h, rows], v_smem.at[slot, into], v_bar.at[slot])
 
         token = cast(lax.broadcasted_iota(jnp.int32, (tokens,), 0), plgpu.Layout.WGMMA.reduce(1))  # [T]
         token_slot, token_offset = token // page, token % page
@@ -162,7 +182,11 @@ def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref,
             first = (i * splits + split) * block_slots  # the block's first slot
             # the block's fill row as scalars from GMEM, loaded before the waits below so their latency is hidden
             # (a TMA copy must move a multiple of 128 bytes: 32 slots; loading them a block ahead gained nothing)
-            fills = [fill_ref[b, h, first + j] for j in range(block_slots)]
+            if slots_ref is None:
+                fills = [fill_ref[b, h, first + j] for j in range(block_slots)]
+            else:
+                listed_slots = [slots_ref[b, h, first + j] for j in range(block_slots)]
+                fills = [jnp.where(u >= 0, fill_ref[b, h, jnp.maximum(u, 0)], 0) for u in listed_slots]
             plgpu.barrier_wait(k_bar.at[slot])
             logits = product(k_smem.at[slot], q_smem, (tokens, heads), b_t=True) * scale  # [T, N]
             token_fill = jnp.zeros((tokens,), jnp.int32)  # [T] the fill of each token's slot
@@ -228,17 +252,17 @@ def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref,
         plgpu.SMEM((max(d, 128), heads), jnp.float32),  # staging of the outputs: out^T, or two blocks' sums
         plgpu.SMEM((2, heads), jnp.float32),
         plgpu.Barrier(num_barriers=1),
-        plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_arrivals=block_slots if listed else 1, num_barriers=stages),  # k: a copy per page listed
+        plgpu.Barrier(num_arrivals=block_slots if listed else 1, num_barriers=stages),
     )
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "tuning"))
-def decode_attention(q, k, v, fill, *, layer=None, live_slots=None, scale: float | None = None,
+def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, scale: float | None = None,
                      interpret=False, tuning: MosaicTuning = DEFAULT_TUNING):
-    """q [B, Hq, D], k/v [B, Hkv, S, P, D] (or [L, ...] with `layer`), fill [B, Hkv, S]
-    -> (out [B, Hq, D], mass [B, Hkv, S] float32): kernels/reference.py's contract, as pallas_gpu.decode_attention.
-    """
+    """q [B, Hq, D], k/v [B, Hkv, S, P, D] (or [L, ...] with `layer`), fill [B, Hkv, S], slots [B, Hkv, K] or None
+    (-1 = none) -> (out [B, Hq, D], mass [B, Hkv, S or K] float32): kernels/reference.py's contract, as
+    pallas_gpu.decode_attention (`live_slots` only without a slot list)."""
     if layer is None:
         k, v, layer = k[None], v[None], 0
     num_layers, b, hkv, s, page, d = k.shape
@@ -246,19 +270,23 @@ def decode_attention(q, k, v, fill, *, layer=None, live_slots=None, scale: float
     group = hq // hkv
     heads = _heads(group)
     scale = d**-0.5 if scale is None else scale
-    block_slots, splits, per_split = plan(b, hkv, s, page, tuning)
+    listed = s if slots is None else slots.shape[-1]  # the slots (or list positions) walked
+    block_slots, splits, per_split = plan(b, hkv, listed, page, tuning)
     tokens = block_slots * page
     slot_rows = max(block_slots, 8)  # per-slot sums copied out per block (whole 8-row tiles)
     q_heads = jnp.pad(q.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, heads - group), (0, 0)))  # [B, Hkv, N, D]
     k_flat = k.reshape(num_layers, b, hkv, s * page, d)
     v_flat = v.reshape(num_layers, b, hkv, s * page, d)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    if live_slots is None:
-        live_slots = jnp.full((b,), s, jnp.int32)
-    live_slots = jnp.minimum(jnp.asarray(live_slots, jnp.int32).reshape(b), s)
+    if live_slots is None or slots is not None:
+        live_slots = jnp.full((b,), listed, jnp.int32)
+    live_slots = jnp.minimum(jnp.asarray(live_slots, jnp.int32).reshape(b), listed)
+    inputs = [layer, live_slots, q_heads, k_flat, v_flat, fill.astype(jnp.int32)]
+    if slots is not None:
+        inputs.append(slots.astype(jnp.int32))
     kernel = functools.partial(_kernel, scale=scale, tokens=tokens, block_slots=block_slots, splits=splits,
                                per_split=per_split, stages=min(tuning.stages, per_split), page=page,
-                               exact_sums=tuning.exact_sums,
+                               exact_sums=tuning.exact_sums, listed=slots is not None,
                                interpreted=bool(interpret))
     o, m, l, sums, block_max = plgpu.kernel(
         kernel,
@@ -272,7 +300,7 @@ def decode_attention(q, k, v, fill, *, layer=None, live_slots=None, scale: float
         grid=(b, hkv, splits),
         grid_names=("b", "h", "split"),
         interpret=interpret,
-    )(layer, live_slots, q_heads, k_flat, v_flat, fill.astype(jnp.int32))
+    )(*inputs)
     # blocks past each sequence's live bound were not walked: their outputs were never written
     blocks = splits * per_split
     block_id = jnp.arange(per_split)[:, None] * splits + jnp.arange(splits)[None, :]  # [per_split, splits]

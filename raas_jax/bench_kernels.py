@@ -219,9 +219,13 @@ def our_variants(sweep: bool, interpret: bool = False) -> dict[str, Callable]:
     for name, tuning in triton.items():
         variants[name] = lambda q, k, v, fill, slots, t=tuning: pallas_gpu.decode_attention(
             q, k, v, fill, slots, tuning=t, interpret=interpret)
-    for name, tuning in mosaic.items():  # bf16 pools without a slot list (mosaic_gpu.supports)
-        variants[name] = lambda q, k, v, fill, slots, t=tuning: mosaic_gpu.decode_attention(q, k, v, fill, tuning=t)
+    for name, tuning in mosaic.items():  # bf16 pools (mosaic_gpu.supports), with or without a slot list
+        variants[name] = lambda q, k, v, fill, slots, t=tuning: mosaic_gpu.decode_attention(q, k, v, fill, slots,
+                                                                                          tuning=t)
     return variants
+
+
+MOSAIC_SLOT_LISTS = "pallas mosaic (slot lists)"  # Quest shapes: the Mosaic kernel, not yet taken by the dispatch
 
 
 def mosaic_sweep() -> dict[str, mosaic_gpu.MosaicTuning]:
@@ -235,7 +239,7 @@ def mosaic_sweep() -> dict[str, mosaic_gpu.MosaicTuning]:
 def mosaic_launch(shape: Shape, tuning: mosaic_gpu.MosaicTuning = mosaic_gpu.DEFAULT_TUNING) -> str:
     """What a Mosaic GPU launch resolves to at `shape`: sweep variants of different names can be the same launch
     (at B=32 4K, 528 and 792 target programs are both 4 splits), which only the noise tells apart."""
-    planned = mosaic_gpu.plan(shape.batch, KV_HEADS, shape.tokens // PAGE, PAGE, tuning)
+    planned = mosaic_gpu.plan(shape.batch, KV_HEADS, shape.read_tokens // PAGE, PAGE, tuning)
     if planned is None:
         return "not taken"
     _, splits, per_split = planned
@@ -285,11 +289,13 @@ def run_kernels(shapes=SHAPES, calls: int | None = None, sweep: bool = False, ou
             "jnp reference (XLA)": (lambda q, *pool: reference.decode_attention(q, *pool)[0], pool)}
         ours = our_variants(sweep, interpret)
         launches = {}
-        if kv_dtype is not None or chosen is not None:  # the Mosaic GPU kernel takes neither
+        if kv_dtype is not None:  # the Mosaic GPU kernel takes no FP8 pool
             ours = {name: f for name, f in ours.items() if not name.startswith("pallas mosaic")}
         elif not interpret and mosaic_gpu.available():  # which launch each Mosaic variant resolves to here
+            if chosen is not None:  # slot lists run in the Mosaic kernel, not yet in the dispatch (Triton)
+                ours[MOSAIC_SLOT_LISTS] = lambda q, k, v, fill, slots: mosaic_gpu.decode_attention(q, k, v, fill, slots)
             launches = {name: mosaic_launch(shape, tuning) for name, tuning in mosaic_sweep().items() if name in ours}
-            launches["pallas (default)"] = mosaic_launch(shape)  # on a Hopper GPU, where the dispatch takes it
+            launches[MOSAIC_SLOT_LISTS if chosen is not None else "pallas (default)"] = mosaic_launch(shape)
         for name, attend in ours.items():
             timed[name] = (lambda q, *pool, f=attend: f(q, *pool)[0], pool)
         if not interpret and kv_dtype is None:

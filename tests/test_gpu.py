@@ -136,6 +136,32 @@ def test_mosaic_decode_attention_on_gpu(group, head_dim, page):
     assert _relative_error(mass, ref_mass) <= 1e-2
 
 
+@pytest.mark.parametrize("group,head_dim,page", [(4, 128, 16), (8, 64, 8), (7, 128, 32)])
+def test_mosaic_slot_lists_on_gpu(group, head_dim, page):
+    """Quest's selected pages through the Mosaic GPU kernel (one TMA copy per listed page; the dispatch sends slot
+    lists to Triton until mosaic_gpu.SLOT_LISTS_DISPATCHED) against the f32 reference, -1 entries included."""
+    from raas_jax.kernels import mosaic_gpu
+
+    if not mosaic_gpu.available():
+        pytest.skip("not a Hopper GPU")
+    rng = np.random.default_rng(group + head_dim + page)
+    layers, b, hkv, s = 2, 32, 8, 4096 // page
+    listed = 1024 // page
+    k = jax.random.normal(jax.random.PRNGKey(3), (layers, b, hkv, s, page, head_dim), jnp.bfloat16)
+    v = jax.random.normal(jax.random.PRNGKey(4), (layers, b, hkv, s, page, head_dim), jnp.bfloat16)
+    q = jnp.asarray(rng.normal(size=(b, hkv * group, head_dim)), jnp.bfloat16)
+    fill = jnp.asarray(rng.integers(0, page + 1, (b, hkv, s)), jnp.int32)
+    slots = np.sort(rng.permuted(np.broadcast_to(np.arange(s), (b, hkv, s)), axis=-1)[..., :listed], -1)
+    slots[0, :, -5:] = -1
+    slots = jnp.asarray(slots, jnp.int32)
+    assert mosaic_gpu.supports(q, k, slots, stacked=True)
+    out, mass = mosaic_gpu.decode_attention(q, k, v, fill, slots, layer=jnp.int32(1))
+    ref, ref_mass = kernels.decode_attention(q.astype(jnp.float32), k[1].astype(jnp.float32),
+                                             v[1].astype(jnp.float32), fill, slots, backend="reference")
+    assert np.isfinite(np.asarray(out, np.float32)).all() and np.isfinite(np.asarray(mass)).all()
+    assert _relative_error(out, ref) <= 1e-2 and _relative_error(mass, ref_mass) <= 1e-2
+
+
 def test_the_dispatch_takes_mosaic_on_hopper_and_triton_otherwise():
     from raas_jax.kernels import mosaic_gpu
 

@@ -101,6 +101,42 @@ def test_splits_live_bound_and_a_layer_of_a_stacked_pool():
     assert not np.asarray(mass)[2].any() and not np.asarray(out, np.float32)[2].any()  # nothing live: zeros
 
 
+@pytest.mark.parametrize("group,head_dim,page", [c for c in ATTENTION_CASES if c[2] >= 8])
+def test_slot_lists_match_the_reference_in_interpret_mode(group, head_dim, page):
+    """Quest's selected pages: block i holds the pages listed at its positions (one TMA copy per page), -1 entries
+    (no page) and a head whose pages are all empty attend nothing; layer 1 of a stacked pool, with the race detector
+    on (several copies arrive on one barrier)."""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+
+    rng = np.random.default_rng(group + head_dim + page + 1)
+    layers, b, hkv, s = 2, 2, 2, 2 * 512 // page
+    listed = 256 // page  # two blocks of 128 tokens
+    q, _, _, fill = page_pool(rng, b, hkv, group, s, page, head_dim)
+    k = rng.normal(size=(layers, b, hkv, s, page, head_dim)).astype(np.float32)
+    v = rng.normal(size=(layers, b, hkv, s, page, head_dim)).astype(np.float32)
+    slots = np.sort(np.stack([[rng.choice(s, listed, replace=False) for _ in range(hkv)] for _ in range(b)]), -1)
+    slots[0, 1, -3:] = -1
+    slots = jnp.asarray(slots, jnp.int32)
+    q, k, v = _bf16(q, k, v)
+    interpret_pallas_call.reset_gpu_interpret_mode_state()
+    out, mass = mosaic_gpu.decode_attention(q, k, v, jnp.asarray(fill), slots, layer=jnp.int32(1),
+                                            interpret=_interpret_params(detect_races=True))
+    assert not interpret_pallas_call.get_races().races_found
+    want, want_mass = reference.decode_attention(q, k[1], v[1], jnp.asarray(fill), slots)
+    assert mass.shape == (b, hkv, listed)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(np.asarray(mass), np.asarray(want_mass), rtol=2e-2, atol=2e-3)
+    assert not np.asarray(mass)[0, 1, -3:].any()
+
+
+def test_slot_lists_need_whole_smem_tiles_per_page_and_stay_on_triton_until_timed():
+    q, k = jnp.zeros((2, 8, 128), jnp.bfloat16), jnp.zeros((2, 2, 64, 16, 128), jnp.bfloat16)
+    slots = jnp.zeros((2, 2, 16), jnp.int32)
+    assert mosaic_gpu.supports(q, k, slots)
+    assert not mosaic_gpu.supports(q, jnp.zeros((2, 2, 256, 4, 128), jnp.bfloat16), slots)  # 4-token pages
+    assert not mosaic_gpu.SLOT_LISTS_DISPATCHED  # kernels.decode_attention sends them to Triton (not yet timed)
+
+
 def test_the_per_slot_sums_keep_float32_precision():
     """The slot mass goes through a bf16 product (p @ E); as two halves it stays within ~1e-5 of the float32 sums,
     where one bf16 product is off by up to 2^-9 of each value."""
@@ -116,17 +152,18 @@ def test_the_per_slot_sums_keep_float32_precision():
     assert errors[True] < 1e-5 < errors[False], errors
 
 
-def _lowered(group, head_dim, tuning, dtype=jnp.bfloat16, s=64, page=16):
+def _lowered(group, head_dim, tuning, dtype=jnp.bfloat16, s=64, page=16, listed=None):
     layers, b, hkv = 2, 4, 8
     q = jax.ShapeDtypeStruct((b, hkv * group, head_dim), dtype)
     k = jax.ShapeDtypeStruct((layers, b, hkv, s, page, head_dim), dtype)
     fill = jax.ShapeDtypeStruct((b, hkv, s), jnp.int32)
     live = jax.ShapeDtypeStruct((b,), jnp.int32)
+    slots = None if listed is None else jax.ShapeDtypeStruct((b, hkv, listed), jnp.int32)
 
-    def attend(q, k, v, fill, live):
-        return mosaic_gpu.decode_attention(q, k, v, fill, layer=jnp.int32(1), live_slots=live, tuning=tuning)
+    def attend(q, k, v, fill, live, slots):
+        return mosaic_gpu.decode_attention(q, k, v, fill, slots, layer=jnp.int32(1), live_slots=live, tuning=tuning)
 
-    return jax.jit(attend).trace(q, k, k, fill, live).lower(lowering_platforms=("cuda",)).as_text()
+    return jax.jit(attend).trace(q, k, k, fill, live, slots).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("tuning", [mosaic_gpu.DEFAULT_TUNING, mosaic_gpu.MosaicTuning(64, 3, 528),
@@ -137,6 +174,14 @@ def test_the_gpu_form_lowers_for_cuda(tuning, group, head_dim, dtype):
     """wgmma with transposed operands, the layouts of the softmax, TMA copies: Mosaic GPU checks them while
     lowering, which runs on a CPU (`lowering_platforms`); one Mosaic GPU call, nothing else but XLA ops."""
     text = _lowered(group, head_dim, tuning, dtype)
+    assert re.findall(r"stablehlo.custom_call @(\w+)", text) == ["mosaic_gpu_v2"]
+
+
+@pytest.mark.parametrize("page,tuning", [(16, mosaic_gpu.DEFAULT_TUNING), (8, mosaic_gpu.DEFAULT_TUNING),
+                                         (32, mosaic_gpu.MosaicTuning(64, 3, 528))])
+def test_the_slot_list_form_lowers_for_cuda(page, tuning):
+    """One TMA copy per listed page into its rows of the block's SMEM buffer, all arriving on one barrier."""
+    text = _lowered(4, 128, tuning, s=64, page=page, listed=32)
     assert re.findall(r"stablehlo.custom_call @(\w+)", text) == ["mosaic_gpu_v2"]
 
 
