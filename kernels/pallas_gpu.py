@@ -515,6 +515,10 @@ class RefreshTuning:
     num_warps: int = 4
     heads_per_program: int = 1  # KV heads of one sequence per program, in a loop (its gcd with Hkv)
     num_stages: int = 1  # Triton's software pipelining of that loop's loads
+    # The query rows gathered in the kernel from q [B, Hq, D] (the group's last row repeated up to the products' 16
+    # columns) instead of a padded copy of q made by XLA (a pad fusion per layer: 12.7 us at B = 816). Not yet run
+    # on a GPU (docs/notes.md, eighth session): off until timed.
+    gather_q: bool = False
 
 
 def quest_bounds_by_products(q, kmin, kmax):
@@ -533,19 +537,28 @@ def quest_bounds_by_products(q, kmin, kmax):
 
 
 def _refresh_kernel(layer_ref, pos_ref, q_ref, kmin_ref, kmax_ref, fill_ref, pinned_ref, cur_ref, stamp_in,
-                    stamp_out, *, group, page, slots, head_dim, channels, heads):
-    layer = layer_ref[0]  # the pool refs hold this sequence's `heads` KV heads in every layer
+                    stamp_out, *, group, page, slots, head_dim, channels, heads, q_columns, gather_q):
+    # the pool refs hold this sequence's `heads` KV heads in every layer; q_ref their padded query rows
+    # [heads, R, D], or with `gather_q` all of the sequence's query heads [Hq, D]
+    layer = layer_ref[0]
     lanes = max(16, pl.next_power_of_2(slots))  # 2^n (Triton tensors), >= 16 (a product's rows)
     ids = jax.lax.broadcasted_iota(jnp.int32, (lanes,), 0)  # [S']
     in_pool = ids < slots
     # a 2^n row is one contiguous block (vectorised loads); otherwise padding lanes re-read the last slot
     rows = pl.ds(0, slots) if slots == lanes else jnp.minimum(ids, slots - 1)
+    first_head = pl.program_id(1) * heads  # (read outside the loop: interpret mode cannot inside one)
 
     def refresh_head(h, carry):  # a loop, so Triton can load the next head's bounds while this one ranks
+        if gather_q:  # this KV head's query rows, the last one repeated up to the products' columns
+            q_rows = (first_head + h) * group + jnp.minimum(jax.lax.broadcasted_iota(jnp.int32, (q_columns,), 0),
+                                                            group - 1)  # [R]
+            q_of = lambda c: q_ref[q_rows, pl.ds(c, channels)]  # noqa: E731
+        else:
+            q_of = lambda c: q_ref[h, :, pl.ds(c, channels)]  # noqa: E731
         # the Quest bound per query row (two products per channel chunk), then the max over the group's real rows
         per_row = None
         for c in range(0, head_dim, channels):  # static
-            part = quest_bounds_by_products(q_ref[h, :, pl.ds(c, channels)],
+            part = quest_bounds_by_products(q_of(c),
                                             kmin_ref[layer, h, rows, pl.ds(c, channels)],
                                             kmax_ref[layer, h, rows, pl.ds(c, channels)])  # [S', R]
             per_row = part if per_row is None else per_row + part
@@ -589,8 +602,12 @@ def refresh_top_half(q, pool, layer, positions, *, page_size: int, interpret: bo
     heads = math.gcd(tuning.heads_per_program, hkv)
     hq = q.shape[1]
     group = hq // hkv
-    q_rows = max(16, 1 << (group - 1).bit_length())  # the products' columns: 16 or more
-    qg = jnp.pad(q.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, q_rows - group), (0, 0)))
+    q_columns = max(16, 1 << (group - 1).bit_length())  # the products' columns: 16 or more
+    if tuning.gather_q:
+        q_spec, q_in = pl.BlockSpec((None, hq, d), lambda i, h: (i, 0, 0)), q
+    else:
+        q_spec = pl.BlockSpec((None, heads, q_columns, d), lambda i, h: (i, h, 0, 0))
+        q_in = jnp.pad(q.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, q_columns - group), (0, 0)))
 
     arrays = [pool[name] for name in ("kmin", "kmax", "fill", "pinned", "cur", "stamp")]
 
@@ -601,14 +618,14 @@ def refresh_top_half(q, pool, layer, positions, *, page_size: int, interpret: bo
     pool_specs = [heads_spec(x) for x in arrays]
     return pl.pallas_call(
         functools.partial(_refresh_kernel, group=group, page=page_size, slots=s, head_dim=d,
-                          channels=channels, heads=heads),
+                          channels=channels, heads=heads, q_columns=q_columns, gather_q=tuning.gather_q),
         grid=(b, hkv // heads),
         in_specs=[pl.BlockSpec((1,), lambda i, h: (0,)), pl.BlockSpec((None, 1), lambda i, h: (i, 0)),
-                  pl.BlockSpec((None, heads, q_rows, d), lambda i, h: (i, h, 0, 0))] + pool_specs,
+                  q_spec] + pool_specs,
         out_specs=pool_specs[-1],
         out_shape=jax.ShapeDtypeStruct(pool["stamp"].shape, pool["stamp"].dtype),
         input_output_aliases={3 + len(arrays) - 1: 0},
         compiler_params=pltriton.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages),
         interpret=interpret,
         name="raas_refresh_top_half",
-    )(jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(positions, jnp.int32).reshape(b, 1), qg, *arrays)
+    )(jnp.asarray(layer, jnp.int32).reshape(1), jnp.asarray(positions, jnp.int32).reshape(b, 1), q_in, *arrays)

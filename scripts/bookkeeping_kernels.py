@@ -2,7 +2,7 @@
 """Time the decode bookkeeping kernels alone (kernels/pallas_gpu.py append_token, refresh_top_half) per layer call.
 
     python scripts/bookkeeping_kernels.py --batches 1,64,816 [--slots 64] [--channels 32,128] [--warps 4,8]
-        [--heads 1,2,4] [--stages 1,2]
+        [--heads 1,2,4] [--stages 1,2] [--gather-q 0,1]
 
 On the Llama-3-8B cache shape (4 of its layers, 8 KV heads, group 4, head dim 128, pages of 16) with `--slots` pages
 per head: each refresh tuning (channel chunk, warps, KV heads per program,
@@ -50,10 +50,11 @@ def main() -> None:
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--heads", default="1", help="KV heads per program")
     ap.add_argument("--stages", default="1", help="Triton pipeline stages of the loop over a program's heads")
+    ap.add_argument("--gather-q", default="0", help="0,1: query rows padded by XLA (0) or gathered in the kernel (1)")
     args = ap.parse_args()
     layers, hkv, group, page, d = 4, 8, 4, 16, 128  # the kernels touch one layer: 4 keep B = 816 small
     rng = np.random.default_rng(0)
-    print(f"{'B':>5s} {'kernel':36s} {'us':>8s} {'GB/s':>8s} {'rows differ':>12s}")
+    print(f"{'B':>5s} {'kernel':40s} {'us':>8s} {'GB/s':>8s} {'rows differ':>12s}")
     for b in map(int, args.batches.split(",")):
         pool = pool_arrays(rng, layers, b, hkv, args.slots, page, d)
         q = jnp.asarray(rng.normal(size=(b, hkv * group, d)), jnp.bfloat16)
@@ -61,9 +62,9 @@ def main() -> None:
         layer = jnp.int32(layers - 1)
         bound_bytes = 2 * b * hkv * args.slots * d * 2  # kmin + kmax of one layer
         interpret = jax.default_backend() != "gpu"  # a smoke test off a GPU
-        tunings = [pallas_gpu.RefreshTuning(c, w, h, st) for c in map(int, args.channels.split(","))
+        tunings = [pallas_gpu.RefreshTuning(c, w, h, st, bool(g)) for c in map(int, args.channels.split(","))
                    for w in map(int, args.warps.split(",")) for h in map(int, args.heads.split(","))
-                   for st in map(int, args.stages.split(","))]
+                   for st in map(int, args.stages.split(",")) for g in map(int, args.gather_q.split(","))]
         want = np.asarray(kernels.refresh_top_half(q, pool, layer, positions, page, backend="reference"))
         for tuning in tunings:
             def refresh(p, t=tuning):
@@ -72,8 +73,8 @@ def main() -> None:
             differ = int((np.asarray(jax.jit(refresh)(pool)) != want).any(-1).sum())
             seconds, pool = time_loop(lambda p: {**p, "stamp": refresh(p)}, pool)
             name = (f"refresh C={tuning.channels} w={tuning.num_warps} heads={tuning.heads_per_program} "
-                    f"s={tuning.num_stages}")
-            print(f"{b:5d} {name:36s} {seconds * 1e6:8.1f} {bound_bytes / seconds / 1e9:8.0f} {differ:12d}",
+                    f"s={tuning.num_stages}" + (" gather q" if tuning.gather_q else ""))
+            print(f"{b:5d} {name:40s} {seconds * 1e6:8.1f} {bound_bytes / seconds / 1e9:8.0f} {differ:12d}",
                   flush=True)
         k = jnp.asarray(rng.normal(size=(b, hkv, d)), jnp.bfloat16)
         victim = jnp.ones((b, hkv), jnp.int32)
@@ -85,7 +86,7 @@ def main() -> None:
 
         seconds, pool = time_loop(append, pool)
         row_bytes = b * hkv * args.slots * 4  # the fill row it scans
-        print(f"{b:5d} {'append':36s} {seconds * 1e6:8.1f} {row_bytes / seconds / 1e9:8.0f} {'':>12s}", flush=True)
+        print(f"{b:5d} {'append':40s} {seconds * 1e6:8.1f} {row_bytes / seconds / 1e9:8.0f} {'':>12s}", flush=True)
 
 
 if __name__ == "__main__":
