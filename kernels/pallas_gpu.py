@@ -411,12 +411,13 @@ def top_k_mask(scores, k: int, *, interpret: bool = False):
     return mask != 0
 
 
-def whole_head_specs(arrays):
+def whole_head_specs(arrays, heads: int | None = None):
     """Block specs for stacked cache arrays [L, B, Hkv, ...] on a (sequence, KV head) grid: each program gets its
-    head's arrays in every layer ([L, ...]) and indexes the layer itself (a traced scalar)."""
+    head's arrays in every layer ([L, ...]) and indexes the layer itself (a traced scalar). With `heads`, a grid of
+    (sequence, group of `heads` KV heads): [L, heads, ...]."""
     def spec(x):
         rank = x.ndim - 3
-        return pl.BlockSpec((x.shape[0], None, None) + x.shape[3:], lambda i, h: (0, i, h) + (0,) * rank)
+        return pl.BlockSpec((x.shape[0], None, heads) + x.shape[3:], lambda i, h: (0, i, h) + (0,) * rank)
 
     return [spec(x) for x in arrays]
 
@@ -611,11 +612,7 @@ def refresh_top_half(q, pool, layer, positions, *, page_size: int, interpret: bo
 
     arrays = [pool[name] for name in ("kmin", "kmax", "fill", "pinned", "cur", "stamp")]
 
-    def heads_spec(x):  # [L, B, Hkv, ...] -> this sequence's `heads` KV heads, every layer
-        rank = x.ndim - 3
-        return pl.BlockSpec((x.shape[0], None, heads) + x.shape[3:], lambda i, h: (0, i, h) + (0,) * rank)
-
-    pool_specs = [heads_spec(x) for x in arrays]
+    pool_specs = whole_head_specs(arrays, heads)  # this sequence's `heads` KV heads, every layer
     return pl.pallas_call(
         functools.partial(_refresh_kernel, group=group, page=page_size, slots=s, head_dim=d,
                           channels=channels, heads=heads, q_columns=q_columns, gather_q=tuning.gather_q),

@@ -264,6 +264,8 @@ def run_kernels(shapes=SHAPES, calls: int | None = None, sweep: bool = False, ou
     rows: list[dict] = []
     itemsize = 2 if kv_dtype is None else jnp.dtype(kv_dtype).itemsize
 
+    launches: dict[str, str] = {}  # variant -> the Mosaic launch it resolves to at the current shape
+
     def record(shape: Shape, variant: str, seconds: float | None, error: str = "", read_bytes: int | None = None):
         if read_bytes is None:  # the pages this variant reads: ours in kv_dtype, torch / paged_attention in bf16
             ours = variant.startswith(("pallas", "jnp"))
