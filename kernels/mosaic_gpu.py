@@ -20,8 +20,7 @@ one TMA copy per page into its rows of the block's buffer, all arriving on the b
 
 Taken (`supports`): bf16 / f16 pools in q's dtype, head dim 64 or 128, groups up to 16 query heads, pages of 2 to
 128 tokens (8 or more with a slot list), pools (or lists) of whole 128-token blocks, on a Hopper GPU (`available`).
-The dispatch keeps the Triton kernel for everything else: FP8 pools, other head dims and groups, other GPUs, and for
-now slot lists (`SLOT_LISTS_DISPATCHED`: not yet run on a GPU). On an H200 it is 1-13% faster than the Triton kernel
+The dispatch keeps the Triton kernel for everything else: FP8 pools, other head dims and groups, other GPUs. On an H200 it is 1-13% faster than the Triton kernel
 at the seven bf16 `bench kernels` shapes, and alone (Nsight Compute, B = 32 with 4K tokens) it reads the pool at
 4.18 TB/s (docs/performance.md section 21).
 """
@@ -81,12 +80,6 @@ def smem_bytes(heads: int, d: int, tokens: int, stages: int, exact_sums: bool = 
     (what Mosaic GPU's lowering reported over the buffers, tests/test_mosaic_gpu.py checks the bound)."""
     return (2 * (heads * d + 2 * stages * tokens * d + (2 if exact_sums else 1) * heads * tokens)
             + 4 * (max(d, 128) * heads + 2 * heads) + 3584)
-
-
-# Slot lists (Quest's selected pages) run in this kernel (tests/test_mosaic_gpu.py, in interpret mode and lowered for
-# CUDA) but the dispatch keeps them on the Triton kernel until they are timed and tested on a GPU (docs/notes.md,
-# eighth session): then this becomes True.
-SLOT_LISTS_DISPATCHED = False
 
 
 def supports(q, k, slots=None, stacked: bool = False, tuning: MosaicTuning = DEFAULT_TUNING) -> bool:

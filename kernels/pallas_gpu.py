@@ -517,9 +517,10 @@ class RefreshTuning:
     heads_per_program: int = 1  # KV heads of one sequence per program, in a loop (its gcd with Hkv)
     num_stages: int = 1  # Triton's software pipelining of that loop's loads
     # The query rows gathered in the kernel from q [B, Hq, D] (the group's last row repeated up to the products' 16
-    # columns) instead of a padded copy of q made by XLA (a pad fusion per layer: 12.7 us at B = 816). Not yet run
-    # on a GPU (docs/notes.md, eighth session): off until timed.
-    gather_q: bool = False
+    # columns) instead of a padded copy of q made by XLA (a pad fusion per layer: 12.7 us at B = 816). On an H200 at
+    # B = 816 the kernel itself is also 3-4 us faster with it (82.6 / 76.6 against 85.6 / 80.2 us in two runs), at
+    # B = 64 the same (17.7 against 17.0); docs/performance.md section 23.
+    gather_q: bool = True
 
 
 def quest_bounds_by_products(q, kmin, kmax):

@@ -225,9 +225,6 @@ def our_variants(sweep: bool, interpret: bool = False) -> dict[str, Callable]:
     return variants
 
 
-MOSAIC_SLOT_LISTS = "pallas mosaic (slot lists)"  # Quest shapes: the Mosaic kernel, not yet taken by the dispatch
-
-
 def mosaic_sweep() -> dict[str, mosaic_gpu.MosaicTuning]:
     """The Mosaic GPU launches `--sweep` times, by variant name. One-stage programs share an SM two at a time: 264
     is one wave of them (fewer, longer programs); 256 (the default) is one split per (sequence, KV head) from B = 32."""
@@ -294,10 +291,8 @@ def run_kernels(shapes=SHAPES, calls: int | None = None, sweep: bool = False, ou
         if kv_dtype is not None:  # the Mosaic GPU kernel takes no FP8 pool
             ours = {name: f for name, f in ours.items() if not name.startswith("pallas mosaic")}
         elif not interpret and mosaic_gpu.available():  # which launch each Mosaic variant resolves to here
-            if chosen is not None:  # slot lists run in the Mosaic kernel, not yet in the dispatch (Triton)
-                ours[MOSAIC_SLOT_LISTS] = lambda q, k, v, fill, slots: mosaic_gpu.decode_attention(q, k, v, fill, slots)
             launches = {name: mosaic_launch(shape, tuning) for name, tuning in mosaic_sweep().items() if name in ours}
-            launches[MOSAIC_SLOT_LISTS if chosen is not None else "pallas (default)"] = mosaic_launch(shape)
+            launches["pallas (default)"] = mosaic_launch(shape)
         for name, attend in ours.items():
             timed[name] = (lambda q, *pool, f=attend: f(q, *pool)[0], pool)
         if not interpret and kv_dtype is None:

@@ -435,7 +435,7 @@ def test_pallas_bookkeeping_lowers_to_triton_calls_that_write_in_place(slots):
     assert text.count("output_operand_alias<") == len(kernels.POOL_ARRAYS)
     if slots <= pallas_gpu.MAX_REFRESH_SLOTS:
         q = jax.ShapeDtypeStruct((3, 8, 128), jnp.bfloat16)
-        for tuning in (pallas_gpu.RefreshTuning(), pallas_gpu.RefreshTuning(gather_q=True)):
+        for tuning in (pallas_gpu.RefreshTuning(), pallas_gpu.RefreshTuning(gather_q=False)):
             refresh = jax.jit(lambda *args, t=tuning: pallas_gpu.refresh_top_half(*args, page_size=16, tuning=t))
             text = refresh.trace(q, pool, scalar, positions).lower(lowering_platforms=("cuda",)).as_text()
             assert text.count("raas_refresh_top_half") >= 1 and text.count("__gpu$xla.gpu.triton") == 1
@@ -492,7 +492,7 @@ def test_refresh_top_half_matches_brute_force(backend, group, slots, values):
 @pytest.mark.parametrize("slots", [12, 64])  # 12: padding lanes re-read the last slot; 64: one contiguous row
 @pytest.mark.parametrize("tuning", [{"heads_per_program": 2, "channels": 16},
                                     {"heads_per_program": 2, "channels": 128, "num_stages": 2},
-                                    {"gather_q": True}, {"gather_q": True, "heads_per_program": 2}])
+                                    {"gather_q": False}, {"gather_q": False, "heads_per_program": 2}])
 def test_refresh_kernel_tunings_match_brute_force(slots, tuning):
     """Two KV heads per program (the kernel's loop over them), other channel chunks per bound product, and query
     rows gathered in the kernel stamp what brute force stamps."""

@@ -129,12 +129,11 @@ def test_slot_lists_match_the_reference_in_interpret_mode(group, head_dim, page)
     assert not np.asarray(mass)[0, 1, -3:].any()
 
 
-def test_slot_lists_need_whole_smem_tiles_per_page_and_stay_on_triton_until_timed():
+def test_slot_lists_need_whole_smem_tiles_per_page():
     q, k = jnp.zeros((2, 8, 128), jnp.bfloat16), jnp.zeros((2, 2, 64, 16, 128), jnp.bfloat16)
     slots = jnp.zeros((2, 2, 16), jnp.int32)
     assert mosaic_gpu.supports(q, k, slots)
     assert not mosaic_gpu.supports(q, jnp.zeros((2, 2, 256, 4, 128), jnp.bfloat16), slots)  # 4-token pages
-    assert not mosaic_gpu.SLOT_LISTS_DISPATCHED  # kernels.decode_attention sends them to Triton (not yet timed)
 
 
 def test_the_per_slot_sums_keep_float32_precision():
@@ -207,7 +206,7 @@ def test_supports_only_what_the_kernel_takes():
     assert mosaic_gpu.supports(q, k)
     assert mosaic_gpu.supports(q, k[None], stacked=True)
     assert not mosaic_gpu.supports(q, k.astype(jnp.float8_e4m3fn))  # FP8 pages: the Triton kernel
-    assert not mosaic_gpu.supports(q, k, slots=jnp.zeros((2, 2, 4), jnp.int32))  # Quest's slot lists: Triton
+    assert not mosaic_gpu.supports(q, k, slots=jnp.zeros((2, 2, 4), jnp.int32))  # a list of less than a block: Triton
     assert not mosaic_gpu.supports(q[..., :96], k[..., :96])  # head dims other than 64 and 128
     assert mosaic_gpu.supports(q.astype(jnp.float16), k.astype(jnp.float16))
     assert not mosaic_gpu.supports(q.astype(jnp.float16), k)  # q and the pages in one dtype
