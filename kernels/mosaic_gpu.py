@@ -4,6 +4,8 @@ Same contract and same partial outputs as the Triton kernel of kernels/pallas_gp
 `pallas_gpu.combine_splits`): one program per (sequence, KV head, split); a split walks blocks j, j + splits, ...
 below the live bound, copying each block's k and v into SMEM with TMA, with an online softmax. Per block it stores
 the per-slot sums of exp(logit - m_running) and m_running, so the combine can give each slot its softmax mass.
+With one split (from B x Hkv = 256 programs on, by default) a program's out is final: it is normalised and stored
+in q's dtype by the kernel, and XLA only scales the per-slot sums (`pallas_gpu.slot_mass`).
 
 The products are transposed ("swap AB"): wgmma's M is 64, and the group has a handful of query heads, so
 logits^T [T, N] = K [T, D] @ Q^T [D, N] with N = the group padded to 8 (the softmax then works on T x N values,
@@ -20,9 +22,9 @@ one TMA copy per page into its rows of the block's buffer, all arriving on the b
 
 Taken (`supports`): bf16 / f16 pools in q's dtype, head dim 64 or 128, groups up to 16 query heads, pages of 2 to
 128 tokens (8 or more with a slot list), pools (or lists) of whole 128-token blocks, on a Hopper GPU (`available`).
-The dispatch keeps the Triton kernel for everything else: FP8 pools, other head dims and groups, other GPUs. On an H200 it is 1-13% faster than the Triton kernel
-at the seven bf16 `bench kernels` shapes, and alone (Nsight Compute, B = 32 with 4K tokens) it reads the pool at
-4.18 TB/s (docs/performance.md section 21).
+The dispatch keeps the Triton kernel for everything else: FP8 pools, other head dims and groups, other GPUs. On an
+H200 it is 1-13% faster than the Triton kernel at the eight bf16 `bench kernels` shapes, and alone (Nsight Compute,
+B = 32 with 4K tokens) it reads the pool at 4.18 TB/s (docs/performance.md sections 21-23).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .pallas_gpu import combine_splits, split_blocks
+from .pallas_gpu import combine_splits, slot_mass, split_blocks
 from .reference import MASK_VALUE
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +117,11 @@ def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, *refs, scale, to
     """Transposed products ("swap AB"): logits^T [T, N] = K [T, D] @ Q^T [D, N], so the softmax works on T x N
     values (N = the group padded to 8) rather than 64 x T; out^T [D, N] = V^T [D, T] @ P^T [T, N]; per-slot sums
     [64, N] = E^T [64, T] @ P^T (rows past the block's slots are zero). With a slot list (`listed`), block i holds
-    the pages listed at positions [i * SB, (i + 1) * SB): one TMA copy per page, all on the block's barrier."""
+    the pages listed at positions [i * SB, (i + 1) * SB): one TMA copy per page, all on the block's barrier.
+
+    With one split the program's result is final: out = out^T / l, stored as [N, D] in q's dtype (no combine).
+    (q comes padded to N rows per KV head: TMA reads rows in whole 8-row tiles of the swizzled SMEM layout, so the
+    group's rows cannot be read in place from q [B, Hq, D] at offsets h * group.)"""
     slots_ref, (o_ref, m_ref, l_ref, sums_ref, bmax_ref) = (refs[0], refs[1:]) if listed else (None, refs)
     dtype = q_ref.dtype
     heads, d = q_ref.shape[-2:]
@@ -225,13 +231,22 @@ def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, *refs, scale, to
         l = cast(jnp.zeros((heads,), jnp.float32), plgpu.Layout.WGMMA.reduce(0))
         acc, m, l = lax.fori_loop(0, walked, step, (acc, m, l))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        o_smem = stage_smem.at[pl.ds(0, d)]
-        o_smem[...] = acc
+        out_split = (b, h, split)
+        if splits == 1:  # the final out [N, D] (q's SMEM buffer is free: every product has been awaited)
+            inverse = 1.0 / jnp.maximum(l, 1e-30)  # [N]: a row with nothing live has out^T = 0 and l = 0
+            out_t = (acc * lax.broadcast_in_dim(inverse, acc.shape, [1])).astype(dtype)  # [D, N]
+            if interpreted:
+                q_smem[...] = out_t.T
+            else:
+                t(q_smem)[...] = cast(out_t, plgpu.Layout.WGMMA_TRANSPOSED)
+            o_smem, o_out = q_smem, o_ref.at[b, h]
+        else:  # out^T relative to m, for the combine
+            o_smem, o_out = stage_smem.at[pl.ds(0, d)], o_ref.at[out_split]
+            o_smem[...] = acc
         vec_smem[0] = m
         vec_smem[1] = l
         plgpu.commit_smem()
-        out_split = (b, h, split)
-        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[out_split], commit_group=False)
+        plgpu.copy_smem_to_gmem(o_smem, o_out, commit_group=False)
         plgpu.copy_smem_to_gmem(vec_smem.at[0], m_ref.at[out_split], commit_group=False)
         plgpu.copy_smem_to_gmem(vec_smem.at[1], l_ref.at[out_split])
         plgpu.wait_smem_to_gmem(0)
@@ -284,7 +299,9 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, 
     o, m, l, sums, block_max = plgpu.kernel(
         kernel,
         out_type=(
-            jax.ShapeDtypeStruct((b, hkv, splits, d, heads), jnp.float32),  # out^T per split
+            # one split: the final out [B, Hkv, N, D]; several: out^T per split
+            jax.ShapeDtypeStruct((b, hkv, heads, d), q.dtype) if splits == 1
+            else jax.ShapeDtypeStruct((b, hkv, splits, d, heads), jnp.float32),
             jax.ShapeDtypeStruct((b, hkv, splits, heads), jnp.float32),
             jax.ShapeDtypeStruct((b, hkv, splits, heads), jnp.float32),
             jax.ShapeDtypeStruct((b, hkv, per_split, splits, slot_rows, heads), jnp.float32),  # block i*splits+j
@@ -301,6 +318,9 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, 
     walked = walked[:, None, :, :, None]  # [B, 1, per_split, splits, 1]
     sums = jnp.swapaxes(jnp.where(walked[..., None], sums, 0.0)[..., :block_slots, :], -1, -2)  # [.., N, SB]
     block_max = jnp.where(walked, block_max, MASK_VALUE)
+    sums, block_max = sums.reshape(b, hkv, blocks, heads, block_slots), block_max.reshape(b, hkv, blocks, heads)
+    if splits == 1:  # out is final; the slot mass needs each row's max and sum
+        mass = slot_mass(sums, block_max, m[:, :, 0], jnp.maximum(l[:, :, 0], 1e-30), group=group)
+        return o[:, :, :group].reshape(b, hq, d), mass
     o = jnp.swapaxes(o, -1, -2)  # [B, Hkv, splits, N, D]
-    return combine_splits(o, m, l, sums.reshape(b, hkv, blocks, heads, block_slots),
-                          block_max.reshape(b, hkv, blocks, heads), group=group, dtype=q.dtype)
+    return combine_splits(o, m, l, sums, block_max, group=group, dtype=q.dtype)

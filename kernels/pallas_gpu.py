@@ -300,15 +300,22 @@ def combine_splits(o, m, l, sums, block_max, *, group: int, dtype):
     sums [B, Hkv, NB, R, SB] (per-slot sums of block i relative to block_max [B, Hkv, NB, R]); rows past `group`
     are padding."""
     b, hkv, _, _, d = o.shape
-    nb, sb = sums.shape[2], sums.shape[4]
     top = jnp.max(m, axis=2)  # [B, Hkv, R]: the global max of each row
     weight = jnp.exp(m - top[:, :, None])  # [B, Hkv, splits, R]
     total = jnp.maximum(jnp.sum(l * weight, axis=2), 1e-30)  # [B, Hkv, R]
     out = jnp.sum(o * weight[..., None], axis=2) / total[..., None]  # [B, Hkv, R, D]
+    mass = slot_mass(sums, block_max, top, total, group=group)
+    return out[:, :, :group].reshape(b, hkv * group, d).astype(dtype), mass
+
+
+def slot_mass(sums, block_max, top, total, *, group: int):
+    """Per-slot softmax mass [B, Hkv, NB * SB] from per-block sums [B, Hkv, NB, R, SB] relative to block_max
+    [B, Hkv, NB, R], given each row's global max `top` and softmax denominator `total` [B, Hkv, R]: the max over
+    the group's real query heads (rows past `group` are padding)."""
+    b, hkv, nb, _, sb = sums.shape
     scale_rows = jnp.exp(block_max - top[:, :, None]) / total[:, :, None]  # [B, Hkv, NB, R]
     mass = sums[:, :, :, :group] * scale_rows[:, :, :, :group, None]  # [B, Hkv, NB, G, SB]
-    mass = jnp.max(mass, axis=3).reshape(b, hkv, nb * sb)  # max over the real query heads of the group
-    return out[:, :, :group].reshape(b, hkv * group, d).astype(dtype), mass
+    return jnp.max(mass, axis=3).reshape(b, hkv, nb * sb)
 
 
 def _scores_kernel(layer_ref, q_ref, kmin_ref, kmax_ref, fill_ref, u_ref, *, group, block_slots):

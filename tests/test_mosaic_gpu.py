@@ -42,11 +42,19 @@ def _check(q, k, v, fill, *, layer=None, live=None, tuning=mosaic_gpu.DEFAULT_TU
     return out, mass
 
 
+ONE_SPLIT = mosaic_gpu.MosaicTuning(target_programs=1)  # the kernel's out is final: no combine
+
+
+@pytest.mark.parametrize("tuning", [mosaic_gpu.DEFAULT_TUNING, ONE_SPLIT])
 @pytest.mark.parametrize("group,head_dim,page", ATTENTION_CASES)
-def test_matches_the_reference_in_interpret_mode(group, head_dim, page):
+def test_matches_the_reference_in_interpret_mode(group, head_dim, page, tuning):
+    """Two splits (the default at this size) or one (the kernel's out is final); a head with nothing resident
+    (page_pool) attends nothing."""
     rng = np.random.default_rng(group + head_dim + page)
     q, k, v, fill = page_pool(rng, 2, 2, group, 256 // page, page, head_dim)  # 256 tokens: two blocks of 128
-    _check(*_bf16(q, k, v), fill)
+    assert mosaic_gpu.plan(2, 2, 256 // page, page, tuning)[1] == (2 if tuning is mosaic_gpu.DEFAULT_TUNING else 1)
+    out, _ = _check(*_bf16(q, k, v), fill, tuning=tuning)
+    assert not np.asarray(out, np.float32)[1, :group].any()
 
 
 def test_the_default_pipeline_refills_its_buffer_without_races():
@@ -101,8 +109,9 @@ def test_splits_live_bound_and_a_layer_of_a_stacked_pool():
     assert not np.asarray(mass)[2].any() and not np.asarray(out, np.float32)[2].any()  # nothing live: zeros
 
 
+@pytest.mark.parametrize("tuning", [mosaic_gpu.DEFAULT_TUNING, ONE_SPLIT])
 @pytest.mark.parametrize("group,head_dim,page", [c for c in ATTENTION_CASES if c[2] >= 8])
-def test_slot_lists_match_the_reference_in_interpret_mode(group, head_dim, page):
+def test_slot_lists_match_the_reference_in_interpret_mode(group, head_dim, page, tuning):
     """Quest's selected pages: block i holds the pages listed at its positions (one TMA copy per page), -1 entries
     (no page) and a head whose pages are all empty attend nothing; layer 1 of a stacked pool, with the race detector
     on (several copies arrive on one barrier)."""
@@ -119,7 +128,7 @@ def test_slot_lists_match_the_reference_in_interpret_mode(group, head_dim, page)
     slots = jnp.asarray(slots, jnp.int32)
     q, k, v = _bf16(q, k, v)
     interpret_pallas_call.reset_gpu_interpret_mode_state()
-    out, mass = mosaic_gpu.decode_attention(q, k, v, jnp.asarray(fill), slots, layer=jnp.int32(1),
+    out, mass = mosaic_gpu.decode_attention(q, k, v, jnp.asarray(fill), slots, layer=jnp.int32(1), tuning=tuning,
                                             interpret=_interpret_params(detect_races=True))
     assert not interpret_pallas_call.get_races().races_found
     want, want_mass = reference.decode_attention(q, k[1], v[1], jnp.asarray(fill), slots)
@@ -166,18 +175,19 @@ def _lowered(group, head_dim, tuning, dtype=jnp.bfloat16, s=64, page=16, listed=
 
 
 @pytest.mark.parametrize("tuning", [mosaic_gpu.DEFAULT_TUNING, mosaic_gpu.MosaicTuning(64, 3, 528),
-                                    mosaic_gpu.MosaicTuning(128, 2, 264, exact_sums=False)])
+                                    mosaic_gpu.MosaicTuning(128, 2, 264, exact_sums=False), ONE_SPLIT])
 @pytest.mark.parametrize("group,head_dim,dtype", [(4, 128, jnp.bfloat16), (7, 64, jnp.bfloat16),
                                                   (16, 128, jnp.float16)])
 def test_the_gpu_form_lowers_for_cuda(tuning, group, head_dim, dtype):
-    """wgmma with transposed operands, the layouts of the softmax, TMA copies: Mosaic GPU checks them while
-    lowering, which runs on a CPU (`lowering_platforms`); one Mosaic GPU call, nothing else but XLA ops."""
+    """wgmma with transposed operands, the layouts of the softmax, TMA copies (q's rows read in place, the final
+    out stored transposed at one split): Mosaic GPU checks them while lowering, which runs on a CPU
+    (`lowering_platforms`); one Mosaic GPU call, nothing else but XLA ops."""
     text = _lowered(group, head_dim, tuning, dtype)
     assert re.findall(r"stablehlo.custom_call @(\w+)", text) == ["mosaic_gpu_v2"]
 
 
 @pytest.mark.parametrize("page,tuning", [(16, mosaic_gpu.DEFAULT_TUNING), (8, mosaic_gpu.DEFAULT_TUNING),
-                                         (32, mosaic_gpu.MosaicTuning(64, 3, 528))])
+                                         (32, mosaic_gpu.MosaicTuning(64, 3, 528)), (16, ONE_SPLIT)])
 def test_the_slot_list_form_lowers_for_cuda(page, tuning):
     """One TMA copy per listed page into its rows of the block's SMEM buffer, all arriving on one barrier."""
     text = _lowered(4, 128, tuning, s=64, page=page, listed=32)
