@@ -131,6 +131,12 @@ def time_torch_sdpa(shape: Shape, calls: int, reps: int = 3, dependent: bool = F
         torch.cuda.empty_cache()  # the dense KV (up to 4 GiB) went with the call's frame
 
 
+# torch's default capture mode ("global") fails a capture when any other thread of the process makes a CUDA call
+# that is unsafe during capture, and JAX's runtime threads do (an H200 run, docs/performance.md section 23: "operation
+# failed due to a previous error during capture", after which every later JAX and torch call of the run failed)
+CAPTURE_MODE = "thread_local"
+
+
 def _time_torch_sdpa(shape: Shape, calls: int, reps: int, dependent: bool) -> float:
     import torch
     import torch.nn.functional as F
@@ -154,7 +160,8 @@ def _time_torch_sdpa(shape: Shape, calls: int, reps: int, dependent: bool) -> fl
 
     def seconds_for(n):  # the best of `reps` replays of one CUDA graph of n calls
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, capture_error_mode=CAPTURE_MODE):
             for _ in range(n):
                 sdpa()
         best = float("inf")

@@ -211,7 +211,8 @@ def time_decode(w: Weights, cfg: ModelConfig, batch: int, position: int, steps: 
                     step()
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            torch.cuda.synchronize(device)
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # JAX's threads share the process
                 step()
             run = graph.replay
         pos.fill_(position)
