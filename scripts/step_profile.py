@@ -9,6 +9,11 @@ For each (policy, batch): a synthetic cache at `position` (bench.synthetic_cache
 kernels are grouped by name: per step, how many launches, their summed time, and the top kernels. `busy` is
 the summed kernel time over the wall time of the step: far below 1 means the step waits on launches or the
 host, not on memory. The per-kernel table of every configuration is written to DIR/profile_<policy>_b<B>.txt.
+
+    python scripts/step_profile.py --plot "before=docs/profile_a.txt,after=docs/profile_b.txt" --png parts.png
+
+draws saved tables side by side, as stacked bars of kernel time by part (attention, matmul, bookkeeping, other)
+beside each one's wall time.
 """
 
 import argparse
@@ -45,15 +50,65 @@ def short(name: str) -> str:
     return re.sub(r"[._]\d+$", "", re.sub(r"[._]\d+(?=[._])", "", name))[:60]
 
 
+PARTS = ("attention", "matmul", "bookkeeping", "sort", "other")
+
+
 def category(kernel: str) -> str:
-    """matmul (cuBLAS/cuBLASLt/CUTLASS), attention (our Pallas decode kernels), sort, or other (XLA fusions, copies)."""
+    """matmul (cuBLAS/cuBLASLt/CUTLASS), attention (our decode kernels: Triton's are named `*attention*`, the Mosaic
+    GPU one is the only Mosaic kernel of a step), bookkeeping (the RaaS refresh / append kernels), sort, or other
+    (XLA fusions, copies)."""
     if re.search(r"nvjet|gemm|cutlass|xmma|cublas", kernel, re.I):
         return "matmul"
-    if "attention" in kernel:
+    if "attention" in kernel or "mosaic_gpu" in kernel:
         return "attention"
+    if kernel.startswith("raas_"):
+        return "bookkeeping"
     if "sort" in kernel.lower():
         return "sort"
     return "other"
+
+
+def read_profile(path: Path) -> tuple[float, dict[str, float]]:
+    """(wall ms per step, {part: kernel ms per step}) of a table written by this script."""
+    lines = path.read_text().splitlines()
+    wall = re.search(r"([\d.]+) ms/step wall", lines[0])
+    if wall is None:
+        raise ValueError(f"{path} is not a table written by scripts/step_profile.py (its first line: {lines[0]!r})")
+    parts = dict.fromkeys(PARTS, 0.0)
+    for line in lines[3:]:
+        fields = line.split()
+        if len(fields) >= 4:
+            parts[category(" ".join(fields[:-3]))] += float(fields[-2]) / 1e3
+    return float(wall.group(1)), parts
+
+
+def plot_parts(profiles: dict[str, Path], png: Path) -> Path:
+    """Stacked bars of each saved profile's kernel time by part, its wall time marked above."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    read = {label: read_profile(path) for label, path in profiles.items()}
+    fig, ax = plt.subplots(figsize=(3.0 + 1.4 * len(read), 4.5))
+    for x, (label, (wall, parts)) in enumerate(read.items()):
+        bottom = 0.0
+        for i, part in enumerate(PARTS):
+            if parts[part]:
+                ax.bar(x, parts[part], bottom=bottom, color=f"C{i}", label=part if x == 0 else None)
+                if parts[part] > 1.5:
+                    ax.text(x, bottom + parts[part] / 2, f"{parts[part]:.2f}", ha="center", va="center", fontsize=8)
+                bottom += parts[part]
+        ax.plot([x - 0.4, x + 0.4], [wall, wall], "k-")
+        ax.text(x, wall, f"wall {wall:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(read)), list(read), fontsize=8)
+    ax.set_ylabel("ms per decode step")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
 
 
 def profile_decode(gen, params, cache, batch, position, steps) -> tuple[float, list[tuple[str, float]]]:
@@ -86,7 +141,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--plot", default="", help="LABEL=PATH,...: plot saved tables (no profiling) into --png")
+    ap.add_argument("--png", type=Path, default=Path("step_parts.png"))
     args = ap.parse_args()
+    if args.plot:
+        profiles = dict(item.split("=", 1) for item in args.plot.split(","))
+        print(plot_parts({label: Path(path) for label, path in profiles.items()}, args.png))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = bench.MODEL_SHAPES[args.model]
     dtype = jnp.bfloat16
