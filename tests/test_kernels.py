@@ -495,7 +495,7 @@ def test_refresh_top_half_matches_brute_force(backend, group, slots, values):
                                     {"gather_q": False}, {"gather_q": False, "heads_per_program": 2}])
 def test_refresh_kernel_tunings_match_brute_force(slots, tuning):
     """Two KV heads per program (the kernel's loop over them), other channel chunks per bound product, and query
-    rows gathered in the kernel stamp what brute force stamps."""
+    rows padded by XLA (the default gathers them in the kernel) stamp what brute force stamps."""
     from raas_jax.kernels import pallas_gpu
 
     rng = np.random.default_rng(slots)
