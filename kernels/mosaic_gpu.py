@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -56,9 +57,24 @@ class MosaicTuning:
     # 133.3 against 136.1 / 141.3; the same elsewhere within the noise)
     target_programs: int = 256
     exact_sums: bool = True  # per-slot sums from p's two bf16 halves (~16 bits); False: one bf16 product
+    # A slot list copied into SMEM once per program (one TMA copy), so a block's page indices are SMEM reads: read
+    # from GMEM, each block's copies wait a GMEM round trip for their indices first (Quest's shape runs 77.5 us against
+    # ~69 interpolated for as many contiguous tokens, docs/performance.md section 23). Not yet timed on a GPU.
+    staged_list: bool = False
 
 
 DEFAULT_TUNING = MosaicTuning()
+
+
+STAGED_LIST_BYTES = 8192  # at most 2048 list positions staged: two programs still share an SM
+
+
+def list_width(positions: int) -> int | None:
+    """Row width of a slot list of `positions` entries staged in SMEM as [positions / w, w] int32 (a TMA copy moves
+    at most 256 elements per dimension and rows of 16 bytes or more), or None where it is not staged."""
+    width = math.gcd(positions, 64)
+    fits = 4 * positions <= STAGED_LIST_BYTES and positions // width <= 256
+    return width if width >= 4 and fits else None
 
 
 def plan(batch: int, kv_heads: int, slots: int, page: int, tuning: MosaicTuning = DEFAULT_TUNING):
@@ -113,11 +129,12 @@ def _heads(group: int) -> int:
 
 
 def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, *refs, scale, tokens, block_slots, splits,
-            per_split, stages, page, exact_sums, listed, interpreted):
+            per_split, stages, page, exact_sums, listed, staged_width, interpreted):
     """Transposed products ("swap AB"): logits^T [T, N] = K [T, D] @ Q^T [D, N], so the softmax works on T x N
     values (N = the group padded to 8) rather than 64 x T; out^T [D, N] = V^T [D, T] @ P^T [T, N]; per-slot sums
     [64, N] = E^T [64, T] @ P^T (rows past the block's slots are zero). With a slot list (`listed`), block i holds
-    the pages listed at positions [i * SB, (i + 1) * SB): one TMA copy per page, all on the block's barrier.
+    the pages listed at positions [i * SB, (i + 1) * SB): one TMA copy per page, all on the block's barrier; with
+    `staged_width` the list is first copied into SMEM ([K / w, w], one copy) and read from there.
 
     With one split the program's result is final: out = out^T / l, stored as [N, D] in q's dtype (no combine).
     (q comes padded to N rows per KV head: TMA reads rows in whole 8-row tiles of the swizzled SMEM layout, so the
@@ -132,7 +149,14 @@ def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, *refs, scale, to
     cast = (lambda x, layout: x) if interpreted else plgpu.layout_cast  # interpret mode has no layouts
     t = lambda ref: plgpu.transpose_ref(ref, (1, 0))  # noqa: E731
 
-    def scoped(q_smem, k_smem, v_smem, p_smem, stage_smem, vec_smem, q_bar, k_bar, v_bar):
+    def scoped(q_smem, k_smem, v_smem, p_smem, stage_smem, vec_smem, q_bar, k_bar, v_bar, *staged):
+        list_smem, list_bar = staged if staged else (None, None)
+
+        def listed_slot(position):  # the pool slot at a list position (-1: none)
+            if list_smem is None:
+                return slots_ref[b, h, position]
+            return list_smem[position // staged_width, position % staged_width]
+
         def issue(i, slot):  # block i of this split into buffer `slot`
             first = (i * splits + split) * block_slots  # the block's first slot (or list position)
             if slots_ref is None:  # the block's pages are contiguous: one copy each for k and v
@@ -141,7 +165,7 @@ def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, *refs, scale, to
                 plgpu.copy_gmem_to_smem(v_ref.at[layer, b, h, rows], v_smem.at[slot], v_bar.at[slot])
                 return
             for j in range(block_slots):  # one copy per listed page (-1, no page: any page, its fill reads 0)
-                rows = pl.ds(jnp.maximum(slots_ref[b, h, first + j], 0) * page, page)
+                rows = pl.ds(jnp.maximum(listed_slot(first + j), 0) * page, page)
                 into = pl.ds(j * page, page)
                 plgpu.copy_gmem_to_smem(k_ref.at[layer, b, h, rows], k_smem.at[slot, into], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[layer, b, h, rows], v_smem.at[slot, into], v_bar.at[slot])
@@ -149,6 +173,9 @@ def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, *refs, scale, to
         token = cast(lax.broadcasted_iota(jnp.int32, (tokens,), 0), plgpu.Layout.WGMMA.reduce(1))  # [T]
         token_slot, token_offset = token // page, token % page
         plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_bar.at[0])
+        if list_smem is not None:
+            plgpu.copy_gmem_to_smem(slots_ref.at[b, h], list_smem, list_bar.at[0])
+            plgpu.barrier_wait(list_bar.at[0])
         for slot in range(stages):
             pl.when(slot < walked)(functools.partial(issue, slot, slot))
         plgpu.barrier_wait(q_bar.at[0])
@@ -184,7 +211,7 @@ def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, *refs, scale, to
             if slots_ref is None:
                 fills = [fill_ref[b, h, first + j] for j in range(block_slots)]
             else:
-                listed_slots = [slots_ref[b, h, first + j] for j in range(block_slots)]
+                listed_slots = [listed_slot(first + j) for j in range(block_slots)]
                 fills = [jnp.where(u >= 0, fill_ref[b, h, jnp.maximum(u, 0)], 0) for u in listed_slots]
             plgpu.barrier_wait(k_bar.at[slot])
             logits = product(k_smem.at[slot], q_smem, (tokens, heads), b_t=True) * scale  # [T, N]
@@ -262,6 +289,7 @@ def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, *refs, scale, to
         plgpu.Barrier(num_barriers=1),
         plgpu.Barrier(num_arrivals=block_slots if listed else 1, num_barriers=stages),  # k: a copy per page listed
         plgpu.Barrier(num_arrivals=block_slots if listed else 1, num_barriers=stages),
+        *([plgpu.SMEM(slots_ref.shape[-2:], jnp.int32), plgpu.Barrier(num_barriers=1)] if staged_width else []),
     )
 
 
@@ -290,12 +318,14 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, 
         live_slots = jnp.full((b,), listed, jnp.int32)
     live_slots = jnp.minimum(jnp.asarray(live_slots, jnp.int32).reshape(b), listed)
     inputs = [layer, live_slots, q_heads, k_flat, v_flat, fill.astype(jnp.int32)]
-    if slots is not None:
-        inputs.append(slots.astype(jnp.int32))
+    staged_width = list_width(listed) if slots is not None and tuning.staged_list else None
+    if slots is not None:  # [B, Hkv, K], or [B, Hkv, K / w, w] to be staged in SMEM
+        slots = slots.astype(jnp.int32)
+        inputs.append(slots.reshape(b, hkv, listed // staged_width, staged_width) if staged_width else slots)
     kernel = functools.partial(_kernel, scale=scale, tokens=tokens, block_slots=block_slots, splits=splits,
                                per_split=per_split, stages=min(tuning.stages, per_split), page=page,
                                exact_sums=tuning.exact_sums, listed=slots is not None,
-                               interpreted=bool(interpret))
+                               staged_width=staged_width, interpreted=bool(interpret))
     o, m, l, sums, block_max = plgpu.kernel(
         kernel,
         out_type=(

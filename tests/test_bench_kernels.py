@@ -59,7 +59,9 @@ def test_mosaic_launch_names_the_launch_a_sweep_variant_resolves_to():
     programs at B=32 4K, read 143.1 and 125.5 us in one run); the row's `launch` says so."""
     shape = bench_kernels.Shape("raas B=32 4K", 32, 4096)
     sweep = bench_kernels.mosaic_sweep()
-    by_target = {t.target_programs: bench_kernels.mosaic_launch(shape, t) for t in sweep.values() if t.stages == 1}
+    by_target = {t.target_programs: bench_kernels.mosaic_launch(shape, t) for t in sweep.values()
+                 if t.stages == 1 and t.block_tokens == 128 and not t.staged_list}
     assert by_target[528] == by_target[792] == "1024 programs of 8 blocks"
     assert by_target[256] == bench_kernels.mosaic_launch(shape) == "256 programs of 32 blocks"  # the default
     assert by_target[1056] == "2048 programs of 4 blocks"
+    assert bench_kernels.mosaic_launch(shape, sweep["pallas mosaic T=256 s=1 prog=256"]) == "256 programs of 16 blocks"

@@ -136,10 +136,11 @@ def test_mosaic_decode_attention_on_gpu(group, head_dim, page):
     assert _relative_error(mass, ref_mass) <= 1e-2
 
 
+@pytest.mark.parametrize("staged", [False, True])
 @pytest.mark.parametrize("group,head_dim,page", [(4, 128, 16), (8, 64, 8), (7, 128, 32)])
-def test_mosaic_slot_lists_on_gpu(group, head_dim, page):
-    """Quest's selected pages through the Mosaic GPU kernel (one TMA copy per listed page) against the f32
-    reference, -1 entries included."""
+def test_mosaic_slot_lists_on_gpu(group, head_dim, page, staged):
+    """Quest's selected pages through the Mosaic GPU kernel (one TMA copy per listed page; the list read from GMEM
+    or staged in SMEM first) against the f32 reference, -1 entries included."""
     from raas_jax.kernels import mosaic_gpu
 
     if not mosaic_gpu.available():
@@ -155,7 +156,8 @@ def test_mosaic_slot_lists_on_gpu(group, head_dim, page):
     slots[0, :, -5:] = -1
     slots = jnp.asarray(slots, jnp.int32)
     assert mosaic_gpu.supports(q, k, slots, stacked=True)
-    out, mass = mosaic_gpu.decode_attention(q, k, v, fill, slots, layer=jnp.int32(1))
+    tuning = mosaic_gpu.MosaicTuning(staged_list=staged)
+    out, mass = mosaic_gpu.decode_attention(q, k, v, fill, slots, layer=jnp.int32(1), tuning=tuning)
     ref, ref_mass = kernels.decode_attention(q.astype(jnp.float32), k[1].astype(jnp.float32),
                                              v[1].astype(jnp.float32), fill, slots, backend="reference")
     assert np.isfinite(np.asarray(out, np.float32)).all() and np.isfinite(np.asarray(mass)).all()

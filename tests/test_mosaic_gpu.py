@@ -43,6 +43,7 @@ def _check(q, k, v, fill, *, layer=None, live=None, tuning=mosaic_gpu.DEFAULT_TU
 
 
 ONE_SPLIT = mosaic_gpu.MosaicTuning(target_programs=1)  # the kernel's out is final: no combine
+STAGED_LIST = mosaic_gpu.MosaicTuning(staged_list=True)  # a slot list copied into SMEM first
 
 
 @pytest.mark.parametrize("tuning", [mosaic_gpu.DEFAULT_TUNING, ONE_SPLIT])
@@ -109,7 +110,7 @@ def test_splits_live_bound_and_a_layer_of_a_stacked_pool():
     assert not np.asarray(mass)[2].any() and not np.asarray(out, np.float32)[2].any()  # nothing live: zeros
 
 
-@pytest.mark.parametrize("tuning", [mosaic_gpu.DEFAULT_TUNING, ONE_SPLIT])
+@pytest.mark.parametrize("tuning", [mosaic_gpu.DEFAULT_TUNING, ONE_SPLIT, STAGED_LIST])
 @pytest.mark.parametrize("group,head_dim,page", [c for c in ATTENTION_CASES if c[2] >= 8])
 def test_slot_lists_match_the_reference_in_interpret_mode(group, head_dim, page, tuning):
     """Quest's selected pages: block i holds the pages listed at its positions (one TMA copy per page), -1 entries
@@ -136,6 +137,13 @@ def test_slot_lists_match_the_reference_in_interpret_mode(group, head_dim, page,
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
     np.testing.assert_allclose(np.asarray(mass), np.asarray(want_mass), rtol=2e-2, atol=2e-3)
     assert not np.asarray(mass)[0, 1, -3:].any()
+
+
+def test_a_staged_list_is_laid_out_in_whole_tma_rows():
+    assert mosaic_gpu.list_width(128) == 64 and mosaic_gpu.list_width(48) == 16 and mosaic_gpu.list_width(8) == 8
+    assert mosaic_gpu.list_width(2048) == 64  # 32 rows of 64: 8 KB, the most staged
+    assert mosaic_gpu.list_width(4096) is None  # more would crowd a second program out of the SM
+    assert mosaic_gpu.list_width(6) is None  # rows of 2 entries: under TMA's 16 bytes
 
 
 def test_slot_lists_need_whole_smem_tiles_per_page():
@@ -175,7 +183,8 @@ def _lowered(group, head_dim, tuning, dtype=jnp.bfloat16, s=64, page=16, listed=
 
 
 @pytest.mark.parametrize("tuning", [mosaic_gpu.DEFAULT_TUNING, mosaic_gpu.MosaicTuning(64, 3, 528),
-                                    mosaic_gpu.MosaicTuning(128, 2, 264, exact_sums=False), ONE_SPLIT])
+                                    mosaic_gpu.MosaicTuning(128, 2, 264, exact_sums=False), ONE_SPLIT,
+                                    mosaic_gpu.MosaicTuning(256, 1, 256)])
 @pytest.mark.parametrize("group,head_dim,dtype", [(4, 128, jnp.bfloat16), (7, 64, jnp.bfloat16),
                                                   (16, 128, jnp.float16)])
 def test_the_gpu_form_lowers_for_cuda(tuning, group, head_dim, dtype):
@@ -187,7 +196,8 @@ def test_the_gpu_form_lowers_for_cuda(tuning, group, head_dim, dtype):
 
 
 @pytest.mark.parametrize("page,tuning", [(16, mosaic_gpu.DEFAULT_TUNING), (8, mosaic_gpu.DEFAULT_TUNING),
-                                         (32, mosaic_gpu.MosaicTuning(64, 3, 528)), (16, ONE_SPLIT)])
+                                         (32, mosaic_gpu.MosaicTuning(64, 3, 528)), (16, ONE_SPLIT),
+                                         (16, STAGED_LIST)])
 def test_the_slot_list_form_lowers_for_cuda(page, tuning):
     """One TMA copy per listed page into its rows of the block's SMEM buffer, all arriving on one barrier."""
     text = _lowered(4, 128, tuning, s=64, page=page, listed=32)
