@@ -2,8 +2,9 @@
 
 `backend="reference"` is the plain-jnp oracle (kernels/reference.py), also the CPU path.
 `backend="pallas"` is kernels/pallas_gpu.py (Pallas, Triton lowering), run in interpret mode off-GPU; on a Hopper
-GPU its decode attention over bf16 / f16 pages without a slot list is kernels/mosaic_gpu.py (Pallas, Mosaic GPU
-lowering: TMA copies and wgmma), faster than Triton at the seven bf16 bench shapes (docs/performance.md section 21).
+GPU its decode attention over bf16 / f16 pages (with or without a slot list) is kernels/mosaic_gpu.py (Pallas,
+Mosaic GPU lowering: TMA copies and wgmma), faster than Triton at the eight bf16 bench shapes (docs/performance.md
+sections 21-23).
 `backend="pallas_tpu"` is kernels/pallas_tpu.py (Pallas, Mosaic TPU lowering), run in TPU interpret mode off-TPU.
 `backend="auto"` picks `AUTO_ON_GPU` on a GPU, `AUTO_ON_TPU` on a TPU and the reference elsewhere; shapes the
 Pallas kernels do not take (their `supports` functions) fall back to the reference.
