@@ -50,8 +50,8 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, 
     """
     stacked = layer is not None
     chosen = resolve(backend)
-    if (chosen == "pallas" and not _interpret() and mosaic_gpu.available() and mosaic_gpu.supports(
-            q, k, slots, stacked=stacked)):
+    if chosen == "pallas" and not _interpret() and mosaic_gpu.available() and mosaic_gpu.supports(
+            q, k, slots, stacked=stacked):
         return mosaic_gpu.decode_attention(q, k, v, fill, slots, layer=layer, live_slots=live_slots, scale=scale)
     if chosen == "pallas" and pallas_gpu.supports(q, k, slots, stacked=stacked):
         return pallas_gpu.decode_attention(q, k, v, fill, slots, layer=layer, live_slots=live_slots, scale=scale,
