@@ -58,9 +58,10 @@ class MosaicTuning:
     target_programs: int = 256
     exact_sums: bool = True  # per-slot sums from p's two bf16 halves (~16 bits); False: one bf16 product
     # A slot list copied into SMEM once per program (one TMA copy), so a block's page indices are SMEM reads: read
-    # from GMEM, each block's copies wait a GMEM round trip for their indices first (Quest's shape runs 77.5 us against
-    # ~69 interpolated for as many contiguous tokens, docs/performance.md section 23). Not yet timed on a GPU.
-    staged_list: bool = False
+    # from GMEM, each block's copies wait a GMEM round trip for their indices first. Quest's shape on an H200
+    # (docs/performance.md section 24): 74.9 / 74.4 us staged against 76.3 / 76.1 read from GMEM (two runs); staged
+    # with two stages 91.9 / 92.2. Lists longer than STAGED_LIST_BYTES are read from GMEM.
+    staged_list: bool = True
 
 
 DEFAULT_TUNING = MosaicTuning()

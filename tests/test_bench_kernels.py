@@ -60,7 +60,7 @@ def test_mosaic_launch_names_the_launch_a_sweep_variant_resolves_to():
     shape = bench_kernels.Shape("raas B=32 4K", 32, 4096)
     sweep = bench_kernels.mosaic_sweep()
     by_target = {t.target_programs: bench_kernels.mosaic_launch(shape, t) for t in sweep.values()
-                 if t.stages == 1 and t.block_tokens == 128 and not t.staged_list}
+                 if t.stages == 1 and t.block_tokens == 128 and t.staged_list}
     assert by_target[528] == by_target[792] == "1024 programs of 8 blocks"
     assert by_target[256] == bench_kernels.mosaic_launch(shape) == "256 programs of 32 blocks"  # the default
     assert by_target[1056] == "2048 programs of 4 blocks"
