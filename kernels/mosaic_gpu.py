@@ -56,6 +56,13 @@ class MosaicTuning:
     # KV heads (section 22: at B = 32 1K 39.7 / 42.9 us in two runs, 528's four splits 43.4 / 44.5; at 4K 132.6 /
     # 133.3 against 136.1 / 141.3; the same elsewhere within the noise)
     target_programs: int = 256
+    # Past one wave of co-resident programs (two per SM, 132 SMs) the last wave runs part-empty: Dense at 32K with
+    # B = 20 (160 rows) took 780 us in 320 programs of 128 blocks, 688 in 160 and 628 in 1280 (torch SDPA 629;
+    # docs/performance.md section 24). So past `wave_programs` the splits keep doubling until the programs fill
+    # `full_waves` waves, while each split keeps `min_split_blocks` blocks or more (short splits pay their prologue).
+    wave_programs: int = 264
+    full_waves: int = 4
+    min_split_blocks: int = 32
     exact_sums: bool = True  # per-slot sums from p's two bf16 halves (~16 bits); False: one bf16 product
     # A slot list copied into SMEM once per program (one TMA copy), so a block's page indices are SMEM reads: read
     # from GMEM, each block's copies wait a GMEM round trip for their indices first. Quest's shape on an H200
@@ -86,7 +93,12 @@ def plan(batch: int, kv_heads: int, slots: int, page: int, tuning: MosaicTuning 
     block_slots = tokens // page
     if block_slots > 64 or slots % block_slots:
         return None
-    return (block_slots,) + split_blocks(batch * kv_heads, slots // block_slots, tuning.target_programs)
+    rows = batch * kv_heads
+    splits, per_split = split_blocks(rows, slots // block_slots, tuning.target_programs)
+    while (tuning.wave_programs < rows * splits < tuning.full_waves * tuning.wave_programs
+           and per_split % 2 == 0 and per_split // 2 >= tuning.min_split_blocks):
+        splits, per_split = 2 * splits, per_split // 2
+    return block_slots, splits, per_split
 
 
 HEAD_DIMS = (64, 128)  # run on the H200 (tests/test_gpu.py); d = 256 would need fewer stages or a smaller block
