@@ -235,8 +235,9 @@ def our_variants(sweep: bool, interpret: bool = False) -> dict[str, Callable]:
 def mosaic_sweep() -> dict[str, mosaic_gpu.MosaicTuning]:
     """The Mosaic GPU launches `--sweep` times, by variant name. One-stage programs share an SM two at a time: 264
     is one wave of them (fewer, longer programs); 256 (the default) is one split per (sequence, KV head) from B = 32.
-    256-token blocks (one program per SM) and a slot list read from GMEM (not staged in SMEM, the default) are for
-    Quest's shape (each listed page is its own copy); on the other shapes they are the default launch."""
+    Past one wave the plan may split further than a target says (`mosaic_launch` names the launch). 256-token blocks
+    (one program per SM) and a slot list read from GMEM (the default stages it in SMEM) are for Quest's shape (each
+    listed page is its own copy); without a slot list the GMEM variant is the default launch."""
     sweep = {f"pallas mosaic T={t} s={s} prog={p}": mosaic_gpu.MosaicTuning(t, s, p)
              for t, s, p in [(128, 1, 256), (128, 1, 264), (128, 1, 528), (128, 1, 792), (128, 1, 1056),
                              (128, 2, 264), (128, 2, 132), (64, 3, 528), (256, 1, 256)]}
