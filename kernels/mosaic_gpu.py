@@ -160,7 +160,7 @@ def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, *refs, scale, to
     live_blocks = (live_ref[b] + block_slots - 1) // block_slots
     walked = jnp.clip((live_blocks - split + splits - 1) // splits, 0, per_split)
     cast = (lambda x, layout: x) if interpreted else plgpu.layout_cast  # interpret mode has no layouts
-    t = lambda ref: plgpu.transpose_ref(ref, (1, 0))  # noqa: E731
+    t = lambda ref: ref.transpose((1, 0))  # noqa: E731  (plgpu.transpose_ref is deprecated in JAX 0.11)
 
     def scoped(q_smem, k_smem, v_smem, p_smem, stage_smem, vec_smem, q_bar, k_bar, v_bar, *staged):
         list_smem, list_bar = staged if staged else (None, None)
