@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from raas_jax.kernels import causal_attention
+from raas_jax.kernels.dispatch import causal_attention
 from raas_jax.kernels.reference import as_stored
 
 from .config import ModelConfig, RopeScaling

@@ -2,6 +2,14 @@
 
 import os as _os
 
+# In a source checkout (editable install, PYTHONPATH, or `python -m ...` from the repository root) the
+# sub-packages raas_jax.models and raas_jax.kernels are the top-level folders models/ and kernels/ beside this
+# one; an installed wheel has them inside raas_jax/. Those folders have no __init__.py on purpose: as namespace
+# portions they never shadow an installed top-level `kernels` or `models` package (transformers imports the
+# `kernels` package), while here they resolve as sub-packages of raas_jax.
+if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")):
+    __path__.append(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))  # noqa: F821
+
 from raas_jax.api import GenerationResult, Model, load
 from raas_jax.models.config import ModelConfig, UnsupportedModelError
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from raas_jax import kernels
+from raas_jax.kernels import dispatch as kernels
 from raas_jax.kernels import mosaic_gpu, pallas_gpu, reference
 from raas_jax.policies import quest_select
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from raas_jax import kernels
+from raas_jax.kernels import dispatch as kernels
 from raas_jax.kernels.reference import is_float8, to_pool_dtype
 from raas_jax.models.config import ModelConfig
 

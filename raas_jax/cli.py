@@ -11,7 +11,7 @@ import os
 import sys
 
 from raas_jax import configure_gpu
-from raas_jax.kernels import BACKENDS as KERNEL_BACKENDS
+from raas_jax.kernels.dispatch import BACKENDS as KERNEL_BACKENDS
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError)
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from raas_jax import kernels
+from raas_jax.kernels import dispatch as kernels
 from raas_jax.kernels import pallas_gpu
 
 

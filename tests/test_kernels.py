@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
-from raas_jax import kernels
+from raas_jax.kernels import dispatch as kernels
 
 from kernel_cases import ATTENTION_CASES, TOP_K_CASES, page_pool, random_pool, top_k_scores
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from jax.experimental.pallas import tpu as pltpu
 
-from raas_jax import kernels
+from raas_jax.kernels import dispatch as kernels
 from raas_jax.kernels import pallas_tpu
 
 from kernel_cases import ATTENTION_CASES, TOP_K_CASES, page_pool, top_k_scores

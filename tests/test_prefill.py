@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from raas_jax import kernels
+from raas_jax.kernels import dispatch as kernels
 from raas_jax.kernels import prefill, reference
 
 
