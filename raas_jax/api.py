@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from raas_jax import checkpoint
-from raas_jax.calibrate import read_kv_absmax
-from raas_jax.cache import cache_bytes
-from raas_jax.generate import (DEFAULT_PREFILL_CHUNK, Generator, data_parallelism, forced_logits, run_generation,
+from raas_jax.model_io import checkpoint
+from raas_jax.eval.calibrate import read_kv_absmax
+from raas_jax.decode.cache import cache_bytes
+from raas_jax.decode.generate import (DEFAULT_PREFILL_CHUNK, Generator, data_parallelism, forced_logits, run_generation,
                                trim_at_eos)
 from raas_jax.models.config import ModelConfig
 from raas_jax.models.transformer import Transformer, fuse_projections
@@ -166,7 +166,7 @@ class Model:
                              f"or None, got {policy!r}")
         chosen = self.with_kv_scales(chosen)
         if self.mesh is not None:
-            from raas_jax.sharding import ShardedPolicy
+            from raas_jax.decode.sharding import ShardedPolicy
 
             chosen = ShardedPolicy(chosen, self.mesh)
         if chosen not in self._generators:
@@ -328,7 +328,7 @@ def load(path: str | Path | None = None, dtype: Any = None, mesh: Any = None) ->
     "data=2,model=4", or "auto" (all devices: model up to the KV-head count, the rest data). The
     parameters are placed (restored, for converted directories) straight into their shardings.
     """
-    from raas_jax import default_model
+    from raas_jax.model_io import default_model
 
     if path is None:
         path = default_model.ensure_converted()
@@ -344,7 +344,7 @@ def load(path: str | Path | None = None, dtype: Any = None, mesh: Any = None) ->
     elif path.suffix == ".gguf":
         import tempfile
 
-        from raas_jax import gguf_reader
+        from raas_jax.model_io import gguf_reader
 
         hf_config, np_params = checkpoint.read_source(path, dtype)
         cfg = ModelConfig.from_hf_dict(hf_config)
@@ -370,7 +370,7 @@ def load(path: str | Path | None = None, dtype: Any = None, mesh: Any = None) ->
 def _resolve_mesh(cfg: ModelConfig, mesh: Any) -> Any:
     if mesh is None or isinstance(mesh, jax.sharding.Mesh):
         return mesh
-    from raas_jax.sharding import make_mesh
+    from raas_jax.decode.sharding import make_mesh
 
     return make_mesh(cfg, None if mesh == "auto" else mesh)
 
@@ -399,7 +399,7 @@ def _fused(cfg: ModelConfig, params: dict, mesh: Any) -> dict:
 
     shardings = None
     if mesh is not None:
-        from raas_jax.sharding import param_shardings
+        from raas_jax.decode.sharding import param_shardings
 
         shardings = param_shardings({"layers": jax.eval_shape(fuse, projections)}, mesh)["layers"]
     fused = jax.jit(fuse, out_shardings=shardings)(projections)
@@ -411,6 +411,6 @@ def _fused(cfg: ModelConfig, params: dict, mesh: Any) -> dict:
 def _place(np_params: dict, mesh: Any) -> dict:
     if mesh is None:
         return jax.device_put(np_params)
-    from raas_jax.sharding import param_shardings
+    from raas_jax.decode.sharding import param_shardings
 
     return jax.device_put(np_params, param_shardings(np_params, mesh))

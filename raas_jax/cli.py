@@ -51,7 +51,7 @@ def seed(text: str) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from raas_jax.checkpoint import convert
+    from raas_jax.model_io.checkpoint import convert
 
     out = convert(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet)
     print(f"wrote {out}")
@@ -59,7 +59,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from raas_jax.export import export_hf
+    from raas_jax.model_io.export import export_hf
 
     out = export_hf(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {out}")
@@ -107,7 +107,7 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_kv_dtype_flag(p: argparse.ArgumentParser) -> None:
-    from raas_jax.cache import KV_DTYPES
+    from raas_jax.decode.cache import KV_DTYPES
 
     p.add_argument("--kv-dtype", default="auto", choices=list(KV_DTYPES),
                    help="dtype the KV pages are stored in (default auto: the model's); fp8 = float8_e4m3fn, half the "
@@ -214,7 +214,7 @@ def _eval_record(args: argparse.Namespace) -> dict:
     import jax.numpy as jnp
 
     from raas_jax.api import default_dtype
-    from raas_jax.checkpoint import resolve_dtype
+    from raas_jax.model_io.checkpoint import resolve_dtype
     from raas_jax.eval.datasets import dataset_path, is_milestones
 
     digest = None
@@ -229,7 +229,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import raas_jax
-    from raas_jax import attention_map
+    from raas_jax.inspection import attention_map
     from raas_jax.policies import RaaS, make_policy
 
     model = raas_jax.load(args.model, dtype=args.dtype)
@@ -290,7 +290,7 @@ def _calibrate_kv(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     import raas_jax
-    from raas_jax.calibrate import measure_kv_absmax, write_kv_absmax
+    from raas_jax.eval.calibrate import measure_kv_absmax, write_kv_absmax
     from raas_jax.eval.datasets import load_samples
     from raas_jax.eval.runner import build_prompt
 
@@ -315,7 +315,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     import jax
 
-    from raas_jax import bench
+    from raas_jax.bench import e2e as bench
 
     out = Path(args.out_dir)
     torch_reference = getattr(args, "torch_reference", False)
@@ -333,7 +333,7 @@ def _bench(args: argparse.Namespace) -> int:
         raise ValueError("bench e2e times 8B-parameter models: it needs a GPU (pass --allow-cpu with "
                          "--models tiny to try the machinery on a CPU)")
     if torch_reference:
-        from raas_jax.bench_torch import check_torch
+        from raas_jax.bench.torch_decode import check_torch
 
         check_torch()
     out.mkdir(parents=True, exist_ok=True)
@@ -377,12 +377,12 @@ def _bench_references(args: argparse.Namespace, model: str, positions: list[int]
     """The outside references of `bench e2e` for one model, each from a child process: (HF rows, torch rows)."""
     hf = torch_rows = None
     if args.hf_reference:
-        from raas_jax.bench_hf import run_hf_reference
+        from raas_jax.bench.hf_decode import run_hf_reference
 
         hf = run_hf_reference(model, positions, [int(x) for x in _csv(args.hf_batches)], args.steps,
                               out / f"e2e_{model}_hf.json")
     if args.torch_reference:
-        from raas_jax.bench_torch import run_torch_reference
+        from raas_jax.bench.torch_decode import run_torch_reference
 
         torch_batches = [int(x) for x in _csv(args.torch_batches)] if args.torch_batches else batches
         torch_rows = run_torch_reference(model, positions, torch_batches, args.steps, not args.no_largest_batch,
@@ -393,7 +393,7 @@ def _bench_references(args: argparse.Namespace, model: str, positions: list[int]
 def _bench_kernels(args: argparse.Namespace, out) -> int:
     import jax
 
-    from raas_jax import bench_kernels
+    from raas_jax.bench import kernels as bench_kernels
 
     if jax.default_backend() != "gpu" and not args.allow_cpu:
         raise ValueError("bench kernels times GPU kernels at real sizes: it needs a GPU (pass --allow-cpu "
@@ -403,7 +403,7 @@ def _bench_kernels(args: argparse.Namespace, out) -> int:
         raise ValueError(f"no shape named {args.shapes!r}; choose from: "
                          + ", ".join(s.name for s in bench_kernels.SHAPES))
     out.mkdir(parents=True, exist_ok=True)
-    from raas_jax.cache import KV_DTYPES
+    from raas_jax.decode.cache import KV_DTYPES
 
     rows = bench_kernels.run_kernels(shapes, args.calls, args.sweep, out / "kernels.json",
                                      kv_dtype=KV_DTYPES[args.kv_dtype],  # "auto": bf16
@@ -513,8 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("bench", help="benchmarks (GPU): `bench e2e` = decode time and memory vs position, "
-                       "`bench kernels` = attention kernels vs XLA, paged_attention and torch SDPA")
-    p.add_argument("what", choices=["e2e", "kernels"])
+                       "`bench kernels` = attention kernels vs XLA, paged_attention and torch SDPA; "
+                       + "; ".join(f"`bench {name}` = {what}" for name, (_, what) in BENCH_TOOLS.items())
+                       + " (`raas-jax bench NAME --help` for their flags)")
+    p.add_argument("what", choices=["e2e", "kernels", *BENCH_TOOLS])
     p.add_argument("--models", default="llama3-8b", help="llama3-8b,qwen2.5-7b")
     p.add_argument("--policies", default="dense,quest,raas")
     p.add_argument("--positions", default="1024,2048,4096,8192,16384,32768")
@@ -548,13 +550,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# `raas-jax bench NAME ...` tools with flags of their own: NAME -> (module with main(argv), what it does)
+BENCH_TOOLS = {
+    "prefill": ("raas_jax.bench.prefill", "prefill throughput and memory, flash and chunked vs the T x T reference"),
+    "memory": ("raas_jax.inspection.decode_memory", "buffers of the compiled decode and the largest batch that fits"),
+    "profile": ("raas_jax.inspection.step_profile", "device kernels of a decode step (JAX profiler), and plots"),
+    "hlo": ("raas_jax.inspection.hlo_check", "compiled decode-loop instructions that touch whole KV pools"),
+}
+
+
+def _run_bench_tool(name: str, argv: list[str]) -> int:
+    import importlib
+
+    try:
+        return importlib.import_module(BENCH_TOOLS[name][0]).main(argv) or 0
+    except USER_ERRORS as e:
+        print(f"raas-jax bench {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     configure_gpu()  # a generation / benchmark process starts here: cuBLAS for the decode matmuls
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCH_TOOLS:
+        return _run_bench_tool(argv[1], argv[2:])
     args = build_parser().parse_args(argv)
     apply_memory_fraction(args)
     try:
         if getattr(args, "mesh", None):
-            from raas_jax.sharding import maybe_initialize_distributed
+            from raas_jax.decode.sharding import maybe_initialize_distributed
 
             maybe_initialize_distributed()
         return args.func(args)

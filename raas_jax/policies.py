@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from raas_jax.kernels import dispatch as kernels
 from raas_jax.kernels.reference import rank_descending, top_half_mask
-from raas_jax.cache import (LayerCache, append_token, check_kv_dtype, compact_pages, init_pool, layer_at, page_sums,
+from raas_jax.decode.cache import (LayerCache, append_token, check_kv_dtype, compact_pages, init_pool, layer_at, page_sums,
                             refresh_stamps, store_layer, write_chunk, write_prompt)
 from raas_jax.models.config import ModelConfig
 

@@ -104,14 +104,14 @@ def hf_config(arch: dict, vocab_size: int) -> dict:
 
 def solution_length(n_steps: int) -> int:
     """Tokens of the solution of an n-step problem, with the answer line and <eos> (independent of values)."""
-    from raas_jax.tasks import milestones as M
+    from raas_jax.eval.tasks import milestones as M
 
     return sum(len(M.step_roles(i)) for i in range(1, n_steps + 1)) + 5
 
 
 def resolve_buckets(tiny: bool) -> list[tuple[int, int, int, int, float]]:
     """Buckets with step ranges: a row is <bos> + prompt + solution, at most seq_len + 1 tokens."""
-    from raas_jax.tasks import milestones as M
+    from raas_jax.eval.tasks import milestones as M
 
     prompt = 1 + len(M.make_problem(0, 0, n_steps=1).prompt_words())
     out, prev_max = [], 0
@@ -153,7 +153,7 @@ def make_batch(problems, seq_len: int, ids, answer_weight: float = 1.0, dropout_
 
 def train_batch(seed: int, step: int, buckets, ids, answer_weight: float = 1.0, context_dropout: float = 0.0):
     """The batch of training step `step`: a pure function of (seed, step, context_dropout)."""
-    from raas_jax.tasks import milestones as M
+    from raas_jax.eval.tasks import milestones as M
 
     rng = random.Random(f"train-batch:{seed}:{step}")
     seq_len, rows, lo, hi, _ = rng.choices(buckets, weights=[b[4] for b in buckets])[0]
@@ -165,7 +165,7 @@ def train_batch(seed: int, step: int, buckets, ids, answer_weight: float = 1.0, 
 
 def heldout_batch(buckets, ids, tiny: bool):
     """A fixed held-out batch (eval seed 1, never trained on): the longest bucket, difficulty 3 lengths."""
-    from raas_jax.tasks import milestones as M
+    from raas_jax.eval.tasks import milestones as M
 
     seq_len, rows, lo, hi, _ = buckets[-1]
     lo3, hi3 = M.DIFFICULTIES[3]
@@ -363,8 +363,8 @@ def save_checkpoint(path: Path, params, hf: dict, info: dict) -> Path:
     import jax
     import ml_dtypes
 
-    from raas_jax.checkpoint import atomic_directory, save_params
-    from raas_jax.tasks import milestones as M
+    from raas_jax.model_io.checkpoint import atomic_directory, save_params
+    from raas_jax.eval.tasks import milestones as M
 
     with atomic_directory(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
@@ -428,7 +428,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from raas_jax.models.config import ModelConfig
-    from raas_jax.tasks import milestones as M
+    from raas_jax.eval.tasks import milestones as M
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -446,7 +446,7 @@ def main(argv=None) -> int:
 
     params = init_params(cfg, args.seed)
     if args.init_from:
-        from raas_jax.checkpoint import restore_params
+        from raas_jax.model_io.checkpoint import restore_params
 
         loaded = restore_params(Path(args.init_from), cfg, jnp.float32)
         if jax.tree.structure(loaded) != jax.tree.structure(params):

@@ -80,7 +80,7 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama_converted(tiny_llama_dir, tmp_path_factory) -> Path:
-    from raas_jax.checkpoint import convert
+    from raas_jax.model_io.checkpoint import convert
 
     out = tmp_path_factory.mktemp("converted") / "tiny_llama"
     convert(tiny_llama_dir, out, dtype="f32", progress=False)

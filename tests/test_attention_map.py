@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import raas_jax
-from raas_jax import attention_map
+from raas_jax.inspection import attention_map
 from raas_jax.cli import main
 from raas_jax.policies import Dense, RaaS
 
@@ -68,7 +68,7 @@ def test_inspect_attention_cli_writes_png_and_summary(tiny_llama_converted, tmp_
 
 def test_inspect_attention_over_fp8_pages(tiny_llama_converted, tmp_path, monkeypatch):
     """--kv-dtype fp8: the generation and every traced policy store their pages in FP8, and the summary says so."""
-    from raas_jax import attention_map
+    from raas_jax.inspection import attention_map
 
     traced = []
     real_trace = attention_map.trace

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from raas_jax import bench
+from raas_jax.bench import e2e as bench
 from raas_jax.cli import main as cli_main
-from raas_jax.generate import Generator
-from raas_jax.cache import pool_dtype
+from raas_jax.decode.generate import Generator
+from raas_jax.decode.cache import pool_dtype
 from raas_jax.policies import Dense, Quest, RaaS
 
 CFG = bench.MODEL_SHAPES["tiny"]
@@ -86,11 +86,11 @@ def test_bench_cli_on_cpu(tmp_path, capsys):
 MESH_SCRIPT = '''
 import json, sys
 import jax, jax.numpy as jnp
-from raas_jax import bench
+from raas_jax.bench import e2e as bench
 from raas_jax.cli import main
-from raas_jax.generate import Generator
+from raas_jax.decode.generate import Generator
 from raas_jax.policies import RaaS
-from raas_jax.sharding import ShardedPolicy, make_mesh
+from raas_jax.decode.sharding import ShardedPolicy, make_mesh
 assert len(jax.devices()) == 4
 out = sys.argv[1]
 assert main(["bench", "e2e", "--models", "tiny", "--allow-cpu", "--policies", "raas,dense", "--positions", "512",

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from raas_jax import bench_kernels
+from raas_jax.bench import kernels as bench_kernels
 
 
 def test_run_kernels_times_every_variant_and_writes_json(tmp_path):

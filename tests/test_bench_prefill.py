@@ -1,23 +1,18 @@
-"""scripts/bench_prefill.py end to end on CPU with the tiny model (the real run needs a GPU)."""
+"""`raas-jax bench prefill` (raas_jax/bench/prefill.py) end to end on CPU with the tiny model (the real run needs a GPU)."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_prefill.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("bench_prefill", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("raas_jax.bench.prefill")
 
 
 def test_bad_cases_are_refused(capsys):

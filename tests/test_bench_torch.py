@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from raas_jax import bench, bench_torch
+from raas_jax.bench import e2e as bench
+from raas_jax.bench import torch_decode as bench_torch
 from raas_jax.cli import main as cli_main
 from raas_jax.models.transformer import Transformer
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from raas_jax.cache import KV_DTYPES, cache_bytes, init_pool, write_chunk, write_prompt
+from raas_jax.decode.cache import KV_DTYPES, cache_bytes, init_pool, write_chunk, write_prompt
 from raas_jax.models.config import ModelConfig
 from raas_jax.policies import RaaS
 

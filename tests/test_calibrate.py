@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import raas_jax
-from raas_jax.cache import KV_SCALE_HEADROOM, init_pool, kv_scales
-from raas_jax.calibrate import SCALES_FILE, read_kv_absmax, write_kv_absmax
+from raas_jax.decode.cache import KV_SCALE_HEADROOM, init_pool, kv_scales
+from raas_jax.eval.calibrate import SCALES_FILE, read_kv_absmax, write_kv_absmax
 from raas_jax.cli import main
 from raas_jax.models.config import ModelConfig
 from raas_jax.policies import Dense, RaaS

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import raas_jax
-from raas_jax.checkpoint import CheckpointError, convert, iter_safetensors
+from raas_jax.model_io.checkpoint import CheckpointError, convert, iter_safetensors
 from raas_jax.cli import main as cli_main
 
 from conftest import VOCAB, make_hf_model

@@ -99,7 +99,7 @@ def test_import_leaves_the_environment_alone_and_the_cli_prefers_cublas(tmp_path
     import subprocess
     import sys
 
-    code = ("import os, sys\nbefore = dict(os.environ)\nimport raas_jax, raas_jax.cli, raas_jax.generate\n"
+    code = ("import os, sys\nbefore = dict(os.environ)\nimport raas_jax, raas_jax.cli, raas_jax.decode.generate\n"
             "assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())\n"
             "assert raas_jax.configure_gpu() and not raas_jax.configure_gpu()\n"
             "print(os.environ['XLA_FLAGS'])\n")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import raas_jax
-from raas_jax.export import export_hf
+from raas_jax.model_io.export import export_hf
 
 CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "milestones-13m"
 
@@ -22,7 +22,7 @@ def test_export_logits_match_transformers(exported):
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from raas_jax.tasks import milestones as M
+    from raas_jax.eval.tasks import milestones as M
 
     problem = M.make_problem(0, 0, difficulty=1)
     text = problem.prompt + " " + " ".join(problem.solution_words()[:60])
@@ -39,7 +39,7 @@ def test_export_logits_match_transformers(exported):
 
 
 def test_export_converts_back(exported, tmp_path):
-    from raas_jax.checkpoint import convert
+    from raas_jax.model_io.checkpoint import convert
 
     back = raas_jax.load(convert(exported, tmp_path / "back", dtype="f32", progress=False), dtype="f32")
     model = raas_jax.load(CKPT, dtype="f32")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import raas_jax
-from raas_jax.generate import Generator, chunked_prefill, pad_prompts, prefill_plan, run_generation
+from raas_jax.decode.generate import Generator, chunked_prefill, pad_prompts, prefill_plan, run_generation
 from raas_jax.policies import H2O, Dense, Quest, RaaS, StreamingLLM
 from raas_jax.models.transformer import Transformer
 
@@ -133,7 +133,7 @@ def test_new_lengths_in_a_bucket_do_not_recompile(model):
 
 
 def test_max_new_tokens_must_be_an_integer_and_decoding_must_progress(model, monkeypatch):
-    from raas_jax.generate import run_generation
+    from raas_jax.decode.generate import run_generation
 
     for bad in (3.5, 2.0, True, "8"):
         with pytest.raises(ValueError, match="max_new_tokens must be an integer"):
@@ -372,7 +372,7 @@ def test_calibrated_fp8_scales_store_large_keys_and_values(model):
     import copy
 
     from raas_jax.api import teacher_forced_logits
-    from raas_jax.calibrate import measure_kv_absmax
+    from raas_jax.eval.calibrate import measure_kv_absmax
 
     c, group = 1e4, model.cfg.num_heads // model.cfg.num_kv_heads
     factor = np.concatenate([np.full(group, 1 / c), [c, c]])[:, None]  # per fused row: the group's q heads, k, v

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import raas_jax
-from raas_jax import default_model
+from raas_jax.model_io import default_model
 
 pytestmark = pytest.mark.slow
 
@@ -139,7 +139,7 @@ def test_tokenizer_built_without_torch_matches_transformers_gguf(gguf_file, tmp_
     GGUF tokenizer: identical ids on a few thousand characters of mixed text, chat template included."""
     import transformers
 
-    from raas_jax.gguf_reader import save_gguf_tokenizer
+    from raas_jax.model_io.gguf_reader import save_gguf_tokenizer
 
     ref = transformers.AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
     save_gguf_tokenizer(gguf_file, tmp_path)
@@ -165,7 +165,7 @@ def test_tokenizer_built_without_torch_matches_transformers_gguf(gguf_file, tmp_
 def test_gguf_tokenizer_needs_no_torch(gguf_file, tmp_path):
     from test_cli import run_without_torch
 
-    done = run_without_torch(tmp_path, "from raas_jax.gguf_reader import save_gguf_tokenizer\n"
+    done = run_without_torch(tmp_path, "from raas_jax.model_io.gguf_reader import save_gguf_tokenizer\n"
                                        f"save_gguf_tokenizer({str(gguf_file)!r}, {str(tmp_path / 'tok')!r})\n")
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "tok" / "tokenizer.json").is_file()

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from raas_jax import bench, kernels
-from raas_jax.generate import Generator, run_generation
+from raas_jax import kernels
+from raas_jax.bench import e2e as bench
+from raas_jax.decode.generate import Generator, run_generation
 from raas_jax.policies import H2O, Dense, RaaS, StreamingLLM
 
 from kernel_cases import random_pool
@@ -232,7 +233,7 @@ def test_sharded_decode_runs_the_mosaic_kernel_and_matches_one_device(monkeypatc
     it (on Hopper) and the tokens equal the unsharded run's, so the kernel lowers and runs per shard."""
     from raas_jax.kernels import mosaic_gpu
     from raas_jax.policies import Quest
-    from raas_jax.sharding import ShardedPolicy, make_mesh
+    from raas_jax.decode.sharding import ShardedPolicy, make_mesh
 
     cfg = dataclasses.replace(bench.MODEL_SHAPES["tiny"], num_heads=8, num_kv_heads=2, head_dim=64)
     params = bench.random_params(cfg, jnp.bfloat16)

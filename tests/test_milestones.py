@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from raas_jax.tasks import milestones as M
+from raas_jax.eval.tasks import milestones as M
 
 CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "milestones-13m"
 

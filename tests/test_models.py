@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import raas_jax
-from raas_jax.checkpoint import convert
+from raas_jax.model_io.checkpoint import convert
 from raas_jax.models.config import ModelConfig, UnsupportedModelError
 
 from conftest import VOCAB, make_hf_model
@@ -55,7 +55,7 @@ def test_fused_projections_equal_the_checkpoint_layout(case, tmp_path):
     import jax
     import jax.numpy as jnp
 
-    from raas_jax import checkpoint
+    from raas_jax.model_io import checkpoint
     from raas_jax.models import Transformer, fuse_projections
     from raas_jax.policies import Dense
 
@@ -153,8 +153,8 @@ def test_decode_materialises_q_k_v_once():
     import jax
     import jax.numpy as jnp
 
-    from raas_jax import bench
-    from raas_jax.generate import Generator
+    from raas_jax.bench import e2e as bench
+    from raas_jax.decode.generate import Generator
     from raas_jax.policies import RaaS
 
     cfg = bench.MODEL_SHAPES["tiny"]

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raas_jax.sampling import sample_tokens
+from raas_jax.decode.sampling import sample_tokens
 
 
 def allowed_set(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> set[int]:

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from raas_jax.checkpoint import convert
+from raas_jax.model_io.checkpoint import convert
 
 from conftest import make_hf_model
 
@@ -18,9 +18,9 @@ SCRIPT = textwrap.dedent('''
     import json, re, sys
     import jax, jax.numpy as jnp, numpy as np
     import raas_jax
-    from raas_jax.generate import SamplingParams, pad_prompts
+    from raas_jax.decode.generate import SamplingParams, pad_prompts
     from raas_jax.policies import Dense, H2O, Quest, RaaS, StreamingLLM
-    from raas_jax.sharding import cache_spec
+    from raas_jax.decode.sharding import cache_spec
 
     path, meshes = sys.argv[1], sys.argv[2].split(";")
     assert len(jax.devices()) == 8, jax.devices()
@@ -86,7 +86,7 @@ def test_sharded_generate_equals_one_device(tmp_path):
 
 def test_mesh_that_does_not_divide_the_heads_is_explained():
     from raas_jax.models.config import ModelConfig
-    from raas_jax.sharding import make_mesh, parse_mesh
+    from raas_jax.decode.sharding import make_mesh, parse_mesh
 
     cfg = ModelConfig(model_type="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
                       num_heads=6, num_kv_heads=3, head_dim=4)
@@ -102,7 +102,7 @@ def test_mesh_that_does_not_divide_the_heads_is_explained():
 
 
 def test_single_host_needs_no_distributed_setup(monkeypatch):
-    from raas_jax.sharding import maybe_initialize_distributed
+    from raas_jax.decode.sharding import maybe_initialize_distributed
 
     for key in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
         monkeypatch.delenv(key, raising=False)

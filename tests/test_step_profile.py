@@ -1,23 +1,18 @@
-"""scripts/step_profile.py's reading and plotting of saved step profiles (profiling itself needs a GPU)."""
+"""`raas-jax bench profile` (raas_jax/inspection/step_profile.py): its reading and plotting of saved step profiles (profiling itself needs a GPU)."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "step_profile.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("step_profile", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("raas_jax.inspection.step_profile")
 
 
 def test_kernels_fall_into_their_parts():
@@ -43,5 +38,5 @@ def test_a_saved_profile_reads_back_as_parts_that_sum_to_its_kernel_time(tmp_pat
 def test_a_file_that_is_not_a_profile_is_refused(tmp_path):
     other = tmp_path / "notes.txt"
     other.write_text("some notes\n")
-    with pytest.raises(ValueError, match="not a table written by scripts/step_profile.py"):
+    with pytest.raises(ValueError, match="not a table written by `raas-jax bench profile`"):
         _script().read_profile(other)

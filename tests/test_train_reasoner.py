@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 import raas_jax
-from raas_jax.tasks import milestones as M
+from raas_jax.eval.tasks import milestones as M
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_reasoner.py"
 

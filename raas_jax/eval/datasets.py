@@ -68,7 +68,7 @@ def milestones_samples(dataset: str, limit: int | None = None) -> list[Sample]:
 
     The question is the prompt text (no chat template, no instruction), the gold `m{N} = VV`; the id
     `milestones:D:SEED:INDEX` regenerates the problem (`milestones_problem`)."""
-    from raas_jax.tasks import milestones as M
+    from raas_jax.eval.tasks import milestones as M
 
     _, _, level = dataset.partition(":")
     try:
@@ -83,7 +83,7 @@ def milestones_samples(dataset: str, limit: int | None = None) -> list[Sample]:
 
 def milestones_problem(sample_id: str):
     """The Problem behind a milestones sample id."""
-    from raas_jax.tasks import milestones as M
+    from raas_jax.eval.tasks import milestones as M
 
     _, difficulty, seed, index = sample_id.split(":")
     return M.make_problem(int(seed), int(index), difficulty=int(difficulty))

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from raas_jax.api import Model, teacher_forced_logits
 from raas_jax.eval.answers import extract_answer, is_equivalent
 from raas_jax.eval.datasets import INSTRUCTION, Sample, is_milestones, milestones_problem
-from raas_jax.fidelity import compare
+from raas_jax.eval.fidelity import compare
 from raas_jax.policies import Dense, Policy, make_policy, parse_policy_spec, policy_key
 
 SAMPLES_FILE = "samples.jsonl"
@@ -124,7 +124,7 @@ def build_prompt(model: Model, question: str, dataset: str | None = None) -> lis
 def grade(dataset: str, sample: Sample, text: str) -> dict:
     """predicted / correct (and, for milestones, where the solution first goes wrong) for one generated text."""
     if is_milestones(dataset):
-        from raas_jax.tasks import milestones as M
+        from raas_jax.eval.tasks import milestones as M
 
         predicted = M.parse_answer(text)
         wrong = M.first_wrong_step(milestones_problem(sample.id), text)
@@ -205,7 +205,7 @@ def check_config(out: Path, config: EvalConfig, **recorded: Any) -> None:
 
 def _resolved_model(model: str | None) -> str:
     if model is None:
-        from raas_jax.default_model import DEFAULT_NAME, cache_dir
+        from raas_jax.model_io.default_model import DEFAULT_NAME, cache_dir
 
         return str((cache_dir() / DEFAULT_NAME).resolve())
     return str(Path(model).expanduser().resolve())

@@ -206,7 +206,7 @@ def read_source(src: str | os.PathLike, dtype: Any = jnp.bfloat16, progress: boo
     """Read an HF directory or a .gguf file -> (hf_config dict, numpy params)."""
     src = Path(src)
     if src.suffix == ".gguf":
-        from raas_jax import gguf_reader
+        from raas_jax.model_io import gguf_reader
 
         hf_config = gguf_reader.read_gguf_config(src)
         cfg = ModelConfig.from_hf_dict(hf_config)
@@ -226,7 +226,7 @@ def read_source(src: str | os.PathLike, dtype: Any = jnp.bfloat16, progress: boo
 
 def _copy_side_files(src: Path, tmp: Path) -> None:
     if src.suffix == ".gguf":
-        from raas_jax import gguf_reader
+        from raas_jax.model_io import gguf_reader
 
         gguf_reader.save_gguf_tokenizer(src, tmp)
         return
@@ -347,7 +347,7 @@ def restore_params(path: Path, cfg: ModelConfig, dtype: Any, mesh: Any = None) -
         single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: single, shapes)
     else:
-        from raas_jax.sharding import param_shardings
+        from raas_jax.decode.sharding import param_shardings
 
         shardings = param_shardings(shapes, mesh)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)

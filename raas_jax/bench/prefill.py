@@ -1,9 +1,8 @@
-#!/usr/bin/env python
 """Prefill throughput and memory (issue 16): the flash prefill (whole prompt through cuDNN / Pallas) and the chunked
 prefill against the T x T reference attention they replace, Llama-3-8B shapes with random bf16 weights.
 
-    PYTHONPATH=<site> python scripts/bench_prefill.py --out $OUT/prefill.json           # one H200, ~5 min
-    python scripts/bench_prefill.py --model-size tiny --out /tmp/prefill.json          # CPU smoke run
+    raas-jax bench prefill --out $OUT/prefill.json           # one H200, ~5 min
+    raas-jax bench prefill --model-size tiny --out /tmp/prefill.json          # CPU smoke run
 
 Every configuration prefills full-length random prompts into a RaaS pool (budget = prompt + 2 pages: the prompt
 pinned, as a real run holds it) and samples the first token: `Generator.start` for a whole prompt, the
@@ -53,7 +52,7 @@ PLANS = {
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="raas-jax bench prefill", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="JSON file to write (rewritten after every row)")
     ap.add_argument("--model-size", default="llama3-8b", choices=sorted(PLANS), help="tiny: a CPU smoke run")
     ap.add_argument("--cases", default=None, help="BxT,... for the new paths (default: 1x32768,16x8192)")
@@ -109,7 +108,7 @@ def decode_inputs(batch):
     import jax
     import jax.numpy as jnp
 
-    from raas_jax.generate import SamplingParams
+    from raas_jax.decode.generate import SamplingParams
 
     greedy = SamplingParams(jnp.float32(0), jnp.int32(0), jnp.float32(1))
     return jnp.zeros((batch,), bool), jnp.asarray([-1], jnp.int32), greedy, jax.random.PRNGKey(0)
@@ -169,7 +168,7 @@ def measure(path, cfg, params, batch, length, chunk):
     """One row: prefill `batch` prompts of `length` tokens by `path` ("flash", "chunked" or "reference")."""
     import jax.numpy as jnp
 
-    from raas_jax.generate import Generator
+    from raas_jax.decode.generate import Generator
     from raas_jax.policies import RaaS
 
     backend = "reference" if path == "reference" else "auto"  # reference: the T x T attention of before
@@ -195,8 +194,8 @@ def check_paths(cfg, plan):
     import jax
     import jax.numpy as jnp
 
-    from raas_jax import bench
-    from raas_jax.generate import Generator, chunked_prefill, pad_prompts
+    from raas_jax.bench import e2e as bench
+    from raas_jax.decode.generate import Generator, chunked_prefill, pad_prompts
     from raas_jax.policies import RaaS
 
     layers, lengths, chunk = plan.check
@@ -257,7 +256,7 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from raas_jax import bench
+    from raas_jax.bench import e2e as bench
 
     began = time.perf_counter()
     cfg = bench.MODEL_SHAPES[plan.model]

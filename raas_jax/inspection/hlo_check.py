@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Which compiled decode-loop instructions touch whole KV pools (copies, transposes, layer slices)?
 
-    python scripts/hlo_check.py --policy raas --batch 64 --position 16384 [--model llama3-8b]
+    raas-jax bench hlo --policy raas --batch 64 --position 16384 [--model llama3-8b]
 
 Prints, per instruction kind, how many instructions produce an array of the full stacked pool shape
 or of one layer's pool shape. A decode step should write one token per layer in place: any copy or
@@ -16,20 +15,21 @@ import re
 import jax
 import jax.numpy as jnp
 
-from raas_jax import bench, configure_gpu
-from raas_jax.generate import Generator
+from raas_jax import configure_gpu
+from raas_jax.bench import e2e as bench
+from raas_jax.decode.generate import Generator
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     configure_gpu()  # cuBLAS for the decode matmuls, as `raas-jax` does
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="raas-jax bench hlo", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama3-8b")
     ap.add_argument("--policy", default="raas")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--position", type=int, default=16384)
     ap.add_argument("--rolled", action="store_true", help="keep the layer scan rolled (generation unrolls on GPU)")
     ap.add_argument("--kv-dtype", default="auto", help="page dtype (cache.KV_DTYPES), e.g. fp8")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     cfg = bench.MODEL_SHAPES[args.model]
     policy = dataclasses.replace(bench.default_policies()[args.policy], kv_dtype=args.kv_dtype)
     gen = Generator(cfg, jnp.bfloat16, policy, unroll_layers=not args.rolled and jax.default_backend() != "cpu")

@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """How much device memory does the compiled decode need, and what are its largest buffers?
 
-    python scripts/decode_memory.py --policy raas --position 2048 --batches 64,635 [--model llama3-8b]
+    raas-jax bench memory --policy raas --position 2048 --batches 64,635 [--model llama3-8b]
         [--memory-fraction 0.92] [--dump DIR]
 
 Compiles `Generator.decode` for abstract inputs (nothing is allocated) at each batch and prints XLA's buffer
@@ -18,15 +17,15 @@ import sys
 from pathlib import Path
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="raas-jax bench memory", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama3-8b")
     ap.add_argument("--policy", default="raas")
     ap.add_argument("--position", type=int, default=2048)
     ap.add_argument("--batches", default="64,635")
     ap.add_argument("--memory-fraction", type=float, default=None)
     ap.add_argument("--dump", type=Path, default=None, help="write XLA's buffer reports of each compile here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.memory_fraction is not None:
         os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(args.memory_fraction)
     if args.dump is not None:
@@ -35,9 +34,10 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
-    from raas_jax import bench, configure_gpu
-    from raas_jax.cache import cache_bytes
-    from raas_jax.generate import Generator
+    from raas_jax import configure_gpu
+    from raas_jax.bench import e2e as bench
+    from raas_jax.decode.cache import cache_bytes
+    from raas_jax.decode.generate import Generator
 
     configure_gpu()
     cfg = bench.MODEL_SHAPES[args.model]

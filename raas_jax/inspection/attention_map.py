@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from raas_jax.kernels import dispatch as kernels
-from raas_jax.cache import store_layer
+from raas_jax.decode.cache import store_layer
 from raas_jax.models.transformer import Transformer
 from raas_jax.policies import Policy
 

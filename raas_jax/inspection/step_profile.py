@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Which device kernels make up a decode step, and how much of the step is not kernel time?
 
-    python scripts/step_profile.py --policies raas,dense --batches 1,16 --position 2048 [--model llama3-8b]
+    raas-jax bench profile --policies raas,dense --batches 1,16 --position 2048 [--model llama3-8b]
         [--out DIR]
 
 For each (policy, batch): a synthetic cache at `position` (bench.synthetic_cache), a warm-up decode call, then
@@ -10,7 +9,7 @@ kernels are grouped by name: per step, how many launches, their summed time, and
 the summed kernel time over the wall time of the step: far below 1 means the step waits on launches or the
 host, not on memory. The per-kernel table of every configuration is written to DIR/profile_<policy>_b<B>.txt.
 
-    python scripts/step_profile.py --plot "before=docs/profile_a.txt,after=docs/profile_b.txt" --png parts.png
+    raas-jax bench profile --plot "before=docs/profile_a.txt,after=docs/profile_b.txt" --png parts.png
 
 draws saved tables side by side, as stacked bars of kernel time by part (attention, matmul, bookkeeping, other)
 beside each one's wall time.
@@ -28,8 +27,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from raas_jax import bench, configure_gpu
-from raas_jax.generate import DECODE_CHUNK, DecodeState, Generator, SamplingParams
+from raas_jax import configure_gpu
+from raas_jax.bench import e2e as bench
+from raas_jax.decode.generate import DECODE_CHUNK, DecodeState, Generator, SamplingParams
 
 
 def device_kernels(trace_dir: Path) -> list[tuple[str, float]]:
@@ -73,7 +73,7 @@ def read_profile(path: Path) -> tuple[float, dict[str, float]]:
     lines = path.read_text().splitlines()
     wall = re.search(r"([\d.]+) ms/step wall", lines[0])
     if wall is None:
-        raise ValueError(f"{path} is not a table written by scripts/step_profile.py (its first line: {lines[0]!r})")
+        raise ValueError(f"{path} is not a table written by `raas-jax bench profile` (its first line: {lines[0]!r})")
     parts = dict.fromkeys(PARTS, 0.0)
     for line in lines[3:]:
         fields = line.split()
@@ -131,9 +131,9 @@ def profile_decode(gen, params, cache, batch, position, steps) -> tuple[float, l
     return seconds, kernels
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     configure_gpu()  # cuBLAS for the decode matmuls, as `raas-jax` does
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="raas-jax bench profile", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama3-8b")
     ap.add_argument("--policies", default="raas,dense")
     ap.add_argument("--batches", default="1,16")
@@ -143,7 +143,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--plot", default="", help="LABEL=PATH,...: plot saved tables (no profiling) into --png")
     ap.add_argument("--png", type=Path, default=Path("step_parts.png"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.plot:
         profiles = dict(item.split("=", 1) for item in args.plot.split(","))
         print(plot_parts({label: Path(path) for label, path in profiles.items()}, args.png))

@@ -30,7 +30,7 @@ def measure_kv_absmax(model, prompts: Sequence[Sequence[int]], max_new_tokens: i
                       progress: bool = True) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-layer (key, value) absolute maxima over `prompts` (token ids) and `max_new_tokens` greedy tokens each,
     under Dense pages in the model's dtype (nothing is clipped or evicted)."""
-    from raas_jax.generate import run_generation
+    from raas_jax.decode.generate import run_generation
     from raas_jax.policies import Dense
 
     if not prompts:

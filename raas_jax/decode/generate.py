@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from raas_jax.cache import saturated_entries
+from raas_jax.decode.cache import saturated_entries
 from raas_jax.policies import Dense, next_pow2
 from raas_jax.models.config import ModelConfig
 from raas_jax.models.transformer import Transformer
-from raas_jax.sampling import sample_tokens
+from raas_jax.decode.sampling import sample_tokens
 
 MIN_PROMPT_BUCKET = 16
 DEFAULT_PREFILL_CHUNK = 2048  # prompts longer than this are prefilled in chunks of this many tokens

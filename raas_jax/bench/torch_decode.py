@@ -6,7 +6,7 @@ GQA, and the whole decode step (embedding, layers, logits, greedy argmax, positi
 graph that is replayed once per step. No torch.compile. On a CPU the same step runs eagerly in float32 (for
 tests). Run in a child process (`run_torch_reference`) so torch and JAX do not share an allocator.
 
-    python -m raas_jax.bench_torch --model llama3-8b --positions 2048,32768 --batches 1,64 --steps 32 --out t.json
+    python -m raas_jax.bench.torch_decode --model llama3-8b --positions 2048,32768 --batches 1,64 --steps 32 --out t.json
 """
 
 from __future__ import annotations
@@ -284,7 +284,7 @@ def measure(model_name: str, positions: list[int], batches: list[int], steps: in
     the largest batch 80% of it is tried next (up to OOM_RETRIES times). Rows go to `out` after each one."""
     import torch
 
-    from raas_jax.bench import MODEL_SHAPES
+    from raas_jax.bench.e2e import MODEL_SHAPES
 
     cfg = MODEL_SHAPES[model_name]
     cuda = torch.cuda.is_available()
@@ -325,16 +325,16 @@ def measure(model_name: str, positions: list[int], batches: list[int], steps: in
 def run_torch_reference(model_name: str, positions: list[int], batches: list[int], steps: int, largest: bool,
                         out: Path) -> list[dict]:
     """`measure` in a child process (its own torch allocator); rows also written to `out`; [] if it failed."""
-    from raas_jax.bench_hf import run_child
+    from raas_jax.bench.hf_decode import run_child
 
     args = ["--model", model_name, "--positions", ",".join(map(str, positions)),
             "--batches", ",".join(map(str, batches)), "--steps", str(steps)]
-    return run_child("raas_jax.bench_torch", "torch reference", args + ([] if largest else ["--no-largest-batch"]),
+    return run_child("raas_jax.bench.torch_decode", "torch reference", args + ([] if largest else ["--no-largest-batch"]),
                      out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from raas_jax.bench_hf import reference_parser
+    from raas_jax.bench.hf_decode import reference_parser
 
     ap = reference_parser(__doc__.splitlines()[0])
     ap.add_argument("--no-largest-batch", action="store_true", help="skip the largest batch that fits")
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch  # noqa: F401
     except (ValueError, ImportError) as e:
         message = str(e) if isinstance(e, ValueError) else f"cannot import torch ({e}): pip install torch"
-        print(f"raas_jax.bench_torch: error: {message}", file=sys.stderr)
+        print(f"raas_jax.bench.torch_decode: error: {message}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else None
     rows = measure(args.model, [int(x) for x in args.positions.split(",")],

@@ -3,9 +3,9 @@
 Builds a randomly initialised model of the benchmark shape (`bench.MODEL_SHAPES`) in bf16 on the GPU (or
 float32 on a CPU), prefills N random tokens per sequence, then times greedy decode steps with HF's default
 dynamic cache, eager mode, torch.cuda.synchronize around the loop. Run in a child process
-(`python -m raas_jax.bench_hf ...`, see `run_hf_reference`) so torch and JAX do not share an allocator.
+(`python -m raas_jax.bench.hf_decode ...`, see `run_hf_reference`) so torch and JAX do not share an allocator.
 
-    python -m raas_jax.bench_hf --model llama3-8b --positions 2048,16384 --batches 1 --steps 32 --out hf.json
+    python -m raas_jax.bench.hf_decode --model llama3-8b --positions 2048,16384 --batches 1 --steps 32 --out hf.json
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def measure(model_name: str, positions: list[int], batches: list[int], steps: in
     import torch
     import transformers
 
-    from raas_jax.bench import MODEL_SHAPES
+    from raas_jax.bench.e2e import MODEL_SHAPES
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -109,7 +109,7 @@ def run_child(module: str, label: str, args: list[str], out: Path) -> list[dict]
 def run_hf_reference(model_name: str, positions: list[int], batches: list[int], steps: int,
                      out: Path) -> list[dict]:
     """`measure` in a child process (its own torch allocator); rows also written to `out`."""
-    return run_child("raas_jax.bench_hf", "hf reference", ["--model", model_name, "--positions",
+    return run_child("raas_jax.bench.hf_decode", "hf reference", ["--model", model_name, "--positions",
                      ",".join(map(str, positions)), "--batches", ",".join(map(str, batches)), "--steps", str(steps)],
                      out)
 

@@ -34,7 +34,7 @@ def gguf_path() -> Path:
 
 def ensure_converted(progress: bool = True) -> Path:
     """Convert the default GGUF into the cache directory once (f32; cast at load time); return its path."""
-    from raas_jax.checkpoint import convert, is_converted
+    from raas_jax.model_io.checkpoint import convert, is_converted
 
     out = cache_dir() / DEFAULT_NAME
     if is_converted(out):

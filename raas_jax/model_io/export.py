@@ -1,6 +1,6 @@
 """Export a converted raas-jax model directory as a Hugging Face directory (the inverse of `convert`).
 
-    from raas_jax.export import export_hf
+    from raas_jax.model_io.export import export_hf
     export_hf("checkpoints/milestones-13m", "out/milestones-13m-hf")     # config.json, model.safetensors, tokenizer
 
 The result loads with `transformers.AutoModelForCausalLM.from_pretrained(out)` (Llama, Mistral, Qwen2, Qwen3).
@@ -18,7 +18,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from raas_jax import checkpoint
+from raas_jax.model_io import checkpoint
 from raas_jax.models.config import ModelConfig
 
 _MODULES = {("self_attn", "q_proj"): "self_attn.q_proj", ("self_attn", "k_proj"): "self_attn.k_proj",

@@ -22,14 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from raas_jax.cache import cache_bytes, page_key_bounds, pool_dtype
+from raas_jax.decode.cache import cache_bytes, page_key_bounds, pool_dtype
 from raas_jax.kernels.reference import to_pool_dtype
-from raas_jax.checkpoint import param_shapes
-from raas_jax.generate import DecodeState, Generator, SamplingParams, DECODE_CHUNK, data_parallelism
+from raas_jax.model_io.checkpoint import param_shapes
+from raas_jax.decode.generate import DecodeState, Generator, SamplingParams, DECODE_CHUNK, data_parallelism
 from raas_jax.models.config import ModelConfig
 from raas_jax.models.transformer import fuse_projections
 from raas_jax.policies import Dense, Policy, Quest, RaaS
-from raas_jax.sharding import ShardedPolicy, cache_spec, make_mesh, param_shardings
+from raas_jax.decode.sharding import ShardedPolicy, cache_spec, make_mesh, param_shardings
 
 MODEL_SHAPES = {
     "llama3-8b": ModelConfig(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
@@ -287,7 +287,7 @@ def run_e2e(model: str, policies: dict[str, Policy], positions: list[int], batch
     interrupted run keeps what it measured. `torch_reference`'s rows (bench_torch) go into the same rows (their
     `impl` says so), and each of ours gets `ratio_vs_torch` where torch ran the same N and B; `hf_reference`'s
     rows are kept under their own key. `mesh` ("data=2", "model=2", ...) spreads weights and pools over the devices
-    (raas_jax.sharding); memory figures are then those of one device and the roofline is one device's share."""
+    (raas_jax.decode.sharding); memory figures are then those of one device and the roofline is one device's share."""
     cfg = MODEL_SHAPES[model]
     params = random_params(cfg, dtype)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))

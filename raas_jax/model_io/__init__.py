@@ -1,0 +1,1 @@
+"""Model I/O: HF safetensors and GGUF conversion into orbax checkpoints, HF export, the default model."""
