@@ -19,6 +19,7 @@ Flax linen used functionally:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import flax.linen as nn
@@ -132,6 +133,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
     dtype: Any
     policy: CachePolicy | None
+    attention_fn: Callable | None = None  # replaces the prompt attention (causal_attention's signature)
 
     @nn.compact
     def __call__(self, x, positions, cache, layer, mode: str):
@@ -183,10 +185,9 @@ class Attention(nn.Module):
     def prompt_attention(self, q, k, v, positions):
         """Causal attention within the prompt (kernels.causal_attention: flash kernels off-CPU). A policy's kernel
         backend other than "auto" (e.g. `--kernels reference`) applies here too."""
-        backend = getattr(self.policy, "backend", "auto")
-        if backend == "auto":  # the plain call: scripts/train_reasoner.py swaps `causal_attention` for training
-            return causal_attention(q, k, v, positions, positions)
-        return causal_attention(q, k, v, positions, positions, backend=backend)
+        if self.attention_fn is not None:  # e.g. scripts/train_reasoner.py's masked training attention
+            return self.attention_fn(q, k, v, positions, positions)
+        return causal_attention(q, k, v, positions, positions, backend=getattr(self.policy, "backend", "auto"))
 
 
 class MLP(nn.Module):
@@ -210,14 +211,15 @@ class Block(nn.Module):
     dtype: Any
     policy: CachePolicy | None
     mode: str  # "prefill" | "chunk" | "decode"
+    attention_fn: Callable | None = None
 
     @nn.compact
     def __call__(self, carry, layer, positions):
         x, cache = carry  # the cache rides in the carry: layers update it in place
         cfg = self.cfg
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
-        h, cache = Attention(cfg, self.dtype, self.policy, name="self_attn")(h, positions, cache, layer,
-                                                                                self.mode)
+        h, cache = Attention(cfg, self.dtype, self.policy, self.attention_fn, name="self_attn")(
+            h, positions, cache, layer, self.mode)
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
         x = x + MLP(cfg, self.dtype, name="mlp")(h)
@@ -229,6 +231,9 @@ class Transformer(nn.Module):
     dtype: Any = jnp.float32
     policy: CachePolicy | None = None
     unroll_layers: bool = False  # unroll the layer scan: static weight slices (no per-layer copies on GPU)
+    # A callable that replaces the prompt attention, with kernels.causal_attention's signature (q, k, v,
+    # q_positions, k_positions) -> out; None: the kernels' causal attention. Training passes a masked one.
+    attention_fn: Callable | None = None
 
     @nn.compact
     def __call__(self, tokens, positions, cache=None, *, decode: bool = False, chunked: bool = False,
@@ -252,7 +257,7 @@ class Transformer(nn.Module):
             in_axes=(0, nn.broadcast),
             length=cfg.num_layers,
             unroll=cfg.num_layers if self.unroll_layers else 1,
-        )(cfg, self.dtype, self.policy, mode, name="layers")
+        )(cfg, self.dtype, self.policy, mode, self.attention_fn, name="layers")
         (x, cache), _ = layers((x, cache), jnp.arange(cfg.num_layers, dtype=jnp.int32), positions)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
         if logits_index is not None:

@@ -12,8 +12,10 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")):
 
 from raas_jax.api import GenerationResult, Model, load
 from raas_jax.models.config import ModelConfig, UnsupportedModelError
+from raas_jax.policies import H2O, Dense, Policy, Quest, RaaS, StreamingLLM, make_policy
 
-__all__ = ["GenerationResult", "Model", "ModelConfig", "UnsupportedModelError", "configure_gpu", "load"]
+__all__ = ["H2O", "Dense", "GenerationResult", "Model", "ModelConfig", "Policy", "Quest", "RaaS", "StreamingLLM",
+           "UnsupportedModelError", "configure_gpu", "load", "make_policy"]
 __version__ = "0.1.0"
 
 _NO_TRITON_GEMM = "--xla_gpu_enable_triton_gemm=false"

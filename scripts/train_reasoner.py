@@ -21,8 +21,9 @@ seeds >= TRAIN_SEED_MIN (evaluation uses seeds below it); the batch of step s is
 (--seed, s), so a resumed run sees fresh problems. A background thread generates batches.
 
 Attention: the model's default prefill attention (kernels/reference.py) materialises T x T scores in f32;
-for training this script swaps in `jax.nn.dot_product_attention(is_causal=True)` (cuDNN flash attention on a
-GPU, XLA elsewhere) inside this process only (`--attention reference` keeps the default). Parameters and the
+the training model takes `jax.nn.dot_product_attention(is_causal=True)` (cuDNN flash attention on a GPU, XLA
+elsewhere) as its prompt attention through `Transformer(attention_fn=...)` (`--attention reference` keeps the
+default). Parameters and the
 forward are otherwise the library's.
 """
 
@@ -237,20 +238,16 @@ class TrainingAttention:
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True, implementation=impl)
 
 
-def install_attention(kind: str, recent: int = 64) -> TrainingAttention | None:
-    """Swap the model's prefill attention for `TrainingAttention` in this process (training only); None keeps the
-    library's reference attention (`--attention reference`, no context dropout)."""
+def training_attention(kind: str, recent: int = 64) -> TrainingAttention | None:
+    """The `TrainingAttention` that the training model uses as its prompt attention (`Transformer.attention_fn`);
+    None keeps the library's reference attention (`--attention reference`, no context dropout)."""
     import jax
 
     if kind == "auto":
         kind = "cudnn" if jax.default_backend() == "gpu" else "xla"
     if kind == "reference":
         return None
-    import raas_jax.models.transformer as transformer
-
-    attention = TrainingAttention(kind, recent)
-    transformer.causal_attention = attention
-    return attention
+    return TrainingAttention(kind, recent)
 
 
 def init_params(cfg, seed: int):
@@ -289,7 +286,7 @@ def make_step(cfg, optimizer, compute_dtype, attention: TrainingAttention | None
 
     from raas_jax.models.transformer import Transformer
 
-    model = Transformer(cfg, compute_dtype)
+    model = Transformer(cfg, compute_dtype, attention_fn=attention)
 
     def loss_fn(params, tokens, mask, page_keep):
         inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, T]
@@ -437,7 +434,7 @@ def main(argv=None) -> int:
     hf = hf_config(TINY if args.tiny else FULL, vocab)
     cfg = ModelConfig.from_hf_dict(hf)
     buckets = resolve_buckets(args.tiny)
-    attention = install_attention(args.attention, args.dropout_recent)
+    attention = training_attention(args.attention, args.dropout_recent)
     attention_name = attention.kind if attention else "reference"
     masked = args.context_dropout > 0
     if masked and attention is None:

@@ -60,20 +60,15 @@ def test_tiny_training_learns_saves_and_resumes(tmp_path, capsys):
 
 
 def test_training_attention_matches_the_reference():
-    """The in-process attention swap (jax.nn.dot_product_attention, causal) equals the model's default path."""
+    """The training attention (jax.nn.dot_product_attention, causal) equals the model's default path."""
     import jax
     import jax.numpy as jnp
 
-    import raas_jax.models.transformer as transformer
     from raas_jax.kernels import reference
 
     train = _script()
-    original = transformer.causal_attention
-    try:
-        assert train.install_attention("xla").kind == "xla"
-        swapped = transformer.causal_attention
-    finally:
-        transformer.causal_attention = original
+    swapped = train.training_attention("xla")
+    assert swapped.kind == "xla" and train.training_attention("reference") is None
     q = jax.random.normal(jax.random.PRNGKey(0), (2, 24, 4, 16))
     k, v = jax.random.normal(jax.random.PRNGKey(1), (2, 2, 24, 2, 16))
     pos = jnp.broadcast_to(jnp.arange(24), (2, 24))
@@ -140,18 +135,12 @@ def test_context_mask_matches_brute_force():
 
 
 def test_masked_training_attention_equals_masked_reference():
-    """With page_keep set, the swapped attention equals a plain softmax over the visible keys only."""
+    """With page_keep set, the training attention equals a plain softmax over the visible keys only."""
     import jax
     import jax.numpy as jnp
 
-    import raas_jax.models.transformer as transformer
-
     train = _script()
-    original = transformer.causal_attention
-    try:
-        attention = train.install_attention("xla", recent=8)
-    finally:
-        transformer.causal_attention = original
+    attention = train.training_attention("xla", recent=8)
     B, T, Hq, Hk, D = 2, 48, 4, 2, 16
     q = jax.random.normal(jax.random.PRNGKey(0), (B, T, Hq, D))
     k, v = jax.random.normal(jax.random.PRNGKey(1), (2, B, T, Hk, D))
@@ -180,11 +169,10 @@ def test_tiny_training_with_context_dropout(tmp_path, capsys):
 
 
 def test_context_dropout_reaches_the_model_loss():
-    """The swapped attention is what the model's forward calls: hiding pages changes the loss, keeping every page
+    """The training attention is what the model's forward calls (Transformer.attention_fn): hiding pages changes the loss, keeping every page
     gives the unmasked loss."""
     import jax.numpy as jnp
 
-    import raas_jax.models.transformer as transformer
     from raas_jax.models.config import ModelConfig
 
     train = _script()
@@ -196,13 +184,9 @@ def test_context_dropout_reaches_the_model_loss():
     tokens, mask, keep = train.make_batch(problems, 192, ids)
     hidden = keep.copy()
     hidden[:, 7:] = False  # solution pages past position 112
-    original = transformer.causal_attention
-    try:
-        attention = train.install_attention("xla", recent=16)
-        _, masked_eval = train.make_step(cfg, optimizer, jnp.float32, attention, masked=True)
-        _, plain_eval = train.make_step(cfg, optimizer, jnp.float32)
-        full, dropped = (float(masked_eval(params, tokens, mask, k)["loss"]) for k in (keep, hidden))
-        plain = float(plain_eval(params, tokens, mask, keep)["loss"])
-    finally:
-        transformer.causal_attention = original
+    attention = train.training_attention("xla", recent=16)
+    _, masked_eval = train.make_step(cfg, optimizer, jnp.float32, attention, masked=True)
+    _, plain_eval = train.make_step(cfg, optimizer, jnp.float32)
+    full, dropped = (float(masked_eval(params, tokens, mask, k)["loss"]) for k in (keep, hidden))
+    plain = float(plain_eval(params, tokens, mask, keep)["loss"])
     assert abs(full - plain) < 1e-5 and abs(dropped - full) > 1e-4
