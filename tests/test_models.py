@@ -56,7 +56,7 @@ def test_fused_projections_equal_the_checkpoint_layout(case, tmp_path):
     import jax.numpy as jnp
 
     from raas_jax.model_io import checkpoint
-    from raas_jax.models import Transformer, fuse_projections
+    from raas_jax.models.transformer import Transformer, fuse_projections
     from raas_jax.policies import Dense
 
     kind, overrides = CASES[case]
