@@ -18,7 +18,7 @@ SCRIPT = textwrap.dedent('''
     import json, re, sys
     import jax, jax.numpy as jnp, numpy as np
     import raas_jax
-    from raas_jax.decode.generate import SamplingParams, pad_prompts
+    from raas_jax.decode.generate import RowSettings, batch_keys, pad_prompts
     from raas_jax.policies import Dense, H2O, Quest, RaaS, StreamingLLM
     from raas_jax.decode.sharding import cache_spec
 
@@ -45,11 +45,11 @@ SCRIPT = textwrap.dedent('''
         policy = RaaS(budget=48, page_size=4)
         gen = model._generator(policy)
         tokens, lengths, padding = pad_prompts(prompts, model.mesh.shape["data"])
-        sampling = SamplingParams(jnp.float32(0), jnp.int32(0), jnp.float32(1))
+        settings = RowSettings.make(len(tokens), max_new_tokens=8)
         eos = jnp.asarray([-1], jnp.int32)
         state = gen.start(model.params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(padding), eos,
-                          sampling, jax.random.PRNGKey(0), num_slots=policy.num_slots(0, 0))
-        hlo = gen.decode.lower(model.params, state, jnp.int32(4), eos, sampling).compile().as_text()
+                          settings, batch_keys(0, len(tokens)), num_slots=policy.num_slots(0, 0))
+        hlo = gen.decode.lower(model.params, state, jnp.int32(4), eos).compile().as_text()
         gathers = [l for l in hlo.splitlines() if " all-gather(" in l or "all-gather-start(" in l]
         pool_gathers = [l for l in gathers if re.search(r"= \\w+\\[(\\d+,){4,}\\d+\\]", l)]
         report[spec] = {"mesh": dict(model.mesh.shape), "gate_spec": list(leaf.sharding.spec), "same": same,

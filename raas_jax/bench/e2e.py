@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding
 from raas_jax.decode.cache import cache_bytes, page_key_bounds, pool_dtype
 from raas_jax.kernels.reference import to_pool_dtype
 from raas_jax.model_io.checkpoint import param_shapes
-from raas_jax.decode.generate import DecodeState, Generator, SamplingParams, DECODE_CHUNK, data_parallelism
+from raas_jax.decode.generate import Generator, data_parallelism, decode_state
 from raas_jax.models.config import ModelConfig
 from raas_jax.models.transformer import fuse_projections
 from raas_jax.policies import Dense, Policy, Quest, RaaS
@@ -149,11 +149,9 @@ def abstract_decode_args(gen: Generator, batch: int, position: int, prompt_len: 
         cache = {name: s(x.shape, x.dtype, sharding=NamedSharding(mesh, cache_spec(x.ndim))) for name, x in cache.items()}
         params = jax.tree.map(lambda x, sharding: s(x.shape, x.dtype, sharding=sharding), params,
                               param_shardings(params, mesh))
-    vector = s((batch,), jnp.int32)
-    state = DecodeState(cache, s((batch, DECODE_CHUNK), jnp.int32), vector, vector, s((batch,), jnp.bool_),
-                        s((), jnp.int32), s((), jnp.int32), jax.eval_shape(lambda: jax.random.PRNGKey(0)))
-    scalar_f, scalar_i = s((), jnp.float32), s((), jnp.int32)
-    return params, state, scalar_i, s((1,), jnp.int32), SamplingParams(scalar_f, scalar_i, scalar_f)
+    state = jax.eval_shape(lambda: decode_state({}, jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32)))
+    state = state.replace(cache=cache)
+    return params, state, s((), jnp.int32), s((1,), jnp.int32)
 
 
 def decode_memory(gen: Generator, batch: int, position: int, prompt_len: int = 128, headroom: int = 34) -> dict:
@@ -247,19 +245,16 @@ def time_decode(gen: Generator, params: dict, cache: dict, batch: int, position:
     compiled anything, and the device's memory_stats() read while the pool and state are still alive."""
     key = jax.random.PRNGKey(seed)
     tokens = jax.random.randint(key, (batch,), 0, gen.cfg.vocab_size, jnp.int32)
-    state = DecodeState(cache, jnp.zeros((batch, DECODE_CHUNK), jnp.int32), tokens,
-                        jnp.full((batch,), position, jnp.int32), jnp.zeros((batch,), bool), jnp.int32(0),
-                        jnp.int32(0), key)
+    state = decode_state(cache, tokens, jnp.full((batch,), position, jnp.int32), seed=seed)
     eos = jnp.asarray([-1], jnp.int32)
-    greedy = SamplingParams(jnp.float32(0), jnp.int32(0), jnp.float32(1))
-    state = gen.decode(params, state, jnp.int32(1), eos, greedy)  # compiles for the inputs' placement
-    state = state._replace(base=jnp.int32(1))  # and (under a mesh) for the timed call's: the outputs' own
-    state = gen.decode(params, state, jnp.int32(2), eos, greedy)
+    state = gen.decode(params, state, jnp.int32(1), eos)  # compiles for the inputs' placement
+    state = state.replace(base=jnp.int32(1))  # and (under a mesh) for the timed call's: the outputs' own
+    state = gen.decode(params, state, jnp.int32(2), eos)
     jax.block_until_ready(state)
     compiled = gen.decode._cache_size()
-    state = state._replace(base=jnp.int32(2))
+    state = state.replace(base=jnp.int32(2))
     start = time.perf_counter()
-    state = gen.decode(params, state, jnp.int32(2 + steps), eos, greedy)
+    state = gen.decode(params, state, jnp.int32(2 + steps), eos)
     jax.block_until_ready(state)
     seconds = (time.perf_counter() - start) / steps
     assert int(state.step) == 2 + steps

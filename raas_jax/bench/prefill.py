@@ -1,4 +1,4 @@
-"""Prefill throughput and memory (issue 16): the flash prefill (whole prompt through cuDNN / Pallas) and the chunked
+"""Prefill throughput and memory: the flash prefill (whole prompt through cuDNN / Pallas) and the chunked
 prefill against the T x T reference attention they replace, Llama-3-8B shapes with random bf16 weights.
 
     raas-jax bench prefill --out $OUT/prefill.json           # one H200, ~5 min
@@ -108,10 +108,10 @@ def decode_inputs(batch):
     import jax
     import jax.numpy as jnp
 
-    from raas_jax.decode.generate import SamplingParams
+    from raas_jax.decode.generate import RowSettings, batch_keys
 
-    greedy = SamplingParams(jnp.float32(0), jnp.int32(0), jnp.float32(1))
-    return jnp.zeros((batch,), bool), jnp.asarray([-1], jnp.int32), greedy, jax.random.PRNGKey(0)
+    greedy = RowSettings.make(batch, max_new_tokens=1)
+    return jnp.zeros((batch,), bool), jnp.asarray([-1], jnp.int32), greedy, batch_keys(0, batch)
 
 
 def run_whole(gen, params, tokens, lengths, num_slots):

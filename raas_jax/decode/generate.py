@@ -3,13 +3,16 @@
 Shapes are bucketed (batch and prompt length to powers of two, O(N) caches to a power-of-two number of
 pages; fixed-budget caches depend on the budget alone) and decoded tokens go through a fixed 128-column
 device buffer drained between chunks, so new request sizes and longer generations rarely compile anything
-new. The decode state is one pytree, donated to every chunk.
+new. The decode state (`DecodeState`) is one typed pytree over rows, donated to every chunk: each row carries its
+own position, stop length, sampling settings and PRNG key, so rows can hold unrelated requests (greedy and sampled
+in one batch) and a finished row can take a new request (`Generator.insert`) between chunks. `Model.generate`
+(a static batch, `run_generation`) and the serving engine (raas_jax/serve) run these same compiled functions.
 
 Prompts longer than `prefill_chunk` tokens are prefilled chunk by chunk (`chunked_prefill`): one jitted call per
 chunk of that many tokens writes it into the page pool, so activation memory is bounded by the chunk and any
 longer prompt reuses the same compiled chunk. Policies whose layout of a long prompt is chosen over the whole
 prompt (H2O, StreamingLLM, unpinned RaaS when the prompt does not fit the pool) take the whole-prompt path
-(`Policy.chunkable`, docs/notes.md).
+(`Policy.chunkable`, docs/design.md).
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ import dataclasses
 import functools
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from raas_jax.decode.cache import saturated_entries
 from raas_jax.policies import Dense, next_pow2
@@ -36,21 +40,62 @@ MIN_OUT_BUCKET = 16  # teacher-forced runs: continuation lengths go to powers of
 DECODE_CHUNK = 128  # tokens buffered on device per decode call; the host drains it between calls
 
 
-class DecodeState(NamedTuple):
-    cache: dict  # the policy's cache pytree, arrays stacked over layers
-    tokens: jax.Array  # [B, DECODE_CHUNK] int32 tokens generated since `base`
-    last: jax.Array  # [B] int32 last sampled token (next input)
+@struct.dataclass
+class RowSettings:
+    """What each row's request asked for, as arrays over rows (traced: changing them compiles nothing)."""
+
+    max_new_tokens: jax.Array  # [B] int32 the row is done once it has sampled this many tokens
+    ignore_eos: jax.Array  # [B] bool keep going past an EOS token
+    temperature: jax.Array  # [B] float32, 0 = greedy
+    top_k: jax.Array  # [B] int32, 0 = off
+    top_p: jax.Array  # [B] float32, 1 = off
+
+    @classmethod
+    def make(cls, batch: int, *, max_new_tokens: Any, ignore_eos: Any = False, temperature: Any = 0.0,
+             top_k: Any = 0, top_p: Any = 1.0) -> RowSettings:
+        """Settings for `batch` rows from scalars (every row the same) or sequences of `batch` values."""
+        def rows(value, dtype):
+            return jnp.asarray(np.broadcast_to(np.asarray(value, dtype), (batch,)))
+
+        return cls(rows(max_new_tokens, np.int32), rows(ignore_eos, np.bool_), rows(temperature, np.float32),
+                   rows(top_k, np.int32), rows(top_p, np.float32))
+
+
+@struct.dataclass
+class DecodeState:
+    """The decode state over B rows; every array's leading axis (the cache's second) is the row."""
+
+    cache: dict  # the policy's page pool, arrays stacked over layers: [L, B, ...] (FP8 scales [L])
+    tokens: jax.Array  # [B, DECODE_CHUNK] int32 tokens sampled since `base` (column = step - base)
+    last: jax.Array  # [B] int32 last sampled token (the next input)
     pos: jax.Array  # [B] int32 position of `last`
-    done: jax.Array  # [B] bool sequence has emitted an EOS (or is batch padding)
-    step: jax.Array  # [] int32 tokens generated so far
+    done: jax.Array  # [B] bool finished (EOS or max_new_tokens), a free row, or batch padding
+    count: jax.Array  # [B] int32 tokens the row has sampled, the first one included
+    settings: RowSettings  # per-row request settings
+    key: jax.Array  # [B, 2] uint32 a PRNG key per row
+    step: jax.Array  # [] int32 decode steps taken by this state
     base: jax.Array  # [] int32 value of `step` when `tokens` was last drained
-    key: jax.Array  # PRNG key
 
 
-class SamplingParams(NamedTuple):
-    temperature: jax.Array  # [] float32, 0 = greedy
-    top_k: jax.Array  # [] int32, 0 = off
-    top_p: jax.Array  # [] float32, 1 = off
+def decode_state(cache: dict, last: jax.Array, pos: jax.Array, *, max_new_tokens: int = 2**30,
+                 seed: int = 0) -> DecodeState:
+    """A decode state over a given pool (e.g. a synthetic one for benchmarks): row b has just sampled `last[b]` at
+    position `pos[b]` ([B] int32 each), greedy, no row done, stopping after `max_new_tokens`."""
+    batch = last.shape[0]
+    return DecodeState(cache, jnp.zeros((batch, DECODE_CHUNK), jnp.int32), last, pos, jnp.zeros((batch,), bool),
+                       jnp.ones((batch,), jnp.int32), RowSettings.make(batch, max_new_tokens=max_new_tokens),
+                       batch_keys(seed, batch), jnp.int32(0), jnp.int32(0))
+
+
+def row_keys(seeds: Sequence[int]) -> jax.Array:
+    """A PRNG key per row, [B, 2] uint32, from each row's integer seed."""
+    return jnp.stack([jax.random.PRNGKey(int(seed)) for seed in seeds]) if len(seeds) else \
+        jnp.zeros((0, 2), jnp.uint32)
+
+
+def batch_keys(seed: int, batch: int) -> jax.Array:
+    """Row keys of one seeded static batch: row i gets fold_in(PRNGKey(seed), i). [B, 2] uint32."""
+    return jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.arange(batch))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,15 +139,16 @@ class Generator:
         _, rest = jax.lax.scan(step, (cache, lengths), forced[:, :-1].T)  # [N-1, B, V]
         return jnp.concatenate([first[:, None], rest.transpose(1, 0, 2)], axis=1)
 
-    def _start(self, params, prompt, lengths, done, eos_ids, sampling: SamplingParams, key, *,
+    def _start(self, params, prompt, lengths, done, eos_ids, settings: RowSettings, keys, *,
                num_slots: int) -> DecodeState:
-        """Prefill the prompts [B, T] (right-padded, `lengths` [B]) and sample the first token."""
+        """Prefill the prompts [B, T] (right-padded, `lengths` [B]; `done` [B] marks padding rows) and sample
+        the first token of each row."""
         batch, t = prompt.shape
         positions = jnp.where(jnp.arange(t)[None, :] < lengths[:, None], jnp.arange(t)[None, :], -1)
         cache = self.policy.init(self.cfg, batch, num_slots, self.dtype)
         logits, cache = self.module.apply({"params": params}, prompt, positions, cache,
                                           logits_index=lengths - 1)  # [B, V]
-        return self._first_token(cache, logits, lengths, done, eos_ids, sampling, key)
+        return self._first_token(cache, logits, lengths, done, eos_ids, settings, keys)
 
     @functools.cached_property
     def begin_chunks(self) -> Callable:
@@ -128,24 +174,26 @@ class Generator:
                                                 logits_index=jnp.maximum(last, 0))  # [B, V]
         return cache, jnp.where((last >= 0)[:, None], chunk_logits, logits)
 
-    def _finish_chunks(self, cache, extras, logits, lengths, done, eos_ids, sampling: SamplingParams,
-                       key) -> DecodeState:
+    def _finish_chunks(self, cache, extras, logits, lengths, done, eos_ids, settings: RowSettings,
+                       keys) -> DecodeState:
         """The decode state after the last chunk: the policy folds its chunked-prefill `extras` (arrays that are
         not donated, since decode has no place for them) into the cache, then the first token is sampled."""
         cache = self.policy.end_chunked_prefill({**cache, **extras})
-        return self._first_token(cache, logits, lengths, done, eos_ids, sampling, key)
+        return self._first_token(cache, logits, lengths, done, eos_ids, settings, keys)
 
-    def _first_token(self, cache, logits, lengths, done, eos_ids, sampling: SamplingParams, key) -> DecodeState:
-        """Sample the first new token from the prompts' last logits [B, V]: the decode state."""
+    def _first_token(self, cache, logits, lengths, done, eos_ids, settings: RowSettings, keys) -> DecodeState:
+        """Sample each row's first new token from its prompt's last logits [B, V]: the decode state (step 1)."""
         batch = logits.shape[0]
-        key, sub = jax.random.split(key)
-        first = sample_tokens(logits, sub, *sampling)  # [B]
+        keys, subs = _split_rows(keys)
+        first = sample_tokens(logits, subs, settings.temperature, settings.top_k, settings.top_p)  # [B]
         tokens = jnp.zeros((batch, DECODE_CHUNK), jnp.int32).at[:, 0].set(first)
-        done = done | jnp.isin(first, eos_ids)
-        return DecodeState(cache, tokens, first, lengths, done, jnp.int32(1), jnp.int32(0), key)
+        count = jnp.ones((batch,), jnp.int32)
+        done = done | _finished(first, count, eos_ids, settings)
+        return DecodeState(cache, tokens, first, lengths, done, count, settings, keys, jnp.int32(1), jnp.int32(0))
 
-    def _decode(self, params, state: DecodeState, stop_step, eos_ids, sampling: SamplingParams) -> DecodeState:
-        """Decode until `step == stop_step` (at most DECODE_CHUNK past `base`) or every sequence is done."""
+    def _decode(self, params, state: DecodeState, stop_step, eos_ids) -> DecodeState:
+        """Decode until `step == stop_step` (at most DECODE_CHUNK past `base`) or every row is done. Done rows
+        still run through the model (the batch is fixed) but sample nothing, keep their position and count."""
 
         def cond(s: DecodeState):
             return (s.step < stop_step) & ~jnp.all(s.done)
@@ -153,15 +201,50 @@ class Generator:
         def body(s: DecodeState):
             logits, cache = self.module.apply({"params": params}, s.last[:, None], s.pos[:, None], s.cache,
                                               decode=True, logits_index=jnp.zeros_like(s.pos))  # [B, V]
-            key, sub = jax.random.split(s.key)
-            token = sample_tokens(logits, sub, *sampling)
-            token = jnp.where(s.done, 0, token)
+            keys, subs = _split_rows(s.key)
+            token = sample_tokens(logits, subs, s.settings.temperature, s.settings.top_k, s.settings.top_p)
+            token = jnp.where(s.done, 0, token)  # [B]
             tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step - s.base))
-            pos = s.pos + (~s.done).astype(jnp.int32)  # finished sequences stop moving
-            done = s.done | jnp.isin(token, eos_ids)
-            return DecodeState(cache, tokens, token, pos, done, s.step + 1, s.base, key)
+            live = (~s.done).astype(jnp.int32)
+            pos, count = s.pos + live, s.count + live  # finished rows stop moving
+            done = s.done | _finished(token, count, eos_ids, s.settings)
+            return s.replace(cache=cache, tokens=tokens, last=token, pos=pos, done=done, count=count, key=keys,
+                             step=s.step + 1)
 
         return jax.lax.while_loop(cond, body, state)
+
+    @functools.cached_property
+    def insert(self) -> Callable:
+        return jax.jit(self._insert, donate_argnums=(1,))
+
+    def _insert(self, prefix: DecodeState, state: DecodeState, row) -> DecodeState:
+        """Put a prefilled one-row state (`start` / `finish_chunks` at batch 1, the same pool size) into row `row`
+        of `state`, between decode chunks (`state.base == state.step`): its pool, position, first token, count,
+        settings and key. The row's token buffer restarts empty: the caller has the first token from `prefix`."""
+        def put(rows, one):  # rows [B, ...] <- one [1, ...] at `row` along axis 0
+            return jax.lax.dynamic_update_slice_in_dim(rows, one.astype(rows.dtype), row, axis=0)
+
+        def put_pool(rows, one):  # pool arrays [L, B, ...]; per-layer arrays [L] (FP8 scales) are shared
+            if rows.ndim < 2:
+                return rows
+            return jax.lax.dynamic_update_slice_in_dim(rows, one.astype(rows.dtype), row, axis=1)
+
+        cache = {name: put_pool(state.cache[name], prefix.cache[name]) for name in state.cache}
+        return state.replace(
+            cache=cache, tokens=put(state.tokens, jnp.zeros_like(prefix.tokens)), last=put(state.last, prefix.last),
+            pos=put(state.pos, prefix.pos), done=put(state.done, prefix.done), count=put(state.count, prefix.count),
+            settings=jax.tree.map(put, state.settings, prefix.settings), key=put(state.key, prefix.key))
+
+
+def _split_rows(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each row's key [B, 2] -> (the row's next key, a key for this draw), both [B, 2]."""
+    both = jax.vmap(jax.random.split)(keys)  # [B, 2, 2]
+    return both[:, 0], both[:, 1]
+
+
+def _finished(token, count, eos_ids, settings: RowSettings) -> jax.Array:
+    """[B] bool: the row's token ends it (an EOS, unless ignore_eos) or it has sampled max_new_tokens."""
+    return (jnp.isin(token, eos_ids) & ~settings.ignore_eos) | (count >= settings.max_new_tokens)
 
 
 def data_parallelism(policy: Any) -> int:
@@ -238,16 +321,19 @@ def run_generation(gen: Generator, params, prompts: Sequence[Sequence[int]], *, 
     plan = prefill_plan(gen.policy, [len(p) for p in prompts], prefill_chunk)
     tokens, lengths, is_padding = pad_prompts(prompts, data_parallelism(gen.policy), chunk=plan)
     num_slots = gen.policy.num_slots(int(lengths.max()), max_new_tokens)
-    sampling = SamplingParams(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
-    eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+    batch = tokens.shape[0]
+    settings = RowSettings.make(batch, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                top_p=top_p)
+    keys = batch_keys(seed, batch)
+    eos = eos_array(eos_ids)
     if plan is None:
         state = gen.start(params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(is_padding), eos,
-                          sampling, jax.random.PRNGKey(seed), num_slots=num_slots)
+                          settings, keys, num_slots=num_slots)
     else:
         cache, logits = chunked_prefill(gen, params, tokens, lengths, chunk=plan, num_slots=num_slots)
         extras = {name: cache.pop(name) for name in gen.policy.chunk_extras}
         state = gen.finish_chunks(cache, extras, logits, jnp.asarray(lengths), jnp.asarray(is_padding), eos,
-                                  sampling, jax.random.PRNGKey(seed))
+                                  settings, keys)
     chunk = min(chunk or DECODE_CHUNK, DECODE_CHUNK)
     drained: list[np.ndarray] = []
     while True:
@@ -257,8 +343,8 @@ def run_generation(gen: Generator, params, prompts: Sequence[Sequence[int]], *, 
             on_chunk(np.concatenate(drained, axis=1), step)
         if step >= max_new_tokens or bool(jnp.all(state.done)):
             break
-        state = state._replace(base=jnp.int32(step))
-        state = gen.decode(params, state, jnp.int32(min(step + chunk, max_new_tokens)), eos, sampling)
+        state = state.replace(base=jnp.int32(step))
+        state = gen.decode(params, state, jnp.int32(min(step + chunk, max_new_tokens)), eos)
         if int(state.step) <= step and not bool(jnp.all(state.done)):
             raise RuntimeError(f"decoding made no progress at step {step} of {max_new_tokens}")
     out = np.concatenate(drained, axis=1)
@@ -271,6 +357,11 @@ def run_generation(gen: Generator, params, prompts: Sequence[Sequence[int]], *, 
                       f"({float(jnp.finfo(state.cache['k'].dtype).max):g}): values were clipped ({remedy}). Compare the "
                       "output with --kv-dtype auto (kv_dtype='auto').", stacklevel=2)
     return out, state
+
+
+def eos_array(eos_ids: Sequence[int]) -> jax.Array:
+    """The stop token ids as the decode functions take them: [E] int32 (a model with none: [-1], never sampled)."""
+    return jnp.asarray(list(eos_ids) or [-1], jnp.int32)
 
 
 def forced_logits(gen: Generator, params, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from raas_jax import configure_gpu
 from raas_jax.bench import e2e as bench
-from raas_jax.decode.generate import DECODE_CHUNK, DecodeState, Generator, SamplingParams
+from raas_jax.decode.generate import Generator, decode_state
 
 
 def device_kernels(trace_dir: Path) -> list[tuple[str, float]]:
@@ -114,18 +114,15 @@ def plot_parts(profiles: dict[str, Path], png: Path) -> Path:
 def profile_decode(gen, params, cache, batch, position, steps) -> tuple[float, list[tuple[str, float]]]:
     """Wall seconds per step of a traced `steps`-step decode call, and its device kernels."""
     key = jax.random.PRNGKey(0)
-    state = DecodeState(cache, jnp.zeros((batch, DECODE_CHUNK), jnp.int32),
-                        jax.random.randint(key, (batch,), 0, gen.cfg.vocab_size, jnp.int32),
-                        jnp.full((batch,), position, jnp.int32), jnp.zeros((batch,), bool), jnp.int32(0),
-                        jnp.int32(0), key)
+    state = decode_state(cache, jax.random.randint(key, (batch,), 0, gen.cfg.vocab_size, jnp.int32),
+                         jnp.full((batch,), position, jnp.int32))
     eos = jnp.asarray([-1], jnp.int32)
-    greedy = SamplingParams(jnp.float32(0), jnp.int32(0), jnp.float32(1))
-    state = jax.block_until_ready(gen.decode(params, state, jnp.int32(2), eos, greedy))  # compile + warm up
-    state = state._replace(base=jnp.int32(2))
+    state = jax.block_until_ready(gen.decode(params, state, jnp.int32(2), eos))  # compile + warm up
+    state = state.replace(base=jnp.int32(2))
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             start = time.perf_counter()
-            state = jax.block_until_ready(gen.decode(params, state, jnp.int32(2 + steps), eos, greedy))
+            state = jax.block_until_ready(gen.decode(params, state, jnp.int32(2 + steps), eos))
             seconds = (time.perf_counter() - start) / steps
         kernels = device_kernels(Path(trace_dir))
     return seconds, kernels
