@@ -3,8 +3,7 @@
 `backend="reference"` is the plain-jnp oracle (kernels/reference.py), also the CPU path.
 `backend="pallas"` is kernels/pallas_gpu.py (Pallas, Triton lowering), run in interpret mode off-GPU; on a Hopper
 GPU its decode attention over bf16 / f16 pages (with or without a slot list) is kernels/mosaic_gpu.py (Pallas,
-Mosaic GPU lowering: TMA copies and wgmma), faster than Triton at the eight bf16 bench shapes (docs/performance.md
-sections 21-23).
+Mosaic GPU lowering: TMA copies and wgmma), faster than Triton at the bf16 bench shapes (docs/kernels.md).
 `backend="pallas_tpu"` is kernels/pallas_tpu.py (Pallas, Mosaic TPU lowering), run in TPU interpret mode off-TPU.
 `backend="auto"` picks `AUTO_ON_GPU` on a GPU, `AUTO_ON_TPU` on a TPU and the reference elsewhere; shapes the
 Pallas kernels do not take (their `supports` functions) fall back to the reference.
@@ -19,8 +18,8 @@ from . import mosaic_gpu, pallas_gpu, pallas_tpu, prefill, reference
 
 POOL_ARRAYS = reference.POOL_ARRAYS
 BACKENDS = ("auto", "reference", "pallas", "pallas_tpu")
-AUTO_ON_GPU = "pallas"  # measured faster than XLA for every kernel and bench shape (docs/performance.md 5, 8)
-AUTO_ON_TPU = "pallas_tpu"  # not measured yet (no TPU): a bandwidth model in docs/performance.md
+AUTO_ON_GPU = "pallas"  # measured faster than XLA for every kernel and bench shape (docs/kernels.md)
+AUTO_ON_TPU = "pallas_tpu"  # not measured yet (no TPU): a bandwidth model in docs/kernels.md
 
 
 def resolve(backend: str) -> str:

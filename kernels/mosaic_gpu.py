@@ -23,8 +23,8 @@ one TMA copy per page into its rows of the block's buffer, all arriving on the b
 Taken (`supports`): bf16 / f16 pools in q's dtype, head dim 64 or 128, groups up to 16 query heads, pages of 2 to
 128 tokens (8 or more with a slot list), pools (or lists) of whole 128-token blocks, on a Hopper GPU (`available`).
 The dispatch keeps the Triton kernel for everything else: FP8 pools, other head dims and groups, other GPUs. On an
-H200 it is 1-13% faster than the Triton kernel at the eight bf16 `bench kernels` shapes, and alone (Nsight Compute,
-B = 32 with 4K tokens) it reads the pool at 4.18 TB/s (docs/performance.md sections 21-23).
+H200 it is faster than the Triton kernel at the bf16 `bench kernels` shapes; the measurements behind its defaults
+are in docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -46,28 +46,25 @@ from .reference import MASK_VALUE
 class MosaicTuning:
     """Launch parameters of the Mosaic GPU `decode_attention`."""
 
-    # Chosen on an H200 (docs/performance.md sections 20-22): one 128-token block per program in SMEM (~79 KB, so two
-    # programs share an SM and each one's load overlaps the other's compute) was the fastest or within 3% of the
-    # fastest variant at every bench shape; 2-3 stages of one program per SM gained nothing, and 64-token blocks
-    # lost everywhere, also with 3 stages at two programs per SM.
+    # Chosen on an H200 (docs/kernels.md): one 128-token block per program in SMEM (~79 KB, so two programs share an
+    # SM and each one's load overlaps the other's compute); 2-3 stages of one program per SM gained nothing, and
+    # 64-token blocks lost everywhere, also with 3 stages at two programs per SM.
     block_tokens: int = 128  # tokens per pipeline step (a multiple of 64)
     stages: int = 1  # SMEM buffers of k / v in flight per program
     # Splits grow until (B * Hkv * splits) reaches this: 256 is one split per (sequence, KV head) from B = 32 with 8
-    # KV heads (section 22: at B = 32 1K 39.7 / 42.9 us in two runs, 528's four splits 43.4 / 44.5; at 4K 132.6 /
-    # 133.3 against 136.1 / 141.3; the same elsewhere within the noise)
+    # KV heads, faster than four splits at B = 32 and the same elsewhere (docs/kernels.md)
     target_programs: int = 256
-    # Past one wave of co-resident programs (two per SM, 132 SMs) the last wave runs part-empty: Dense at 32K with
-    # B = 20 (160 rows) took 780 us in 320 programs of 128 blocks, 688 in 160 and 628 in 1280 (torch SDPA 629;
-    # docs/performance.md section 24). So past `wave_programs` the splits keep doubling until the programs fill
-    # `full_waves` waves, while each split keeps `min_split_blocks` blocks or more (short splits pay their prologue).
+    # Past one wave of co-resident programs (two per SM, 132 SMs) the last wave runs part-empty (1-2 waves was the
+    # slowest split count measured, docs/kernels.md). So past `wave_programs` the splits keep doubling until the
+    # programs fill `full_waves` waves, while each split keeps `min_split_blocks` blocks or more (short splits pay
+    # their prologue).
     wave_programs: int = 264
     full_waves: int = 4
     min_split_blocks: int = 32
     exact_sums: bool = True  # per-slot sums from p's two bf16 halves (~16 bits); False: one bf16 product
     # A slot list copied into SMEM once per program (one TMA copy), so a block's page indices are SMEM reads: read
-    # from GMEM, each block's copies wait a GMEM round trip for their indices first. Quest's shape on an H200
-    # (docs/performance.md section 24): 74.9 / 74.4 us staged against 76.3 / 76.1 read from GMEM (two runs); staged
-    # with two stages 91.9 / 92.2. Lists longer than STAGED_LIST_BYTES are read from GMEM.
+    # from GMEM, each block's copies wait a GMEM round trip for their indices first (~2% on Quest's bench shape,
+    # docs/kernels.md). Lists longer than STAGED_LIST_BYTES are read from GMEM.
     staged_list: bool = True
 
 
@@ -252,7 +249,7 @@ def _kernel(layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, *refs, scale, to
             if exact_sums:
                 sums = sums + product(indicator, p_smem.at[1], (64, heads), b_t=True)
             # k / v of this buffer are consumed (the products above were awaited): refill it (refilling k right
-            # after the logits product instead gained nothing, docs/performance.md section 21)
+            # after the logits product instead gained nothing, docs/kernels.md)
             pl.when(i + stages < walked)(functools.partial(issue, i + stages, slot))
             buf = lax.rem(i, 2)
             plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the copies out of `buf` two steps ago are done

@@ -2,7 +2,7 @@
 
 Lowered through Pallas' Triton backend (selected by passing `pltriton.CompilerParams`; without them JAX >= 0.10
 picks Mosaic GPU). The Triton lowering is deprecated since JAX 0.11 but is the one that takes these shapes
-(gathers of pages, small dots) today; `kernels/__init__.py` hides the choice so it can move to Mosaic GPU.
+(gathers of pages, small dots) today; `kernels/dispatch.py` hides the choice so it can move to Mosaic GPU.
 
 decode_attention: one program per (sequence, KV head, split). A split walks up to `blocks_per_split` blocks of
 `block_slots` slots (T = block_slots * page tokens; blocks go round-robin to the splits, none past the caller's
@@ -13,17 +13,15 @@ turn them into each slot's softmax mass once the global max and sum are known (f
 the pools of every layer and read that layer in place (a layer slice passed to a custom call would be copied).
 
 Over an FP8 pool (`kv_dtype="fp8"`) the pages are read as uint16 pairs, upcast in registers, and the products run
-in float16 (see AttentionTuning). Measured on an H200 (docs/performance.md section 5): 1.22-1.59x the jnp reference
-under XLA at every benchmark shape (5.8x on the Quest path), 4.0 TB/s at B=32 with 32K tokens; `backend="auto"` uses
-these on a GPU.
+in float16 (see AttentionTuning). Faster than the jnp reference under XLA at every benchmark shape (docs/kernels.md);
+`backend="auto"` uses these on a GPU (the decode attention over bf16 / f16 pools on Hopper is kernels/mosaic_gpu.py).
 
 page_scores: one program per (sequence, KV head, block of slots): the Quest bound sum_d max(q*kmin, q*kmax)
 for each query head of the group, max over the group, -inf on empty slots.
 
 top_k_mask: one program per row of scores: the k-th largest value found by a 32-step bisection on the bits of
 order-preserving integer keys, in registers, then ties broken towards lower slots with a cumulative count.
-On the H200 it gives lax.top_k's masks at 15.3 us vs 42.7 us for B=32, 8 heads, 2048 slots, k=128
-(10.4 vs 14.3 us for RaaS's top half of 64 slots at B=64).
+On an H200 it gives lax.top_k's masks about twice as fast at Quest's bench shape (docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -44,19 +42,19 @@ MIN_ROWS = 16  # Triton dots need every dimension >= 16: the query heads of a gr
 
 @dataclasses.dataclass(frozen=True)
 class AttentionTuning:
-    """Launch parameters of `decode_attention` (see scripts/bench.py kernels for how they were chosen)."""
+    """Launch parameters of `decode_attention` (chosen with `raas-jax bench kernels --sweep`: docs/kernels.md)."""
 
     block_tokens: int = 64  # tokens per loop iteration (rounded to whole pages)
     target_programs: int = 1024  # splits grow until (B * Hkv * splits) reaches this
     num_warps: int = 4
     num_stages: int = 2
-    # Over an FP8 pool (docs/performance.md section 18: 1.38-1.46x faster than over a bf16 pool at B = 128 4K and
-    # B = 32 32K, where a bf16 compute dtype and 2 stages gained nothing): compute in float16, which holds every e4m3
-    # value (q scaled first, as the reference does), with one more pipeline stage.
+    # Over an FP8 pool (docs/kernels.md: a bf16 compute dtype and 2 stages made FP8 pools no faster than bf16 ones):
+    # compute in float16, which holds every e4m3 value (q scaled first, as the reference does), with one more
+    # pipeline stage.
     fp8_as_f16: bool = True
     fp8_num_stages: int = 3
     # An FP8 pool is read as uint16 pairs (the even and odd channels in two dots each): 1.15x faster than one byte per
-    # load (section 18), and it keeps a pool of 2^31 to 2^32 values inside Triton's int32 offsets (they turn int64
+    # load (docs/kernels.md), and it keeps a pool of 2^31 to 2^32 values inside Triton's int32 offsets (they turn int64
     # only past 4 GiB). False: one byte per load where the offsets allow it.
     pack_fp8: bool = True
 
@@ -237,7 +235,7 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, 
     stored = d // 2 if packed else d  # channels per row as the kernel reads the pool
     q_heads = q.reshape(b, hkv, group, d)
     if not is_float8(k.dtype):  # padded by XLA: gathering its rows in the kernel made bf16 pools 5% slower at B = 128
-        q_heads = jnp.pad(q_heads, ((0, 0), (0, 0), (0, rows - group), (0, 0)))  # (docs/performance.md section 19)
+        q_heads = jnp.pad(q_heads, ((0, 0), (0, 0), (0, rows - group), (0, 0)))  # (docs/kernels.md)
     if packed:  # the pool as uint16 pairs (an XLA bitcast; half the elements: int32 offsets suffice)
         k_flat, v_flat = (jax.lax.bitcast_convert_type(x.reshape(x.shape[:-1] + (stored, 2)), jnp.uint16)
                           for x in (k_flat, v_flat))
@@ -517,16 +515,15 @@ MAX_REFRESH_SLOTS = 128  # a row's bounds [S, D] and its [S, S] rank comparisons
 
 @dataclasses.dataclass(frozen=True)
 class RefreshTuning:
-    """Launch parameters of `refresh_top_half` (timed by scripts/bookkeeping_kernels.py; docs/performance.md 22)."""
+    """Launch parameters of `refresh_top_half` (chosen on an H200: docs/kernels.md)."""
 
     channels: int = 64  # head-dim channels per pair of bound products (a power of two >= 16)
     num_warps: int = 4
     heads_per_program: int = 1  # KV heads of one sequence per program, in a loop (its gcd with Hkv)
     num_stages: int = 1  # Triton's software pipelining of that loop's loads
     # The query rows gathered in the kernel from q [B, Hq, D] (the group's last row repeated up to the products' 16
-    # columns) instead of a padded copy of q made by XLA (a pad fusion per layer: 12.7 us at B = 816). On an H200 at
-    # B = 816 the kernel itself is also 3-4 us faster with it (82.6 / 76.6 against 85.6 / 80.2 us in two runs), at
-    # B = 64 the same (17.7 against 17.0); docs/performance.md section 23.
+    # columns) instead of a padded copy of q made by XLA: one pad fusion per layer less, and the kernel itself is a
+    # little faster at large batch (docs/kernels.md).
     gather_q: bool = True
 
 

@@ -22,7 +22,7 @@ bisection on the bits of order-preserving int32 keys, then ties taken from the l
 the slot index (Mosaic has no cumsum), vectorised over rows (sublanes) and slots (lanes).
 
 All three run on CPU in TPU interpret mode (`interpret=True` -> `pltpu.InterpretParams()`), which simulates
-HBM, VMEM, SMEM, DMAs and semaphores. Not yet measured on a TPU: docs/performance.md has a bandwidth model.
+HBM, VMEM, SMEM, DMAs and semaphores. Not yet measured on a TPU: docs/kernels.md has a bandwidth model.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from jax.experimental.pallas import tpu as pltpu
 from .reference import MASK_VALUE
 
 SUBLANES = 8  # f32 rows per vreg: query heads of a group are padded to a multiple of this
-BLOCK_TOKENS = 512  # tokens per DMA block of decode_attention (see docs/performance.md, TPU model)
+BLOCK_TOKENS = 512  # tokens per DMA block of decode_attention (see docs/kernels.md, TPU model)
 SCORE_BLOCK_SLOTS = 512  # slots per grid step of page_scores
 MAX_PREFETCH_SLOTS = 2**17  # slot-list entries scalar-prefetched into SMEM (512 KiB of 1 MiB on v4/v5)
 MAX_TOP_K_ROW = 8192  # 8 rows of this many f32 scores are 256 KiB of VMEM; longer rows use lax.top_k

@@ -1,7 +1,7 @@
-"""Prefill attention without T x T memory (issue 16): a whole prompt through a kept flash kernel, H2O's key mass in
+"""Prefill attention without T x T memory: a whole prompt through a kept flash kernel, H2O's key mass in
 a second blockwise pass, and a prompt chunk's attention over the pages already written (chunked prefill).
 
-Entry points (dispatched from kernels/__init__.py; kernels/reference.py is the oracle and the CPU path of each):
+Entry points (dispatched from kernels/dispatch.py; kernels/reference.py is the oracle and the CPU path of each):
 
   causal_attention(q [B,T,Hq,D], k/v [B,T,Hkv,D], q_positions, k_positions) -> out [B,T,Hq,D]
   key_mass(q, k, q_positions, k_positions) -> [B,Hkv,G,Tk]: per query head, the softmax mass each key received,

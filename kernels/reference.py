@@ -1,6 +1,6 @@
 """Plain-jnp attention kernels: the oracle for every Pallas kernel and the CPU/TPU fallback.
 
-Shapes follow the kernel contract (DESIGN.md section 4):
+Shapes follow the kernel contract (docs/design.md):
   q     [B, Hq, D]            one query token per sequence
   k, v  [B, Hkv, S, P, D]     a pool of S page slots of P tokens per KV head
   fill  [B, Hkv, S] int32     tokens held by each slot (0 = empty)

@@ -163,8 +163,8 @@ class Attention(nn.Module):
         if mode == "decode":
             # Materialise q, k, v once. At B = 1 XLA rewrites the small k/v projections (a vector times a
             # [H, Hkv*D] matrix, under its 1e7-element GEMM threshold) as multiply-reduce loops and fuses a copy of
-            # them into every consumer: each of the cache append's scatters re-read the weights (2.9 of 9 ms
-            # per Llama-3-8B step, docs/performance.md section 15).
+            # them into every consumer: each of the cache append's scatters re-read the weights (measured in
+            # docs/performance.md, "Why the decode is built this way").
             q, k, v = jax.lax.optimization_barrier((q, k, v))
             out, cache = self.policy.decode(cache, layer, q[:, 0], k[:, 0], v[:, 0], positions[:, 0])
             out = out[:, None]  # [B, 1, Hq, D]

@@ -324,7 +324,7 @@ def _bench(args: argparse.Namespace) -> int:
     # One allocator region for the whole run, taken when JAX starts (after the torch children below). Growing it
     # instead (XLA_PYTHON_CLIENT_PREALLOCATE=false) leaves XLA's BFC allocator with every region it grew for the
     # earlier configurations, which it never merges or returns: the diagnosis for the largest batch's out-of-memory
-    # with the memory free (docs/performance.md section 15; measured fixed in section 16). An explicit setting wins.
+    # with the memory free (docs/performance.md, "Why the decode is built this way"). An explicit setting wins.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
     references = getattr(args, "hf_reference", False) or torch_reference
     # JAX must not start its GPU backend (and take the card) before the torch children ran: ask a child for it

@@ -3,7 +3,7 @@
 Each policy is a frozen (hashable) config that is also the model's cache policy: `init` builds the
 cache, `prefill` writes the prompt, `decode` appends one token (evicting if the pool is full),
 attends and updates the page statistics. Everything is vectorised over (batch, KV head); the model
-scans over layers. See DESIGN.md section 1 for the algorithm.
+scans over layers. See docs/design.md for the algorithm.
 
 Per decode step, for every (layer, sequence, KV head):
   1. append the new key/value: into the current page, or into a new page taken from a free slot or,
@@ -18,7 +18,7 @@ Victims (only full, unpinned pages other than the one being filled):
   StreamingLLM  the oldest page that holds no sink token;
   H2O           the lowest accumulated attention mass outside the recent window.
 
-docs/policy_rules.md states every rule exactly; tests/policy_oracle.py re-derives them in numpy.
+docs/policies.md states every rule exactly; tests/policy_oracle.py re-derives them in numpy.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ class Policy:
     def init(self, cfg: ModelConfig, batch: int, num_slots: int, dtype: Any) -> dict[str, jax.Array]:
         return init_pool(cfg, batch, num_slots, self.page_size, dtype, self.kv_dtype, self.kv_absmax)
 
-    # chunked prefill (docs/notes.md, issue 16) ----------------------------------------------------------------
+    # chunked prefill (docs/design.md, generation) -------------------------------------------------------------
     def chunkable(self, longest_prompt: int) -> bool:
         """Whether prompts this long can be prefilled chunk by chunk with the whole-prompt result: every prompt page
         stays resident, page j in slot j. O(N) policies size the pool for the whole sequence, so always."""
@@ -247,7 +247,7 @@ class _FixedBudget(Policy):
 
     def chunkable(self, longest_prompt: int) -> bool:
         """Only prompts whose pages all fit the pool: a longer prompt's layout (which pages stay) is chosen over the
-        whole prompt, so it takes the whole-prompt path (docs/notes.md, chunked prefill)."""
+        whole prompt, so it takes the whole-prompt path (docs/design.md, chunked prefill)."""
         return -(-longest_prompt // self.page_size) <= self.slots
 
     def prompt_pages(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:

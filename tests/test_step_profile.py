@@ -26,7 +26,7 @@ def test_kernels_fall_into_their_parts():
 
 def test_a_saved_profile_reads_back_as_parts_that_sum_to_its_kernel_time(tmp_path):
     script = _script()
-    saved = ROOT / "docs" / "profile_raas_b816_049c1c1.txt"
+    saved = ROOT / "docs" / "results" / "profile_raas_b816_049c1c1.txt"
     wall, parts = script.read_profile(saved)
     assert wall == pytest.approx(49.67)
     assert sum(parts.values()) == pytest.approx(47.42, abs=0.05)  # the table's rows cover every kernel

@@ -78,12 +78,12 @@ def time_loop(step: Callable, q, operands: tuple, calls: int, reps: int = 3, unr
 
     The operands (the pool) are arguments of the jitted loop, not captured constants. `unroll` calls run per loop
     iteration: XLA's rolled while loop costs host work per iteration that starves the GPU when a call takes a few
-    microseconds (docs/performance.md section 19: at B = 1 with 1K tokens 9.2 us per call rolled, 7.6 unrolled by 20;
-    with two Pallas launches per call 21.8 and 6.9), which torch's CUDA-graph replay does not pay.
+    microseconds (measured in docs/kernels.md, "How bench kernels times"), which torch's CUDA-graph replay does not
+    pay.
 
     Per call is the difference of a loop of 2 * `calls` and one of `calls`, over `calls`: starting a loop costs a
-    fixed ~0.3 ms on an H200 (host dispatch, XLA's command-buffer launch; docs/performance.md section 21), which
-    divided over the 20 calls of a large shape added up to 15 us per call. Both loops run at least two iterations
+    fixed ~0.3 ms on an H200 (host dispatch, XLA's command-buffer launch; docs/kernels.md), too much to divide over a
+    few calls of a large shape. Both loops run at least two iterations
     (`unroll` shrinks for few calls), so both are while loops and pay the same start."""
     unroll = max(1, min(unroll, calls // 2))
 
@@ -132,8 +132,8 @@ def time_torch_sdpa(shape: Shape, calls: int, reps: int = 3, dependent: bool = F
 
 
 # torch's default capture mode ("global") fails a capture when any other thread of the process makes a CUDA call
-# that is unsafe during capture, and JAX's runtime threads do (an H200 run, docs/performance.md section 23: "operation
-# failed due to a previous error during capture", after which every later JAX and torch call of the run failed)
+# that is unsafe during capture, and JAX's runtime threads do (seen on an H200, docs/kernels.md: "operation failed
+# due to a previous error during capture", after which every later JAX and torch call of the run failed)
 CAPTURE_MODE = "thread_local"
 
 
@@ -257,8 +257,8 @@ def mosaic_launch(shape: Shape, tuning: mosaic_gpu.MosaicTuning = mosaic_gpu.DEF
 
 def calls_for(shape: Shape, target_bytes: float = 1e11) -> int:
     """Enough calls that one timed loop reads ~100 GB, between 100 and 4000, a multiple of the loop's unroll. With
-    20 GB per loop (until section 22 of docs/performance.md) a large shape's loop ran ~5 ms, and the jitter of its
-    start left up to +-10% between identical launches."""
+    20 GB per loop a large shape's loop ran ~5 ms, and the jitter of its start left up to +-10% between identical
+    launches (docs/kernels.md)."""
     return int(np.clip(target_bytes / shape.kv_bytes(), 100, 4000)) // UNROLL * UNROLL
 
 

@@ -105,7 +105,6 @@ def prompt_arrays(cfg, batch, length, seed=0):
 
 
 def decode_inputs(batch):
-    import jax
     import jax.numpy as jnp
 
     from raas_jax.decode.generate import RowSettings, batch_keys

@@ -1,4 +1,4 @@
-"""The page-pool KV cache (DESIGN.md section 2): arrays and the pure functions that edit them.
+"""The page-pool KV cache (docs/design.md, the page pool): arrays and the pure functions that edit them.
 
 Per (layer, sequence, KV head) the cache owns S slots of P tokens. Arrays are stacked over layers so
 the model can scan over them; the policies (raas_jax/policies.py) see one layer at a time:

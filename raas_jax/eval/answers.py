@@ -5,7 +5,7 @@
 
 `is_equivalent(predicted, gold)` decides whether two answers denote the same thing with Hugging Face's
 math-verify (``parse`` + ``verify``: LaTeX to sympy, numbers, sets, intervals, tuples, matrices,
-equations, text answers), after two rules of ours (docs/notes.md, "Answer checking (issue 14)"):
+equations, text answers), after two rules of ours (docs/design.md, "Implementation decisions"):
 
 * trailing unit words after a number are dropped (``18 dollars`` = ``18``);
 * a column vector is the tuple of its entries (``\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}`` = ``(1, 2)``).
