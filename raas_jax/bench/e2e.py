@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding
 from raas_jax.decode.cache import cache_bytes, page_key_bounds, pool_dtype
 from raas_jax.kernels.reference import to_pool_dtype
 from raas_jax.model_io.checkpoint import param_shapes
+from raas_jax.decode import memory
 from raas_jax.decode.generate import Generator, data_parallelism, decode_state
 from raas_jax.models.config import ModelConfig
 from raas_jax.models.transformer import fuse_projections
@@ -136,58 +137,31 @@ def synthetic_cache(policy: Policy, cfg: ModelConfig, batch: int, position: int,
     return cache
 
 
+def _slots(gen: Generator, position: int, prompt_len: int, headroom: int) -> int:
+    return gen.policy.num_slots(prompt_len, position - prompt_len + headroom)
+
+
 def abstract_decode_args(gen: Generator, batch: int, position: int, prompt_len: int = 128, headroom: int = 34
                          ) -> tuple:
-    """Shapes of `gen.decode`'s arguments for `batch` sequences at `position` (the pool holds `headroom` more)."""
-    s = jax.ShapeDtypeStruct
-    policy, cfg = gen.policy, gen.cfg
-    slots = policy.num_slots(prompt_len, position - prompt_len + headroom)
-    cache = jax.eval_shape(lambda: policy.init(cfg, batch, slots, gen.dtype))
-    params = jax.eval_shape(lambda: random_params(cfg, gen.dtype))
-    mesh = getattr(policy, "mesh", None)
-    if mesh is not None:  # the shards each device holds
-        cache = {name: s(x.shape, x.dtype, sharding=NamedSharding(mesh, cache_spec(x.ndim))) for name, x in cache.items()}
-        params = jax.tree.map(lambda x, sharding: s(x.shape, x.dtype, sharding=sharding), params,
-                              param_shardings(params, mesh))
-    state = jax.eval_shape(lambda: decode_state({}, jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32)))
-    state = state.replace(cache=cache)
-    return params, state, s((), jnp.int32), s((1,), jnp.int32)
+    """Shapes of `gen.decode`'s arguments for `batch` sequences at `position` (the pool holds `headroom` more),
+    random weights of the model's shapes."""
+    params = jax.eval_shape(lambda: random_params(gen.cfg, gen.dtype))
+    return memory.abstract_decode_args(gen, params, batch, _slots(gen, position, prompt_len, headroom))
 
 
 def decode_memory(gen: Generator, batch: int, position: int, prompt_len: int = 128, headroom: int = 34) -> dict:
-    """Device bytes the compiled decode call needs at this batch, from XLA's buffer assignment (no allocation):
-    arguments (weights + decode state) + outputs not aliased to a donated argument + temporaries. Under a mesh
-    (a ShardedPolicy) the sizes are those of one device."""
-    compiled = gen.decode.lower(*abstract_decode_args(gen, batch, position, prompt_len, headroom)).compile()
-    m = compiled.memory_analysis()
-    total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-    return {"batch": batch, "argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
-            "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes, "total": total}
+    """`memory.decode_bytes` for `batch` sequences at `position` (random weights of the model's shapes)."""
+    params = jax.eval_shape(lambda: random_params(gen.cfg, gen.dtype))
+    return memory.decode_bytes(gen, params, batch, _slots(gen, position, prompt_len, headroom))
 
 
 def largest_decode_batch(gen: Generator, position: int, limit: int, *, reserve: int = 2 * 2**30,
                          probes: tuple[int, int] = (16, 64), prompt_len: int = 128, headroom: int = 34,
                          cap: int = 4096) -> tuple[int, list[dict]]:
-    """The largest batch (at most `cap` per data shard) whose compiled decode fits in `limit` bytes less `reserve`
-    (allocator slack and fragmentation). The decode's bytes are affine in the batch: two compiles at `probes` with
-    the layer loop rolled (seconds, not the unrolled build's ~15 s) give the line, and the real (unrolled) decode
-    is then compiled at the answer to check it, stepping down 5% at a time until it fits. No memory is allocated.
-    Returns (batch, the compiled sizes in the order measured)."""
-    rolled = dataclasses.replace(gen, unroll_layers=False)
-    data = data_parallelism(gen.policy)  # a sharded batch is a multiple of the mesh's data axis
-    small, large = (decode_memory(rolled, b, position, prompt_len, headroom) for b in probes)
-    per_seq = (large["total"] - small["total"]) / (probes[1] - probes[0])
-    fixed = small["total"] - per_seq * probes[0]
-    batch = min(cap * data, int((limit - reserve - fixed) // per_seq)) if per_seq > 0 else cap * data
-    batch -= batch % data
-    sizes = [small, large]
-    while batch > 0:
-        check = decode_memory(gen, batch, position, prompt_len, headroom)
-        sizes.append(check)
-        if check["total"] <= limit - reserve:
-            break
-        batch = int(batch * 0.95) // data * data
-    return batch, sizes
+    """`memory.largest_batch` for sequences at `position` (random weights of the model's shapes)."""
+    params = jax.eval_shape(lambda: random_params(gen.cfg, gen.dtype))
+    return memory.largest_batch(gen, params, _slots(gen, position, prompt_len, headroom), limit, reserve=reserve,
+                                probes=probes, cap=cap)
 
 
 def kv_bytes_read(policy: Policy, cfg: ModelConfig, batch: int, position: int, dtype: Any) -> int:

@@ -6,7 +6,7 @@
 Compiles `Generator.decode` for abstract inputs (nothing is allocated) at each batch and prints XLA's buffer
 sizes: arguments (weights + decode state), outputs, the part of the outputs aliased to the donated state,
 and temporaries, next to the exact cache size. A decode that updates its pool in place has temporaries far
-below one pool. Then the largest batch that fits the device's allocator limit (`bench.largest_decode_batch`).
+below one pool. Then the largest batch that fits the device's allocator limit (`raas_jax.decode.memory.largest_batch`).
 With --dump, XLA's memory-usage report of each compile (largest buffers first) is written under DIR and its
 top lines printed.
 """
