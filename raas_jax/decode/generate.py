@@ -214,6 +214,19 @@ class Generator:
         return jax.lax.while_loop(cond, body, state)
 
     @functools.cached_property
+    def empty_state(self) -> Callable:
+        """empty_state(rows, num_slots) -> a DecodeState of `rows` free rows (all done), each a pool of `num_slots`
+        pages: what a server starts from before `insert` fills rows."""
+        return jax.jit(self._empty_state, static_argnums=(0, 1))
+
+    def _empty_state(self, rows: int, num_slots: int) -> DecodeState:
+        cache = self.policy.init(self.cfg, rows, num_slots, self.dtype)
+        zeros = jnp.zeros((rows,), jnp.int32)
+        return DecodeState(cache, jnp.zeros((rows, DECODE_CHUNK), jnp.int32), zeros, zeros, jnp.ones((rows,), bool),
+                           zeros, RowSettings.make(rows, max_new_tokens=1), jnp.zeros((rows, 2), jnp.uint32),
+                           jnp.int32(0), jnp.int32(0))
+
+    @functools.cached_property
     def insert(self) -> Callable:
         return jax.jit(self._insert, donate_argnums=(1,))
 
@@ -293,15 +306,21 @@ def chunked_prefill(gen: Generator, params, tokens: np.ndarray, lengths: np.ndar
     batch, t = tokens.shape
     if t % chunk:
         raise ValueError(f"prompt length {t} is not a multiple of the prefill chunk {chunk}")
-    ids = np.arange(t)[None, :]
-    positions = np.where(ids < lengths[:, None], ids, -1).astype(np.int32)  # [B, T]
     cache, logits = gen.begin_chunks(batch=batch, num_slots=num_slots)
     for start in range(0, t, chunk):
-        last = lengths - 1 - start
-        last = np.where((last >= 0) & (last < chunk), last, -1).astype(np.int32)  # [B]
+        positions, last = chunk_positions(lengths, start, chunk)
         cache, logits = gen.prefill_chunk(params, cache, jnp.asarray(tokens[:, start:start + chunk]),
-                                          jnp.asarray(positions[:, start:start + chunk]), logits, jnp.asarray(last))
+                                          jnp.asarray(positions), logits, jnp.asarray(last))
     return cache, logits
+
+
+def chunk_positions(lengths: np.ndarray, start: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """The chunk of right-padded prompts (`lengths` [B]) at [start, start + chunk) -> (positions [B, C], -1 past a
+    prompt's end; the index in the chunk of each row's last prompt token [B], -1 when it is not in this chunk)."""
+    ids = np.arange(start, start + chunk)[None, :]
+    positions = np.where(ids < lengths[:, None], ids, -1).astype(np.int32)  # [B, C]
+    last = lengths - 1 - start
+    return positions, np.where((last >= 0) & (last < chunk), last, -1).astype(np.int32)
 
 
 def run_generation(gen: Generator, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
