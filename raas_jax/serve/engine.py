@@ -185,6 +185,17 @@ def _free_row(state: DecodeState, row) -> DecodeState:
     return state.replace(done=state.done.at[row].set(True))
 
 
+def warm_up(engine: Engine, decode_steps: int) -> None:
+    """Compile what serving runs first (a short prompt's prefill, insert, a decode call, free) on a scratch state."""
+    state = engine.init_state()
+    job = engine.start_prefill([engine.eos_ids[0] if engine.eos_ids else 0], RequestSettings(max_tokens=2), seed=0)
+    while not engine.prefill_step(job):
+        pass
+    state = engine.insert(job.prefix, state, 0)
+    state, *_ = engine.generate(state, min(decode_steps, DECODE_CHUNK))
+    jax.block_until_ready(engine.free(state, 0))
+
+
 def rows_that_fit(gen: Generator, params: Any, max_model_len: int, *, limit: int | None, reserve: int = 2 * 2**30,
                   cap: int = 4096) -> int:
     """`--max-rows auto`: the most rows whose compiled decode fits the device (raas_jax.decode.memory); on a device
