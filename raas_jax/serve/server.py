@@ -9,8 +9,11 @@ SIGTERM or Ctrl-C: the server stops admitting, ends running requests with finish
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -163,10 +166,27 @@ def serve(engine: Any, tokenizer: Any, *, model_name: str, host: str = "127.0.0.
     app = build_app(scheduler, tokenizer, metrics, model_name=model_name, max_model_len=engine.max_model_len,
                     vocab_size=engine.gen.cfg.vocab_size)
 
+    stopped_by: list[int] = []
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
+            stopped_by.append(sig)
             scheduler.request_stop()  # running requests end with "abort" at the next chunk; no new ones
             super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            """SIGTERM / SIGINT stop the server; unlike uvicorn's own, the signal is not raised again at exit, so a
+            SIGTERM ends the process with status 0 (Ctrl-C: 130)."""
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30,
                             lifespan="off")
@@ -178,4 +198,4 @@ def serve(engine: Any, tokenizer: Any, *, model_name: str, host: str = "127.0.0.
     server.run()
     scheduler.request_stop()
     scheduler.join(timeout=60)
-    return 0
+    return 130 if signal.SIGINT in stopped_by else 0
