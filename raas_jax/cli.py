@@ -618,6 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # `raas-jax bench NAME ...` tools with flags of their own: NAME -> (module with main(argv), what it does)
 BENCH_TOOLS = {
+    "serve": ("raas_jax.bench.serve", "requests arriving over time against the engine or a running server, "
+              "measured as vLLM's bench serve (TTFT, TPOT, ITL, throughput, rows in use)"),
     "prefill": ("raas_jax.bench.prefill", "prefill throughput and memory, flash and chunked vs the T x T reference"),
     "memory": ("raas_jax.inspection.decode_memory", "buffers of the compiled decode and the largest batch that fits"),
     "profile": ("raas_jax.inspection.step_profile", "device kernels of a decode step (JAX profiler), and plots"),

@@ -185,13 +185,19 @@ def _free_row(state: DecodeState, row) -> DecodeState:
     return state.replace(done=state.done.at[row].set(True))
 
 
-def warm_up(engine: Engine, decode_steps: int) -> None:
-    """Compile what serving runs first (a short prompt's prefill, insert, a decode call, free) on a scratch state."""
+def warm_up(engine: Engine, decode_steps: int, prompt_lengths: Sequence[int] = (1,)) -> None:
+    """Compile what serving runs (the prefill of each prompt-length bucket in `prompt_lengths`, insert, a decode
+    call, free) on a scratch state, so that requests do not wait for compiles."""
     state = engine.init_state()
-    job = engine.start_prefill([engine.eos_ids[0] if engine.eos_ids else 0], RequestSettings(max_tokens=2), seed=0)
-    while not engine.prefill_step(job):
-        pass
-    state = engine.insert(job.prefix, state, 0)
+    token = engine.eos_ids[0] if engine.eos_ids else 0
+    buckets = {}
+    for length in prompt_lengths:  # one prompt per distinct padded shape
+        job = engine.start_prefill([token] * int(length), RequestSettings(max_tokens=1), seed=0)
+        buckets.setdefault((job.tokens.shape, job.chunk), job)
+    for job in buckets.values():
+        while not engine.prefill_step(job):
+            pass
+        state = engine.insert(job.prefix, state, 0)
     state, *_ = engine.generate(state, min(decode_steps, DECODE_CHUNK))
     jax.block_until_ready(engine.free(state, 0))
 

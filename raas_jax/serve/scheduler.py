@@ -71,6 +71,8 @@ class Detokenizer:
 
     def add(self, new_ids: Sequence[int], final: bool = False) -> str:
         self.ids.extend(int(i) for i in new_ids)
+        if self.tokenizer is None:  # token ids only (benchmarks of random-weight models)
+            return ""
         decode = self.tokenizer.decode
         prefix = decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
         text = decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
