@@ -235,7 +235,6 @@ def run_static(gen: Any, params: Any, eos_ids: Sequence[int], items: Sequence[Wo
         if time.perf_counter() - t0 > time_limit:
             break
         tokens, lengths, padding, settings, slots = inputs(batch)
-        start = time.perf_counter()
         for i in batch:  # a request waits from its arrival, as a client would
             records[i].start = items[i].arrival
         state = gen.start(params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(padding), eos, settings,
@@ -325,13 +324,18 @@ def _stats(values: Sequence[float], scale: float = 1e3) -> dict:
 
 def summarize(records: Sequence[Record], timeline: Sequence[tuple[float, int, int]], rows: int,
               goodput: dict[str, float] | None = None) -> dict:
-    done = [r for r in records if r.end is not None and r.error is None and r.output_tokens > 0]
+    done = [r for r in records if r.end is not None and r.error is None and r.output_tokens > 0
+            and r.finish_reason != "abort"]
+    aborted = [r for r in records if r.finish_reason == "abort" and r.error is None]  # cut by --time-limit
     if not done:
-        return {"completed": 0, "failed": len(records)}
+        return {"completed": 0, "aborted": len(aborted), "failed": len(records) - len(aborted), "rows": rows}
     span = max(r.end for r in done) - min(r.start for r in done)
     output = sum(r.output_tokens for r in done)
+    started = [r for r in records if r.start is not None and r.chunks]
+    run_span = max(t for r in started for t, _ in r.chunks) - min(r.start for r in started)
     summary = {
-        "completed": len(done), "failed": len(records) - len(done), "duration_s": span,
+        "completed": len(done), "aborted": len(aborted), "failed": len(records) - len(done) - len(aborted),
+        "duration_s": span, "delivered_output_throughput": sum(n for r in started for _, n in r.chunks) / run_span,
         "request_throughput": len(done) / span, "output_throughput": output / span,
         "total_output_tokens": output, "total_input_tokens": sum(r.prompt_tokens for r in done),
         "ttft_ms": _stats([r.ttft for r in done if r.ttft is not None]),
@@ -528,6 +532,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     max_tokens=args.max_tokens)
     else:
         raise ValueError(f"unknown workload {args.workload!r}: random or milestones:D")
+    # prompt + output within --max-model-len (as vLLM's random dataset keeps them within the model's length)
+    items = [dataclasses.replace(it, max_tokens=max(1, min(it.max_tokens, args.max_model_len - len(it.prompt_ids))))
+             for it in items]
     runs = []
 
     def save():

@@ -194,27 +194,28 @@ def warm_up(engine: Engine, decode_steps: int, prompt_lengths: Sequence[int] = (
     for length in prompt_lengths:  # one prompt per distinct padded shape
         job = engine.start_prefill([token] * int(length), RequestSettings(max_tokens=1), seed=0)
         buckets.setdefault((job.tokens.shape, job.chunk), job)
-    for job in buckets.values():
+    for job in buckets.values():  # one one-row pool alive at a time (a Dense row can be GBs)
         while not engine.prefill_step(job):
             pass
         state = engine.insert(job.prefix, state, 0)
+        job.prefix = None
     state, *_ = engine.generate(state, min(decode_steps, DECODE_CHUNK))
     jax.block_until_ready(engine.free(state, 0))
 
 
 def rows_that_fit(gen: Generator, params: Any, max_model_len: int, *, limit: int | None, reserve: int = 2 * 2**30,
                   cap: int = 4096) -> int:
-    """`--max-rows auto`: the most rows whose compiled decode fits the device (raas_jax.decode.memory); on a device
-    that reports no limit (the CPU), `cap` rows of at most 1 GiB of pool in all."""
+    """`--max-rows auto`: the most rows whose compiled decode fits the device (raas_jax.decode.memory) beside what
+    admitting a request takes at the same time (the prefilled one-row pool and the insert's copy of it: two rows
+    more in the reserve); on a device that reports no limit (the CPU), `cap` rows of at most 1 GiB of pool."""
     from raas_jax.decode import memory
+    from raas_jax.decode.cache import cache_bytes
 
     num_slots = gen.policy.num_slots(0, max_model_len)
+    per_row = cache_bytes(jax.eval_shape(lambda: gen.policy.init(gen.cfg, 1, num_slots, gen.dtype)))
     if limit is None:
-        from raas_jax.decode.cache import cache_bytes
-
-        per_row = cache_bytes(jax.eval_shape(lambda: gen.policy.init(gen.cfg, 1, num_slots, gen.dtype)))
         return max(1, min(cap, 2**30 // max(per_row, 1)))
-    rows, _ = memory.largest_batch(gen, params, num_slots, limit, reserve=reserve, cap=cap)
+    rows, _ = memory.largest_batch(gen, params, num_slots, limit, reserve=reserve + 2 * per_row, cap=cap)
     if rows < 1:
         raise ValueError(f"not even one row of {num_slots} pages fits the device's {limit / 2**30:.1f} GiB with the "
                          "weights: lower --max-model-len (Dense / Quest) or the budget")

@@ -229,12 +229,14 @@ class Scheduler:
                 continue
             row = self.free_rows.pop(0)
             state = self.engine.insert(prefill.prefix, state, row)
+            first, done = prefill.first_token(), bool(prefill.prefix.done[0])
+            prefill.prefix = None  # the row holds it now: free the one-row pool (a Dense row can be GBs)
             live = _Live(request, self.tokenizer)
             self.rows[row] = live
             request.first_token_at = time.perf_counter()
             if self.metrics:
                 self.metrics.request_started(request)
-            if self._deliver(row, live, [prefill.first_token()], bool(prefill.prefix.done[0])):
+            if self._deliver(row, live, [first], done):
                 state = self.engine.free(state, row)
         return state, job
 
