@@ -322,3 +322,17 @@ def test_sigterm_while_streaming_ends_the_stream_and_exits_0(endless_server):
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2][len("data: "):])["choices"][0]["finish_reason"] == "abort"
     assert server.proc.wait(60) == 0, server.log.read_text()[-2000:]
+
+
+def test_bench_serve_over_http(raas_server, tmp_path):
+    """`raas-jax bench serve --url` against the live server: every request completes with its max_tokens."""
+    from raas_jax.cli import main
+
+    out = tmp_path / "http"
+    assert main(["bench", "serve", "--url", raas_server.url, "--served-model-name", NAME, "--vocab-size", "300",
+                 "--num-prompts", "8", "--request-rate", "20", "--prompt-len", "4:20", "--output-median", "10",
+                 "--output-p90", "20", "--output-cap", "40", "--max-model-len", "512", "--time-limit", "240",
+                 "--out-dir", str(out)]) == 0
+    run = json.loads((out / "serve.json").read_text())["runs"][0]
+    assert run["name"] == "http" and run["summary"]["completed"] == 8, run["summary"]
+    assert all(r["output_tokens"] == r["max_tokens"] and r["error"] is None for r in run["records"])

@@ -454,6 +454,8 @@ def parse_args(argv: Sequence[str] | None):
     ap.add_argument("--max-concurrency", type=at_least(1), default=None)
     ap.add_argument("--seed", type=at_least(0), default=0)
     ap.add_argument("--prompt-len", default="128:512", help="random: prompt lengths, uniform in LOW:HIGH")
+    ap.add_argument("--vocab-size", type=at_least(2), default=None, help="random: prompt token ids are drawn from "
+                    "[1, this) (default: the model's vocabulary; 256 with --url)")
     ap.add_argument("--output-median", type=finite(1.0), default=4096)
     ap.add_argument("--output-p90", type=finite(1.0), default=12288)
     ap.add_argument("--output-cap", type=at_least(1), default=32768)
@@ -521,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model, cfg, params, eos_ids, tokenizer = (None, None, None, (), None) if args.url else _load(args)
     if args.workload == "random":
-        vocab = cfg.vocab_size if cfg is not None else 1000
+        vocab = args.vocab_size or (cfg.vocab_size if cfg is not None else 256)
         items = random_workload(args.num_prompts, vocab=vocab, seed=args.seed, rate=args.request_rate,
                                 prompt_len=args.prompt_range, output_median=args.output_median,
                                 output_p90=args.output_p90, output_cap=args.output_cap)

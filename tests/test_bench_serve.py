@@ -1,0 +1,60 @@
+"""`raas-jax bench serve` on the CPU: the load generator's workloads and metrics, in process and over HTTP."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from raas_jax.bench import serve as bench_serve
+from raas_jax.cli import main
+
+
+def test_lognormal_lengths_have_the_asked_median_and_p90():
+    lengths = bench_serve.lognormal_lengths(20000, np.random.default_rng(0), 4096, 12288, 32768)
+    assert abs(np.median(lengths) / 4096 - 1) < 0.03 and abs(np.percentile(lengths, 90) / 12288 - 1) < 0.05
+    assert lengths.max() <= 32768 and lengths.min() >= 1
+    times = bench_serve.arrivals(5000, 10.0, np.random.default_rng(0))
+    assert abs(times[-1] / 500 - 1) < 0.05 and np.all(np.diff(times) >= 0)
+    assert not bench_serve.arrivals(3, math.inf, np.random.default_rng(0)).any()
+
+
+def test_metrics_follow_vllms_definitions():
+    r = bench_serve.Record(arrival=0.0, max_tokens=5, prompt_tokens=3, start=1.0,
+                           chunks=[(1.5, 1), (2.0, 2), (3.0, 2)], end=3.0, output_tokens=5, finish_reason="length")
+    assert r.ttft == 0.5 and r.latency == 2.0 and r.tpot == (2.0 - 0.5) / 4
+    assert r.itls() == [0.25, 0.25, 0.5, 0.5]
+    timeline = [(0.0, 4, 0), (1.0, 4, 0), (2.0, 2, 0), (3.0, 0, 0)]
+    assert bench_serve.saturated_throughput([r], timeline, rows=4) == 3 / 2.0  # tokens at 1.5 and 2.0 over [0, 2]
+    summary = bench_serve.summarize([r], timeline, rows=4, goodput={"ttft": 400})
+    assert summary["completed"] == 1 and summary["goodput"] == 0 and summary["output_throughput"] == 2.5
+
+
+def test_in_process_serve_and_static_on_the_tiny_shape(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "serve", "--model", "tiny", "--policies", "raas,dense", "--modes", "serve,static",
+                 "--budget", "64", "--page-size", "4", "--max-rows", "4", "--max-model-len", "256",
+                 "--num-prompts", "10", "--prompt-len", "8:24", "--output-median", "12", "--output-p90", "30",
+                 "--output-cap", "60", "--time-limit", "300", "--out-dir", str(out)]) == 0
+    saved = json.loads((out / "serve.json").read_text())
+    names = [run["name"] for run in saved["runs"]]
+    assert names == ["raas serve", "raas static", "dense serve", "dense static"]
+    wanted = None
+    for run in saved["runs"]:
+        s = run["summary"]
+        assert s["completed"] == 10 and s["failed"] == 0, run["name"]
+        total = sum(r["output_tokens"] for r in run["records"])
+        wanted = wanted or total
+        assert total == wanted == s["total_output_tokens"]  # every request got exactly its max_tokens
+    assert (out / "serve.md").read_text().count("\n") == 6 and (out / "serve_rows_in_use.png").exists()
+    assert "raas serve" in capsys.readouterr().out
+
+
+def test_bad_flags_are_refused_before_anything_loads(capsys):
+    for argv in (["--prompt-len", "9:3"], ["--output-median", "9", "--output-p90", "3"], ["--modes", "fast"],
+                 ["--goodput", "latency:5"]):
+        with pytest.raises(SystemExit):
+            bench_serve.parse_args(argv)
+    assert "error" in capsys.readouterr().err
