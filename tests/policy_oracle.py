@@ -1,6 +1,6 @@
 """An independent oracle for the KV-cache policies: plain numpy, one token at a time.
 
-Written from docs/policy_rules.md (the papers' rules), not from raas_jax: nothing here imports
+Written from docs/policies.md (the papers' rules), not from raas_jax: nothing here imports
 raas_jax.policies, raas_jax.decode.cache or raas_jax.kernels. One `PagePool` per (sequence, KV head) keeps its own
 slots (start, fill, keys, values, stamps / masses, pinned); the policy classes below decide what the pool
 keeps. `BatchOracle` runs one pool per (sequence, KV head) of a batch.

@@ -173,7 +173,7 @@ EQUIVALENT = [
 
 NOT_EQUIVALENT = [
     (None, "18"),
-    # decided with math-verify (issue 14, docs/notes.md): a rounded decimal is not the exact answer; e^{i pi}
+    # decided with math-verify (docs/design.md): a rounded decimal is not the exact answer; e^{i pi}
     # is not reduced by math-verify's parser (no gold answer is written so)
     ("0.3333", "\\frac{1}{3}"),
     ("1.4142", "\\sqrt{2}"),

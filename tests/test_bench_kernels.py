@@ -55,8 +55,8 @@ def test_per_call_time_cancels_the_fixed_cost_of_a_run():
 
 
 def test_mosaic_launch_names_the_launch_a_sweep_variant_resolves_to():
-    """Sweep variants of different names can be the same launch (docs/performance.md 22: 528 and 792 target
-    programs at B=32 4K, read 143.1 and 125.5 us in one run); the row's `launch` says so."""
+    """Sweep variants of different names can be the same launch (docs/kernels.md: 528 and 792 target programs at
+    B=32 4K); the row's `launch` says so."""
     shape = bench_kernels.Shape("raas B=32 4K", 32, 4096)
     sweep = bench_kernels.mosaic_sweep()
     by_target = {t.target_programs: bench_kernels.mosaic_launch(shape, t) for t in sweep.values()

@@ -149,7 +149,7 @@ def test_a_chunk_needs_a_cache(tiny_llama_dir):
 def test_decode_materialises_q_k_v_once():
     """The decode step computes q, k, v behind an optimization barrier: at B = 1 XLA's GPU compiler otherwise turns
     the small k/v projections into multiply-reduce loops and fuses a copy into every cache write that reads them
-    (docs/performance.md section 15). In decode only: a prompt's projections are GEMMs."""
+    (docs/performance.md). In decode only: a prompt's projections are GEMMs."""
     import jax
     import jax.numpy as jnp
 

@@ -146,7 +146,7 @@ def test_slot_lists_match_the_reference_in_interpret_mode(group, head_dim, page,
     (20, 1024, 2), (20, 4096, 2)])  # splits of fewer than 64 blocks are not halved
 def test_programs_fill_one_wave_or_several(batch, tokens, splits):
     """Between one and four waves of co-resident programs (264 on 132 SMs), the splits keep doubling: measured on
-    an H200, 320 programs of Dense B=20 32K took 780 us against 628 in 1280 (docs/performance.md section 24)."""
+    an H200, 320 programs of Dense B=20 32K were the slowest split count (docs/kernels.md)."""
     block_slots, got, per_split = mosaic_gpu.plan(batch, 8, tokens // 16, 16)
     assert (block_slots, got, per_split) == (8, splits, tokens // 128 // splits)
     rule = mosaic_gpu.MosaicTuning(full_waves=0)  # the plain doubling to target_programs

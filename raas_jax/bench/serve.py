@@ -393,18 +393,23 @@ def plot(runs: Sequence[dict], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
+    if not any(run.get("timeline") for run in runs):  # over HTTP the server's rows are not seen
+        runs_with_rows = []
+    else:
+        runs_with_rows = runs
     fig, ax = plt.subplots(figsize=(8, 4))
-    for run in runs:
+    for run in runs_with_rows:
         if run.get("timeline"):
             t, busy, _ = zip(*run["timeline"])
             ax.plot(t, np.asarray(busy) / max(run["summary"].get("rows") or 1, 1), label=run["name"])
     ax.set_xlabel("seconds")
     ax.set_ylabel("rows in use (share)")
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "serve_rows_in_use.png")
-    fig.savefig(paths[-1], dpi=120)
+    if runs_with_rows:
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out / "serve_rows_in_use.png")
+        fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
     done = [r for r in runs if r["summary"].get("completed")]
