@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,10 @@ from raas_jax.policies import Dense, next_pow2
 from raas_jax.models.config import ModelConfig
 from raas_jax.models.transformer import Transformer
 from raas_jax.decode.sampling import sample_tokens
+
+if TYPE_CHECKING:
+    from raas_jax.decode.sharding import ShardedPolicy
+    from raas_jax.policies import Policy
 
 MIN_PROMPT_BUCKET = 16
 DEFAULT_PREFILL_CHUNK = 2048  # prompts longer than this are prefilled in chunks of this many tokens
@@ -104,7 +108,7 @@ class Generator:
 
     cfg: ModelConfig
     dtype: Any
-    policy: Any = Dense()
+    policy: Policy | ShardedPolicy = Dense()
     unroll_layers: bool = False
 
     @functools.cached_property

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -21,6 +21,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from raas_jax.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from raas_jax.policies import Policy
 
 AXES = ("data", "model")
 
@@ -120,15 +123,62 @@ def cache_shardings(cache: Any, mesh: Mesh) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class ShardedPolicy:
-    """A policy run per shard of a (data, model) mesh; sizing and errors delegate to the wrapped policy."""
+    """A policy run per shard of a (data, model) mesh: prefill and decode under `shard_map`; its configuration
+    (page size, budget, sizing, prompt checks, the chunked-prefill hooks) is the wrapped policy's, forwarded
+    explicitly below."""
 
-    policy: Any
+    policy: Policy
     mesh: Mesh
 
-    def __getattr__(self, name: str) -> Any:  # page_size, num_slots, check_prompts, budget, ...
-        if name in ("policy", "mesh") or name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(self.policy, name)
+    # ------------------------------------------------------------------ the wrapped policy's configuration
+    @property
+    def name(self) -> str:
+        return self.policy.name
+
+    @property
+    def page_size(self) -> int:
+        return self.policy.page_size
+
+    @property
+    def budget(self) -> int | None:
+        return getattr(self.policy, "budget", None)
+
+    @property
+    def kv_dtype(self) -> str:
+        return self.policy.kv_dtype
+
+    @property
+    def kv_absmax(self) -> Any:
+        return self.policy.kv_absmax
+
+    @property
+    def backend(self) -> str:
+        return self.policy.backend
+
+    @property
+    def fixed_budget(self) -> bool:
+        return self.policy.fixed_budget
+
+    @property
+    def chunk_extras(self) -> tuple[str, ...]:
+        return self.policy.chunk_extras
+
+    def num_slots(self, longest_prompt: int, max_new_tokens: int) -> int:
+        return self.policy.num_slots(longest_prompt, max_new_tokens)
+
+    def check_prompts(self, lengths: list[int]) -> None:
+        self.policy.check_prompts(lengths)
+
+    def chunkable(self, longest_prompt: int) -> bool:
+        return self.policy.chunkable(longest_prompt)
+
+    def begin_chunked_prefill(self, cfg: ModelConfig, cache: dict) -> dict:
+        return self.policy.begin_chunked_prefill(cfg, cache)
+
+    def end_chunked_prefill(self, cache: dict) -> dict:
+        return self.policy.end_chunked_prefill(cache)
+
+    # --------------------------------------------------------------------------------- per shard
 
     def init(self, cfg: ModelConfig, batch: int, num_slots: int, dtype: Any) -> dict:
         cache = self.policy.init(cfg, batch, num_slots, dtype)
