@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import strategies as st
 
 # log2(slots), k, seed, kind of scores
@@ -26,6 +27,14 @@ def top_k_scores(log_slots: int, seed: int, kind: str) -> np.ndarray:
 
 # (GQA group, head_dim, page size) of the decode-attention tests of every kernel backend
 ATTENTION_CASES = [(1, 64, 16), (4, 128, 16), (7, 64, 32), (8, 128, 32)]
+# the cases of the fast set (`-m "not slow"`): no grouping and an odd group (padded query rows) over pages of 32;
+# the power-of-two groups with head dim 128 run in the full set
+FAST_ATTENTION_CASES = [(1, 64, 16), (7, 64, 32)]
+
+
+def attention_params(cases=ATTENTION_CASES):
+    """`cases` for @pytest.mark.parametrize("group,head_dim,page", ...): those not in FAST_ATTENTION_CASES slow."""
+    return [case if case in FAST_ATTENTION_CASES else pytest.param(*case, marks=pytest.mark.slow) for case in cases]
 
 
 def page_pool(rng, b, hkv, group, s, page, d):

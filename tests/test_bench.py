@@ -19,7 +19,8 @@ CFG = bench.MODEL_SHAPES["tiny"]
 
 
 @pytest.mark.parametrize("policy", [Dense(page_size=4), Quest(budget=32, page_size=4, dense_layers=1),
-                                    RaaS(budget=32, page_size=4), RaaS(budget=32, page_size=4, kv_dtype="fp8")],
+                                    pytest.param(RaaS(budget=32, page_size=4), marks=pytest.mark.slow),  # as fp8's
+                                    RaaS(budget=32, page_size=4, kv_dtype="fp8")],
                          ids=["dense", "quest", "raas", "raas-fp8"])
 def test_synthetic_state_is_consistent_and_decodes(policy):
     position, prompt = 100, 12
@@ -46,7 +47,8 @@ def test_synthetic_state_is_consistent_and_decodes(policy):
     assert seconds > 0 and not compiled
 
 
-@pytest.mark.parametrize("policy", [Dense(page_size=4), RaaS(budget=32, page_size=4)])
+@pytest.mark.parametrize("policy", [pytest.param(Dense(page_size=4), marks=pytest.mark.slow),
+                                    RaaS(budget=32, page_size=4)], ids=["dense", "raas"])
 def test_largest_decode_batch_fits_the_limit_and_not_much_more(policy):
     gen = Generator(CFG, jnp.float32, policy)
     limit, reserve = 16 * 2**20, 2**20

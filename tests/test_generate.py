@@ -203,7 +203,9 @@ CHUNK_POLICIES = {
     # calibrated scales (2 layers): pages hold k / k_scale, v / v_scale in both paths
     "raas-fp8-scaled": RaaS(budget=64, page_size=4, kv_dtype="fp8", kv_absmax=((20.0, 30.0), (10.0, 20.0))),
 }
-SLOW_CHUNK_POLICIES = ("raas-unpinned", "h2o-token")  # variants of the same code paths
+# variants of the code paths the fast set takes with dense, raas, h2o-fp8 (H2O's key mass, FP8 pages) and
+# raas-fp8-scaled (FP8 pages with k/v scales)
+SLOW_CHUNK_POLICIES = ("raas-unpinned", "h2o-token", "h2o", "quest", "streaming", "dense-fp8")
 CHUNK_PROMPTS = [list(range(3, 48)), [7, 8, 9] * 7, [250] * 5]  # 45, 21 and 5 tokens: padding in every chunk
 
 
@@ -254,7 +256,8 @@ def test_chunked_prefill_equals_the_whole_prompt(model, name):
     assert set(state.cache) == set(jax.eval_shape(lambda: policy.init(model.cfg, 4, 16, model.dtype)))
 
 
-@pytest.mark.parametrize("policy", [Dense(page_size=4), RaaS(budget=76, page_size=4)], ids=["dense", "raas"])
+@pytest.mark.parametrize("policy", [pytest.param(Dense(page_size=4), marks=pytest.mark.slow),
+                                    RaaS(budget=76, page_size=4)], ids=["dense", "raas"])
 def test_chunks_padded_past_the_pool_are_dropped(model, policy):
     """A 65-token prompt in chunks of 32 pads to 24 pages; Dense's pool for it and 8 new tokens has 20 slots and
     RaaS's budget 19: the last chunk's padding pages fall outside the pool and must not overwrite earlier pages
@@ -323,9 +326,11 @@ def test_new_prompt_lengths_reuse_the_compiled_chunk(model):
 
 FP8_POLICIES = [Dense(page_size=4), RaaS(budget=64, page_size=4), Quest(budget=16, page_size=4),
                 H2O(budget=64, page_size=4), StreamingLLM(budget=64, page_size=4)]
+SLOW_FP8_POLICIES = ("quest", "h2o", "streaming")  # the fast set: dense (no decision on the rounding) and raas (one)
 
 
-@pytest.mark.parametrize("policy", FP8_POLICIES, ids=lambda p: p.name)
+@pytest.mark.parametrize("policy", [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW_FP8_POLICIES else p
+                                    for p in FP8_POLICIES], ids=lambda p: p.name)
 def test_fp8_kv_cache_stores_8_bit_pages_and_stays_close(model, policy):
     """kv_dtype="fp8": every policy decodes from 8-bit pages (the cache says so), with teacher-forced logits within
     a few percent of the f32 cache's. The error is an FP8 one: ~10x bf16's on the same run (so the pages really

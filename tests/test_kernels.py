@@ -10,7 +10,7 @@ from hypothesis import given, settings
 
 from raas_jax.kernels import dispatch as kernels
 
-from kernel_cases import ATTENTION_CASES, TOP_K_CASES, page_pool, random_pool, top_k_scores
+from kernel_cases import TOP_K_CASES, attention_params, page_pool, random_pool, top_k_scores
 
 
 def brute_decode(q, k, v, fill):
@@ -108,7 +108,7 @@ def test_unknown_backend_is_refused():
                             np.ones((1, 1, 1), np.int32), backend="cuda")
 
 
-@pytest.mark.parametrize("group,head_dim,page", ATTENTION_CASES)
+@pytest.mark.parametrize("group,head_dim,page", attention_params())
 def test_pallas_decode_attention_matches_reference_in_interpret_mode(group, head_dim, page):
     from raas_jax.kernels import pallas_gpu
 
@@ -156,8 +156,9 @@ def test_fp8_pool_attends_as_its_values_upcast(backend, q_dtype, listed):
         assert np.isfinite(np.asarray(huge, np.float32)).all()
 
 
-@pytest.mark.parametrize("group,head_dim,kv_dtype", [(3, 32, "float8_e4m3fn"), (7, 64, "float8_e5m2"),
-                                                     (16, 64, "float8_e4m3fn"), (24, 16, "float8_e4m3fn")])
+@pytest.mark.parametrize("group,head_dim,kv_dtype", [  # fast: an odd group in pairs, more than 16 heads in bytes
+    pytest.param(3, 32, "float8_e4m3fn", marks=pytest.mark.slow), (7, 64, "float8_e5m2"),
+    pytest.param(16, 64, "float8_e4m3fn", marks=pytest.mark.slow), (24, 16, "float8_e4m3fn")])
 def test_pallas_fp8_query_rows_and_channels_for_any_group(group, head_dim, kv_dtype):
     """Over FP8 pools the kernel pads, scales and casts q itself: groups that are not a power of two (padding rows
     repeat the last head), exactly 16 heads (no padding: a contiguous load), more than 16, pairs (head dim >= 32)
@@ -242,7 +243,7 @@ def test_pallas_live_slots_skips_the_empty_tail(live):
     assert np.isnan(np.asarray(unbounded)).any()  # without the bound the tail is read (what the test relies on)
 
 
-@pytest.mark.parametrize("group,head_dim,page", ATTENTION_CASES)
+@pytest.mark.parametrize("group,head_dim,page", attention_params())
 def test_pallas_slot_list_matches_reference_in_interpret_mode(group, head_dim, page):
     from raas_jax.kernels import pallas_gpu
 
@@ -326,9 +327,7 @@ def test_pallas_plan_splits_long_ranges_and_refuses_odd_pages():
     assert not pallas_gpu.supports(q, fp8_wrap, stacked=True)
 
 
-@settings(max_examples=40, deadline=None)
-@given(*TOP_K_CASES)
-def test_pallas_top_k_mask_equals_lax_top_k_in_interpret_mode(log_slots, k, seed, kind):
+def _check_pallas_top_k(log_slots, k, seed, kind):
     from raas_jax.kernels import pallas_gpu
 
     scores = top_k_scores(log_slots, seed, kind)
@@ -337,6 +336,19 @@ def test_pallas_top_k_mask_equals_lax_top_k_in_interpret_mode(log_slots, k, seed
     assert (got == want).all()
     assert (got.sum(-1) == min(k, scores.shape[-1])).all()
     np.testing.assert_array_equal(np.asarray(kernels.top_k_mask(scores, k, backend="pallas")), want)
+
+
+@settings(max_examples=10, deadline=None)
+@given(*TOP_K_CASES)
+def test_pallas_top_k_mask_equals_lax_top_k_in_interpret_mode(log_slots, k, seed, kind):
+    _check_pallas_top_k(log_slots, k, seed, kind)
+
+
+@pytest.mark.slow
+@settings(max_examples=30, deadline=None)  # 40 in all, as before the split
+@given(*TOP_K_CASES)
+def test_pallas_top_k_mask_equals_lax_top_k_more_cases(log_slots, k, seed, kind):
+    _check_pallas_top_k(log_slots, k, seed, kind)
 
 
 def test_auto_backend_is_the_reference_on_cpu():
@@ -383,9 +395,10 @@ def brute_append(pool, layer, k, v, positions, victim, page):
 
 
 @pytest.mark.parametrize("backend", ["reference", "pallas"])
-@pytest.mark.parametrize("slots,free,kv_dtype", [(8, True, None), (8, False, None), (5, False, None),
-                                                 (12, True, None), (8, False, "float8_e4m3fn"),
-                                                 (5, True, "float8_e5m2")])  # 5, 12: not 2^n
+@pytest.mark.parametrize("slots,free,kv_dtype", [  # 5, 12: not 2^n; fast: a free slot, a victim, both FP8 formats
+    pytest.param(8, True, None, marks=pytest.mark.slow), pytest.param(8, False, None, marks=pytest.mark.slow),
+    pytest.param(5, False, None, marks=pytest.mark.slow), (12, True, None), (8, False, "float8_e4m3fn"),
+    (5, True, "float8_e5m2")])
 def test_append_token_matches_brute_force(backend, slots, free, kv_dtype):
     """The append (reference: XLA scatters; pallas: one kernel, interpret mode here) writes exactly what the rule
     says into the given layer and nothing else: the current page, else the first free slot, else the victim.
@@ -463,7 +476,9 @@ def brute_refresh(q, pool, layer, positions, page):
 
 
 @pytest.mark.parametrize("backend", ["reference", "pallas", "pallas_tpu"])  # pallas_tpu: its page scores + XLA
-@pytest.mark.parametrize("group,slots", [(1, 8), (4, 64), (7, 12), (4, 128), (2, 200)])  # 200: past the kernel's rows
+@pytest.mark.parametrize("group,slots", [  # 200: past the kernel's rows; fast: an odd group over 12 slots, and 200
+    pytest.param(1, 8, marks=pytest.mark.slow), pytest.param(4, 64, marks=pytest.mark.slow), (7, 12),
+    pytest.param(4, 128, marks=pytest.mark.slow), (2, 200)])
 @pytest.mark.parametrize("values", ["normal", "ties"])
 def test_refresh_top_half_matches_brute_force(backend, group, slots, values):
     """Scores from normal values, or from small integers (many equal bounds, and a sequence whose query is 0: every

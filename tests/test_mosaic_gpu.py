@@ -15,7 +15,7 @@ import pytest
 
 from raas_jax.kernels import mosaic_gpu, reference
 
-from kernel_cases import ATTENTION_CASES, page_pool
+from kernel_cases import ATTENTION_CASES, attention_params, page_pool
 
 
 def _interpret_params(**options):
@@ -47,7 +47,7 @@ LIST_FROM_GMEM = mosaic_gpu.MosaicTuning(staged_list=False)  # a slot list read 
 
 
 @pytest.mark.parametrize("tuning", [mosaic_gpu.DEFAULT_TUNING, ONE_SPLIT])
-@pytest.mark.parametrize("group,head_dim,page", ATTENTION_CASES)
+@pytest.mark.parametrize("group,head_dim,page", attention_params())
 def test_matches_the_reference_in_interpret_mode(group, head_dim, page, tuning):
     """Two splits (the default at this size) or one (the kernel's out is final); a head with nothing resident
     (page_pool) attends nothing."""
@@ -111,7 +111,7 @@ def test_splits_live_bound_and_a_layer_of_a_stacked_pool():
 
 
 @pytest.mark.parametrize("tuning", [mosaic_gpu.DEFAULT_TUNING, ONE_SPLIT, LIST_FROM_GMEM])
-@pytest.mark.parametrize("group,head_dim,page", [c for c in ATTENTION_CASES if c[2] >= 8])
+@pytest.mark.parametrize("group,head_dim,page", attention_params([c for c in ATTENTION_CASES if c[2] >= 8]))
 def test_slot_lists_match_the_reference_in_interpret_mode(group, head_dim, page, tuning):
     """Quest's selected pages: block i holds the pages listed at its positions (one TMA copy per page), -1 entries
     (no page) and a head whose pages are all empty attend nothing; layer 1 of a stacked pool, with the race detector

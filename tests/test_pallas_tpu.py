@@ -13,7 +13,7 @@ from jax.experimental.pallas import tpu as pltpu
 from raas_jax.kernels import dispatch as kernels
 from raas_jax.kernels import pallas_tpu
 
-from kernel_cases import ATTENTION_CASES, TOP_K_CASES, page_pool, top_k_scores
+from kernel_cases import ATTENTION_CASES, TOP_K_CASES, attention_params, page_pool, top_k_scores
 
 SMALL_BLOCKS = 64  # tokens per DMA block: several blocks per head, so the double buffer and online softmax work
 
@@ -31,7 +31,7 @@ def _assert_attention_close(got, want):
     np.testing.assert_allclose(np.asarray(mass), np.asarray(ref_mass), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("group,head_dim,page", ATTENTION_CASES)
+@pytest.mark.parametrize("group,head_dim,page", attention_params())
 def test_decode_attention_matches_reference(group, head_dim, page):
     rng = np.random.default_rng(group * 100 + head_dim + page)
     q, k, v, fill = page_pool(rng, 2, 2, group, 32, page, head_dim)
@@ -42,7 +42,7 @@ def test_decode_attention_matches_reference(group, head_dim, page):
                             want)
 
 
-@pytest.mark.parametrize("group,head_dim,page", ATTENTION_CASES)
+@pytest.mark.parametrize("group,head_dim,page", attention_params())
 def test_slot_list_matches_reference(group, head_dim, page):
     rng = np.random.default_rng(group * 1000 + head_dim + page)
     b, hkv, s, listed = 2, 2, 32, 8

@@ -43,7 +43,13 @@ def dense_run(model):
     return tokens, teacher_forced_logits(model, PROMPTS, tokens, Dense())
 
 
-@pytest.mark.parametrize("name", sorted(ALL_POLICIES))
+# the fast set keeps every policy and both page sizes: raas (pages and exact scores), quest and streaming in tokens,
+# h2o in pages; the other variants run in the full set
+SLOW_POLICIES = ("raas-token", "quest", "h2o-token", "streaming")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_POLICIES else n
+                                  for n in sorted(ALL_POLICIES)])
 def test_large_budget_equals_dense(model, dense_run, name):
     policy = ALL_POLICIES[name]
     dense_tokens, dense_logits = dense_run
@@ -115,9 +121,20 @@ def test_top_half_refreshes_the_top_half_of_the_candidates(rng, slots):
             assert (got[b, h] == want).all()
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(rng=score_arrays, slots=st.integers(1, 12), k=st.integers(1, 12))
 def test_quest_selection_is_brute_force_top_k(rng, slots, k):
+    check_quest_selection(rng, slots, k)
+
+
+@pytest.mark.slow
+@settings(max_examples=28, deadline=None)  # 40 in all, as before the split
+@given(rng=score_arrays, slots=st.integers(1, 12), k=st.integers(1, 12))
+def test_quest_selection_is_brute_force_top_k_more_cases(rng, slots, k):
+    check_quest_selection(rng, slots, k)
+
+
+def check_quest_selection(rng, slots, k):
     scores = rng.normal(size=(2, 2, slots)).astype(np.float32)
     fill = (rng.random((2, 2, slots)) < 0.8).astype(np.int32)
     cur = rng.integers(0, slots, (2, 2))
@@ -308,8 +325,9 @@ def test_token_level_raas_step():
     assert evictions > 0
 
 
-@pytest.mark.parametrize("name,options", [("raas", {"score": "exact", "budget": 64}),
-                                          ("raas", {"score": "estimate", "budget": 32}), ("dense", {})])
+@pytest.mark.parametrize("name,options", [
+    pytest.param("raas", {"score": "exact", "budget": 64}, marks=pytest.mark.slow),
+    ("raas", {"score": "estimate", "budget": 32}), ("dense", {})])
 def test_pallas_backend_generates_like_the_reference(model, name, options):
     """The Pallas kernels (interpret mode here) drive a real decode loop: RaaS's refresh by attention mass or by
     the page-bound kernel with evictions, Dense's over prompts of different lengths with the pool's empty tail
@@ -356,13 +374,15 @@ def test_pallas_kernels_get_whole_stacked_pools_not_layer_slices(name):
     assert pool and all(shape[0] == cfg.num_layers for shape in pool), calls
 
 
-def test_h2o_and_streaming_take_prompts_longer_than_the_pool(model):
+@pytest.mark.parametrize("policy", [H2O(budget=16, page_size=4),
+                                    pytest.param(StreamingLLM(budget=16, page_size=4), marks=pytest.mark.slow),
+                                    pytest.param(H2O(budget=8, page_size=1), marks=pytest.mark.slow),
+                                    StreamingLLM(budget=8, page_size=1)], ids=lambda p: f"{p.name}-p{p.page_size}")
+def test_h2o_and_streaming_take_prompts_longer_than_the_pool(model, policy):
     """Token-level methods in their papers: they evict prompt tokens like any other (nothing is refused)."""
     long_prompts = [list(range(1, 41)), list(range(3, 20))]
-    for policy in (H2O(budget=16, page_size=4), StreamingLLM(budget=16, page_size=4),
-                   H2O(budget=8, page_size=1), StreamingLLM(budget=8, page_size=1)):
-        results = model.generate(long_prompts, max_new_tokens=12, chat=False, policy=policy)
-        assert [r.stats["new_tokens"] for r in results] == [12, 12]
+    results = model.generate(long_prompts, max_new_tokens=12, chat=False, policy=policy)
+    assert [r.stats["new_tokens"] for r in results] == [12, 12]
 
 
 def test_streaming_prefill_keeps_sinks_and_the_newest_prompt_pages():

@@ -57,12 +57,6 @@ class Prefill:
     def done(self) -> bool:
         return self.prefix is not None
 
-    @property
-    def calls_left(self) -> int:
-        if self.done:
-            return 0
-        return 1 if self.chunk is None else -(-(self.tokens.shape[1] - self.next_start) // self.chunk)
-
     def first_token(self) -> int:
         assert self.prefix is not None, "the prefill has not finished"
         return int(self.prefix.last[0])
