@@ -121,8 +121,8 @@ def raas_server(tiny_llama_converted, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def endless_server(tiny_llama_converted, tmp_path_factory):
-    """A RaaS server that takes requests of a million tokens (its rows are budget-sized), for requests that are
-    still decoding when the test acts on them."""
+    """A RaaS server that takes requests of a million tokens (its rows are budget-sized), for a request that is
+    still decoding when the test acts on it."""
     with running_server(tiny_llama_converted, tmp_path_factory.mktemp("endless"), "--max-rows", "2",
                         "--max-model-len", "1000000", *POLICY_FLAGS["raas"][1]) as server:
         yield server
@@ -313,15 +313,15 @@ def test_a_full_queue_answers_429_and_the_rest_complete(tiny_llama_converted, tm
         assert server.metric("num_requests_waiting") == 0 and server.metric("rows_in_use") == 0
 
 
-def test_sigterm_while_streaming_ends_the_stream_and_exits_0(endless_server):
-    """(Last in this file: it stops the module's endless server.)"""
-    server = endless_server
-    _, response = _open_stream(server)
-    server.proc.send_signal(signal.SIGTERM)
-    events = [line for line in response.read().decode().split("\n\n") if line]
-    assert events[-1] == "data: [DONE]"
-    assert json.loads(events[-2][len("data: "):])["choices"][0]["finish_reason"] == "abort"
-    assert server.proc.wait(60) == 0, server.log.read_text()[-2000:]
+def test_sigterm_while_streaming_ends_the_stream_and_exits_0(tiny_llama_converted, tmp_path):
+    with running_server(tiny_llama_converted, tmp_path, "--max-rows", "2", "--max-model-len", "1000000",
+                        *POLICY_FLAGS["raas"][1]) as server:
+        _, response = _open_stream(server)
+        server.proc.send_signal(signal.SIGTERM)
+        events = [line for line in response.read().decode().split("\n\n") if line]
+        assert events[-1] == "data: [DONE]"
+        assert json.loads(events[-2][len("data: "):])["choices"][0]["finish_reason"] == "abort"
+        assert server.proc.wait(60) == 0, server.log.read_text()[-2000:]
 
 
 def test_bench_serve_over_http(raas_server, tmp_path):
