@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 import warnings
@@ -196,9 +197,12 @@ class Model:
                              f"prompts must be strings or lists of token ids, got {type(prompts).__name__}")
         if not _is_int(max_new_tokens) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise ValueError(f"bad sampling parameters: temperature={temperature} (>= 0), top_p={top_p} "
-                             f"(in (0, 1]), top_k={top_k} (>= 0)")
+        if not _is_number(temperature) or not math.isfinite(temperature) or temperature < 0 \
+                or not _is_number(top_p) or not 0 < top_p <= 1 or not _is_int(top_k) or top_k < 0:
+            raise ValueError(f"bad sampling parameters: temperature={temperature!r} (a finite number >= 0), "
+                             f"top_p={top_p!r} (in (0, 1]), top_k={top_k!r} (an integer >= 0)")
+        if not _is_int(seed) or not 0 <= seed < 2**32:
+            raise ValueError(f"seed must be an integer in [0, 2^32), got {seed!r}")
         ids = [self.encode(p, chat) for p in prompts]
         longest = max(len(p) for p in ids) + max_new_tokens
         if self.cfg.sliding_window and longest > self.cfg.sliding_window:
@@ -256,6 +260,10 @@ class _TextStreamer:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
 def _array_prompts(array: np.ndarray) -> list[list[int]]:
