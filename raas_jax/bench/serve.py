@@ -161,8 +161,10 @@ def run_in_process(engine: Any, items: Sequence[WorkItem], *, tokenizer: Any = N
     t0 = time.perf_counter()
 
     def sample():
-        while not stop_sampling.wait(sample_every):
+        while True:
             timeline.append((time.perf_counter() - t0, scheduler.running, scheduler.waiting))
+            if stop_sampling.wait(sample_every):
+                break
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -185,8 +187,9 @@ def run_in_process(engine: Any, items: Sequence[WorkItem], *, tokenizer: Any = N
                 break
     finally:
         stop_sampling.set()
-        scheduler.shutdown()
         sampler.join(5)
+        timeline.append((time.perf_counter() - t0, scheduler.running, scheduler.waiting))
+        scheduler.shutdown()
     for record in records:
         record.start, record.end = _relative(record.start, t0), _relative(record.end, t0)
         record.chunks = [(t - t0, n) for t, n in record.chunks]
