@@ -66,6 +66,7 @@ def test_inspect_attention_cli_writes_png_and_summary(tiny_llama_converted, tmp_
     assert main(["inspect", "attention", "--model", str(tiny_llama_converted), "--prompt", "x", "--layer", "9"]) == 2
 
 
+@pytest.mark.slow  # the fast set: the command above in the model's dtype
 def test_inspect_attention_over_fp8_pages(tiny_llama_converted, tmp_path, monkeypatch):
     """--kv-dtype fp8: the generation and every traced policy store their pages in FP8, and the summary says so."""
     from raas_jax.inspection import attention_map

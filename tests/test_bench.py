@@ -19,7 +19,7 @@ CFG = bench.MODEL_SHAPES["tiny"]
 
 
 @pytest.mark.parametrize("policy", [Dense(page_size=4), Quest(budget=32, page_size=4, dense_layers=1),
-                                    pytest.param(RaaS(budget=32, page_size=4), marks=pytest.mark.slow),  # as fp8's
+                                    pytest.param(RaaS(budget=32, page_size=4), marks=pytest.mark.slow),  # as fp8
                                     RaaS(budget=32, page_size=4, kv_dtype="fp8")],
                          ids=["dense", "quest", "raas", "raas-fp8"])
 def test_synthetic_state_is_consistent_and_decodes(policy):
@@ -70,9 +70,13 @@ def test_kv_bytes_read_by_policy():
     assert bench.kv_bytes_read(RaaS(budget=1024, kv_dtype="fp8"), cfg, 2, 32768, jnp.bfloat16) == 1024 * per_token
 
 
-def test_bench_cli_on_cpu(tmp_path, capsys):
+def test_bench_cli_refuses_a_cpu_unless_allowed(capsys):
     assert cli_main(["bench", "e2e"]) == 2
     assert "needs a GPU" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # the fast set runs `bench e2e --allow-cpu` on a mesh: test_bench_e2e_on_a_mesh_of_4_cpu_devices
+def test_bench_cli_on_cpu(tmp_path, capsys):
     assert cli_main(["bench", "e2e", "--models", "tiny", "--allow-cpu", "--positions", "256", "--batches", "1",
                      "--steps", "4", "--no-largest-batch", "--hf-reference", "--out-dir", str(tmp_path)]) == 0
     saved = json.loads((tmp_path / "e2e_tiny.json").read_text())
@@ -94,33 +98,43 @@ from raas_jax.decode.generate import Generator
 from raas_jax.policies import RaaS
 from raas_jax.decode.sharding import ShardedPolicy, make_mesh
 assert len(jax.devices()) == 4
-out = sys.argv[1]
-assert main(["bench", "e2e", "--models", "tiny", "--allow-cpu", "--policies", "raas,dense", "--positions", "512",
-             "--batches", "1,2,4", "--steps", "4", "--no-largest-batch", "--mesh", "data=2,model=2",
+out, full = sys.argv[1], sys.argv[2] == "full"
+policies, batches = ("raas,dense", "1,2,4") if full else ("raas", "1,2")
+assert main(["bench", "e2e", "--models", "tiny", "--allow-cpu", "--policies", policies, "--positions", "512",
+             "--batches", batches, "--steps", "4", "--no-largest-batch", "--mesh", "data=2,model=2",
              "--out-dir", out]) == 0
+rows = json.load(open(out + "/e2e_tiny.json"))["rows"]
+if not full:
+    print(json.dumps({"rows": rows}))
+    sys.exit(0)
 cfg = bench.MODEL_SHAPES["tiny"]
 one = Generator(cfg, jnp.float32, RaaS(budget=32, page_size=4))
 spread = Generator(cfg, jnp.float32, ShardedPolicy(RaaS(budget=32, page_size=4), make_mesh(cfg, "data=2,model=2")))
 batch, sizes = bench.largest_decode_batch(spread, 512, 8 * 2**20, reserve=0, probes=(4, 16))
-rows = json.load(open(out + "/e2e_tiny.json"))["rows"]
 print(json.dumps({"rows": rows, "batch": batch, "spread": bench.decode_memory(spread, 16, 512)["total"],
                   "one": bench.decode_memory(one, 16, 512)["total"]}))
 '''
 
 
-def test_bench_e2e_on_a_mesh_of_4_cpu_devices(tmp_path):
+@pytest.mark.parametrize("full", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["raas", "full"])
+def test_bench_e2e_on_a_mesh_of_4_cpu_devices(tmp_path, full):
+    """The fast set: RaaS at B = 2 on the mesh (B = 1 skipped); the full set: RaaS and Dense at B = 2 and 4, the
+    largest batch on the mesh and the memory it spreads."""
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(tmp_path)], env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(tmp_path), "full" if full else "short"], env=env,
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     rows = report["rows"]
-    assert {(r["policy"], r["batch"]) for r in rows} == {(p, b) for p in ("raas", "dense") for b in (2, 4)}
+    policies, batches = (("raas", "dense"), (2, 4)) if full else (("raas",), (2,))
+    assert {(r["policy"], r["batch"]) for r in rows} == {(p, b) for p in policies for b in batches}
     assert "skipping B=[1]: not a multiple of the mesh's data axis (2)" in proc.stdout
     assert all(r["mesh"] == "data=2,model=2" and not r["compiled_during_timing"] for r in rows)
+    if not full:
+        return
     assert report["batch"] > 0 and report["batch"] % 2 == 0  # a multiple of the data axis
     assert report["spread"] < 0.5 * report["one"]  # one device holds a quarter of the pool, half the weights

@@ -9,6 +9,7 @@ import pytest
 from raas_jax.bench import kernels as bench_kernels
 
 
+@pytest.mark.slow  # the fast set: run_kernels on one variant (below)
 def test_run_kernels_times_every_variant_and_writes_json(tmp_path):
     shapes = [bench_kernels.Shape("tiny", 1, 64), bench_kernels.Shape("tiny quest", 1, 128, 32)]
     rows = bench_kernels.run_kernels(shapes, calls=2, out=tmp_path / "k.json", verbose=False)

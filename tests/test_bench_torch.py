@@ -53,6 +53,7 @@ def test_time_decode_on_cpu_and_largest_batch():
     assert bench_torch.largest_batch(bench.MODEL_SHAPES["llama3-8b"], 2048, 32, 120 * 2**30, 2) > 64
 
 
+@pytest.mark.slow  # the fast set: the torch decode against our model, its timing and largest batch (above)
 def test_torch_reference_in_bench_e2e(tmp_path, capsys):
     assert cli_main(["bench", "e2e", "--models", "tiny", "--allow-cpu", "--positions", "64,128", "--batches", "1,2",
                      "--steps", "3", "--policies", "dense", "--torch-reference", "--torch-batches", "2",

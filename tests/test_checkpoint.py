@@ -171,7 +171,7 @@ def test_sigterm_during_convert_removes_the_temporary(tiny_llama_dir, tmp_path):
     import sys
     import time
 
-    code = ("import sys, time\nfrom raas_jax import checkpoint\n"
+    code = ("import sys, time\nfrom raas_jax.model_io import checkpoint\n"
             "checkpoint.save_params = lambda *a, **k: (print('saving', flush=True), time.sleep(60))\n"
             f"checkpoint.convert({str(tiny_llama_dir)!r}, {str(tmp_path / 'out')!r}, dtype='f32', progress=False)\n")
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -67,15 +67,20 @@ def test_per_policy_page_sizes():
             parse_page_sizes(bad)
 
 
-def test_eval_writes_rows_summary_and_plots(model, dataset, tmp_path):
+@pytest.mark.parametrize("policies,budgets", [
+    (("dense", "raas"), (112,)),  # the fast set: a refused sample, fidelity, summary and plots, in 2 cells
+    pytest.param(("dense", "raas", "streaming"), (112, 256), marks=pytest.mark.slow),  # a grid of 5 cells
+], ids=["dense-raas", "grid"])
+def test_eval_writes_rows_summary_and_plots(model, dataset, tmp_path, policies, budgets):
     samples = load_samples(str(dataset), question_field="q", answer_field="a")
-    config = EvalConfig(dataset=str(dataset), policies=("dense", "raas", "streaming"), budgets=(112, 256),
-                        page_size=4, max_new_tokens=12, batch_size=3, fidelity=True)  # one batch: half the compiles
-    out = tmp_path / "out"  # (batches one after another: the resume test below, in batches of 1)
+    config = EvalConfig(dataset=str(dataset), policies=policies, budgets=budgets,
+                        page_size=4, max_new_tokens=12, batch_size=2, fidelity=True)
+    out = tmp_path / "out"
     rows = run_eval(model, samples, config, out, progress=False)
-    assert len(rows) == 3 * 5
+    cells = 1 + (len(policies) - 1) * len(budgets)
+    assert len(rows) == 3 * cells
     lines = (out / "samples.jsonl").read_text().splitlines()
-    assert len(lines) == 15
+    assert len(lines) == 3 * cells
     skipped = [r for r in rows if r["skipped"]]
     # with the template and instruction the prompts are 88, 91 and 121 tokens: only 121 needs > 112, and only
     # RaaS (which pins the prompt) refuses it; StreamingLLM evicts prompt pages
@@ -87,7 +92,8 @@ def test_eval_writes_rows_summary_and_plots(model, dataset, tmp_path):
     plots = write_plots(table, out, "toy")
     assert {p.name for p in plots} == {"accuracy_vs_budget.png", "agreement_vs_budget.png"}
     md = (out / "summary.md").read_text()
-    assert "raas@112/p4: 1" in md and "| raas | 256 | 4 | 3 | 0 |" in md
+    assert "raas@112/p4: 1" in md and "| raas | 112 | 4 | 2 | 1 |" in md  # 2 samples ran, 1 refused
+    assert "| raas | 256 | 4 | 3 | 0 |" in md if 256 in budgets else "| raas | 256 |" not in md
     assert (out / "summary.csv").read_text().splitlines()[0].startswith("policy,budget,page_size,samples,skipped")
 
 

@@ -56,10 +56,11 @@ def test_decode_logits_match_full_forward(model):
 def test_greedy_generation_equals_rerunning_logits(model):
     prompt = [5, 9, 33, 101, 7, 250, 18]
     result = model.generate([prompt], max_new_tokens=12, chat=False)[0]
-    seq = list(prompt)
-    for token in result.token_ids:
-        assert token == int(np.argmax(model.logits([seq])[0, -1]))
-        seq.append(token)
+    # one causal forward over the prompt and the tokens gives every prefix's last logits (a forward per prefix
+    # compiles one per length)
+    full = model.logits([prompt + result.token_ids[:-1]])[0]
+    for i, token in enumerate(result.token_ids):
+        assert token == int(np.argmax(full[len(prompt) - 1 + i]))
     assert result.stats["new_tokens"] == len(result.token_ids)
     assert result.stats["cache_bytes"] > 0 and result.stats["seconds"] > 0
 
@@ -203,9 +204,9 @@ CHUNK_POLICIES = {
     # calibrated scales (2 layers): pages hold k / k_scale, v / v_scale in both paths
     "raas-fp8-scaled": RaaS(budget=64, page_size=4, kv_dtype="fp8", kv_absmax=((20.0, 30.0), (10.0, 20.0))),
 }
-# variants of the code paths the fast set takes with dense, raas, h2o-fp8 (H2O's key mass, FP8 pages) and
-# raas-fp8-scaled (FP8 pages with k/v scales)
-SLOW_CHUNK_POLICIES = ("raas-unpinned", "h2o-token", "h2o", "quest", "streaming", "dense-fp8")
+# variants of the code paths the fast set takes with dense, h2o-fp8 (H2O's key mass, FP8 pages) and raas-fp8-scaled
+# (RaaS's pinned prompt, FP8 pages with k/v scales)
+SLOW_CHUNK_POLICIES = ("raas", "raas-unpinned", "h2o-token", "h2o", "quest", "streaming", "dense-fp8")
 CHUNK_PROMPTS = [list(range(3, 48)), [7, 8, 9] * 7, [250] * 5]  # 45, 21 and 5 tokens: padding in every chunk
 
 
@@ -370,6 +371,7 @@ def test_fp8_pool_warns_when_values_reach_its_limit(model):
         run_generation(gen, loud, prompts, max_new_tokens=4, eos_ids=())
 
 
+@pytest.mark.slow  # the fast set: scales measured and put in the pool (test_calibrate.py), chunks over scaled pages
 def test_calibrated_fp8_scales_store_large_keys_and_values(model):
     """The model with keys and values 1e4 x larger (q and o_proj / 1e4 keep its function): unscaled FP8
     pages clip them (far off, and a warning), pages with calibrated scales (calibrate.measure_kv_absmax ->

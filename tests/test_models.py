@@ -48,7 +48,8 @@ def test_logits_match_transformers(case, tmp_path):
     assert relative_error(ours, ref) <= 1e-4
 
 
-@pytest.mark.parametrize("case", ["llama-linear-rope-bias", "llama-mqa-headdim", "qwen2-gqa"])
+@pytest.mark.parametrize("case", ["llama-linear-rope-bias", pytest.param("llama-mqa-headdim", marks=pytest.mark.slow),
+                                  pytest.param("qwen2-gqa", marks=pytest.mark.slow)])
 def test_fused_projections_equal_the_checkpoint_layout(case, tmp_path):
     """`load` gives the fused layout (one qkv and one gate/up kernel per layer; the test above checks it against
     HF); the checkpoint's layout gives the same logits, prompt and decode, and fusing is idempotent."""

@@ -35,6 +35,11 @@ SCRIPT = textwrap.dedent('''
     for spec in meshes:
         model = raas_jax.load(path, dtype="f32", mesh=spec)
         leaf = model.params["layers"]["mlp"]["gate_up_proj"]["kernel"]  # [L, H, 2, F]: F over model
+        layout = {"mesh": dict(model.mesh.shape), "gate_spec": list(leaf.sharding.spec),
+                  "qkv_spec": list(model.params["layers"]["self_attn"]["qkv_proj"]["kernel"].sharding.spec)}
+        if spec == "auto":  # the mesh it resolves to is also given by name: generated on there
+            report[spec] = layout
+            continue
         same = {p.name + str(i): [r.token_ids for r in model.generate(prompts, max_new_tokens=40, chat=False,
                                                                            policy=p)] == reference[p]
                 for i, p in enumerate(policies)}
@@ -52,9 +57,7 @@ SCRIPT = textwrap.dedent('''
         hlo = gen.decode.lower(model.params, state, jnp.int32(4), eos).compile().as_text()
         gathers = [l for l in hlo.splitlines() if " all-gather(" in l or "all-gather-start(" in l]
         pool_gathers = [l for l in gathers if re.search(r"= \\w+\\[(\\d+,){4,}\\d+\\]", l)]
-        report[spec] = {"mesh": dict(model.mesh.shape), "gate_spec": list(leaf.sharding.spec), "same": same,
-                        "qkv_spec": list(model.params["layers"]["self_attn"]["qkv_proj"]["kernel"].sharding.spec),
-                        "chunked_same": chunked,
+        report[spec] = {**layout, "same": same, "chunked_same": chunked,
                         "pool_gathers": len(pool_gathers), "cache_spec": list(state.cache["k"].sharding.spec)}
     print("REPORT" + json.dumps(report))
 ''')
@@ -73,9 +76,11 @@ def test_sharded_generate_equals_one_device(tmp_path):
     make_hf_model(tmp_path / "hf", "llama", num_attention_heads=8, num_key_value_heads=4, tokenizer=False)
     convert(tmp_path / "hf", tmp_path / "model", dtype="f32", progress=False)
     report = run_on_8_devices(tmp_path / "model", ["auto", "data=2,model=4", "data=8,model=1"])
-    assert report["auto"]["mesh"] == {"data": 2, "model": 4}
-    assert report["data=2,model=4"]["gate_spec"] == [None, None, None, "model"]  # [L, hidden, 2, mlp]: columns
-    assert report["data=2,model=4"]["qkv_spec"] == [None, None, "model", None, None]  # [L, H, Hkv, G+2, D]
+    auto = report.pop("auto")  # laid out as data=2,model=4, which generates below
+    assert auto["mesh"] == {"data": 2, "model": 4}
+    named = report["data=2,model=4"]
+    assert auto["gate_spec"] == named["gate_spec"] == [None, None, None, "model"]  # [L, hidden, 2, mlp]: columns
+    assert auto["qkv_spec"] == named["qkv_spec"] == [None, None, "model", None, None]  # [L, H, Hkv, G+2, D]
     for spec, entry in report.items():
         assert all(entry["same"].values()), (spec, entry["same"])
         assert all(entry["chunked_same"].values()), (spec, entry["chunked_same"])  # prefill in chunks of 8
