@@ -20,6 +20,12 @@ one problem per row padded to the bucket length, loss on the solution tokens onl
 seeds >= TRAIN_SEED_MIN (evaluation uses seeds below it); the batch of step s is a pure function of
 (--seed, s), so a resumed run sees fresh problems. A background thread generates batches.
 
+--phoenix-fraction F: each row is a problem of the decode-phoenix variant (recall steps, `phoenix:D` in the eval)
+with probability F, drawn per row as a pure function of (--seed, step, row); the other rows are the plain task. With
+F > 0 the bucket step ranges are clipped to what fits for the (longer) variant, and a second held-out batch of the
+variant is logged (split heldout_phoenix). --context-dropout applies to plain rows only: a phoenix row attends
+causally to everything, since hiding the page of a recalled value would train on a target that cannot be predicted.
+
 Attention: the model's default prefill attention (kernels/reference.py) materialises T x T scores in f32;
 the training model takes `jax.nn.dot_product_attention(is_causal=True)` (cuDNN flash attention on a GPU, XLA
 elsewhere) as its prompt attention through `Transformer(attention_fn=...)` (`--attention reference` keeps the
@@ -75,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--context-dropout", type=float, default=0.0,
                    help="share of training rows whose solution pages outside the recent window are hidden at random "
                         "(each such row draws a keep probability in [0, 1)); 0: plain causal attention")
+    p.add_argument("--phoenix-fraction", type=float, default=0.0,
+                   help="share of training rows drawn from the decode-phoenix variant (recall steps); 0: plain task "
+                        "only. Those rows never get context dropout")
     p.add_argument("--dropout-recent", type=int, default=64,
                    help="with --context-dropout: every query always sees the keys this many positions back or nearer")
     p.add_argument("--attention", default="auto", choices=["auto", "cudnn", "xla", "reference"],
@@ -86,6 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps is None and args.minutes is None:
         p.error("give --steps and/or --minutes")
+    if not 0.0 <= args.phoenix_fraction <= 1.0:
+        p.error("--phoenix-fraction must lie in [0, 1]")
     args.lr = args.lr or (3e-3 if args.tiny else 1e-3)
     args.warmup = args.warmup if args.warmup is not None else (5 if args.tiny else 200)
     args.log_every = args.log_every or (1 if args.tiny else 25)
@@ -103,21 +114,26 @@ def hf_config(arch: dict, vocab_size: int) -> dict:
             "initializer_range": 0.02, "torch_dtype": "bfloat16"}
 
 
-def solution_length(n_steps: int) -> int:
+def solution_length(n_steps: int, recall: bool = False) -> int:
     """Tokens of the solution of an n-step problem, with the answer line and <eos> (independent of values)."""
     from raas_jax.eval.tasks import milestones as M
 
-    return sum(len(M.step_roles(i)) for i in range(1, n_steps + 1)) + 5
+    return sum(len(M.step_roles(i, recall)) for i in range(1, n_steps + 1)) + 5
 
 
-def resolve_buckets(tiny: bool) -> list[tuple[int, int, int, int, float]]:
-    """Buckets with step ranges: a row is <bos> + prompt + solution, at most seq_len + 1 tokens."""
+def resolve_buckets(tiny: bool, phoenix: bool = False) -> list[tuple[int, int, int, int, float]]:
+    """Buckets with step ranges: a row is <bos> + prompt + solution, at most seq_len + 1 tokens (`phoenix`: also
+    for the longer decode-phoenix variant)."""
     from raas_jax.eval.tasks import milestones as M
 
-    prompt = 1 + len(M.make_problem(0, 0, n_steps=1).prompt_words())
+    def row_length(n: int) -> int:
+        variants = (False, True) if phoenix else (False,)
+        return max(1 + len(M.make_problem(0, 0, n_steps=1, recall=r).prompt_words()) + solution_length(n, r)
+                   for r in variants)
+
     out, prev_max = [], 0
     for seq_len, rows, lo, hi, weight in (TINY_BUCKETS if tiny else FULL_BUCKETS):
-        fits = max(n for n in range(1, M.MAX_STEPS + 1) if prompt + solution_length(n) <= seq_len + 1)
+        fits = max(n for n in range(1, M.MAX_STEPS + 1) if row_length(n) <= seq_len + 1)
         hi = min(hi or fits, fits)
         lo = lo or prev_max + 1
         out.append((seq_len, rows, lo, hi, weight))
@@ -132,8 +148,9 @@ def make_batch(problems, seq_len: int, ids, answer_weight: float = 1.0, dropout_
     """tokens [B, T+1] int32 (pad after <eos>), mask [B, T] float32: the loss weight of each target, 1 on
     solution tokens (`answer_weight` on the `answer` token that ends the steps), 0 elsewhere; page_keep
     [B, T / PAGE] bool: which PAGE-token pages of each row stay visible beyond the recent window (see
-    `context_mask`). A share `context_dropout` of the rows hides each page that holds no prompt token with
-    probability 1 - q, q drawn uniformly per row; the other rows (and every prompt page) stay visible."""
+    `context_mask`). A share `context_dropout` of the plain-task rows hides each page that holds no prompt token
+    with probability 1 - q, q drawn uniformly per row; the other rows (decode-phoenix rows always: their recalled
+    values sit on old solution pages) and every prompt page stay visible."""
     tokens = np.full((len(problems), seq_len + 1), ids.pad, np.int32)
     mask = np.zeros((len(problems), seq_len), np.float32)
     page_keep = np.ones((len(problems), -(-seq_len // PAGE)), bool)
@@ -144,7 +161,7 @@ def make_batch(problems, seq_len: int, ids, answer_weight: float = 1.0, dropout_
         tokens[r, :len(row)] = row
         mask[r, len(prompt) - 1:len(row) - 1] = 1.0
         mask[r, len(row) - 6] = answer_weight  # the target 'answer' (then m{N} = VV <eos>)
-        if dropout_rng is not None and dropout_rng.random() < context_dropout:
+        if dropout_rng is not None and not problem.recall and dropout_rng.random() < context_dropout:
             q = dropout_rng.random()
             first_solution_page = -(-len(prompt) // PAGE)  # pages before it hold prompt tokens
             for page in range(first_solution_page, page_keep.shape[1]):
@@ -152,27 +169,33 @@ def make_batch(problems, seq_len: int, ids, answer_weight: float = 1.0, dropout_
     return tokens, mask, page_keep
 
 
-def train_batch(seed: int, step: int, buckets, ids, answer_weight: float = 1.0, context_dropout: float = 0.0):
-    """The batch of training step `step`: a pure function of (seed, step, context_dropout)."""
+def train_batch(seed: int, step: int, buckets, ids, answer_weight: float = 1.0, context_dropout: float = 0.0,
+                phoenix_fraction: float = 0.0):
+    """The batch of training step `step`: a pure function of (seed, step, context_dropout, phoenix_fraction). Each
+    row is a decode-phoenix problem with probability `phoenix_fraction` (its own random stream, so the plain
+    rows' lengths and the batch with fraction 0 are what they were without the option)."""
     from raas_jax.eval.tasks import milestones as M
 
     rng = random.Random(f"train-batch:{seed}:{step}")
+    phoenix_rng = random.Random(f"phoenix-rows:{seed}:{step}")
     seq_len, rows, lo, hi, _ = rng.choices(buckets, weights=[b[4] for b in buckets])[0]
-    problems = [M.make_problem(M.TRAIN_SEED_MIN + seed, step * 1024 + r, n_steps=rng.randint(lo, hi))
+    problems = [M.make_problem(M.TRAIN_SEED_MIN + seed, step * 1024 + r, n_steps=rng.randint(lo, hi),
+                               recall=phoenix_fraction > 0 and phoenix_rng.random() < phoenix_fraction)
                 for r in range(rows)]
     dropout_rng = random.Random(f"context-dropout:{seed}:{step}") if context_dropout > 0 else None
     return make_batch(problems, seq_len, ids, answer_weight, dropout_rng, context_dropout)
 
 
-def heldout_batch(buckets, ids, tiny: bool):
-    """A fixed held-out batch (eval seed 1, never trained on): the longest bucket, difficulty 3 lengths."""
+def heldout_batch(buckets, ids, tiny: bool, recall: bool = False):
+    """A fixed held-out batch (eval seed 1, never trained on): the longest bucket, difficulty 3 lengths
+    (`recall`: problems of the decode-phoenix variant)."""
     from raas_jax.eval.tasks import milestones as M
 
     seq_len, rows, lo, hi, _ = buckets[-1]
     lo3, hi3 = M.DIFFICULTIES[3]
     lo, hi = (lo, hi) if tiny else (max(lo3, 1), min(hi3, hi))
     rng = random.Random("heldout")
-    problems = [M.make_problem(1, i, n_steps=rng.randint(lo, hi)) for i in range(rows)]
+    problems = [M.make_problem(1, i, n_steps=rng.randint(lo, hi), recall=recall) for i in range(rows)]
     return make_batch(problems, seq_len, ids)
 
 
@@ -180,14 +203,14 @@ class Prefetcher:
     """Generates training batches for steps start, start+1, ... in a background thread."""
 
     def __init__(self, seed: int, start: int, buckets, ids, answer_weight: float = 1.0, context_dropout: float = 0.0,
-                 depth: int = 8):
+                 phoenix_fraction: float = 0.0, depth: int = 8):
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
 
         def work():
             step = start
             while not self.stop.is_set():
-                batch = train_batch(seed, step, buckets, ids, answer_weight, context_dropout)
+                batch = train_batch(seed, step, buckets, ids, answer_weight, context_dropout, phoenix_fraction)
                 while not self.stop.is_set():
                     try:
                         self.queue.put(batch, timeout=0.1)
@@ -387,7 +410,7 @@ def plot_log(log_path: Path, png: Path) -> None:
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
-    for split, style in (("train", "-"), ("heldout", "o-")):
+    for split, style in (("train", "-"), ("heldout", "o-"), ("heldout_phoenix", "^-")):
         sel = [r for r in rows if r["split"] == split]
         if sel:
             ax.plot([float(r["tokens"]) / 1e6 for r in sel], [float(r["loss"]) for r in sel], style, label=f"{split} loss",
@@ -433,7 +456,8 @@ def main(argv=None) -> int:
     vocab = -(-len(ids) // 64) * 64
     hf = hf_config(TINY if args.tiny else FULL, vocab)
     cfg = ModelConfig.from_hf_dict(hf)
-    buckets = resolve_buckets(args.tiny)
+    phoenix = args.phoenix_fraction > 0
+    buckets = resolve_buckets(args.tiny, phoenix)
     attention = training_attention(args.attention, args.dropout_recent)
     attention_name = attention.kind if attention else "reference"
     masked = args.context_dropout > 0
@@ -461,7 +485,8 @@ def main(argv=None) -> int:
     print(f"model: {n_params / 1e6:.2f}M params, {cfg.num_layers} layers, hidden {cfg.hidden_size}, heads "
           f"{cfg.num_heads}/{cfg.num_kv_heads}, vocab {cfg.vocab_size}; backend {jax.default_backend()}, "
           f"compute {jnp.dtype(compute_dtype).name}, attention {attention_name}"
-          f"{f', context dropout {args.context_dropout} (recent {args.dropout_recent})' if masked else ''}; buckets {buckets}", flush=True)
+          f"{f', context dropout {args.context_dropout} (recent {args.dropout_recent})' if masked else ''}"
+          f"{f', phoenix fraction {args.phoenix_fraction}' if phoenix else ''}; buckets {buckets}", flush=True)
 
     # compile every bucket shape before the clock of the schedule starts
     t = time.time()
@@ -472,6 +497,7 @@ def main(argv=None) -> int:
         keep = jax.ShapeDtypeStruct((rows, -(-seq_len // PAGE)), jnp.bool_)
         compiled[tok.shape] = step_fn.lower(params, opt_state, tok, msk, keep, jnp.float32(0)).compile()
     held_tokens, held_mask, held_keep = heldout_batch(buckets, ids, args.tiny)  # every page visible
+    held_phoenix = heldout_batch(buckets, ids, args.tiny, recall=True) if phoenix else None  # same shapes
     eval_compiled = eval_fn.lower(params, held_tokens, held_mask, held_keep).compile()
     print(f"compiled {len(buckets)} bucket shapes in {time.time() - t:.1f}s", flush=True)
 
@@ -503,18 +529,24 @@ def main(argv=None) -> int:
         return args.lr * warm * (frac + (1 - frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
     def heldout(step, progress, lr):
-        m = jax.device_get(eval_compiled(params, held_tokens, held_mask, held_keep))
-        row = {"split": "heldout", "step": step, "progress": round(progress, 4), "lr": lr,
-               "loss": float(m["loss"]), "tok_acc": float(m["tok_acc"]), "row_exact": float(m["row_exact"]),
-               "grad_norm": "", "tokens": tokens_seen, "seconds": round(seconds0 + time.time() - t0, 1),
-               "tokens_per_s": ""}
-        log.writerow(row)
+        rows = {}
+        for split, batch in (("heldout", (held_tokens, held_mask, held_keep)), ("heldout_phoenix", held_phoenix)):
+            if batch is None:
+                continue
+            m = jax.device_get(eval_compiled(params, *batch))
+            row = {"split": split, "step": step, "progress": round(progress, 4), "lr": lr,
+                   "loss": float(m["loss"]), "tok_acc": float(m["tok_acc"]), "row_exact": float(m["row_exact"]),
+                   "grad_norm": "", "tokens": tokens_seen, "seconds": round(seconds0 + time.time() - t0, 1),
+                   "tokens_per_s": ""}
+            log.writerow(row)
+            print(f"  {split.replace('_', ' ').replace('heldout', 'held-out')} (seed 1, {held_tokens.shape[0]} rows): "
+                  f"loss {row['loss']:.5f} tok_acc {row['tok_acc']:.5f} rows exact {row['row_exact']:.3f}", flush=True)
+            rows[split] = row
         log_file.flush()
-        print(f"  held-out (seed 1, {held_tokens.shape[0]} rows): loss {row['loss']:.5f} tok_acc "
-              f"{row['tok_acc']:.5f} rows exact {row['row_exact']:.3f}", flush=True)
-        return row
+        return rows["heldout"] | {"phoenix": rows.get("heldout_phoenix")}
 
-    prefetch = Prefetcher(args.seed, step, buckets, ids, args.answer_weight, args.context_dropout)
+    prefetch = Prefetcher(args.seed, step, buckets, ids, args.answer_weight, args.context_dropout,
+                          args.phoenix_fraction)
     pending, last_log, last_save, tokens_at_log = [], time.time(), time.time(), tokens_seen
     last_heldout = None
     progress = progress_at(time.time(), step)
@@ -567,11 +599,14 @@ def main(argv=None) -> int:
             "lr": args.lr, "warmup": args.warmup, "final_lr_fraction": args.final_lr_fraction,
             "weight_decay": args.weight_decay, "clip": args.clip, "answer_weight": args.answer_weight,
             "attention": attention_name, "context_dropout": args.context_dropout,
+            "phoenix_fraction": args.phoenix_fraction,
             "dropout_recent": args.dropout_recent if masked else None,
             "compute_dtype": jnp.dtype(compute_dtype).name, "backend": jax.default_backend(),
             "device": str(jax.devices()[0].device_kind),
             "final_train_loss": float(train_rows[-1]["loss"]) if train_rows else None,
             "heldout": {k: final[k] for k in ("loss", "tok_acc", "row_exact")}}
+    if final["phoenix"] is not None:
+        info["heldout_phoenix"] = {k: final["phoenix"][k] for k in ("loss", "tok_acc", "row_exact")}
     try:
         info["peak_device_bytes"] = int(jax.devices()[0].memory_stats()["peak_bytes_in_use"])
     except Exception:  # CPU devices have no memory stats

@@ -113,7 +113,8 @@ def test_tokenizer_round_trip(tmp_path):
 
     M.save_tokenizer(tmp_path)
     tok = AutoTokenizer.from_pretrained(str(tmp_path))
-    assert len(tok) == len(M.vocabulary()) == 639 and tok.chat_template is None
+    assert len(tok) == len(M.vocabulary()) == 640 and tok.chat_template is None
+    assert tok.convert_tokens_to_ids("recall") == 639 and M.vocabulary()[:639][-1] == "answer"  # appended
     p = M.make_problem(0, 2, difficulty=1)
     ids = tok.encode(p.prompt + " " + p.solution)
     ids_fast, sol = M.Ids().problem(p)
@@ -133,6 +134,10 @@ def test_committed_checkpoint_encodes_the_task(model):
     ids = model.encode(p.prompt, chat=False)
     assert len(ids) == 72 and model.decode_text(ids) == p.prompt
     assert model.cfg.vocab_size == 640 and model.eos_ids == (model.tokenizer.eos_token_id,)
+    # the committed checkpoint keeps its own 639-word tokenizer: the plain task's ids are the same as today's
+    assert len(model.tokenizer) == 639
+    prompt, solution = M.Ids().problem(p)
+    assert model.encode(p.prompt + " " + p.solution, chat=False) == prompt + solution[:-1]
 
 
 def test_eval_end_to_end_on_committed_checkpoint(model, tmp_path):
@@ -152,3 +157,142 @@ def test_eval_end_to_end_on_committed_checkpoint(model, tmp_path):
     assert {r["cell"] for r in rows} == {"dense", "raas@256"}
     assert [r["policy"] for r in summarize(rows)] == ["dense", "raas"]
     json.dumps(rows)
+
+
+# ----------------------------------------------------------------------------------- decode-phoenix variant
+
+# (seed, index, difficulty or n_steps) -> (N, answer, sha256 of "prompt|solution"[:16]), computed with the generator
+# before the decode-phoenix variant was added: the plain task must not change
+PLAIN_REGRESSION = {
+    (0, 0, 1, None): (31, 69, "a9020886c8cedcd9"),
+    (0, 5, 3, None): (159, 56, "207e0933d56f4eeb"),
+    (1_000_007, 3, 4, None): (235, 63, "c99d2a8af288c35b"),
+    (42, 1, 2, None): (100, 45, "0c4f7e4f658ffdfd"),
+    (3, 2, None, 40): (40, 20, "41393bad89abf01f"),
+}
+
+
+def test_plain_problems_are_unchanged():
+    import hashlib
+
+    for (seed, index, difficulty, n_steps), (n, answer, digest) in PLAIN_REGRESSION.items():
+        p = M.make_problem(seed, index, difficulty=difficulty, n_steps=n_steps)
+        assert not p.recall and p.recall_steps() == [] and "recall" not in p.prompt_words()
+        assert (p.n_steps, p.answer) == (n, answer)
+        assert hashlib.sha256(f"{p.prompt}|{p.solution}".encode()).hexdigest()[:16] == digest
+
+
+def _expected_operands(i):
+    """Operand names of step i of the variant, written out from the specification."""
+    names = [f"m{i - 1}"]
+    if 16 * ((i - 1) // 16) != i - 1:
+        names.append(f"m{16 * ((i - 1) // 16)}")
+    if i % 4 == 0:
+        names.append(f"K{(i // 4) % 16}")
+    if i % 16 == 6 and i >= 102:
+        names.append(f"m{i - 96}")
+    return names
+
+
+def test_phoenix_recall_steps_values_and_roles_by_recomputation():
+    for index in range(6):
+        p = M.make_problem(0, index, difficulty=3 + index % 2, recall=True)
+        assert p.recall and p.prompt_words()[-4:] == ["recall", "steps", f"m{p.n_steps}", ":"]
+        assert p.recall_steps() == list(range(102, p.n_steps + 1, 16))
+        assert all(i % 4 == 2 for i in p.recall_steps())  # never a constant step
+        prompt = p.prompt_words()
+        consts = {prompt[4 * j]: int(prompt[4 * j + 2]) for j in range(16)}
+        values = {"m0": int(prompt[prompt.index("m0") + 2])}
+        lines, answer = _lines(p)
+        assert len(lines) == p.n_steps
+        for i, line in enumerate(lines, 1):
+            roles = M.step_roles(i, recall=True)
+            assert len(roles) == len(line) and roles == p.step_roles(i)
+            names = line[2:line.index("=", 2)][::2]
+            assert names == _expected_operands(i)
+            operands = [values[n] if n.startswith("m") else consts[n] for n in names]
+            nums = [int(w) for w in line[line.index("=", 2):] if w.isdigit()]
+            assert [nums[0]] + nums[1::2] == operands
+            acc = operands[0]
+            for v, partial in zip(operands[1:], nums[2::2]):
+                acc = (acc + v) % 100
+                assert partial == acc
+            values[f"m{i}"] = acc
+            if i in p.recall_steps():
+                assert roles == M.ROLES_RECALL and len(line) == 18
+                assert line[roles.index("recall")] == f"m{i - 96}"
+                assert int(line[roles.index("recall_value")]) == values[f"m{i - 96}"]
+                assert (i - 96) % 16 == 6  # the recalled result is never a lemma
+        assert answer == ["answer", f"m{p.n_steps}", "=", f"{values[f'm{p.n_steps}']:02d}"]
+        assert tuple(values[f"m{i}"] for i in range(p.n_steps + 1)) == p.values
+
+
+def test_phoenix_recalled_results_are_unread_for_over_1000_tokens():
+    """Brute force over the token sequence: between step j+1 (which reads m{j} as its prev) and the recall step
+    i = j + 96, no line names m{j} or reads its value (every operand value of those lines belongs to another
+    operand), and at least 1000 tokens separate the end of line j+1 from the start of line i."""
+    p = M.make_problem(0, 1, n_steps=300, recall=True)
+    lines, _ = _lines(p)
+    starts = [sum(len(line) for line in lines[:k]) for k in range(len(lines))]  # token offset of line k+1
+    value_of = {"prev_value": "prev", "lemma_value": "lemma", "const_value": "const", "recall_value": "recall"}
+    assert len(p.recall_steps()) == 13
+    for i in p.recall_steps():
+        j = i - 96
+        users = [k for k, line in enumerate(lines, 1) if f"m{j}" in line]
+        assert users == [j, j + 1, i]  # defined, read as prev, recalled
+        for k in range(j + 2, i):
+            line, roles = lines[k - 1], M.step_roles(k, recall=True)
+            for role, word in zip(roles, line):
+                if role in value_of:  # the operand whose value this token is
+                    assert line[roles.index(value_of[role])] != f"m{j}"
+        end_of_reader = starts[j] + len(lines[j]) - 1  # the ';' of line j+1
+        assert starts[i - 1] - end_of_reader - 1 >= 1000
+
+
+def test_phoenix_checker_finds_a_wrong_recall_value():
+    p = M.make_problem(0, 2, difficulty=3, recall=True)
+    assert M.first_wrong_step(p, p.solution) is None and M.check_answer(p.solution, p.gold)
+    i = p.recall_steps()[0]
+    start = sum(len(p.step_words(k)) for k in range(1, i))
+    j = M.ROLES_RECALL.index("recall_value")
+    words = p.solution.split()
+    assert words[start + j] == f"{p.values[i - 96]:02d}"
+    words[start + j] = "00" if words[start + j] != "00" else "01"
+    err = M.first_wrong_step(p, " ".join(words))
+    assert (err.step, err.role) == (i, "recall_value") and err.expected == " ".join(p.step_words(i))
+    roles = M.solution_roles(p)
+    assert roles[start + j] == ("recall_value", i) and len(roles) == M.token_lengths(p)[1]
+
+
+def test_phoenix_seeds_difficulties_and_lengths():
+    plain = M.make_problem(5, 7, difficulty=3)
+    variant = M.make_problem(5, 7, difficulty=3, recall=True)
+    assert variant == M.make_problem(5, 7, difficulty=3, recall=True) and variant.values != plain.values
+    train = [p for _, p in zip(range(30), M.train_problems(0, recall=True))]
+    assert all(p.seed >= M.TRAIN_SEED_MIN and p.recall and p.difficulty in (2, 3, 4) for p in train)
+    evals = M.eval_problems(3, 30, recall=True)
+    assert all(p.seed < M.TRAIN_SEED_MIN and p.recall for p in evals)
+    assert not {(p.prompt, p.n_steps) for p in train} & {(p.prompt, p.n_steps) for p in evals}
+    with pytest.raises(ValueError, match="evaluation seeds"):
+        M.eval_problems(3, 2, seed=M.TRAIN_SEED_MIN, recall=True)
+    assert M.phoenix_difficulties() == [2, 3, 4]
+    with pytest.raises(ValueError, match="no recall step"):
+        M.make_problem(0, 0, difficulty=1, recall=True)
+    # the longest problem of the variant fits a 4096-token training row (<bos> + prompt + solution + <eos>)
+    assert sum(M.token_lengths(M.make_problem(0, 0, n_steps=M.DIFFICULTIES[4][1], recall=True))) <= 4096
+    assert M.token_lengths(variant)[0] == M.token_lengths(plain)[0] + 1
+
+
+def test_phoenix_dataset_names():
+    from raas_jax.eval.datasets import is_milestones, load_samples, milestones_problem
+
+    assert is_milestones("phoenix:3") and is_milestones("phoenix") and not is_milestones("phoenixes.jsonl")
+    samples = load_samples("phoenix:3", limit=2)
+    assert [s.id for s in samples] == [f"phoenix:3:{M.EVAL_SEED}:{i}" for i in range(2)]
+    problem = milestones_problem(samples[1].id)
+    assert problem == M.eval_problems(3, 2, recall=True)[1] and samples[1].gold == problem.gold
+    assert samples[1].question == problem.prompt and " recall steps " in samples[1].question
+    assert load_samples("phoenix", limit=1)[0].id.startswith("phoenix:3:")
+    assert milestones_problem(load_samples("milestones:3", limit=1)[0].id) == M.make_problem(0, 0, difficulty=3)
+    with pytest.raises(ValueError, match="no recall step"):
+        load_samples("phoenix:1")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
+import io
 import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import raas_jax
 from raas_jax.eval.tasks import milestones as M
@@ -160,12 +163,77 @@ def test_masked_training_attention_equals_masked_reference():
     assert not np.allclose(np.asarray(attention(q, k, v, pos, pos)), want, atol=1e-3)
 
 
-def test_tiny_training_with_context_dropout(tmp_path, capsys):
-    out = tmp_path / "drop"
-    text = _train(out, 4, capsys, "--context-dropout", "1.0", "--dropout-recent", "16")
-    assert "context dropout 1.0 (recent 16)" in text and "done: step 4" in text
+@pytest.fixture(scope="module")
+def phoenix_run(tmp_path_factory):
+    """A tiny run with --context-dropout and --phoenix-fraction: (out dir, its stdout)."""
+    import raas_jax.models.transformer as transformer
+
+    out = tmp_path_factory.mktemp("phoenix") / "drop"
+    original = transformer.causal_attention
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            assert _script().main(["--out", str(out), "--tiny", "--steps", "4", "--eval-every", "100",
+                                   "--context-dropout", "1.0", "--dropout-recent", "16",
+                                   "--phoenix-fraction", "0.5"]) == 0
+    finally:
+        transformer.causal_attention = original
+    return out, buffer.getvalue()
+
+
+def test_tiny_training_with_context_dropout_and_phoenix_rows(phoenix_run):
+    """--context-dropout with --phoenix-fraction: the run logs both held-out batches and its checkpoint's tokenizer
+    has `recall`."""
+    out, text = phoenix_run
+    assert "context dropout 1.0 (recent 16), phoenix fraction 0.5" in text and "done: step 4" in text
+    assert "held-out phoenix" in text
     info = json.loads((out / "checkpoint" / "training.json").read_text())
-    assert info["context_dropout"] == 1.0 and info["dropout_recent"] == 16
+    assert info["context_dropout"] == 1.0 and info["dropout_recent"] == 16 and info["phoenix_fraction"] == 0.5
+    assert set(info["heldout_phoenix"]) == {"loss", "tok_acc", "row_exact"}
+    splits = {r["split"] for r in csv.DictReader(open(out / "log.csv"))}
+    assert splits == {"train", "heldout", "heldout_phoenix"}
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(out / "checkpoint" / "tokenizer.json"))
+    problem = M.make_problem(0, 0, difficulty=3, recall=True)
+    assert tok.encode(problem.prompt).ids == M.Ids().problem(problem)[0]  # `recall` is id 639, no <unk>
+
+
+@pytest.mark.slow  # compiles a decode: the eval CLI on `phoenix:3` with the tiny phoenix checkpoint, end to end
+def test_eval_cli_on_phoenix_dataset(phoenix_run, tmp_path):
+    from raas_jax.cli import main
+
+    out, _ = phoenix_run
+    problem = M.make_problem(0, 0, difficulty=3, recall=True)
+    assert main(["eval", "--dataset", "phoenix:3", "--limit", "1", "--model", str(out / "checkpoint"),
+                 "--policies", "dense", "--max-new-tokens", "8", "--dtype", "f32",
+                 "--out", str(tmp_path / "eval"), "--quiet"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["phoenix:3:0:0"] and rows[0]["gold"] == problem.gold
+    assert rows[0]["first_wrong_step"] == 1 and rows[0]["correct"] is False  # 8 tokens: cut short at step 1
+
+
+def test_phoenix_rows_in_batches():
+    """--phoenix-fraction: a share of the rows are decode-phoenix problems (a pure function of (seed, step)), they
+    never get context dropout, they fit their bucket, and fraction 0 leaves the batches as they were."""
+    train = _script()
+    ids = M.Ids()
+    plain_buckets, buckets = train.resolve_buckets(tiny=False), train.resolve_buckets(tiny=False, phoenix=True)
+    assert buckets[-1][3] == M.DIFFICULTIES[4][1] and buckets[1][3] <= plain_buckets[1][3]
+    for seq_len, _, _, hi, _ in buckets:  # the longest problem of each bucket fits, in either variant
+        for recall in (False, True):
+            assert sum(M.token_lengths(M.make_problem(0, 0, n_steps=hi, recall=recall))) <= seq_len + 1
+    old = train.train_batch(3, 7, plain_buckets, ids, context_dropout=0.5)
+    same = train.train_batch(3, 7, plain_buckets, ids, context_dropout=0.5, phoenix_fraction=0.0)
+    recall_id = ids.id["recall"]
+    assert all((a == b).all() for a, b in zip(old, same)) and not (old[0] == recall_id).any()
+    for step in range(4):
+        tokens, _, keep = train.train_batch(3, step, buckets, ids, context_dropout=1.0, phoenix_fraction=0.5)
+        again = train.train_batch(3, step, buckets, ids, context_dropout=1.0, phoenix_fraction=0.5)
+        assert (tokens == again[0]).all() and (keep == again[2]).all()
+        phoenix = (tokens == recall_id).any(axis=1)  # `recall` is in the prompt of phoenix rows only
+        assert 0 < phoenix.sum() < len(phoenix)
+        assert keep[phoenix].all() and not keep[~phoenix].all(axis=1).any()
 
 
 def test_context_dropout_reaches_the_model_loss():

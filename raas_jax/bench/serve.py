@@ -12,7 +12,7 @@ tokens - 1), ITL (the gaps between streamed chunks, per token), end-to-end laten
 
 Workloads: `random` (prompt and output lengths drawn from the given distributions, every request with
 ignore_eos; the default output lengths are reasoning-like: log-normal, median 4K tokens, p90 12K, cap 32K) and
-`milestones:D` (the trained checkpoint's held-out problems at difficulty D, real EOS, answers graded).
+`milestones:D` or `phoenix:D` (the trained checkpoint's held-out problems at difficulty D, real EOS, answers graded).
 """
 
 from __future__ import annotations
@@ -108,7 +108,8 @@ def random_workload(n: int, *, vocab: int, seed: int, rate: float, prompt_len: t
 
 def milestones_workload(model: Any, dataset: str, n: int, *, seed: int, rate: float, max_tokens: int
                         ) -> list[WorkItem]:
-    """The eval's held-out milestones problems (`dataset` = milestones:D), prompts as the eval builds them."""
+    """The eval's held-out milestones problems (`dataset` = milestones:D or phoenix:D), prompts as the eval builds
+    them."""
     from raas_jax.eval.datasets import load_samples
     from raas_jax.eval.runner import build_prompt
 
@@ -455,7 +456,7 @@ def parse_args(argv: Sequence[str] | None):
     ap.add_argument("--max-rows", type=rows_flag, default="auto")
     ap.add_argument("--max-model-len", type=at_least(2), default=32768,
                     help="Dense / Quest rows hold this many tokens (default 32768)")
-    ap.add_argument("--workload", default="random", help="random or milestones:D")
+    ap.add_argument("--workload", default="random", help="random, milestones:D or phoenix:D")
     ap.add_argument("--num-prompts", type=at_least(1), default=200)
     ap.add_argument("--request-rate", type=finite(0.0), default=math.inf, help="Poisson arrivals per second "
                     "(default inf: all at once)")
@@ -523,6 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from raas_jax.cli import policy_from_args
     from raas_jax.decode.generate import Generator
     from raas_jax.decode.memory import device_memory_limit
+    from raas_jax.eval.datasets import is_milestones
     from raas_jax.serve.engine import Engine, rows_that_fit, warm_up
 
     configure_gpu()
@@ -535,13 +537,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         items = random_workload(args.num_prompts, vocab=vocab, seed=args.seed, rate=args.request_rate,
                                 prompt_len=args.prompt_range, output_median=args.output_median,
                                 output_p90=args.output_p90, output_cap=args.output_cap)
-    elif args.workload.startswith("milestones"):
+    elif is_milestones(args.workload):
         if model is None:
-            raise ValueError("--workload milestones needs --model PATH (the trained checkpoint), in process")
+            raise ValueError(f"--workload {args.workload} needs --model PATH (the trained checkpoint), in process")
         items = milestones_workload(model, args.workload, args.num_prompts, seed=args.seed, rate=args.request_rate,
                                     max_tokens=args.max_tokens)
     else:
-        raise ValueError(f"unknown workload {args.workload!r}: random or milestones:D")
+        raise ValueError(f"unknown workload {args.workload!r}: random, milestones:D or phoenix:D")
     # prompt + output within --max-model-len (as vLLM's random dataset keeps them within the model's length)
     items = [dataclasses.replace(it, max_tokens=max(1, min(it.max_tokens, args.max_model_len - len(it.prompt_ids))))
              for it in items]
@@ -580,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 records, timeline = run_static(gen, params, eos_ids, items, rows=rows,
                                                time_limit=args.time_limit), []
             summary = summarize(records, timeline, rows, args.goodput_limits)
-            if args.workload.startswith("milestones"):
+            if is_milestones(args.workload):
                 summary["accuracy"] = accuracy(args.workload, items, records)
             runs.append({"name": name, "policy": spec, "mode": mode, "summary": summary, "timeline": timeline,
                          "records": [dataclasses.asdict(r) | {"chunks": len(r.chunks)} for r in records]})

@@ -1,5 +1,5 @@
 """Math datasets as (id, question, gold answer) samples: GSM8K, MATH500, AIME24, any JSONL file, or the synthetic
-milestones task (`milestones[:difficulty]`)."""
+milestones task (`milestones[:difficulty]`) and its decode-phoenix variant (`phoenix[:difficulty]`)."""
 
 from __future__ import annotations
 
@@ -55,45 +55,51 @@ def dataset_path(dataset: str, data_dir: str | os.PathLike | None) -> Path:
 
 
 MILESTONES_DEFAULT_DIFFICULTY = 2
+PHOENIX_DEFAULT_DIFFICULTY = 3  # phoenix:2 has a recall step in about a third of its problems only
 MILESTONES_DEFAULT_LIMIT = 32
+MILESTONES_TASKS = ("milestones", "phoenix")  # the plain task and its decode-phoenix variant (recall steps)
 
 
 def is_milestones(dataset: str) -> bool:
-    """`milestones` or `milestones:D`: the synthetic task of raas_jax/tasks/milestones.py (raw LM, exact answers)."""
-    return dataset == "milestones" or dataset.startswith("milestones:")
+    """`milestones[:D]` or `phoenix[:D]`: the synthetic task of raas_jax/eval/tasks/milestones.py or its
+    decode-phoenix variant (raw LM, exact answers)."""
+    return dataset.partition(":")[0] in MILESTONES_TASKS
 
 
 def milestones_samples(dataset: str, limit: int | None = None) -> list[Sample]:
-    """Held-out problems 0..limit-1 of the evaluation seed at the difficulty after the colon (default 2).
+    """Held-out problems 0..limit-1 of the evaluation seed at the difficulty after the colon (default 2; phoenix 3).
 
     The question is the prompt text (no chat template, no instruction), the gold `m{N} = VV`; the id
-    `milestones:D:SEED:INDEX` regenerates the problem (`milestones_problem`)."""
+    `TASK:D:SEED:INDEX` (TASK milestones or phoenix) regenerates the problem (`milestones_problem`)."""
     from raas_jax.eval.tasks import milestones as M
 
-    _, _, level = dataset.partition(":")
+    task, _, level = dataset.partition(":")
+    recall = task == "phoenix"
+    allowed = M.phoenix_difficulties() if recall else sorted(M.DIFFICULTIES)
     try:
-        difficulty = int(level) if level else MILESTONES_DEFAULT_DIFFICULTY
+        difficulty = int(level) if level else (PHOENIX_DEFAULT_DIFFICULTY if recall else MILESTONES_DEFAULT_DIFFICULTY)
     except ValueError:
-        raise ValueError(f"milestones difficulty must be an integer ({sorted(M.DIFFICULTIES)}), got {level!r}") from None
-    if difficulty not in M.DIFFICULTIES:
-        raise ValueError(f"milestones difficulty must be one of {sorted(M.DIFFICULTIES)}, got {difficulty}")
-    problems = M.eval_problems(difficulty, MILESTONES_DEFAULT_LIMIT if limit is None else limit)
-    return [Sample(f"milestones:{difficulty}:{p.seed}:{p.index}", p.prompt, p.gold) for p in problems]
+        raise ValueError(f"{task} difficulty must be an integer ({allowed}), got {level!r}") from None
+    if difficulty not in allowed:
+        why = " (easier ones have no recall step)" if recall else ""
+        raise ValueError(f"{task} difficulty must be one of {allowed}{why}, got {difficulty}")
+    problems = M.eval_problems(difficulty, MILESTONES_DEFAULT_LIMIT if limit is None else limit, recall=recall)
+    return [Sample(f"{task}:{difficulty}:{p.seed}:{p.index}", p.prompt, p.gold) for p in problems]
 
 
 def milestones_problem(sample_id: str):
-    """The Problem behind a milestones sample id."""
+    """The Problem behind a milestones or phoenix sample id."""
     from raas_jax.eval.tasks import milestones as M
 
-    _, difficulty, seed, index = sample_id.split(":")
-    return M.make_problem(int(seed), int(index), difficulty=int(difficulty))
+    task, difficulty, seed, index = sample_id.split(":")
+    return M.make_problem(int(seed), int(index), difficulty=int(difficulty), recall=task == "phoenix")
 
 
 def load_samples(dataset: str, data_dir: str | os.PathLike | None = None, question_field: str | None = None,
                  answer_field: str | None = None, limit: int | None = None) -> list[Sample]:
     """Read up to `limit` samples; GSM8K-style golds ("... #### 18") are reduced to the final answer.
 
-    `milestones[:D]` generates held-out problems instead (32 unless `limit`)."""
+    `milestones[:D]` and `phoenix[:D]` generate held-out problems instead (32 unless `limit`)."""
     if is_milestones(dataset):
         return milestones_samples(dataset, limit)
     path = dataset_path(dataset, data_dir)

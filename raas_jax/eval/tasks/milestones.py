@@ -11,6 +11,12 @@ Word-level tokens separated by single spaces (docs/milestones_task.md has the fu
 Step i adds (mod 100) m{i-1}, the lemma m{16*floor((i-1)/16)} (when it is not m{i-1}) and, when i % 4 == 0,
 the constant K{(i//4) % 16}. Problems are a pure function of (seed, index, difficulty): training uses seeds
 >= TRAIN_SEED_MIN, evaluation seeds below it (EVAL_SEED by default). No jax here: plain, seeded Python.
+
+The decode-phoenix variant (`recall=True`, dataset `phoenix:D`) says `recall steps m{N} :` in the prompt, and every
+step i with i % 16 == 6 and i >= RECALL_GAP + 6 also adds m{i - RECALL_GAP}, a step result that nothing has read
+since step i - RECALL_GAP + 1 (about 1250 tokens earlier):
+
+    m102 = m101 + m96 + m6 = 99 + 58 = 57 + 46 = 03 ;
 """
 
 from __future__ import annotations
@@ -27,19 +33,23 @@ LEMMA_SPAN = 16  # lemma m{16b} is used by steps 16b+1 .. 16b+16
 CONST_EVERY = 4  # steps i with i % 4 == 0 add K{(i//4) % 16}
 MAX_STEPS = 511  # names m0..m511 are in the vocabulary
 MOD = 100
+RECALL_GAP = 96  # recall steps i (i % 16 == 6, i >= RECALL_GAP + 6) add m{i - RECALL_GAP}
+RECALL_PHASE = 6  # i % 16 of a recall step: i % 4 == 2, so never a constant step
 # difficulty -> inclusive range of the number of steps N (solution ~11.75 tokens per step)
 DIFFICULTIES = {1: (30, 60), 2: (60, 120), 3: (120, 200), 4: (200, 300)}
 TRAIN_SEED_MIN = 1_000_000  # training problems: seeds >= this; evaluation: seeds < this
 EVAL_SEED = 0
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
-WORDS = ("=", "+", ",", ";", ":", "steps", "answer")
+WORDS = ("=", "+", ",", ";", ":", "steps", "answer", "recall")  # new words go at the end: old ids stay
 
 # the role of each token of a step line, by line shape (used to explain a wrong step)
 ROLES_COPY = ("name", "=", "prev", "=", "prev_value", ";")
 ROLES_TWO = ("name", "=", "prev", "+", "lemma", "=", "prev_value", "+", "lemma_value", "=", "sum", ";")
 ROLES_THREE = ("name", "=", "prev", "+", "lemma", "+", "const", "=", "prev_value", "+", "lemma_value", "=",
                "partial_sum", "+", "const_value", "=", "sum", ";")
+ROLES_RECALL = ("name", "=", "prev", "+", "lemma", "+", "recall", "=", "prev_value", "+", "lemma_value", "=",
+                "partial_sum", "+", "recall_value", "=", "sum", ";")
 
 
 def vocabulary() -> list[str]:
@@ -58,11 +68,24 @@ def const_index(i: int) -> int | None:
     return (i // CONST_EVERY) % NUM_CONSTANTS if i % CONST_EVERY == 0 else None
 
 
-def step_words(i: int, m: Sequence[int], k: Sequence[int]) -> list[str]:
+def recall_index(i: int, recall: bool = True) -> int | None:
+    """The step result that step i of the decode-phoenix variant recalls (i - RECALL_GAP), or None."""
+    if recall and i % LEMMA_SPAN == RECALL_PHASE and i >= RECALL_GAP + RECALL_PHASE:
+        return i - RECALL_GAP
+    return None
+
+
+def operands(i: int, recall: bool = False) -> list[str]:
+    """Operand names of step i, in line order: m{i-1}, the lemma, then the constant or the recalled result."""
+    lem, c, r = lemma_index(i), const_index(i), recall_index(i, recall)
+    return ([f"m{i - 1}"] + ([f"m{lem}"] if lem != i - 1 else []) + ([f"K{c}"] if c is not None else [])
+            + ([f"m{r}"] if r is not None else []))
+
+
+def step_words(i: int, m: Sequence[int], k: Sequence[int], recall: bool = False) -> list[str]:
     """The words of step i (values m[0..i], constants k), ending with ';'."""
-    lem, c = lemma_index(i), const_index(i)
-    names = [f"m{i - 1}"] + ([f"m{lem}"] if lem != i - 1 else []) + ([f"K{c}"] if c is not None else [])
-    values = [m[i - 1]] + ([m[lem]] if lem != i - 1 else []) + ([k[c]] if c is not None else [])
+    names = operands(i, recall)
+    values = [k[int(n[1:])] if n[0] == "K" else m[int(n[1:])] for n in names]
     words = [f"m{i}", "="]
     for j, name in enumerate(names):
         words += (["+"] if j else []) + [name]
@@ -75,9 +98,11 @@ def step_words(i: int, m: Sequence[int], k: Sequence[int]) -> list[str]:
     return words + [";"]
 
 
-def step_roles(i: int) -> tuple[str, ...]:
+def step_roles(i: int, recall: bool = False) -> tuple[str, ...]:
     if lemma_index(i) == i - 1:
         return ROLES_COPY
+    if recall_index(i, recall) is not None:
+        return ROLES_RECALL
     return ROLES_THREE if const_index(i) is not None else ROLES_TWO
 
 
@@ -89,6 +114,7 @@ class Problem:
     n_steps: int
     constants: tuple[int, ...]
     values: tuple[int, ...]  # m0 .. mN
+    recall: bool = False  # the decode-phoenix variant
 
     @property
     def answer(self) -> int:
@@ -103,10 +129,18 @@ class Problem:
         words = []
         for j, v in enumerate(self.constants):
             words += [f"K{j}", "=", f"{v:02d}", "," if j < NUM_CONSTANTS - 1 else ";"]
-        return words + ["m0", "=", f"{self.values[0]:02d}", ";", "steps", f"m{self.n_steps}", ":"]
+        return (words + ["m0", "=", f"{self.values[0]:02d}", ";"] + (["recall"] if self.recall else [])
+                + ["steps", f"m{self.n_steps}", ":"])
 
     def step_words(self, i: int) -> list[str]:
-        return step_words(i, self.values, self.constants)
+        return step_words(i, self.values, self.constants, self.recall)
+
+    def step_roles(self, i: int) -> tuple[str, ...]:
+        return step_roles(i, self.recall)
+
+    def recall_steps(self) -> list[int]:
+        """The steps that recall an old result (empty for the plain task)."""
+        return [i for i in range(1, self.n_steps + 1) if recall_index(i, self.recall) is not None]
 
     def solution_words(self) -> list[str]:
         words = []
@@ -124,14 +158,30 @@ class Problem:
         return " ".join(self.solution_words())
 
 
-def make_problem(seed: int, index: int, difficulty: int | None = None, n_steps: int | None = None) -> Problem:
-    """Problem `index` of `seed`: a pure function of (seed, index, difficulty or n_steps)."""
+FIRST_RECALL_STEP = RECALL_GAP + RECALL_PHASE  # 102
+
+
+def phoenix_difficulties() -> list[int]:
+    """The difficulties at which the decode-phoenix variant has a recall step (N >= 102) in some problem."""
+    return [d for d, (_, hi) in sorted(DIFFICULTIES.items()) if hi >= FIRST_RECALL_STEP]
+
+
+def make_problem(seed: int, index: int, difficulty: int | None = None, n_steps: int | None = None,
+                 recall: bool = False) -> Problem:
+    """Problem `index` of `seed`: a pure function of (seed, index, difficulty or n_steps, recall). The
+    decode-phoenix variant (`recall`) draws from its own random stream, so its problems differ from the plain
+    task's; it refuses a difficulty none of whose problems would have a recall step."""
     if (difficulty is None) == (n_steps is None):
         raise ValueError("give exactly one of difficulty, n_steps")
-    rng = random.Random(f"milestones:{seed}:{index}:{difficulty}:{n_steps}")
+    task = "phoenix" if recall else "milestones"
+    rng = random.Random(f"{task}:{seed}:{index}:{difficulty}:{n_steps}")
     if difficulty is not None:
         if difficulty not in DIFFICULTIES:
             raise ValueError(f"difficulty must be one of {sorted(DIFFICULTIES)}, got {difficulty}")
+        if recall and difficulty not in phoenix_difficulties():
+            raise ValueError(f"difficulty {difficulty} ({DIFFICULTIES[difficulty][0]}-{DIFFICULTIES[difficulty][1]} "
+                             f"steps) has no recall step (the first is step {FIRST_RECALL_STEP}): the decode-phoenix "
+                             f"variant takes difficulties {phoenix_difficulties()}")
         lo, hi = DIFFICULTIES[difficulty]
         n_steps = rng.randint(lo, hi)
     if not 1 <= n_steps <= MAX_STEPS:
@@ -139,26 +189,32 @@ def make_problem(seed: int, index: int, difficulty: int | None = None, n_steps: 
     constants = tuple(rng.randrange(MOD) for _ in range(NUM_CONSTANTS))
     m = [rng.randrange(MOD)]
     for i in range(1, n_steps + 1):
-        lem, c = lemma_index(i), const_index(i)
-        v = m[i - 1] + (m[lem] if lem != i - 1 else 0) + (constants[c] if c is not None else 0)
+        lem, c, r = lemma_index(i), const_index(i), recall_index(i, recall)
+        v = (m[i - 1] + (m[lem] if lem != i - 1 else 0) + (constants[c] if c is not None else 0)
+             + (m[r] if r is not None else 0))
         m.append(v % MOD)
-    return Problem(seed, index, difficulty, n_steps, constants, tuple(m))
+    return Problem(seed, index, difficulty, n_steps, constants, tuple(m), recall)
 
 
-def eval_problems(difficulty: int, limit: int, seed: int = EVAL_SEED) -> list[Problem]:
-    """Held-out problems 0..limit-1 of an evaluation seed."""
+def eval_problems(difficulty: int, limit: int, seed: int = EVAL_SEED, recall: bool = False) -> list[Problem]:
+    """Held-out problems 0..limit-1 of an evaluation seed (`recall`: the decode-phoenix variant)."""
     if seed >= TRAIN_SEED_MIN:
         raise ValueError(f"evaluation seeds must be < {TRAIN_SEED_MIN} (training uses the seeds above)")
-    return [make_problem(seed, i, difficulty=difficulty) for i in range(limit)]
+    return [make_problem(seed, i, difficulty=difficulty, recall=recall) for i in range(limit)]
 
 
-def train_problems(seed: int, difficulties: Sequence[int] = (1, 2, 3, 4), start: int = 0) -> Iterator[Problem]:
-    """An endless stream of training problems of seed TRAIN_SEED_MIN + seed, cycling over `difficulties`."""
+def train_problems(seed: int, difficulties: Sequence[int] | None = None, start: int = 0,
+                   recall: bool = False) -> Iterator[Problem]:
+    """An endless stream of training problems of seed TRAIN_SEED_MIN + seed, cycling over `difficulties` (default:
+    all of them; for the decode-phoenix variant, those with recall steps)."""
     if seed < 0:
         raise ValueError("the training seed offset must be >= 0")
+    if difficulties is None:
+        difficulties = phoenix_difficulties() if recall else sorted(DIFFICULTIES)
     index = start
     while True:
-        yield make_problem(TRAIN_SEED_MIN + seed, index, difficulty=difficulties[index % len(difficulties)])
+        yield make_problem(TRAIN_SEED_MIN + seed, index, difficulty=difficulties[index % len(difficulties)],
+                           recall=recall)
         index += 1
 
 
@@ -181,7 +237,7 @@ def check_answer(text: str, gold: str) -> bool:
 @dataclasses.dataclass(frozen=True)
 class StepError:
     step: int  # 1..N, or N+1 for the answer line
-    role: str  # which token of the line is wrong (name, prev_value, lemma_value, const_value, sum, ...)
+    role: str  # which token of the line is wrong (name, prev_value, lemma_value, const_value, recall_value, sum, ...)
     expected: str  # the gold line
     got: str  # the generated line (may be cut short)
 
@@ -192,7 +248,7 @@ def first_wrong_step(problem: Problem, text: str) -> StepError | None:
     pos = 0
     for i in range(1, problem.n_steps + 2):
         if i <= problem.n_steps:
-            gold, roles = problem.step_words(i), step_roles(i)
+            gold, roles = problem.step_words(i), problem.step_roles(i)
         else:
             gold, roles = problem.solution_words()[-4:], ("answer", "name", "=", "answer_value")
         line = got[pos:pos + len(gold)]
@@ -254,7 +310,7 @@ class Ids:
 
 def solution_roles(problem: Problem) -> list[tuple[str, int | None]]:
     """(role, step) of every solution token, <eos> included (step None on the answer line and <eos>)."""
-    roles = [(r, i) for i in range(1, problem.n_steps + 1) for r in step_roles(i)]
+    roles = [(r, i) for i in range(1, problem.n_steps + 1) for r in problem.step_roles(i)]
     return roles + [("answer", None), ("answer_name", None), ("=", None), ("answer_value", None), ("eos", None)]
 
 
