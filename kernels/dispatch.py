@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from . import mosaic_gpu, pallas_gpu, pallas_tpu, prefill, reference
 
-POOL_ARRAYS = reference.POOL_ARRAYS
+APPEND_ARRAYS = reference.APPEND_ARRAYS
 BACKENDS = ("auto", "reference", "pallas", "pallas_tpu")
 AUTO_ON_GPU = "pallas"  # measured faster than XLA for every kernel and bench shape (docs/kernels.md)
 AUTO_ON_TPU = "pallas_tpu"  # not measured yet (no TPU): a bandwidth model in docs/kernels.md
@@ -89,7 +89,7 @@ def top_k_mask(scores, k: int, *, backend: str = "auto"):
 
 
 def append_token(pool, layer, k, v, positions, victim, page_size: int, *, backend: str = "auto"):
-    """Append one token per (sequence, KV head) to `layer` of the stacked pool (the arrays in POOL_ARRAYS):
+    """Append one token per (sequence, KV head) to `layer` of the stacked pool (the arrays in APPEND_ARRAYS):
     k/v [B,Hkv,D], positions [B], victim [B,Hkv] -> (the new arrays, slot written [B,Hkv], evicted or -1 [B,Hkv]).
 
     The Pallas GPU kernel writes everything in one launch, in place (the reference: one scatter per array)."""

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from .reference import MASK_VALUE, POOL_ARRAYS, compute_dtype, is_float8, to_pool_dtype
+from .reference import APPEND_ARRAYS, MASK_VALUE, compute_dtype, is_float8, to_pool_dtype
 
 MIN_ROWS = 16  # Triton dots need every dimension >= 16: the query heads of a group are padded to this
 
@@ -109,7 +109,9 @@ def _unpack_fp8(x, dtype, compute):
 
 
 def _attention_kernel(*refs, scale, prescale, compute, group, page, block_slots, blocks_per_split, splits, has_slots,
-                      packed):
+                      pair_dtype):
+    # pair_dtype: None, or the FP8 dtype of a pool read as uint16 pairs of channels (AttentionTuning.pack_fp8)
+    packed = pair_dtype is not None
     if has_slots:
         (layer_ref, live_ref, q_ref, k_ref, v_ref, fill_ref, slots_ref,
          o_ref, m_ref, l_ref, sums_ref, block_max_ref) = refs
@@ -161,7 +163,7 @@ def _attention_kernel(*refs, scale, prescale, compute, group, page, block_slots,
     def attend(i, o, m, l, k, v, token_fill):
         valid = offset < token_fill  # [T]
         if packed:  # FP8 pairs in uint16 (AttentionTuning.pack_fp8): q and o in [even | odd] channel order
-            (k_even, k_odd), (v_even, v_odd) = _unpack_fp8(k, packed, compute), _unpack_fp8(v, packed, compute)
+            (k_even, k_odd), (v_even, v_odd) = _unpack_fp8(k, pair_dtype, compute), _unpack_fp8(v, pair_dtype, compute)
             logits = (pltriton.dot(q_even, k_even, trans_b=True).astype(jnp.float32)
                       + pltriton.dot(q_odd, k_odd, trans_b=True).astype(jnp.float32)) * scale
         else:
@@ -260,7 +262,7 @@ def decode_attention(q, k, v, fill, slots=None, *, layer=None, live_slots=None, 
     kernel = functools.partial(_attention_kernel, scale=scale, prescale=prescale, compute=compute, group=group,
                                page=page, block_slots=block_slots,
                                blocks_per_split=per_split, splits=splits, has_slots=slots is not None,
-                               packed=jnp.dtype(k.dtype) if packed else False)
+                               pair_dtype=jnp.dtype(k.dtype) if packed else None)
     o, m, l, sums, block_max = pl.pallas_call(
         kernel,
         grid=(b, hkv, splits),
@@ -425,9 +427,6 @@ def whole_head_specs(arrays, heads: int | None = None):
         return pl.BlockSpec((x.shape[0], None, heads) + x.shape[3:], lambda i, h: (0, i, h) + (0,) * rank)
 
     return [spec(x) for x in arrays]
-
-
-APPEND_ARRAYS = POOL_ARRAYS  # the arrays the append writes, in the order of the kernel's refs
 
 
 def _append_kernel(layer_ref, pos_ref, victim_ref, k_new_ref, v_new_ref, *refs, page, slots):

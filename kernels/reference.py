@@ -149,7 +149,8 @@ def top_k_mask(scores, k: int):
     return jnp.put_along_axis(chosen, top, True, axis=-1, inplace=False)
 
 
-POOL_ARRAYS = ("k", "v", "kmin", "kmax", "fill", "start", "stamp", "pinned", "cur")  # what `append_token` edits
+# what `append_token` edits, in the order of the Pallas kernels' refs
+APPEND_ARRAYS = ("k", "v", "kmin", "kmax", "fill", "start", "stamp", "pinned", "cur")
 
 
 def _slot_of(array, slot):
@@ -162,7 +163,7 @@ def append_token(pool, layer, k, v, positions, victim, page_size: int):
     """Append one token per (sequence, KV head) to `layer` of the stacked pool, opening a new page when the
     current one is full: in the first free slot (lowest index), else in `victim`.
 
-    pool: the stacked cache arrays named in POOL_ARRAYS, k/v [L, B, Hkv, S, P, D], kmin/kmax [L, B, Hkv, S, D],
+    pool: the stacked cache arrays named in APPEND_ARRAYS, k/v [L, B, Hkv, S, P, D], kmin/kmax [L, B, Hkv, S, D],
     fill/start/stamp [L, B, Hkv, S] int32, pinned [L, B, Hkv, S] bool, cur [L, B, Hkv] int32;
     k, v [B, Hkv, D]; positions [B]; victim [B, Hkv].
     Writes the token's k/v row, the page's key bounds (the token's key if the page is new, else widened by it),

@@ -3,14 +3,37 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
-import jax
 import pytest
+
+# One persistent XLA compilation cache for the whole run, set up before jax is imported: the pytest-xdist workers
+# and every child process the tests start (CLI, server, sharded runs) inherit these variables, so a program that
+# several of them compile (the same tiny model's prefill and decode, mostly) is compiled once. A fresh directory
+# per run, removed at the end, unless JAX_COMPILATION_CACHE_DIR is already set (then that directory is used and
+# kept); RAAS_JAX_TEST_XLA_CACHE=0 turns it off. The size limit only turns on JAX's file lock, so that no process
+# reads another's half-written entry.
+_XLA_CACHE_OWNED = ("JAX_COMPILATION_CACHE_DIR" not in os.environ and "PYTEST_XDIST_WORKER" not in os.environ
+                    and os.environ.get("RAAS_JAX_TEST_XLA_CACHE", "1") != "0")
+if _XLA_CACHE_OWNED:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="raas-jax-test-xla-cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(64 << 30))
+
+import jax  # noqa: E402  (after the cache variables)
 
 jax.config.update("jax_enable_x64", False)
 
 VOCAB = 320
+
+
+def pytest_unconfigure(config):
+    if _XLA_CACHE_OWNED:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

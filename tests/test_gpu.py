@@ -14,7 +14,7 @@ from raas_jax.bench import e2e as bench
 from raas_jax.decode.generate import Generator, run_generation
 from raas_jax.policies import H2O, Dense, RaaS, StreamingLLM
 
-from kernel_cases import random_pool
+from support.kernel_cases import random_pool
 
 pytestmark = pytest.mark.gpu
 
@@ -281,7 +281,7 @@ def test_pallas_append_on_gpu(kv_dtype):
     for layer in (0, layers - 1):
         want = kernels.append_token(pool, jnp.int32(layer), k, v, positions, victim, page, backend="reference")
         got = kernels.append_token(pool, jnp.int32(layer), k, v, positions, victim, page, backend="pallas")
-        for name in kernels.POOL_ARRAYS:
+        for name in kernels.APPEND_ARRAYS:
             np.testing.assert_array_equal(np.asarray(got[0][name]), np.asarray(want[0][name]), err_msg=name)
         np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
         np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(want[2]))

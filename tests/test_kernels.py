@@ -10,7 +10,7 @@ from hypothesis import given, settings
 
 from raas_jax.kernels import dispatch as kernels
 
-from kernel_cases import TOP_K_CASES, attention_params, page_pool, random_pool, top_k_scores
+from support.kernel_cases import TOP_K_CASES, attention_params, page_pool, random_pool, top_k_scores
 
 
 def brute_decode(q, k, v, fill):
@@ -426,7 +426,7 @@ def test_append_token_matches_brute_force(backend, slots, free, kv_dtype):
         np.testing.assert_array_equal(np.asarray(got_slot), want_slot)
         np.testing.assert_array_equal(np.asarray(got_evicted), want_evicted)
         assert (want_evicted >= 0).any() == (not free)
-        for name in kernels.POOL_ARRAYS:
+        for name in kernels.APPEND_ARRAYS:
             assert got[name].dtype == pool[name].dtype, name
             np.testing.assert_array_equal(np.asarray(got[name]), want[name], err_msg=name)
         assert not np.isnan(np.asarray(got["k"], np.float32)).any()
@@ -445,7 +445,7 @@ def test_pallas_bookkeeping_lowers_to_triton_calls_that_write_in_place(slots):
     append = jax.jit(lambda *args: pallas_gpu.append_token(*args, page_size=16))
     text = append.trace(pool, scalar, token, token, positions, victim).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("raas_append_token") >= 1 and text.count("__gpu$xla.gpu.triton") == 1
-    assert text.count("output_operand_alias<") == len(kernels.POOL_ARRAYS)
+    assert text.count("output_operand_alias<") == len(kernels.APPEND_ARRAYS)
     if slots <= pallas_gpu.MAX_REFRESH_SLOTS:
         q = jax.ShapeDtypeStruct((3, 8, 128), jnp.bfloat16)
         for tuning in (pallas_gpu.RefreshTuning(), pallas_gpu.RefreshTuning(gather_q=False)):

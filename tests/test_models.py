@@ -71,10 +71,11 @@ def test_fused_projections_equal_the_checkpoint_layout(case, tmp_path):
     positions = jnp.broadcast_to(jnp.arange(9, dtype=jnp.int32), (2, 9))
     module = Transformer(model.cfg, jnp.float32, Dense(page_size=4))
     cache = Dense(page_size=4).init(model.cfg, 2, 8, jnp.float32)
+    apply = jax.jit(module.apply, static_argnames="decode")  # op by op (eager) takes many times longer
     outs = []
     for params in (plain, model.params):
-        logits, filled = module.apply({"params": params}, tokens[:, :8], positions[:, :8], cache)
-        step, _ = module.apply({"params": params}, tokens[:, 8:], positions[:, 8:], filled, decode=True)
+        logits, filled = apply({"params": params}, tokens[:, :8], positions[:, :8], cache)
+        step, _ = apply({"params": params}, tokens[:, 8:], positions[:, 8:], filled, decode=True)
         outs.append((np.asarray(logits), np.asarray(step)))
     for got, want in zip(outs[1], outs[0]):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

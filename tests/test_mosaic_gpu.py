@@ -15,7 +15,7 @@ import pytest
 
 from raas_jax.kernels import mosaic_gpu, reference
 
-from kernel_cases import ATTENTION_CASES, attention_params, page_pool
+from support.kernel_cases import ATTENTION_CASES, attention_params, page_pool
 
 
 def _interpret_params(**options):

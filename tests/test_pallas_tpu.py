@@ -13,7 +13,7 @@ from jax.experimental.pallas import tpu as pltpu
 from raas_jax.kernels import dispatch as kernels
 from raas_jax.kernels import pallas_tpu
 
-from kernel_cases import ATTENTION_CASES, TOP_K_CASES, attention_params, page_pool, top_k_scores
+from support.kernel_cases import ATTENTION_CASES, TOP_K_CASES, attention_params, page_pool, top_k_scores
 
 SMALL_BLOCKS = 64  # tokens per DMA block: several blocks per head, so the double buffer and online softmax work
 

@@ -44,12 +44,17 @@ def test_samples_stay_in_the_filtered_set_more_cases(seed, top_k, top_p, tempera
     check_filtered_set(seed, top_k, top_p, temperature)
 
 
+@jax.jit
+def _sample_64(logits, keys, temperature, top_k, top_p):
+    """64 draws, compiled once (the filters are traced, as in the decode loop): op by op, each example took seconds."""
+    return jax.vmap(lambda k: sample_tokens(logits, k, temperature, top_k, top_p))(keys)
+
+
 def check_filtered_set(seed, top_k, top_p, temperature):
     rng = np.random.default_rng(seed)
     logits = rng.normal(size=(1, 40)).astype(np.float32) * 3
     keys = jax.random.split(jax.random.PRNGKey(seed), 64)
-    sample = jax.vmap(lambda k: sample_tokens(jnp.asarray(logits), k, jnp.float32(temperature),
-                                              jnp.int32(top_k), jnp.float32(top_p)))(keys)
+    sample = _sample_64(jnp.asarray(logits), keys, jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
     allowed = allowed_set(logits[0], temperature, top_k, top_p)
     assert set(np.asarray(sample).ravel().tolist()) <= allowed
 

@@ -271,7 +271,7 @@ def append_token(cache: dict[str, jax.Array], layer: jax.Array, k: jax.Array, v:
     kernels/reference.py's `append_token`; on a GPU one Pallas kernel writes everything.
     k, v [B, Hkv, D], positions [B]. Returns (cache, slot written [B, Hkv], evicted slot or -1 [B, Hkv]).
     """
-    pool = {name: cache[name] for name in kernels.POOL_ARRAYS}
+    pool = {name: cache[name] for name in kernels.APPEND_ARRAYS}
     written, slot, evicted = kernels.append_token(pool, layer, k, v, positions, victim, page_size, backend=backend)
     return {**cache, **written}, slot, evicted
 

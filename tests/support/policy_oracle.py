@@ -117,7 +117,7 @@ class PagePool:
 class Oracle:
     """Shared pool mechanics: prefill, append (lowest free slot, else the policy's victim), attend, update."""
 
-    pin_prompt = False
+    pin_prefill = False
 
     def __init__(self, num_slots: int, page_size: int, head_dim: int):
         self.pool = PagePool(num_slots, page_size, head_dim)
@@ -143,7 +143,7 @@ class Oracle:
             n = min(P, length - j * P)
             pool.start[slot], pool.fill[slot] = j * P, n
             pool.k[slot, :n], pool.v[slot, :n] = k[j * P:j * P + n], v[j * P:j * P + n]
-            pool.pinned[slot] = self.pin_prompt
+            pool.pinned[slot] = self.pin_prefill
             pool.stamp[slot] = length - 1
             pool.mass[slot] = page_mass[j] if page_mass is not None else 0.0
         pool.cur = len(kept) - 1
@@ -215,9 +215,9 @@ class DenseOracle(Oracle):
 class RaaSOracle(Oracle):
     """Pinned prompt; novice protection; refresh the important evictable pages; evict the oldest stamp."""
 
-    pin_prompt = True
+    pin_prefill = True
 
-    def __init__(self, num_slots, page_size, head_dim, refresh="top_half", score="estimate"):
+    def __init__(self, num_slots, page_size, head_dim, refresh="top_half", score="exact"):
         super().__init__(num_slots, page_size, head_dim)
         self.refresh, self.score = refresh, score
 

@@ -49,7 +49,7 @@ def page_pool(rng, b, hkv, group, s, page, d):
 
 
 def random_pool(rng, layers, b, hkv, s, page, d, dtype=jnp.float32, kv_dtype=None):
-    """Stacked pool arrays (kernels.POOL_ARRAYS) with random contents; some rows' current page full. Pages in
+    """Stacked pool arrays (kernels.APPEND_ARRAYS) with random contents; some rows' current page full. Pages in
     `kv_dtype` (default `dtype`), key bounds in `dtype`."""
     fill = rng.integers(0, page + 1, (layers, b, hkv, s)).astype(np.int32)
     pages = kv_dtype or dtype
