@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import time
 import warnings
@@ -24,6 +23,7 @@ from raas_jax.decode.generate import (DEFAULT_PREFILL_CHUNK, Generator, data_par
                                trim_at_eos)
 from raas_jax.models.config import ModelConfig
 from raas_jax.models.transformer import Transformer, fuse_projections
+from raas_jax import validation
 from raas_jax.policies import Dense, Policy, next_pow2
 
 
@@ -107,7 +107,7 @@ class Model:
                 raise ValueError(f"one prompt expected, got an array of {len(prompt)} rows")
             prompt = prompt[0]
         if not isinstance(prompt, Sequence) or isinstance(prompt, (bytes, bytearray)) \
-                or not all(_is_int(i) for i in prompt):
+                or not all(validation.is_int(i) for i in prompt):
             raise ValueError(f"a prompt is a string or a sequence of integer token ids; got {prompt!r:.80}")
         ids = [int(i) for i in prompt]
         if not ids:
@@ -125,7 +125,11 @@ class Model:
         context length (positions it was not trained on; the output may degrade)."""
         longest = max(len(p) for p in ids)
         context = self.cfg.max_position_embeddings
-        if longest + max_new_tokens > context:
+        if longest >= context:
+            warnings.warn(f"the prompt alone ({longest} tokens) reaches this model's context length ({context}): every "
+                          "new token sits at a position it was not trained on; shorten the prompt to keep the output "
+                          "reliable", stacklevel=3)
+        elif longest + max_new_tokens > context:
             warnings.warn(f"prompt + max_new_tokens = {longest + max_new_tokens} tokens exceeds this model's context "
                           f"length ({context}): positions past it were not trained (max_new_tokens <= "
                           f"{max(context - longest, 0)} stays inside)", stacklevel=3)
@@ -195,14 +199,8 @@ class Model:
         if not isinstance(prompts, Sequence) or isinstance(prompts, (bytes, bytearray)) or not prompts:
             raise ValueError("no prompts given" if not prompts else
                              f"prompts must be strings or lists of token ids, got {type(prompts).__name__}")
-        if not _is_int(max_new_tokens) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if not _is_number(temperature) or not math.isfinite(temperature) or temperature < 0 \
-                or not _is_number(top_p) or not 0 < top_p <= 1 or not _is_int(top_k) or top_k < 0:
-            raise ValueError(f"bad sampling parameters: temperature={temperature!r} (a finite number >= 0), "
-                             f"top_p={top_p!r} (in (0, 1]), top_k={top_k!r} (an integer >= 0)")
-        if not _is_int(seed) or not 0 <= seed < 2**32:
-            raise ValueError(f"seed must be an integer in [0, 2^32), got {seed!r}")
+        validation.max_new_tokens(max_new_tokens)  # the CLI's checks and messages (raas_jax/validation.py)
+        validation.sampling(temperature, top_p, top_k, seed)
         ids = [self.encode(p, chat) for p in prompts]
         longest = max(len(p) for p in ids) + max_new_tokens
         if self.cfg.sliding_window and longest > self.cfg.sliding_window:
@@ -256,14 +254,6 @@ class _TextStreamer:
             if len(text) > len(self.sent[i]) and text.startswith(self.sent[i]):
                 self.on_text(i, text[len(self.sent[i]):])
                 self.sent[i] = text
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
 def _array_prompts(array: np.ndarray) -> list[list[int]]:

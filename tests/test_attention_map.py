@@ -87,3 +87,58 @@ def test_lost_mass_is_zero_for_dense_and_positive_once_raas_evicts(traces):
     _, dense, raas = traces
     assert attention_map.lost_mass(dense, dense) == 0
     assert 0 < attention_map.lost_mass(dense, raas) < 1
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--compare", "bogus"], "--compare 'bogus': unknown policy"),
+    (["--compare", "h2o/pabc"], "the page size after /p must be an integer"),
+    (["--compare", "raas:bogus=1"], "--compare 'raas:bogus=1'"),
+    (["--out", "x/plot.jpg"], "give a path ending in .png"),
+])
+def test_inspect_refuses_bad_flags_before_any_work(flags, message, monkeypatch, tmp_path, capsys):
+    import raas_jax
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(raas_jax, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main(["inspect", "attention", "--prompt", "p", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--index", "--budget", "--page-size", "--max-new-tokens", "--head"])
+def test_inspect_negative_numbers_are_refused_at_parse_time(flag, capsys):
+    with pytest.raises(SystemExit):
+        main(["inspect", "attention", "--prompt", "p", flag, "-1"])
+    assert f"argument {flag}:" in capsys.readouterr().err
+
+
+def test_inspect_unwritable_out_is_refused_before_loading(monkeypatch, tmp_path, capsys):
+    import raas_jax
+
+    (tmp_path / "file").write_text("a file where the folder would be")  # unwritable for root too
+    monkeypatch.setattr(raas_jax, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main(["inspect", "attention", "--prompt", "p", "--out", str(tmp_path / "file" / "a.png")]) == 2
+    assert "--out: cannot write into" in capsys.readouterr().err
+
+
+def test_inspect_out_without_suffix_reports_the_file_it_writes(tiny_llama_converted, tmp_path, capsys):
+    assert main(["inspect", "attention", "--model", str(tiny_llama_converted), "--prompt", "the quick fox",
+                 "--no-chat", "--max-new-tokens", "8", "--budget", "16", "--page-size", "4",
+                 "--out", str(tmp_path / "plot")]) == 0
+    assert f"wrote {tmp_path / 'plot.png'}" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.json", "plot.png"]  # no temporaries behind
+
+
+def test_inspect_and_calibrate_take_the_dataset_field_flags(monkeypatch, tmp_path, capsys):
+    import json as json_module
+
+    import raas_jax
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json_module.dumps({"q": "one two", "a": "1"}) + "\n")
+    monkeypatch.setattr(raas_jax, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    for argv in (["inspect", "attention", "--dataset", str(data), "--out", str(tmp_path / "a.png")],
+                 ["calibrate-kv", "--dataset", str(data)]):
+        assert main(argv) == 2  # the missing field is found before loading, naming flags the command has
+        assert "use --question-field / --answer-field" in capsys.readouterr().err
+        with pytest.raises(pytest.fail.Exception, match="a model was loaded"):
+            main(argv + ["--question-field", "q", "--answer-field", "a"])

@@ -88,3 +88,42 @@ def test_an_fp8_eval_resumes_only_with_the_same_scales(tmp_path):
     check_config(tmp_path, config, kv_absmax=((1.0, 2.0), (3.0, 4.0)))  # the same: resumes
     with pytest.raises(ValueError, match="different kv_absmax"):
         check_config(tmp_path, config, kv_absmax=None)  # the scales file was deleted since
+
+
+def test_calibrate_checks_the_folder_is_writable_before_calibrating(tiny_llama_converted, tmp_path, monkeypatch,
+                                                                      capsys):
+    import os
+
+    from raas_jax.eval import calibrate
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_llama_converted, model_dir)
+    data = tmp_path / "questions.jsonl"
+    data.write_text(json.dumps({"question": "one two", "answer": "1"}) + "\n")
+    monkeypatch.setattr(calibrate, "measure_kv_absmax", lambda *a, **k: pytest.fail("calibrated first"))
+    model_dir.chmod(0o500)
+    try:
+        assert main(["calibrate-kv", "--model", str(model_dir), "--dataset", str(data), "--quiet"]) == 2
+    finally:
+        model_dir.chmod(0o700)
+    assert "cannot write kv_scales.json into" in capsys.readouterr().err
+
+
+def test_check_writable_names_the_folder(tmp_path):
+    from raas_jax.eval.calibrate import check_writable
+
+    with pytest.raises(ValueError, match="cannot write kv_scales.json into .*missing"):
+        check_writable(tmp_path / "missing")
+
+
+def test_scales_file_gets_the_usual_mode(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        path = write_kv_absmax(tmp_path, ((1.0,), (2.0,)))
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644  # not the 0600 of a private temporary

@@ -210,3 +210,57 @@ def test_prefill_chunk_flag(tiny_llama_converted, capsys):
     assert main(["generate", "--model", str(tiny_llama_converted), "--max-new-tokens", "5", "--no-chat",
                  "--prefill-chunk", "0", "--policy", "raas", "--budget", "256", "--page-size", "4", prompt]) == 0
     assert capsys.readouterr().out == chunked
+
+
+def no_load(monkeypatch):
+    monkeypatch.setattr(raas_jax, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+
+
+def run_main(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["generate", "--policy", "dense", "--budget", "128", "p"], "--budget does not apply to policy 'dense'"),
+    (["generate", "--policy", "raas:score=exact", "--score", "estimate", "--budget", "64", "p"],
+     "--score estimate contradicts --policy raas:score=exact"),
+    (["generate", "--policy", "raas:bogus=1", "--budget", "64", "p"], "it takes"),
+    (["eval", "--policies", "dense,raas", "--page-size", "h2o=1"], "names a policy that is not among the policies"),
+    (["eval", "--policies", "dense,raas", "--page-size", "dense=1"], "dense runs once"),
+])
+def test_flags_that_do_not_apply_are_refused_before_loading(argv, message, monkeypatch, capsys):
+    no_load(monkeypatch)
+    assert run_main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_takes_a_policy_spec(tiny_llama_converted, capsys):
+    from raas_jax.cli import build_parser, policy_from_args
+
+    args = build_parser().parse_args(["generate", "--policy", "raas:score=exact:refresh=0.01", "--budget", "64",
+                                      "--page-size", "4", "p"])
+    policy = policy_from_args(args)
+    assert (policy.name, policy.score, policy.refresh, policy.budget) == ("raas", "exact", 0.01, 64)
+    assert main(["generate", "--model", str(tiny_llama_converted), "--max-new-tokens", "3", "--page-size", "4",
+                 "--policy", "raas:score=exact:refresh=0.01", "--budget", "64", "the fox"]) == 0
+    assert "3 tokens in" in capsys.readouterr().err
+
+
+def test_an_interrupted_command_exits_130_in_process(monkeypatch, capsys):
+    """A Ctrl-C during the work stops it at the next safe point with exit 130; the handler is restored after."""
+    import signal as signal_module
+
+    from raas_jax import signals
+
+    def load(*args, **kwargs):
+        os.kill(os.getpid(), signal_module.SIGINT)  # the handler only sets the flag...
+        signals.checkpoint("load")  # ...that the next safe point turns into Interrupted
+        pytest.fail("not interrupted")
+
+    monkeypatch.setattr(raas_jax, "load", load)
+    assert main(["generate", "p"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert signal_module.getsignal(signal_module.SIGINT) is signal_module.default_int_handler

@@ -38,6 +38,32 @@ def test_export_logits_match_transformers(exported):
     assert (exported / "model.safetensors").is_file() and (exported / "tokenizer.json").is_file()
 
 
+def test_phoenix_checkpoint_export_logits_match_transformers(tmp_path):
+    """The decode-phoenix checkpoint (640-word tokenizer with `recall`): same logits through a recall step."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from raas_jax.eval.tasks import milestones as M
+
+    ckpt = CKPT.parent / "milestones-phoenix-13m"
+    out = export_hf(ckpt, tmp_path / "phoenix-hf", dtype="f32")
+    problem = M.make_problem(0, 0, n_steps=103, recall=True)
+    text = problem.prompt + " " + problem.solution  # prompt with `recall`, and the recall line of step 102
+    tok = AutoTokenizer.from_pretrained(str(out))
+    ids = tok.encode(text)
+    model = raas_jax.load(ckpt, dtype="f32")
+    assert ids == model.encode(text, chat=False) and "<unk>" not in tok.convert_ids_to_tokens(ids)
+    ours = model.logits([ids])[0]
+    hf = LlamaForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0].numpy()
+    # float32 through 1.4K positions: the same function up to rounding (the short-text test above holds 1e-4)
+    rel = np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)
+    assert rel < 1e-5, rel
+    np.testing.assert_allclose(ours, theirs, atol=2e-3, rtol=0)
+    assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+
+
 def test_export_converts_back(exported, tmp_path):
     from raas_jax.model_io.checkpoint import convert
 
@@ -78,3 +104,43 @@ def test_export_refuses_to_overwrite_its_source(tmp_path):
     with pytest.raises(ValueError, match="is the source or a folder holding it"):
         export_hf(src, tmp_path, overwrite=True)
     assert (src / "params").is_dir()
+
+
+def test_export_files_get_the_usual_mode_and_carry_kv_scales(tmp_path):
+    import os
+    import shutil
+
+    src = tmp_path / "ckpt"
+    shutil.copytree(CKPT, src)
+    (src / "kv_scales.json").write_text('{"k_absmax": [1.0], "v_absmax": [1.0]}')
+    umask = os.umask(0o022)
+    try:
+        out = export_hf(src, tmp_path / "hf", dtype="f32")
+    finally:
+        os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+    assert (out / "kv_scales.json").read_text() == (src / "kv_scales.json").read_text()
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_export_overwrite_onto_a_file_or_symlink_leaves_no_backup(kind, tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_text("kept")
+    out = tmp_path / "hf"
+    if kind == "file":
+        out.write_text("old")
+    else:
+        out.symlink_to(target)
+    export_hf(CKPT, out, dtype="f32", overwrite=True)
+    assert (out / "model.safetensors").is_file() and not out.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "hf"]  # no .hf.old-PID behind
+    assert target.read_text() == "kept"  # the link was replaced, not what it pointed to
+
+
+def test_export_existing_out_names_the_flag(tmp_path, capsys):
+    from raas_jax.cli import main
+
+    (tmp_path / "hf").mkdir()
+    assert main(["export", str(CKPT), str(tmp_path / "hf")]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err

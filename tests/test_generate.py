@@ -159,7 +159,8 @@ def test_sizes_past_the_context_or_the_device_are_refused(model, monkeypatch):
     for policy in (RaaS(budget=32, page_size=4), None):
         with pytest.warns(UserWarning, match="context length"):
             out = model.generate([[1, 2, 3]], max_new_tokens=context, policy=policy)
-        assert len(out[0].token_ids) == context
+        ids = out[0].token_ids  # past the context: decoded to the end, or until this random model's EOS
+        assert len(ids) == context or (len(ids) < context and ids[-1] in model.eos_ids)
     room = api._pool_bytes(Dense(), model.cfg, 1, Dense().num_slots(3, 200), model.dtype)
     monkeypatch.setattr(api, "device_free_bytes", lambda: room)
     with pytest.raises(ValueError, match=r"would take .* MiB, more than the .* MiB free on the cpu device: at most "
@@ -423,3 +424,11 @@ def test_calibrated_fp8_scales_store_large_keys_and_values(model):
         _, state = run_generation(gen, loud.params, prompts, max_new_tokens=8, eos_ids=())
     assert state.cache["k_scale"].shape == (model.cfg.num_layers,)
     assert not [w for w in caught if "FP8 page pool" in str(w.message)]  # scaled: nothing at the limit
+
+
+def test_a_prompt_alone_past_the_context_says_to_shorten_it(model, monkeypatch):
+    """Not 'max_new_tokens <= 0 stays inside', which is no value a user can pass."""
+    context = model.cfg.max_position_embeddings
+    with pytest.warns(UserWarning, match=rf"the prompt alone \({context + 1} tokens\).*shorten the prompt") as caught:
+        model._check_size(Dense(), [[1] * (context + 1)], 1)
+    assert not any("<= 0" in str(w.message) for w in caught)

@@ -304,7 +304,9 @@ def test_a_full_queue_answers_429_and_the_rest_complete(tiny_llama_converted, tm
         answers = [f.result() for f in futures]
         statuses = [status for status, _ in answers]
         assert set(statuses) <= {200, 429}, set(statuses)
-        assert statuses.count(429) >= 1 and statuses.count(200) >= 52, statuses.count(200)
+        # at least the queue's 50 are served (plus whatever the scheduler had moved into the 2 rows by then: on a
+        # loaded machine the burst can fill the queue before the first turn admits anyone)
+        assert statuses.count(429) >= 1 and statuses.count(200) >= 50, statuses.count(200)
         for status, body in answers:
             if status == 200:
                 assert body["usage"]["completion_tokens"] == 8

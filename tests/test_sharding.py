@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent('''
     path, meshes = sys.argv[1], sys.argv[2].split(";")
     assert len(jax.devices()) == 8, jax.devices()
     prompts = [[5, 9, 33, 101, 7], list(range(1, 30)), [200] * 12]
-    policies = [Dense(page_size=4), RaaS(budget=48, page_size=4), RaaS(budget=48, page_size=1, score="exact"),
+    policies = [Dense(page_size=4), RaaS(budget=48, page_size=4), RaaS(budget=48, page_size=1, score="estimate"),
                 Quest(budget=16, page_size=4, dense_layers=1), H2O(budget=48, page_size=4),
                 StreamingLLM(budget=48, page_size=4)]
     single = raas_jax.load(path, dtype="f32")
@@ -104,6 +104,8 @@ def test_mesh_that_does_not_divide_the_heads_is_explained():
         make_mesh(cfg, "data=2,model=1", devices)
     with pytest.raises(ValueError, match="--mesh data=2,model=4"):
         parse_mesh("rows=2")
+    with pytest.raises(ValueError, match=r"--mesh model=5 does not fit the 4 devices available.*data=4,model=1"):
+        make_mesh(cfg, "model=5", devices)  # the message names what was given, not a derived data=0
 
 
 def test_single_host_needs_no_distributed_setup(monkeypatch):

@@ -525,6 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from raas_jax.decode.generate import Generator
     from raas_jax.decode.memory import device_memory_limit
     from raas_jax.eval.datasets import is_milestones
+    from raas_jax.policies import parse_policy_spec
     from raas_jax.serve.engine import Engine, rows_that_fit, warm_up
 
     configure_gpu()
@@ -559,8 +560,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                            max_concurrency=args.max_concurrency, time_limit=args.time_limit)
         runs.append({"name": "http", "summary": summarize(records, [], 0, args.goodput_limits),
                      "records": [dataclasses.asdict(r) for r in records]})
+    budget = args.budget
     for spec in [p.strip() for p in args.policies.split(",") if p.strip()] if not args.url else []:
         args.policy = spec
+        args.budget = None if parse_policy_spec(spec)[0] == "dense" else budget  # --budget applies to the others
         policy = policy_from_args(args)
         unroll = jax.default_backend() != "cpu"
         gen = Generator(cfg, jax.tree.leaves(params)[0].dtype, policy, unroll_layers=unroll) if model is None \

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from raas_jax import signals
+
 from raas_jax.decode.cache import saturated_entries
 from raas_jax.policies import Dense, next_pow2
 from raas_jax.models.config import ModelConfig
@@ -312,6 +314,7 @@ def chunked_prefill(gen: Generator, params, tokens: np.ndarray, lengths: np.ndar
         raise ValueError(f"prompt length {t} is not a multiple of the prefill chunk {chunk}")
     cache, logits = gen.begin_chunks(batch=batch, num_slots=num_slots)
     for start in range(0, t, chunk):
+        signals.checkpoint("prefill chunk")
         positions, last = chunk_positions(lengths, start, chunk)
         cache, logits = gen.prefill_chunk(params, cache, jnp.asarray(tokens[:, start:start + chunk]),
                                           jnp.asarray(positions), logits, jnp.asarray(last))
@@ -349,6 +352,7 @@ def run_generation(gen: Generator, params, prompts: Sequence[Sequence[int]], *, 
                                 top_p=top_p)
     keys = batch_keys(seed, batch)
     eos = eos_array(eos_ids)
+    signals.checkpoint("prefill")
     if plan is None:
         state = gen.start(params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(is_padding), eos,
                           settings, keys, num_slots=num_slots)
@@ -366,6 +370,7 @@ def run_generation(gen: Generator, params, prompts: Sequence[Sequence[int]], *, 
             on_chunk(np.concatenate(drained, axis=1), step)
         if step >= max_new_tokens or bool(jnp.all(state.done)):
             break
+        signals.checkpoint("decode")
         state = state.replace(base=jnp.int32(step))
         state = gen.decode(params, state, jnp.int32(min(step + chunk, max_new_tokens)), eos)
         if int(state.step) <= step and not bool(jnp.all(state.done)):

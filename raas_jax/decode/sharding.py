@@ -64,12 +64,16 @@ def make_mesh(cfg: ModelConfig, shape: dict[str, int] | str | None = None, devic
     if not shape:
         model = max(m for m in range(1, n + 1) if n % m == 0 and cfg.num_kv_heads % m == 0)
         shape = {"data": n // model, "model": model}
+    given = ",".join(f"{k}={v}" for k, v in shape.items())
+    if shape.get("model", 1) > n or shape.get("data", 1) > n or ("data" not in shape and n % shape["model"]):
+        raise ValueError(f"--mesh {given} does not fit the {n} devices available: the axes' sizes must multiply to "
+                         f"{n} (e.g. --mesh data={n // _largest_divisor(cfg, n)},model={_largest_divisor(cfg, n)})")
     shape.setdefault("model", 1)
-    shape.setdefault("data", n // shape["model"] if n % shape["model"] == 0 else 0)
+    shape.setdefault("data", n // shape["model"])
     data, model = shape["data"], shape["model"]
     if data * model != n:
-        raise ValueError(f"mesh data={data},model={model} uses {data * model} devices but {n} are available; "
-                         f"the product must be {n}")
+        raise ValueError(f"--mesh {given} uses {data * model} devices but {n} are available (data={data} x "
+                         f"model={model}); the product must be {n}")
     for what, count in (("KV heads", cfg.num_kv_heads), ("query heads", cfg.num_heads)):
         if count % model:
             raise ValueError(f"mesh model={model} does not divide the model's {count} {what}; use a model axis "

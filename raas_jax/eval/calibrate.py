@@ -16,6 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from raas_jax import signals
+from raas_jax.model_io.checkpoint import give_umask_mode
+
 SCALES_FILE = "kv_scales.json"
 
 
@@ -39,6 +42,7 @@ def measure_kv_absmax(model, prompts: Sequence[Sequence[int]], max_new_tokens: i
     k_max = v_max = np.zeros(model.cfg.num_layers)
     for start in tqdm(range(0, len(prompts), batch_size), desc="calibrating", unit="batch", disable=not progress):
         batch = [list(p) for p in prompts[start:start + batch_size]]
+        signals.checkpoint("calibration batch")
         _, state = run_generation(gen, model.params, batch, max_new_tokens=max_new_tokens, eos_ids=model.eos_ids)
         rows = slice(0, len(batch))  # the padding rows a mesh may add hold no prompt
         k_max = np.maximum(k_max, np.asarray(_layer_absmax(state.cache["k"][:, rows])))
@@ -53,8 +57,20 @@ def write_kv_absmax(directory: str | Path, kv_absmax: tuple[Sequence[float], Seq
     record = {"k_absmax": list(kv_absmax[0]), "v_absmax": list(kv_absmax[1]), **meta}
     with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
         json.dump(record, f, indent=1)
+    give_umask_mode(Path(f.name))  # NamedTemporaryFile makes it 0600
     os.replace(f.name, path)
     return path
+
+
+def check_writable(directory: str | Path) -> None:
+    """Refuse, before any calibration, a checkpoint directory kv_scales.json cannot be written into."""
+    directory = Path(directory)
+    try:
+        with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write {SCALES_FILE} into {directory} ({e.strerror}): calibrate a copy you can "
+                         "write (`raas-jax convert SRC OUT`, then calibrate OUT)") from None
 
 
 def read_kv_absmax(directory: str | Path, num_layers: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from raas_jax import signals
 from raas_jax.api import Model, teacher_forced_logits
 from raas_jax.eval.answers import extract_answer, is_equivalent
 from raas_jax.eval.datasets import INSTRUCTION, Sample, is_milestones, milestones_problem
@@ -41,8 +42,25 @@ class EvalConfig:
     policy_page_sizes: tuple[tuple[str, tuple[int, ...]], ...] = ()  # e.g. (("h2o", (1, 16)),)
     kv_dtype: str = "auto"  # every policy's page storage dtype (cache.KV_DTYPES)
 
+    def __post_init__(self):
+        for name in ("max_new_tokens", "batch_size", "page_size"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.limit is not None and (not _is_int(self.limit) or self.limit < 1):
+            raise ValueError(f"limit must be None or an integer >= 1, got {self.limit!r}")
+        if not all(_is_int(b) and b >= 1 for b in self.budgets):
+            raise ValueError(f"budgets must be integers >= 1, got {self.budgets!r}")
+        if isinstance(self.policies, str):
+            raise ValueError(f"policies is a tuple of policy specs, e.g. ('dense', 'raas'); got the string "
+                             f"{self.policies!r}")
+
     def page_sizes(self, policy_name: str) -> tuple[int, ...]:
         return dict(self.policy_page_sizes).get(policy_name, (self.page_size,))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def parse_page_sizes(text: str) -> tuple[int, tuple[tuple[str, tuple[int, ...]], ...]]:
@@ -71,7 +89,7 @@ def parse_page_sizes(text: str) -> tuple[int, tuple[tuple[str, tuple[int, ...]],
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    policy_name: str  # the spec as given, canonical: 'raas' or 'raas:score=exact'
+    policy_name: str  # the spec as given, canonical: 'raas' or 'raas:score=estimate'
     budget: int | None  # None for dense
     policy: Policy
     default_page_size: int = 16
@@ -85,14 +103,19 @@ class Cell:
 
 
 def canonical_spec(spec: str) -> tuple[str, str, dict]:
-    """'RaaS:score=exact' -> ('raas:score=exact', 'raas', {'score': 'exact'})."""
+    """'RaaS:score=estimate' -> ('raas:score=estimate', 'raas', {'score': 'estimate'}); an option at its default value is
+    dropped ('raas:score=exact' is the cell 'raas')."""
+    from raas_jax.policies import POLICIES, policy_options
+
     name, options = parse_policy_spec(spec)
+    defaults = {f.name: f.default for f in policy_options(POLICIES[name])}
+    options = {k: v for k, v in options.items() if v != defaults[k]}
     items = [f"{k}={v}" for k, v in options.items()]
     return ":".join([name, *items]), name, options
 
 
 def grid(config: EvalConfig) -> list[Cell]:
-    """Dense once (it has no budget), then every other policy (variants such as raas:score=exact are cells of
+    """Dense once (it has no budget), then every other policy (variants such as raas:score=estimate are cells of
     their own) at every budget and each of its page sizes."""
     cells = []
     specs, seen = [], set()
@@ -101,6 +124,17 @@ def grid(config: EvalConfig) -> list[Cell]:
         if label not in seen:
             seen.add(label)
             specs.append((label, name, options))
+        else:
+            warnings.warn(f"policy {text.strip()!r} is the same cell as {label!r} (an option at its default value "
+                          "or a repeated name): it runs once", stacklevel=2)
+    named = {name for _, name, _ in specs}
+    for name, sizes in config.policy_page_sizes:
+        if name == "dense":
+            raise ValueError("--page-size dense=N: dense runs once, at the default page size; give it as the plain N "
+                             "(e.g. --page-size 16)")
+        if name not in named:
+            raise ValueError(f"--page-size {name}={'/'.join(map(str, sizes))} names a policy that is not among the "
+                             f"policies ({', '.join(config.policies)}): add it or drop the page size")
     if any(name == "dense" for _, name, _ in specs) or config.fidelity:
         cells.append(Cell("dense", None, Dense(page_size=config.page_size, kv_dtype=config.kv_dtype),
                           config.page_size))
@@ -139,18 +173,19 @@ def grade(dataset: str, sample: Sample, text: str) -> dict:
 
 
 def read_done(path: Path) -> dict[tuple[str, str], dict]:
-    """Finished (cell key, sample id) -> row, skipping a torn last line."""
+    """Finished (cell key, sample id) -> row, skipping a torn last line (`repair_torn_line` drops it)."""
     done: dict[tuple[str, str], dict] = {}
     if not path.is_file():
         return done
-    lines = path.read_text().splitlines()
+    text = path.read_text()
+    lines = text.splitlines()
+    if not text.endswith("\n"):
+        lines = lines[:-1]  # the line an interrupted run was writing
     for line_no, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             row = None
-            if line_no == len(lines):
-                continue  # the line an interrupted run was writing
         if not isinstance(row, dict) or "cell" not in row or "id" not in row:
             if line.strip():
                 warnings.warn(f"{path}:{line_no} is not a sample row; skipped", stacklevel=2)
@@ -159,14 +194,26 @@ def read_done(path: Path) -> dict[tuple[str, str], dict]:
     return done
 
 
+def repair_torn_line(path: Path) -> bool:
+    """Drop a torn last line (no newline at its end: the row an interrupted run was writing) by truncating the file
+    to the end of the last whole line; every other byte stays. Returns whether a line was dropped."""
+    if not path.is_file():
+        return False
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return False
+    with open(path, "r+b") as f:
+        f.truncate(data.rfind(b"\n") + 1)
+    return True
+
+
 class _Appender:
-    """Appends JSON lines and flushes each one (an interrupted run loses at most the line being written)."""
+    """Appends JSON lines and flushes each one (an interrupted run loses at most the line being written, which the
+    next run drops and writes again)."""
 
     def __init__(self, path: Path):
-        needs_newline = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+        repair_torn_line(path)
         self.file = open(path, "a")
-        if needs_newline:
-            self.file.write("\n")
 
     def write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")
@@ -233,11 +280,13 @@ def run_eval(model: Model, samples: Sequence[Sample], config: EvalConfig, out: s
                 pending = [s for s in batch if (cell.key, s.id) not in done]
                 if not pending:
                     continue
+                signals.checkpoint("cell")
                 rows = _run_cell(model, cell, pending, prompts, done, dense_logits, config)
                 for row in rows:
                     appender.write(row)
                     done[(cell.key, row["id"])] = row
                     bar.update(1)
+                    signals.checkpoint("row written")
     finally:
         appender.close()
         bar.close()

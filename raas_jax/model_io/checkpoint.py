@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from raas_jax import signals
 from raas_jax.models.config import ModelConfig
 from raas_jax.models.transformer import Transformer
 
@@ -158,6 +159,7 @@ def build_params(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]], dt
     seen: dict[tuple[str, ...], set] = {}
     bar = tqdm(tensors, total=total, desc="converting", unit="tensor", disable=not progress)
     for name, array in bar:
+        signals.checkpoint("convert tensor")
         route = _route(name)
         if route is None:
             continue
@@ -272,12 +274,14 @@ def atomic_directory(out: Path) -> Iterator[Path]:
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700
     restore_sigterm = _raise_on_sigterm()
     try:
-        yield tmp
-        if out.exists():
+        with signals.temporary(tmp):  # a second Ctrl-C, which exits at once, removes it too
+            yield tmp
+            signals.checkpoint("rename into place")
+        if out.exists() or out.is_symlink():
             backup = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.rename(out, backup)
             os.rename(tmp, out)
-            shutil.rmtree(backup, ignore_errors=True)
+            remove_path(backup)
         else:
             os.rename(tmp, out)
     except BaseException:
@@ -285,6 +289,23 @@ def atomic_directory(out: Path) -> Iterator[Path]:
         raise
     finally:
         restore_sigterm()
+
+
+def remove_path(path: Path) -> None:
+    """Remove a directory tree, a file or a symlink (the link, never what it points to)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def give_umask_mode(path: Path) -> None:
+    """Give a file the mode a plain `open` would (0666 less the umask): tools that write through a private temporary
+    leave 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def _remove_stale_temps(out: Path) -> None:

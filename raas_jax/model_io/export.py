@@ -18,6 +18,8 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from raas_jax import signals
+from raas_jax.eval.calibrate import SCALES_FILE
 from raas_jax.model_io import checkpoint
 from raas_jax.models.config import ModelConfig
 
@@ -73,7 +75,7 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None 
         raise ValueError(f"OUT {out} is the source or a folder holding it: exporting there would delete the "
                          f"source {src}; choose another OUT")
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
+        raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
     stored = checkpoint.stored_dtype(src)
     name = dtype or ("bf16" if np.dtype(stored) == np.dtype(ml_dtypes.bfloat16) else "f32")
     if name not in _NP_DTYPES:
@@ -85,8 +87,10 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None 
     with checkpoint.atomic_directory(out) as tmp:
         hf_config = dict(hf_config, torch_dtype="bfloat16" if _NP_DTYPES[name] is ml_dtypes.bfloat16 else "float32")
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        signals.checkpoint("export tensors")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        for side in checkpoint.TOKENIZER_FILES + ("generation_config.json",):
+        checkpoint.give_umask_mode(tmp / "model.safetensors")  # save_file creates it 0600
+        for side in checkpoint.TOKENIZER_FILES + ("generation_config.json", SCALES_FILE):
             if (src / side).is_file():
                 shutil.copy2(src / side, tmp / side)
     return out
