@@ -18,13 +18,14 @@ Victims (only full, unpinned pages other than the one being filled):
   StreamingLLM  the oldest page that holds no sink token;
   H2O           the lowest accumulated attention mass outside the recent window.
 
-docs/policies.md states every rule exactly; tests/policy_oracle.py re-derives them in numpy.
+docs/policies.md states every rule exactly; tests/support/policy_oracle.py re-derives them in numpy.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, ClassVar
 
 import jax
@@ -94,6 +95,10 @@ def softmax_over_resident(scores: jax.Array, resident: jax.Array) -> jax.Array:
     return jax.nn.softmax(scores, axis=-1, where=resident)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def option(default: Any, help: str, parse: Any = None) -> Any:
     """A policy option: a dataclass field whose CLI flag (--name-with-dashes) is derived from it."""
     return dataclasses.field(default=default, metadata={"help": help, "parse": parse})
@@ -132,12 +137,12 @@ class Policy:
 
     name: ClassVar[str] = "policy"
     fixed_budget: ClassVar[bool] = False  # True: the cache size depends on the budget alone
-    pin_prompt: ClassVar[bool] = False
+    pin_prefill = False  # pin the prompt pages (never evicted); a RaaS option (a class attribute here: not a field)
     chunk_extras: ClassVar[tuple[str, ...]] = ()  # cache entries that live only during a chunked prefill
 
     def __post_init__(self):
-        if self.page_size < 1:
-            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+        if not _is_int(self.page_size) or self.page_size < 1:
+            raise ValueError(f"page_size must be an integer >= 1, got {self.page_size!r}")
         check_kv_dtype(self.kv_dtype)
 
     # sizing ---------------------------------------------------------------------------------
@@ -169,7 +174,7 @@ class Policy:
     # model hooks: `cache` is stacked over layers, `layer` the (traced) index of the calling layer -----
     def prefill(self, cache, layer, q, k, v, positions):
         """q [B, T, Hq, D], k/v [B, T, Hkv, D], positions [B, T] -> the cache with this layer's prompt."""
-        view = write_prompt(layer_at(cache, layer), k, v, positions, self.page_size, pin=self.pin_prompt)
+        view = write_prompt(layer_at(cache, layer), k, v, positions, self.page_size, pin=self.pin_prefill)
         return store_layer(cache, layer, view)
 
     def prefill_chunk(self, cache, layer, q, k, v, positions):
@@ -178,7 +183,7 @@ class Policy:
         written so far and itself (causal), then its pages are written, page j in slot j: after the last chunk
         the cache is what `prefill` writes for the whole prompt."""
         out = kernels.chunk_attention(q, k, v, positions, cache["k"], cache["v"], layer=layer, backend=self.backend)
-        return out, write_chunk(cache, layer, k, v, positions, self.page_size, pin=self.pin_prompt)
+        return out, write_chunk(cache, layer, k, v, positions, self.page_size, pin=self.pin_prefill)
 
     def decode(self, cache, layer, q, k, v, positions):
         """q [B, Hq, D], k/v [B, Hkv, D], positions [B] -> (out [B, Hq, D], cache)."""
@@ -231,6 +236,8 @@ class _FixedBudget(Policy):
 
     def __post_init__(self):
         super().__post_init__()
+        if not _is_int(self.budget) or self.budget < 1:
+            raise ValueError(f"budget must be an integer >= 1 (tokens), got {self.budget!r}")
         if self.budget % self.page_size:
             raise ValueError(f"budget {self.budget} is not a multiple of page_size {self.page_size}; "
                              f"use e.g. budget={self.budget // self.page_size * self.page_size or self.page_size}")
@@ -261,13 +268,18 @@ class _FixedBudget(Policy):
 class RaaS(_FixedBudget):
     """Reasoning-Aware Attention Sparsity: pinned prompt, timestamps refreshed by use, evict the stalest.
 
-    Refresh ranks the pages that can be evicted (full, unpinned, not the page being filled): "top_half" stamps
-    the top ceil(C/2) of those C pages, alpha stamps those whose normalised score exceeds alpha.
+    Refresh ranks the pages that can be evicted (full, unpinned, not the page being filled) by `score`:
+    "exact" is the attention mass each page received this step (max over the KV group's query heads; a
+    distribution over the resident pages), "estimate" the Quest bound of q.k (softmaxed over the resident pages
+    when compared with alpha). "top_half" stamps the top ceil(C/2) of those C pages, alpha stamps those whose
+    score exceeds alpha. The default, exact / top_half, is what the ablation in docs/accuracy.md chose; the
+    RaaS authors' code ranks by the bound: RaaS(score="estimate") or --policy raas:score=estimate.
     """
 
     pin_prefill: bool = option(True, "RaaS: pin the prompt pages (never evicted)", parse_bool)
     refresh: str | float = option("top_half", "RaaS: 'top_half' or an alpha threshold, e.g. 0.01", parse_refresh)
-    score: str = option("estimate", "RaaS page score: 'estimate' (Quest bound) or 'exact' (attention mass)")
+    score: str = option("exact", "RaaS page score: 'exact' (the attention mass, default) or 'estimate' (the Quest "
+                        "bound, the RaaS authors' rule)")
 
     name: ClassVar[str] = "raas"
 
@@ -278,10 +290,6 @@ class RaaS(_FixedBudget):
         if not (self.refresh == "top_half" or (isinstance(self.refresh, (int, float))
                                                and not isinstance(self.refresh, bool) and 0 < self.refresh < 1)):
             raise ValueError(f"RaaS refresh must be 'top_half' or an alpha in (0, 1), got {self.refresh!r}")
-
-    @property
-    def pin_prompt(self) -> bool:  # type: ignore[override]
-        return self.pin_prefill
 
     def check_prompts(self, lengths: list[int]) -> None:
         if not self.pin_prefill:
@@ -324,7 +332,7 @@ class RaaS(_FixedBudget):
         return candidates & (scores > self.refresh)
 
     def update_stats(self, cache, layer, view, q, mass, positions, slot):
-        if self.score == "estimate" and self.refresh == "top_half":  # the default: one kernel on a GPU
+        if self.score == "estimate" and self.refresh == "top_half":  # the authors' rule: one kernel on a GPU
             stamp = kernels.refresh_top_half(q, cache, layer, positions, self.page_size, backend=self.backend)
             return {**cache, "stamp": stamp}
         return refresh_stamps(cache, layer, self.importance(cache, layer, view, q, mass), positions)
@@ -532,6 +540,9 @@ def make_policy(name: str, budget: int | None = None, page_size: int = 16, **opt
         takes = ", ".join("--" + n.replace("_", "-") for n in sorted(allowed - {"backend", "kv_dtype"})) or "no options"
         raise ValueError(f"{flags} does not apply to policy {key!r} (it takes {takes})")
     if cls is Dense:
+        if budget is not None:
+            raise ValueError("--budget does not apply to policy 'dense' (it keeps every token): drop it or choose a "
+                             f"sparse policy ({', '.join(n for n in POLICIES if n != 'dense')})")
         return Dense(page_size=page_size, **options)
     if budget is None:
         raise ValueError(f"policy {name!r} needs a budget (e.g. --budget 1024)")

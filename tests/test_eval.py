@@ -27,10 +27,12 @@ def dataset(tmp_path):
 
 
 def test_grid_takes_policy_variants():
-    cells = grid(EvalConfig(dataset="x", policies=("raas", "RaaS:score=exact:refresh=0.05", "raas"), budgets=(64,),
+    cells = grid(EvalConfig(dataset="x", policies=("raas", "RaaS:score=estimate:refresh=0.05", "raas"), budgets=(64,),
                             page_size=4))
-    assert [c.key for c in cells] == ["raas@64", "raas:score=exact:refresh=0.05@64"]
-    assert cells[0].policy.score == "estimate" and cells[1].policy.score == "exact" and cells[1].policy.refresh == 0.05
+    assert [c.key for c in cells] == ["raas@64", "raas:score=estimate:refresh=0.05@64"]
+    # the default is the ablation's choice (docs/accuracy.md): the exact page mass, top half refreshed
+    assert cells[0].policy.score == "exact" and cells[0].policy.refresh == "top_half"
+    assert cells[1].policy.score == "estimate" and cells[1].policy.refresh == 0.05
     for bad, says in (("raas:bogus=1", "it takes"), ("raas:score", "OPTION=VALUE"), ("h2o:score=exact", "it takes"),
                       ("raas:refresh=2x", "refresh"), ("raas:score=nope", "score")):
         with pytest.raises(ValueError, match=says):
@@ -223,3 +225,37 @@ def test_plots_name_their_axes_and_page_sizes(monkeypatch, tmp_path):
     write_plots(table, tmp_path, "t")
     assert calls == [(["h2o p1", "h2o p16", "raas"], "accuracy"),
                      (["h2o p1", "h2o p16", "raas"], "teacher-forced top-1 agreement with dense")]
+
+
+def test_a_torn_last_line_is_dropped_and_nothing_else_touched(tmp_path):
+    from raas_jax.eval.runner import _Appender, read_done, repair_torn_line
+
+    path = tmp_path / "samples.jsonl"
+    whole = json.dumps({"cell": "dense", "id": "0"}) + "\n" + "a hand-written line\n"
+    path.write_text(whole + '{"cell": "dense", "id": "1", "te')
+    with pytest.warns(UserWarning):
+        assert sorted(read_done(path)) == [("dense", "0")]  # the torn row is not done: it runs again
+    appender = _Appender(path)  # what a resumed run opens
+    appender.write({"cell": "dense", "id": "1"})
+    appender.close()
+    assert path.read_text() == whole + json.dumps({"cell": "dense", "id": "1"}) + "\n"
+    assert not repair_torn_line(path) and path.read_text().endswith("\n")
+    path.write_text(json.dumps({"cell": "dense", "id": "2"}))  # a whole row, but its newline never written
+    assert read_done(path) == {} and repair_torn_line(path) and path.read_text() == ""
+
+
+def test_cells_that_are_the_same_policy_run_once_with_a_note():
+    with pytest.warns(UserWarning, match="'raas:score=exact' is the same cell as 'raas'"):
+        cells = grid(EvalConfig(dataset="x", policies=("raas", "raas:score=exact", "raas:refresh=top_half"),
+                                budgets=(64,), page_size=4))
+    assert [c.key for c in cells] == ["raas@64"]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("max_new_tokens", 0, "max_new_tokens must be an integer >= 1"), ("batch_size", 2.5, "batch_size must be"),
+    ("limit", 0, "limit must be None or an integer >= 1"), ("budgets", (64, -5), "budgets must be integers >= 1"),
+    ("policies", "raas", "policies is a tuple"),
+])
+def test_eval_config_refuses_what_the_cli_refuses(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        EvalConfig(dataset="x", **{field: value})

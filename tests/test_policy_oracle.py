@@ -1,4 +1,4 @@
-"""The jitted policies against the independent numpy oracle (tests/policy_oracle.py), step by step.
+"""The jitted policies against the independent numpy oracle (tests/support/policy_oracle.py), step by step.
 
 Both sides get the same q/k/v: layer 0 of a tiny random Llama (embedding -> RMSNorm -> q/k/v projections ->
 RoPE, in numpy) run over a random token sequence, the queries scaled so that attention is peaky. At every
@@ -21,7 +21,7 @@ import pytest
 
 from raas_jax.models.config import ModelConfig
 from raas_jax.policies import H2O, Dense, Quest, RaaS, StreamingLLM
-from policy_oracle import (BatchOracle, DenseOracle, H2OOracle, Hint, QuestOracle, RaaSOracle,
+from support.policy_oracle import (BatchOracle, DenseOracle, H2OOracle, Hint, QuestOracle, RaaSOracle,
                                  StreamingLLMOracle)
 
 B, HKV, D = 2, 2, 16
@@ -96,9 +96,9 @@ class Case:
 
 # 300 steps: even pages of 16 open ~19 times per (sequence, KV head), most of them evicting (check_case's bounds)
 FAST = [
-    Case("raas-p4-g4-tophalf-estimate", "raas", 4, 4, 48, (13, 18), 300),  # 4 and 5 pinned pages
+    Case("raas-p4-g4-tophalf-default", "raas", 4, 4, 48, (13, 18), 300),  # 4 and 5 pinned pages; exact / top_half
     Case("raas-p1-g1-alpha-exact", "raas", 1, 1, 16, (3, 5), 300, (("refresh", 0.05), ("score", "exact"))),
-    Case("raas-p16-g4-alpha-estimate", "raas", 16, 4, 128, (40, 70), 300, (("refresh", 0.05),)),
+    Case("raas-p16-g4-alpha-estimate", "raas", 16, 4, 128, (40, 70), 300, (("refresh", 0.05), ("score", "estimate"))),
     Case("h2o-p1-g4-long-prompt", "h2o", 1, 4, 24, (40, 9), 300),
     Case("h2o-p16-g1-long-prompt", "h2o", 16, 1, 96, (150, 40), 300),
     Case("streaming-p1-g1-long-prompt", "streaming", 1, 1, 16, (30, 6), 300),
@@ -107,12 +107,12 @@ FAST = [
 ]
 
 SLOW = [
-    Case("raas-p1-g4-tophalf-estimate", "raas", 1, 4, 24, (4, 7), 800),
+    Case("raas-p1-g4-tophalf-estimate", "raas", 1, 4, 24, (4, 7), 800, (("score", "estimate"),)),
     Case("raas-p1-g1-tophalf-exact", "raas", 1, 1, 20, (5, 3), 800, (("score", "exact"),)),
-    Case("raas-p4-g1-alpha-estimate", "raas", 4, 1, 40, (9, 14), 800, (("refresh", 0.05),)),
+    Case("raas-p4-g1-alpha-estimate", "raas", 4, 1, 40, (9, 14), 800, (("refresh", 0.05), ("score", "estimate"))),
     Case("raas-p4-g4-alpha-exact", "raas", 4, 4, 40, (9, 17), 800, (("refresh", 0.2), ("score", "exact"))),
     Case("raas-p16-g1-tophalf-exact", "raas", 16, 1, 160, (50, 33), 2000, (("score", "exact"),)),
-    Case("raas-p16-g4-tophalf-estimate", "raas", 16, 4, 160, (64, 20), 2000),
+    Case("raas-p16-g4-tophalf-estimate", "raas", 16, 4, 160, (64, 20), 2000, (("score", "estimate"),)),
     Case("h2o-p4-g1", "h2o", 4, 1, 48, (30, 11), 800),
     Case("h2o-p1-g1-long-prompt", "h2o", 1, 1, 32, (50, 70), 800, (("recent_fraction", 0.25),)),
     Case("h2o-p16-g4-long-prompt", "h2o", 16, 4, 128, (200, 90), 2000),
