@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import Any, ClassVar
 
 import jax
@@ -36,6 +35,7 @@ from raas_jax.kernels.reference import rank_descending, top_half_mask
 from raas_jax.decode.cache import (LayerCache, append_token, check_kv_dtype, compact_pages, init_pool, layer_at, page_sums,
                             refresh_stamps, store_layer, write_chunk, write_prompt)
 from raas_jax.models.config import ModelConfig
+from raas_jax.validation import is_int
 
 INT32_MAX = jnp.iinfo(jnp.int32).max
 MIN_DENSE_SLOTS = 16  # smallest bucket of pages for the O(N) policies
@@ -95,10 +95,6 @@ def softmax_over_resident(scores: jax.Array, resident: jax.Array) -> jax.Array:
     return jax.nn.softmax(scores, axis=-1, where=resident)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def option(default: Any, help: str, parse: Any = None) -> Any:
     """A policy option: a dataclass field whose CLI flag (--name-with-dashes) is derived from it."""
     return dataclasses.field(default=default, metadata={"help": help, "parse": parse})
@@ -141,7 +137,7 @@ class Policy:
     chunk_extras: ClassVar[tuple[str, ...]] = ()  # cache entries that live only during a chunked prefill
 
     def __post_init__(self):
-        if not _is_int(self.page_size) or self.page_size < 1:
+        if not is_int(self.page_size) or self.page_size < 1:
             raise ValueError(f"page_size must be an integer >= 1, got {self.page_size!r}")
         check_kv_dtype(self.kv_dtype)
 
@@ -236,7 +232,7 @@ class _FixedBudget(Policy):
 
     def __post_init__(self):
         super().__post_init__()
-        if not _is_int(self.budget) or self.budget < 1:
+        if not is_int(self.budget) or self.budget < 1:
             raise ValueError(f"budget must be an integer >= 1 (tokens), got {self.budget!r}")
         if self.budget % self.page_size:
             raise ValueError(f"budget {self.budget} is not a multiple of page_size {self.page_size}; "
