@@ -154,17 +154,17 @@ class Policy:
         return init_pool(cfg, batch, num_slots, self.page_size, dtype, self.kv_dtype, self.kv_absmax)
 
     # chunked prefill (docs/design.md, generation) -------------------------------------------------------------
-    def chunkable(self, longest_prompt: int) -> bool:
-        """Whether prompts this long can be prefilled chunk by chunk with the whole-prompt result: every prompt page
-        stays resident, page j in slot j. O(N) policies size the pool for the whole sequence, so always."""
-        return True
+    def prefill_slots(self, longest_prompt: int, num_slots: int) -> int:
+        """Slots of the pool a chunked prefill writes into, page j in slot j. O(N) policies size the decode pool
+        for the whole sequence, so it is that pool."""
+        return num_slots
 
     def begin_chunked_prefill(self, cfg: ModelConfig, cache: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """The cache before the first chunk (H2O adds an accumulator that `end_chunked_prefill` folds away)."""
         return cache
 
     def end_chunked_prefill(self, cache: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        """The cache after the last chunk, with the layout `init` gives (what decode expects)."""
+        """The cache after the last chunk, with the layout and the pool size `init` gives (what decode expects)."""
         return cache
 
     # model hooks: `cache` is stacked over layers, `layer` the (traced) index of the calling layer -----
@@ -174,7 +174,7 @@ class Policy:
         return store_layer(cache, layer, view)
 
     def prefill_chunk(self, cache, layer, q, k, v, positions):
-        """One chunk of the prompts (chunked prefill, `chunkable` prompts only): q [B, C, Hq, D], k/v [B, C, Hkv, D],
+        """One chunk of the prompts (chunked prefill): q [B, C, Hq, D], k/v [B, C, Hkv, D],
         positions [B, C] (c0, c0 + 1, ... or -1) -> (out [B, C, Hq, D], cache). The chunk attends the prompt pages
         written so far and itself (causal), then its pages are written, page j in slot j: after the last chunk
         the cache is what `prefill` writes for the whole prompt."""
@@ -248,16 +248,50 @@ class _FixedBudget(Policy):
     def num_slots(self, longest_prompt: int, max_new_tokens: int) -> int:
         return self.slots
 
-    def chunkable(self, longest_prompt: int) -> bool:
-        """Only prompts whose pages all fit the pool: a longer prompt's layout (which pages stay) is chosen over the
-        whole prompt, so it takes the whole-prompt path (docs/design.md, chunked prefill)."""
-        return -(-longest_prompt // self.page_size) <= self.slots
+    def prefill_slots(self, longest_prompt: int, num_slots: int) -> int:
+        """A prompt longer than the pool is chunked into a staging pool that holds every prompt page (quarter-octave
+        buckets), and `end_chunked_prefill` keeps the pages `kept_prompt_pages` chooses, as the whole-prompt
+        prefill does (docs/design.md, chunked prefill)."""
+        pages = -(-longest_prompt // self.page_size)
+        return num_slots if pages <= num_slots else quarter_octave(pages)
 
     def prompt_pages(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Prompt page indices [N] and each row's prompt page count [B, 1, 1] for a prompt block [B, T]."""
         pages = -(-positions.shape[1] // self.page_size)
         count = (jnp.max(positions, axis=1) // self.page_size + 1)[:, None, None]
         return jnp.arange(pages, dtype=jnp.int32), count
+
+    def kept_prompt_pages(self, page: jax.Array, count: jax.Array, page_mass: jax.Array | None) -> jax.Array:
+        """Which prompt pages stay when a prompt may be longer than the pool: page [N] indices, count [..., 1] each
+        row's prompt pages, page_mass [..., N] the attention the prompt gave each page (H2O) -> kept [..., N] bool,
+        at most `slots` per row. This one keeps every prompt page (it must fit)."""
+        return page < count
+
+    def end_chunked_prefill(self, cache):
+        """A staging pool (`prefill_slots`) is compacted to the budget's: per (layer, row, KV head) the kept prompt
+        pages, in page order, into slots 0, 1, ...; `cur` the slot of the page holding the last prompt token."""
+        cache = super().end_chunked_prefill(cache)
+        staged = cache["fill"].shape[-1]
+        if staged <= self.slots:
+            return cache
+        lead = cache["fill"].shape[:-1]  # (L, B, Hkv)
+        length = jnp.max(cache["start"] + cache["fill"], axis=-1, keepdims=True)  # [L, B, Hkv, 1]
+        count = -(-length // self.page_size)
+        page = jnp.arange(staged, dtype=jnp.int32)
+        kept = self.kept_prompt_pages(page, count, cache.get("mass")) & (cache["fill"] > 0)  # [L, B, Hkv, S']
+        layout = compact_pages(kept.reshape((-1,) + kept.shape[2:]), self.slots).reshape(lead + (self.slots,))
+        source = jnp.maximum(layout, 0)  # [L, B, Hkv, S]
+
+        def gather(x):  # [L, B, Hkv, S', ...] -> [L, B, Hkv, S, ...], zero where no page is kept
+            index = source.reshape(source.shape + (1,) * (x.ndim - 4))
+            taken = jnp.take_along_axis(x, index, axis=3)
+            return jnp.where((layout >= 0).reshape(index.shape), taken, jnp.zeros((), x.dtype))
+
+        pool = {name: gather(x) if x.ndim >= 4 and x.shape[:4] == lead + (staged,) else x
+                for name, x in cache.items()}
+        last_page = count - 1  # [L, B, Hkv, 1]
+        pool["cur"] = jnp.argmax((layout >= 0) & (layout == last_page), axis=-1).astype(jnp.int32)  # [L, B, Hkv]
+        return pool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,11 +334,16 @@ class RaaS(_FixedBudget):
                 f"{self.budget} holds {self.slots}: use budget >= {fits}, a shorter prompt, or Quest, which keeps "
                 "everything")
 
+    def kept_prompt_pages(self, page, count, page_mass):
+        if self.pin_prefill:  # every prompt page, pinned (`check_prompts`: they fit)
+            return page < count
+        return (page < count) & (page >= count - self.slots)  # the newest that fit, like StreamingLLM without sinks
+
     def prefill(self, cache, layer, q, k, v, positions):
-        if not self.pin_prefill:  # unpinned: keep the newest prompt pages that fit, like StreamingLLM without sinks
+        if not self.pin_prefill:
             page, count = self.prompt_pages(positions)
-            kept = (page < count) & (page >= count - self.slots)  # [B, 1, N]
-            kept = jnp.broadcast_to(kept, cache["cur"].shape[1:] + kept.shape[-1:])
+            kept = jnp.broadcast_to(self.kept_prompt_pages(page, count, None),
+                                    cache["cur"].shape[1:] + page.shape)  # [B, Hkv, N]
             view = write_prompt(layer_at(cache, layer), k, v, positions, self.page_size, pin=False,
                                 layout=compact_pages(kept, self.slots))
             return store_layer(cache, layer, view)
@@ -406,14 +445,18 @@ class H2O(_FixedBudget):
         key_mass = jnp.max(kernels.key_mass(q, k, positions, positions, backend=self.backend), axis=2)  # [B, Hkv, T]
         page_mass = page_sums(key_mass, self.page_size)  # [B, Hkv, N]
         page, count = self.prompt_pages(positions)
-        in_prompt = page < count  # [B, 1, N]
-        recent = in_prompt & (page >= count - self.recent_pages())
-        heavy = in_prompt & ~recent & (rank_descending(page_mass, in_prompt & ~recent)
-                                       < self.slots - jnp.sum(recent, axis=-1, keepdims=True))
-        layout = compact_pages(recent | heavy, self.slots)  # [B, Hkv, S]
+        layout = compact_pages(self.kept_prompt_pages(page, count, page_mass), self.slots)  # [B, Hkv, S]
         view = write_prompt(layer_at(cache, layer), k, v, positions, self.page_size, pin=False, layout=layout)
         mass = jnp.where(layout >= 0, jnp.take_along_axis(page_mass, jnp.maximum(layout, 0), axis=-1), 0.0)
         return store_layer(cache, layer, {**view, "mass": mass})
+
+    def kept_prompt_pages(self, page, count, page_mass):
+        """The recent window and, in the rest of the pool, the heaviest older pages."""
+        in_prompt = page < count  # [..., N]
+        recent = in_prompt & (page >= count - self.recent_pages())
+        heavy = in_prompt & ~recent & (rank_descending(page_mass, in_prompt & ~recent)
+                                       < self.slots - jnp.sum(recent, axis=-1, keepdims=True))
+        return recent | heavy
 
     def begin_chunked_prefill(self, cfg, cache):
         """Adds `token_mass` [L, B, Hkv, G, S*P]: per query head, the mass each pool token has received from the
@@ -429,11 +472,12 @@ class H2O(_FixedBudget):
         return out, {**cache, "token_mass": cache["token_mass"].at[layer].add(mass)}
 
     def end_chunked_prefill(self, cache):
-        """Folds `token_mass` into `mass` as `prefill` computes it: max over the group, summed per page."""
+        """Folds `token_mass` into `mass` as `prefill` computes it (max over the group, summed per page), then
+        keeps the pages `kept_prompt_pages` chooses by that mass (`_FixedBudget.end_chunked_prefill`)."""
         cache = dict(cache)
         key_mass = jnp.max(cache.pop("token_mass"), axis=3)  # [L, B, Hkv, S*P]
         page_mass = key_mass.reshape(key_mass.shape[:-1] + (-1, self.page_size)).sum(-1)  # [L, B, Hkv, S]
-        return {**cache, "mass": jnp.where(cache["fill"] > 0, page_mass, 0.0)}
+        return super().end_chunked_prefill({**cache, "mass": jnp.where(cache["fill"] > 0, page_mass, 0.0)})
 
     def protected(self, view) -> jax.Array:
         """Before the append that opens a page: the R - 1 newest resident pages, which stay in the window once
@@ -469,10 +513,13 @@ class StreamingLLM(_FixedBudget):
     def sink_pages(self) -> int:
         return -(-self.sink_tokens // self.page_size)
 
+    def kept_prompt_pages(self, page, count, page_mass):
+        return (page < count) & ((page < self.sink_pages()) | (page >= count - (self.slots - self.sink_pages())))
+
     def prefill(self, cache, layer, q, k, v, positions):
         page, count = self.prompt_pages(positions)
-        kept = (page < count) & ((page < self.sink_pages()) | (page >= count - (self.slots - self.sink_pages())))
-        kept = jnp.broadcast_to(kept, cache["cur"].shape[1:] + kept.shape[-1:])  # [B, Hkv, N]
+        kept = jnp.broadcast_to(self.kept_prompt_pages(page, count, None),
+                                cache["cur"].shape[1:] + page.shape)  # [B, Hkv, N]
         view = write_prompt(layer_at(cache, layer), k, v, positions, self.page_size, pin=False,
                             layout=compact_pages(kept, self.slots))
         return store_layer(cache, layer, view)

@@ -245,7 +245,8 @@ def test_chunked_prefill_equals_the_whole_prompt(model, name):
     """Logits at each prompt's last token and the cache after a prefill in chunks of 16 equal the whole-prompt
     prefill's; so does the generation that follows."""
     policy = CHUNK_POLICIES[name]
-    assert policy.chunkable(45) and prefill_plan(policy, [45, 21, 5], 16) == 16
+    pool = policy.num_slots(45, 20)
+    assert policy.prefill_slots(45, pool) == pool and prefill_plan(policy, [45, 21, 5], 16) == 16
     (logits, cache), (chunk_logits, chunk_cache) = whole_and_chunked_prefill(model, policy, CHUNK_PROMPTS, 16)
     np.testing.assert_allclose(chunk_logits[:3], logits[:3], rtol=1e-4, atol=1e-4)
     assert_same_cache(chunk_cache, cache, policy.page_size)
@@ -256,6 +257,35 @@ def test_chunked_prefill_equals_the_whole_prompt(model, name):
                                          prefill_chunk=16)
     np.testing.assert_array_equal(chunk_tokens, whole_tokens)
     assert set(state.cache) == set(jax.eval_shape(lambda: policy.init(model.cfg, 4, 16, model.dtype)))
+
+
+LONG_PROMPT_POLICIES = {  # 32-token pools: the 45-token prompt's 12 pages do not fit
+    "raas-unpinned": RaaS(budget=32, page_size=4, pin_prefill=False),
+    "h2o": H2O(budget=32, page_size=4),
+    "h2o-token": H2O(budget=32, page_size=1),
+    "streaming": StreamingLLM(budget=32, page_size=4, sink_tokens=6),
+}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("h2o-token", "streaming") else n
+                                  for n in LONG_PROMPT_POLICIES])
+def test_a_prompt_longer_than_the_pool_is_chunked_through_a_staging_pool(model, name):
+    """A prompt longer than a fixed budget is chunked into a staging pool that holds it all; the policy then keeps
+    the pages its whole-prompt prefill keeps: same logits, same cache, same greedy tokens."""
+    policy = LONG_PROMPT_POLICIES[name]
+    assert policy.prefill_slots(45, policy.slots) > policy.slots and prefill_plan(policy, [45, 21, 5], 16) == 16
+    (logits, cache), (chunk_logits, chunk_cache) = whole_and_chunked_prefill(model, policy, CHUNK_PROMPTS, 16)
+    np.testing.assert_allclose(chunk_logits[:3], logits[:3], rtol=1e-4, atol=1e-4)
+    assert chunk_cache["fill"].shape == cache["fill"].shape  # compacted to the budget's pool
+    assert_same_cache(chunk_cache, cache, policy.page_size)
+    assert int(np.sum(np.asarray(cache["fill"][0, 0, 0]) > 0)) == policy.slots  # the long row fills the pool
+    gen = model._generator(policy)
+    whole_tokens, _ = run_generation(gen, model.params, CHUNK_PROMPTS, max_new_tokens=12, eos_ids=(),
+                                     prefill_chunk=None)
+    chunk_tokens, state = run_generation(gen, model.params, CHUNK_PROMPTS, max_new_tokens=12, eos_ids=(),
+                                         prefill_chunk=16)
+    np.testing.assert_array_equal(chunk_tokens, whole_tokens)
+    assert state.cache["fill"].shape[-1] == policy.slots
 
 
 @pytest.mark.parametrize("policy", [pytest.param(Dense(page_size=4), marks=pytest.mark.slow),
@@ -297,19 +327,12 @@ def test_when_prompts_are_chunked(model):
     assert prefill_plan(raas, [16, 5], 16) is None  # fits one chunk: the whole-prompt path
     assert prefill_plan(raas, [17, 5], 18) == 16  # rounded down to whole pages
     assert prefill_plan(Dense(), [5000], 2048) == 2048
-    assert h2o.chunkable(32) and not h2o.chunkable(33)  # a prompt longer than the pool: layout over the whole prompt
-    assert prefill_plan(h2o, [40], 16) is None and prefill_plan(streaming, [40], 16) is None
+    assert prefill_plan(h2o, [40], 16) == 16 and prefill_plan(streaming, [40], 16) == 16  # staged (longer than the pool)
     for bad in (2, 0, 16.0, True, "16"):
         with pytest.raises(ValueError, match="prefill_chunk must be an integer >= the page size"):
             prefill_plan(raas, [40], bad)
     with pytest.raises(ValueError, match="prefill_chunk"):
         model.generate([[1, 2, 3]], max_new_tokens=2, prefill_chunk=0)
-    prompts = [list(range(1, 41)), [9] * 12]  # H2O keeps 8 of these 10 pages: whole-prompt path, same output
-    gen = model._generator(h2o)
-    outs = [run_generation(gen, model.params, prompts, max_new_tokens=8, eos_ids=(), prefill_chunk=c)[0]
-            for c in (None, 16)]
-    np.testing.assert_array_equal(outs[0], outs[1])
-    assert "prefill_chunk" not in gen.__dict__  # the chunked path was never compiled
 
 
 def test_new_prompt_lengths_reuse_the_compiled_chunk(model):

@@ -413,13 +413,15 @@ def test_streaming_prefill_keeps_sinks_and_the_newest_prompt_pages():
             assert cache["start"][b, h, cache["cur"][b, h]] == pages[-1]
 
 
-def test_chunked_prefill_only_where_every_prompt_page_stays():
-    """O(N) policies keep every page; fixed budgets only when the prompt's pages fit the pool (else the layout
-    of a long prompt is chosen over the whole prompt: the whole-prompt path)."""
-    assert Dense(page_size=4).chunkable(10**6) and Quest(budget=16, page_size=4).chunkable(10**6)
+def test_chunked_prefill_stages_a_prompt_longer_than_the_pool():
+    """O(N) policies chunk into the decode pool; fixed budgets too while the prompt's pages fit it, else into a
+    staging pool that holds every prompt page (quarter-octave buckets)."""
+    assert Dense(page_size=4).prefill_slots(10**6, 40) == 40 and Quest(budget=16, page_size=4).prefill_slots(99, 32) == 32
     for policy in (RaaS(budget=64, page_size=4, pin_prefill=False), H2O(budget=64, page_size=4),
-                   StreamingLLM(budget=64, page_size=4), H2O(budget=64, page_size=1)):
-        assert policy.chunkable(64) and not policy.chunkable(65), policy
+                   StreamingLLM(budget=64, page_size=4)):
+        assert policy.prefill_slots(64, 16) == 16 and policy.prefill_slots(65, 16) == 20, policy  # 17 pages -> 20
+        assert policy.prefill_slots(4000, 16) == 1024, policy  # 1000 pages -> 8/4 x 512
+    assert H2O(budget=64, page_size=1).prefill_slots(65, 64) == 80
     assert H2O.chunk_extras == ("token_mass",) and RaaS.chunk_extras == ()
 
 

@@ -10,9 +10,9 @@ in one batch) and a finished row can take a new request (`Generator.insert`) bet
 
 Prompts longer than `prefill_chunk` tokens are prefilled chunk by chunk (`chunked_prefill`): one jitted call per
 chunk of that many tokens writes it into the page pool, so activation memory is bounded by the chunk and any
-longer prompt reuses the same compiled chunk. Policies whose layout of a long prompt is chosen over the whole
-prompt (H2O, StreamingLLM, unpinned RaaS when the prompt does not fit the pool) take the whole-prompt path
-(`Policy.chunkable`, docs/design.md).
+longer prompt reuses the same compiled chunk. A prompt longer than a fixed budget's pool (H2O, StreamingLLM,
+unpinned RaaS) is chunked into a staging pool that holds all of it, and the policy then keeps the pages its
+whole-prompt prefill would (`Policy.prefill_slots`, `Policy.end_chunked_prefill`, docs/design.md).
 """
 
 from __future__ import annotations
@@ -168,6 +168,20 @@ class Generator:
     def finish_chunks(self) -> Callable:
         return jax.jit(self._finish_chunks, donate_argnums=(0,))
 
+    @functools.cached_property
+    def finish_staged_chunks(self) -> Callable:
+        return jax.jit(self._finish_chunks)  # a staging pool is larger than the decode pool: nothing to donate into
+
+    def finish(self, cache, logits, lengths, done, eos_ids, settings: RowSettings, keys) -> DecodeState:
+        """The decode state after the last chunk: the policy's chunked-prefill extras are split off (they are not
+        donated) and the cache goes through `finish_chunks`, or `finish_staged_chunks` when it is a staging pool
+        (a prompt longer than a fixed budget, `Policy.prefill_slots`)."""
+        cache = dict(cache)
+        extras = {name: cache.pop(name) for name in self.policy.chunk_extras}
+        staged = self.policy.fixed_budget and cache["fill"].shape[-1] > self.policy.num_slots(0, 0)
+        run = self.finish_staged_chunks if staged else self.finish_chunks
+        return run(cache, extras, logits, lengths, done, eos_ids, settings, keys)
+
     def _begin_chunks(self, *, batch: int, num_slots: int) -> tuple[dict, jax.Array]:
         """The empty cache (with the policy's chunked-prefill extras) and logits [B, V] to fill."""
         cache = self.policy.init(self.cfg, batch, num_slots, self.dtype)
@@ -290,8 +304,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], multiple: int = 1, chunk: int 
 
 def prefill_plan(policy: Any, lengths: Sequence[int], prefill_chunk: int | None) -> int | None:
     """The chunk size these prompts are prefilled with, or None for the whole-prompt path: `prefill_chunk` rounded
-    down to whole pages, when the longest prompt is longer and the policy keeps every prompt page (`chunkable`).
-    `prefill_chunk=None` never chunks."""
+    down to whole pages, when the longest prompt is longer. `prefill_chunk=None` never chunks."""
     if prefill_chunk is None:
         return None
     page_size = policy.page_size
@@ -301,18 +314,20 @@ def prefill_plan(policy: Any, lengths: Sequence[int], prefill_chunk: int | None)
                          f"chunking; got {prefill_chunk!r}")
     chunk = int(prefill_chunk) // page_size * page_size
     longest = max(lengths)
-    return chunk if longest > chunk and policy.chunkable(longest) else None
+    return chunk if longest > chunk else None
 
 
 def chunked_prefill(gen: Generator, params, tokens: np.ndarray, lengths: np.ndarray, *, chunk: int,
                     num_slots: int) -> tuple[dict, jax.Array]:
     """Prefill right-padded prompts [B, T] (T a multiple of `chunk`) one chunk per call -> (cache, logits [B, V] at
-    each row's last prompt token). The cache still holds the policy's chunked-prefill extras
-    (`Policy.chunk_extras`, which `Generator.finish_chunks` folds away)."""
+    each row's last prompt token). `num_slots` is the decode pool's; the chunks are written into
+    `Policy.prefill_slots` slots. The cache still holds the policy's chunked-prefill extras (`Policy.chunk_extras`)
+    and, for a prompt longer than a fixed budget, the staging pool: `Generator.finish` folds both away."""
     batch, t = tokens.shape
     if t % chunk:
         raise ValueError(f"prompt length {t} is not a multiple of the prefill chunk {chunk}")
-    cache, logits = gen.begin_chunks(batch=batch, num_slots=num_slots)
+    staged = gen.policy.prefill_slots(int(np.max(lengths)), num_slots)
+    cache, logits = gen.begin_chunks(batch=batch, num_slots=staged)
     for start in range(0, t, chunk):
         signals.checkpoint("prefill chunk")
         positions, last = chunk_positions(lengths, start, chunk)
@@ -358,9 +373,7 @@ def run_generation(gen: Generator, params, prompts: Sequence[Sequence[int]], *, 
                           settings, keys, num_slots=num_slots)
     else:
         cache, logits = chunked_prefill(gen, params, tokens, lengths, chunk=plan, num_slots=num_slots)
-        extras = {name: cache.pop(name) for name in gen.policy.chunk_extras}
-        state = gen.finish_chunks(cache, extras, logits, jnp.asarray(lengths), jnp.asarray(is_padding), eos,
-                                  settings, keys)
+        state = gen.finish(cache, logits, jnp.asarray(lengths), jnp.asarray(is_padding), eos, settings, keys)
     chunk = min(chunk or DECODE_CHUNK, DECODE_CHUNK)
     drained: list[np.ndarray] = []
     while True:

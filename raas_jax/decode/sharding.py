@@ -173,8 +173,8 @@ class ShardedPolicy:
     def check_prompts(self, lengths: list[int]) -> None:
         self.policy.check_prompts(lengths)
 
-    def chunkable(self, longest_prompt: int) -> bool:
-        return self.policy.chunkable(longest_prompt)
+    def prefill_slots(self, longest_prompt: int, num_slots: int) -> int:
+        return self.policy.prefill_slots(longest_prompt, num_slots)
 
     def begin_chunked_prefill(self, cfg: ModelConfig, cache: dict) -> dict:
         return self.policy.begin_chunked_prefill(cfg, cache)

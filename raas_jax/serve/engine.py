@@ -132,7 +132,8 @@ class Engine:
                                    num_slots=self.num_slots)
             return True
         if job.cache is None:
-            job.cache, job.logits = gen.begin_chunks(batch=1, num_slots=self.num_slots)
+            staged = self.policy.prefill_slots(len(job.ids), self.num_slots)  # > num_slots: a staging pool
+            job.cache, job.logits = gen.begin_chunks(batch=1, num_slots=staged)
         start, chunk = job.next_start, job.chunk
         positions, last = chunk_positions(job.lengths, start, chunk)
         job.cache, job.logits = gen.prefill_chunk(self.params, job.cache, jnp.asarray(job.tokens[:, start:start + chunk]),
@@ -140,8 +141,7 @@ class Engine:
         job.next_start += chunk
         if job.next_start < job.tokens.shape[1]:
             return False
-        extras = {name: job.cache.pop(name) for name in self.policy.chunk_extras}
-        job.prefix = gen.finish_chunks(job.cache, extras, job.logits, lengths, not_done, self.eos, settings, keys)
+        job.prefix = gen.finish(job.cache, job.logits, lengths, not_done, self.eos, settings, keys)
         job.cache = job.logits = None
         return True
 
