@@ -6,42 +6,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import math
 import os
 import sys
 
 from raas_jax import configure_gpu, signals, validation
-from raas_jax.validation import flag
+from raas_jax.validation import at_least, flag, fraction, int_list, rows
 from raas_jax.kernels.dispatch import BACKENDS as KERNEL_BACKENDS
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError)
-
-
-def at_least(low: int):
-    """argparse type: an integer >= `low` (refused at parse time, before anything loads)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-    return parse
-
-
-def finite(low: float | None = None):
-    """argparse type: a finite float (>= `low` when given)."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or (low is not None and value < low):
-            raise argparse.ArgumentTypeError(f"must be a finite number{f' >= {low}' if low is not None else ''}, "
-                                             f"got {text}")
-        return value
-    return parse
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -134,18 +106,8 @@ def add_mesh_flag(p: argparse.ArgumentParser) -> None:
     add_memory_flag(p)
 
 
-def memory_fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"takes a fraction in (0, 1], e.g. 0.92; got {text!r}")
-    return value
-
-
 def add_memory_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--memory-fraction", type=memory_fraction, default=None,
+    p.add_argument("--memory-fraction", type=fraction, default=None,
                    help="share of each GPU's memory JAX may use (sets XLA_PYTHON_CLIENT_MEM_FRACTION; XLA's default "
                         "0.75); e.g. 0.92 makes room for larger batches and longer caches")
 
@@ -236,11 +198,6 @@ def _eval_record(args: argparse.Namespace) -> dict:
         digest = hashlib.sha256(dataset_path(args.dataset, args.data_dir).read_bytes()).hexdigest()
     return {"dtype": jnp.dtype(resolve_dtype(args.dtype) or default_dtype()).name,
             "question_field": args.question_field, "answer_field": args.answer_field, "data_sha256": digest}
-
-
-def rows_flag(text: str) -> int | str:
-    """argparse type of --max-rows: an integer >= 1 or "auto"."""
-    return "auto" if text == "auto" else at_least(1)(text)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -463,8 +420,7 @@ def _bench(args: argparse.Namespace) -> int:
         check_torch()
     out.mkdir(parents=True, exist_ok=True)
     policies = bench_policies(args.policies, backend=args.kernels, kv_dtype=args.kv_dtype)
-    positions = [int(x) for x in _csv(args.positions)]
-    batches = [int(x) for x in _csv(args.batches)]
+    positions, batches = list(args.positions), list(args.batches)
     models = _csv(args.models)
     # every torch child runs before JAX holds weights or pools (its allocator keeps what it once held)
     references = {model: _bench_references(args, model, positions, batches, out) for model in models}
@@ -503,12 +459,12 @@ def _bench_references(args: argparse.Namespace, model: str, positions: list[int]
     if args.hf_reference:
         from raas_jax.bench.hf_decode import run_hf_reference
 
-        hf = run_hf_reference(model, positions, [int(x) for x in _csv(args.hf_batches)], args.steps,
+        hf = run_hf_reference(model, positions, list(args.hf_batches), args.steps,
                               out / f"e2e_{model}_hf.json")
     if args.torch_reference:
         from raas_jax.bench.torch_decode import run_torch_reference
 
-        torch_batches = [int(x) for x in _csv(args.torch_batches)] if args.torch_batches else batches
+        torch_batches = list(args.torch_batches) if args.torch_batches else batches
         torch_rows = run_torch_reference(model, positions, torch_batches, args.steps, not args.no_largest_batch,
                                          out / f"e2e_{model}_torch.json")
     return hf, torch_rows
@@ -631,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=at_least(0), default=8000)
     p.add_argument("--served-model-name", default=None, help="the name clients pass as `model` (default: the "
                    "model directory's name)")
-    p.add_argument("--max-rows", type=rows_flag, default="auto",
+    p.add_argument("--max-rows", type=rows, default="auto",
                    help="requests decoded at once, each in its own KV row (default auto: as many as the compiled "
                         "decode fits on the device)")
     p.add_argument("--max-model-len", type=at_least(2), default=None,
@@ -676,26 +632,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["e2e", "kernels", *BENCH_TOOLS])
     p.add_argument("--models", default="llama3-8b", help="llama3-8b,qwen2.5-7b")
     p.add_argument("--policies", default="dense,quest,raas")
-    p.add_argument("--positions", default="1024,2048,4096,8192,16384,32768")
-    p.add_argument("--batches", default="1,16,64")
-    p.add_argument("--steps", type=int, default=64, help="timed decode steps per configuration (<= 126)")
+    p.add_argument("--positions", type=int_list(1), default=(1024, 2048, 4096, 8192, 16384, 32768),
+                   help="e2e: decode positions (default 1024,...,32768)")
+    p.add_argument("--batches", type=int_list(1), default=(1, 16, 64), help="e2e: batch sizes (default 1,16,64)")
+    p.add_argument("--steps", type=at_least(1), default=64, help="timed decode steps per configuration (<= 126)")
     p.add_argument("--no-largest-batch", action="store_true", help="skip the largest batch that fits")
-    p.add_argument("--real-tokens", type=int, default=0, help="also time a real RaaS run of this many tokens")
-    p.add_argument("--real-batch", type=int, default=16)
+    p.add_argument("--real-tokens", type=at_least(0), default=0, help="also time a real RaaS run of this many tokens")
+    p.add_argument("--real-batch", type=at_least(1), default=16)
     p.add_argument("--hf-reference", action="store_true",
                    help="e2e: also time HF transformers (torch) dense decode at each position, in a child process")
-    p.add_argument("--hf-batches", default="1", help="e2e: batch sizes of the HF reference (default 1)")
+    p.add_argument("--hf-batches", type=int_list(1), default=(1,), help="e2e: batch sizes of the HF reference (default 1)")
     p.add_argument("--torch-reference", action="store_true",
                    help="e2e: also time a strong torch dense decode (static KV cache, SDPA, each step one CUDA "
                         "graph; raas_jax/bench_torch.py) in a child process; our rows get ratio_vs_torch")
-    p.add_argument("--torch-batches", default=None,
+    p.add_argument("--torch-batches", type=int_list(1), default=None,
                    help="e2e: batch sizes of the torch reference (default: --batches); the largest batch that "
                         "fits is added unless --no-largest-batch")
     p.add_argument("--kernels", default="auto", choices=list(KERNEL_BACKENDS),
                    help="e2e: attention kernels the policies use (default auto)")
     add_kv_dtype_flag(p)
     p.add_argument("--shapes", default="", help="kernels: comma-separated shape names (default: all)")
-    p.add_argument("--calls", type=int, default=None,
+    p.add_argument("--calls", type=at_least(1), default=None,
                    help="kernels: calls per timed loop, timed again at twice as many (default: ~100 GB read)")
     p.add_argument("--sweep", action="store_true", help="kernels: also time a grid of launch parameters")
     p.add_argument("--variants", default="", help="kernels: comma-separated name prefixes of the variants to time, "

@@ -1,6 +1,8 @@
 """The checks on what a user passes, shared by the CLI flags and the Python API (`Model.generate`): the same ranges
 and the same messages, each naming the parameter. A check returns the value or raises ValueError; `flag(check)`
-turns one into an argparse type (the text parsed first, the error reported against the flag)."""
+turns one into an argparse type (the text parsed first, the error reported against the flag). Every numeric flag of
+every subcommand takes one of the types at the end of this file, so a bad value is refused at parse time, before
+anything loads."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ def integer(name: str, value: Any, low: int, high: int | None = None) -> int:
     """An integer >= low (and < high when given)."""
     if not is_int(value) or value < low or (high is not None and value >= high):
         rule = f">= {low}" if high is None else f"in [{low}, {_power(high)})"
-        raise ValueError(f"{name} must be an integer {rule}, got {value!r}")
+        raise ValueError(f"{name} must be an integer {rule}, got {value!r}".lstrip())
     return int(value)
 
 
@@ -41,7 +43,7 @@ def number(name: str, value: Any, low: float | None = None, high: float | None =
             rule = f"{'>' if open_low else '>='} {low:g}"
         else:
             rule = "finite"
-        raise ValueError(f"{name} must be a {'finite ' if rule != 'finite' else ''}number {rule}, got {value!r}")
+        raise ValueError(f"{name} must be a {'finite ' if rule != 'finite' else ''}number {rule}, got {value!r}".lstrip())
     return float(value)
 
 
@@ -87,4 +89,42 @@ def flag(check: Callable[[Any], Any], kind: type = int) -> Callable[[str], Any]:
             return check(value)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
+# argparse types of the other numeric flags ------------------------------------------------------------------
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An integer >= `low`."""
+    return flag(lambda value: integer("", value, low))
+
+
+def finite(low: float | None = None) -> Callable[[str], float]:
+    """A finite number (>= `low` when given)."""
+    return flag(lambda value: number("", value, low=low), float)
+
+
+def fraction(text: str) -> float:
+    """A share in (0, 1], e.g. --memory-fraction 0.92."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], e.g. 0.92; got {text!r}")
+    return value
+
+
+def rows(text: str) -> int | str:
+    """--max-rows: an integer >= 1 or "auto"."""
+    return "auto" if text == "auto" else at_least(1)(text)
+
+
+def int_list(low: int) -> Callable[[str], tuple[int, ...]]:
+    """Comma-separated integers, each >= `low`: "1,16,64" -> (1, 16, 64)."""
+    def parse(text: str) -> tuple[int, ...]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 1,16,64; got {text!r}")
+        return tuple(at_least(low)(item) for item in items)
     return parse

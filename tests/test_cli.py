@@ -144,7 +144,7 @@ def test_bad_numbers_are_refused_at_parse_time(argv, monkeypatch, capsys):
 @pytest.mark.parametrize(("flags", "message"), [
     (["--policy", "streaming", "--budget", "64", "--sink-tokens", "-1"], "sink tokens"),
     (["--policy", "quest", "--budget", "64", "--dense-layers", "-2"], "dense_layers must be >= 0"),
-    (["--policy", "dense", "--page-size", "0"], "must be >= 1"),
+    (["--policy", "dense", "--page-size", "0"], "must be an integer >= 1"),
 ])
 def test_bad_policy_values_are_refused_before_loading(flags, message, monkeypatch, capsys):
     monkeypatch.setattr(raas_jax, "load", lambda *a, **k: pytest.fail("a model was loaded"))

@@ -57,3 +57,64 @@ def test_model_generate_uses_the_shared_checks():
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
                            .replace("^", r"\^")):
             model.generate([[1, 2]], **kwargs)
+
+
+# every numeric flag of every subcommand ----------------------------------------------------------------------
+
+def test_no_numeric_flag_is_parsed_by_a_bare_int_or_float():
+    """A flag typed `int` or `float` takes -5, nan or inf unchecked: every numeric flag in the package uses one of
+    the checked types of raas_jax.validation (or another function that checks)."""
+    import ast
+    from pathlib import Path
+
+    import raas_jax
+
+    bare = []
+    for path in sorted(Path(raas_jax.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+                for keyword in node.keywords:
+                    if keyword.arg == "type" and isinstance(keyword.value, ast.Name) \
+                            and keyword.value.id in ("int", "float"):
+                        bare.append(f"{path.name}:{node.lineno}")
+    assert not bare, f"flags typed by a bare int/float: {bare}"
+
+
+BAD_FLAGS = [  # (argv, the flag the message names, what it says)
+    (["eval", "--limit", "0"], "--limit", "must be an integer >= 1, got 0"),
+    (["generate", "x", "--memory-fraction", "1.5"], "--memory-fraction", "a fraction in (0, 1], e.g. 0.92; got '1.5'"),
+    (["serve", "--max-rows", "0"], "--max-rows", "must be an integer >= 1"),
+    (["bench", "e2e", "--steps", "0"], "--steps", "must be an integer >= 1"),
+    (["bench", "e2e", "--positions", "1024,-2"], "--positions", "must be an integer >= 1, got -2"),
+    (["bench", "e2e", "--batches", "1,x"], "--batches", "expected an integer, got 'x'"),
+    (["bench", "e2e", "--real-tokens", "-1"], "--real-tokens", "must be an integer >= 0"),
+    (["bench", "kernels", "--calls", "0"], "--calls", "must be an integer >= 1"),
+    (["bench", "serve", "--num-prompts", "0"], "--num-prompts", "must be an integer >= 1"),
+    (["bench", "serve", "--request-rate", "nan"], "--request-rate", "must be a finite number >= 0"),
+    (["bench", "prefill", "--out", "x.json", "--chunk", "8"], "--chunk", "must be an integer >= 16"),
+    (["bench", "prefill", "--out", "x.json", "--time-limit", "inf"], "--time-limit", "finite number >= 1"),
+    (["bench", "memory", "--batches", "64,0"], "--batches", "must be an integer >= 1, got 0"),
+    (["bench", "memory", "--memory-fraction", "0"], "--memory-fraction", "a fraction in (0, 1], e.g. 0.92; got '0'"),
+    (["bench", "profile", "--steps", "-1"], "--steps", "must be an integer >= 1"),
+    (["bench", "hlo", "--batch", "0"], "--batch", "must be an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("argv, flag_name, message", BAD_FLAGS, ids=[" ".join(a[:2]) + " " + f for a, f, _ in BAD_FLAGS])
+def test_bad_numeric_flags_are_refused_at_parse_time(argv, flag_name, message, capsys):
+    from raas_jax.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag_name}: {message}" in err or (f"argument {flag_name}:" in err and message in err), err
+
+
+@pytest.mark.parametrize("module", ["raas_jax.bench.hf_decode", "raas_jax.bench.torch_decode"])
+def test_reference_children_check_their_flags(module, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(module).main(["--positions", "2048,0"])
+    assert exit_.value.code == 2 and "argument --positions: must be an integer >= 1, got 0" in capsys.readouterr().err

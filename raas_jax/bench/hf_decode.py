@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from raas_jax.models.config import ModelConfig
+from raas_jax.validation import at_least, int_list
 
 HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
 
@@ -118,9 +119,9 @@ def reference_parser(description: str) -> argparse.ArgumentParser:
     """The arguments every reference child takes (its parent passes them from `bench e2e`)."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default="llama3-8b")
-    ap.add_argument("--positions", default="2048,16384")
-    ap.add_argument("--batches", default="1")
-    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--positions", type=int_list(1), default=(2048, 16384))
+    ap.add_argument("--batches", type=int_list(1), default=(1,))
+    ap.add_argument("--steps", type=at_least(1), default=32)
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     return ap
 
@@ -133,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("the HF reference needs torch and transformers: pip install torch transformers", file=sys.stderr)
         return 2
-    rows = measure(args.model, [int(x) for x in args.positions.split(",")],
-                   [int(x) for x in args.batches.split(",")], args.steps)
+    rows = measure(args.model, list(args.positions), list(args.batches), args.steps)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from raas_jax.validation import at_least, finite
+
 PAGE = 16
 
 
@@ -56,9 +58,9 @@ def parse_args(argv):
     ap.add_argument("--out", required=True, help="JSON file to write (rewritten after every row)")
     ap.add_argument("--model-size", default="llama3-8b", choices=sorted(PLANS), help="tiny: a CPU smoke run")
     ap.add_argument("--cases", default=None, help="BxT,... for the new paths (default: 1x32768,16x8192)")
-    ap.add_argument("--chunk", type=int, default=None, help="prefill chunk in tokens (default 2048)")
+    ap.add_argument("--chunk", type=at_least(PAGE), default=None, help="prefill chunk in tokens (default 2048)")
     ap.add_argument("--skip-reference", action="store_true", help="do not time the T x T reference path")
-    ap.add_argument("--time-limit", type=float, default=330.0,
+    ap.add_argument("--time-limit", type=finite(1.0), default=330.0,
                     help="skip a row that would end later than this many seconds after the start, judged by the "
                          "longest row so far (default 330)")
     args = ap.parse_args(argv)
@@ -66,6 +68,8 @@ def parse_args(argv):
     if args.cases:
         try:
             cases = tuple((int(b), int(t)) for b, t in (case.split("x") for case in args.cases.split(",")))
+            if any(b < 1 or t < 1 for b, t in cases):
+                raise ValueError
         except ValueError:
             ap.error(f"--cases takes BATCHxLENGTH,... (e.g. 1x32768,16x8192), got {args.cases!r}")
         plan = dataclasses.replace(plan, cases=cases)
@@ -144,7 +148,7 @@ def run_chunked(gen, params, tokens, lengths, num_slots, chunk):
     compiled, peak, seconds = None, None, []
     for _ in range(2):  # warm-up, timed
         start = time.perf_counter()
-        cache, logits = gen.begin_chunks(batch=batch, num_slots=num_slots)
+        cache, logits = gen.begin_chunks(batch=batch, num_slots=gen.policy.prefill_slots(int(lengths.max()), num_slots))
         for c0 in range(0, t, chunk):
             last = lengths - 1 - c0
             last = jnp.asarray(np.where((last >= 0) & (last < chunk), last, -1).astype(np.int32))
@@ -155,8 +159,7 @@ def run_chunked(gen, params, tokens, lengths, num_slots, chunk):
                 peak = compiled_peak(compiled)
                 start = time.perf_counter()  # the warm-up run's time is not reported
             cache, logits = compiled(*args)
-        extras = {name: cache.pop(name) for name in gen.policy.chunk_extras}
-        state = gen.finish_chunks(cache, extras, logits, jnp.asarray(lengths), done, eos, sampling, key)
+        state = gen.finish(cache, logits, jnp.asarray(lengths), done, eos, sampling, key)
         jax.block_until_ready(state)
         seconds.append(time.perf_counter() - start)
         del state, cache, logits

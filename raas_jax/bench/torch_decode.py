@@ -347,8 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raas_jax.bench.torch_decode: error: {message}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else None
-    rows = measure(args.model, [int(x) for x in args.positions.split(",")],
-                   [int(x) for x in args.batches.split(",")], args.steps, not args.no_largest_batch, out)
+    rows = measure(args.model, list(args.positions), list(args.batches), args.steps, not args.no_largest_batch, out)
     if out is not None:
         out.write_text(json.dumps(rows, indent=1))
     return 0

@@ -16,14 +16,16 @@ import os
 import sys
 from pathlib import Path
 
+from raas_jax.validation import at_least, fraction, int_list
+
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="raas-jax bench memory", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama3-8b")
     ap.add_argument("--policy", default="raas")
-    ap.add_argument("--position", type=int, default=2048)
-    ap.add_argument("--batches", default="64,635")
-    ap.add_argument("--memory-fraction", type=float, default=None)
+    ap.add_argument("--position", type=at_least(1), default=2048)
+    ap.add_argument("--batches", type=int_list(1), default=(64, 635))
+    ap.add_argument("--memory-fraction", type=fraction, default=None)
     ap.add_argument("--dump", type=Path, default=None, help="write XLA's buffer reports of each compile here")
     args = ap.parse_args(argv)
     if args.memory_fraction is not None:
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     gib = 2**30
     print(f"{args.model} {args.policy} N={args.position}: GiB per batch (arguments include the weights)")
     print(f"{'B':>5} {'cache':>8} {'k pool':>8} {'args':>8} {'out':>8} {'aliased':>8} {'temp':>8} {'total':>8}")
-    for batch in (int(b) for b in args.batches.split(",")):
+    for batch in args.batches:
         state = bench.abstract_decode_args(gen, batch, args.position)[1]
         m = bench.decode_memory(gen, batch, args.position)
         print(f"{batch:5d} {cache_bytes(state.cache) / gib:8.2f} {state.cache['k'].size * 2 / gib:8.2f} "

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from raas_jax import configure_gpu
 from raas_jax.bench import e2e as bench
 from raas_jax.decode.generate import Generator
+from raas_jax.validation import at_least
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,8 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="raas-jax bench hlo", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama3-8b")
     ap.add_argument("--policy", default="raas")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--position", type=int, default=16384)
+    ap.add_argument("--batch", type=at_least(1), default=64)
+    ap.add_argument("--position", type=at_least(1), default=16384)
     ap.add_argument("--rolled", action="store_true", help="keep the layer scan rolled (generation unrolls on GPU)")
     ap.add_argument("--kv-dtype", default="auto", help="page dtype (cache.KV_DTYPES), e.g. fp8")
     args = ap.parse_args(argv)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from raas_jax import configure_gpu
 from raas_jax.bench import e2e as bench
 from raas_jax.decode.generate import Generator, decode_state
+from raas_jax.validation import at_least, int_list
 
 
 def device_kernels(trace_dir: Path) -> list[tuple[str, float]]:
@@ -133,10 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="raas-jax bench profile", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama3-8b")
     ap.add_argument("--policies", default="raas,dense")
-    ap.add_argument("--batches", default="1,16")
-    ap.add_argument("--position", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--batches", type=int_list(1), default=(1, 16))
+    ap.add_argument("--position", type=at_least(1), default=2048)
+    ap.add_argument("--steps", type=at_least(1), default=16)
+    ap.add_argument("--top", type=at_least(1), default=12)
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--plot", default="", help="LABEL=PATH,...: plot saved tables (no profiling) into --png")
     ap.add_argument("--png", type=Path, default=Path("step_parts.png"))
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.policies.split(","):
         policy = policies[name]
         gen = Generator(cfg, dtype, policy, unroll_layers=jax.default_backend() != "cpu")
-        for batch in map(int, args.batches.split(",")):
+        for batch in args.batches:
             cache = bench.synthetic_cache(policy, cfg, batch, args.position, 128, args.steps + 2, dtype)
             seconds, kernels = profile_decode(gen, params, cache, batch, args.position, args.steps)
             cache = None
