@@ -32,6 +32,30 @@ def test_metrics_follow_vllms_definitions():
     assert summary["completed"] == 1 and summary["goodput"] == 0 and summary["output_throughput"] == 2.5
 
 
+def test_tpot_by_output_position_and_the_steady_state_ttft():
+    """TPOT over a window of output tokens, from the chunk that delivered each end; TTFT of the later arrivals,
+    finished or not, and those still waiting for a first token."""
+    chunks = [(1.0 + 0.01 * i, 16) for i in range(200)]  # 3200 tokens, 16 every 10 ms, then slower
+    chunks += [(chunks[-1][0] + 0.02 * (i + 1), 16) for i in range(100)]  # 1600 more, 16 every 20 ms
+    fast = bench_serve.Record(arrival=0.0, max_tokens=4800, prompt_tokens=8, start=0.5, chunks=chunks)
+    assert fast.token_time(1) == 1.0 and fast.token_time(17) == 1.01 and fast.token_time(4801) is None
+    assert fast.window_tpot(1, 1024) == pytest.approx(0.64 / 1024)  # tokens 1 and 1025: chunks 0 and 64
+    assert fast.window_tpot(3201, 1024) == pytest.approx(1.28 / 1024)
+    waiting = bench_serve.Record(arrival=5.0, max_tokens=10, prompt_tokens=8, start=5.0)
+    late = bench_serve.Record(arrival=4.0, max_tokens=10, prompt_tokens=8, start=4.0, chunks=[(4.25, 1)])
+    by_position = bench_serve.tpot_by_position([fast, waiting, late], window=1024, starts=(1, 2048, 3201, 4000))
+    assert set(by_position) == {"1", "2048", "3201"} and by_position["1"]["requests"] == 1
+    assert by_position["3201"]["median"] == pytest.approx(1.28 / 1024 * 1e3)
+    after = bench_serve.arrivals_after([fast, waiting, late], 3.0)
+    assert after["requests"] == 2 and after["no_first_token"] == 1 and after["ttft_ms"]["p99"] == pytest.approx(250)
+    text = bench_serve.position_table([{"name": "raas serve", "summary": {"tpot_by_position_ms": by_position,
+                                                                       "after": after}}])
+    assert "| TPOT tokens 1-1024 median / p99 ms (requests) |" in text and "| 1.25 / 1.25 (1) |" in text
+    assert "2 requests arrived after 3 s: TTFT median 250 ms, p99 250 ms; 1 without a first token" in text
+    fixed = bench_serve.lognormal_lengths(50, np.random.default_rng(0), 17408, 17408, 32768)
+    assert set(fixed.tolist()) == {17408}  # p90 = median: one length
+
+
 def test_in_process_serve_and_static_on_the_tiny_shape(tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["bench", "serve", "--model", "tiny", "--policies", "raas,dense", "--modes", "serve,static",

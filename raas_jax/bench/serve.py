@@ -70,6 +70,20 @@ class Record:
             return None
         return (self.latency - self.ttft) / (self.output_tokens - 1)
 
+    def token_time(self, k: int) -> float | None:
+        """When output token `k` (1-based) was delivered: the time of the chunk that carried it."""
+        delivered = 0
+        for t, n in self.chunks:
+            delivered += n
+            if delivered >= k:
+                return t
+        return None
+
+    def window_tpot(self, first: int, tokens: int) -> float | None:
+        """Seconds per output token from token `first` to token `first + tokens` (None: not reached)."""
+        t0, t1 = self.token_time(first), self.token_time(first + tokens)
+        return None if t0 is None or t1 is None else (t1 - t0) / tokens
+
     def itls(self) -> list[float]:
         """Inter-token latencies: each later chunk's gap, spread over its tokens."""
         out = []
@@ -82,9 +96,10 @@ class Record:
 
 def lognormal_lengths(n: int, rng: np.random.Generator, median: float, p90: float, cap: int, low: int = 1
                       ) -> np.ndarray:
-    """`n` integers from a log-normal with the given median and 90th percentile, clipped to [low, cap]."""
-    if not 0 < median < p90:
-        raise ValueError(f"need 0 < median < p90, got median {median}, p90 {p90}")
+    """`n` integers from a log-normal with the given median and 90th percentile, clipped to [low, cap]; p90 = median
+    gives every request that length."""
+    if not 0 < median <= p90:
+        raise ValueError(f"need 0 < median <= p90, got median {median}, p90 {p90}")
     sigma = math.log(p90 / median) / Z90
     return np.clip(np.rint(rng.lognormal(math.log(median), sigma, n)), low, cap).astype(int)
 
@@ -326,13 +341,21 @@ def _stats(values: Sequence[float], scale: float = 1e3) -> dict:
     return {"mean": float(v.mean()), "median": float(np.median(v)), "p99": float(np.percentile(v, 99))}
 
 
+TPOT_WINDOW = 1024  # output tokens per window of `tpot_by_position_ms`
+TPOT_WINDOW_STARTS = (1, 2048, 4096, 8192, 16000)
+
+
 def summarize(records: Sequence[Record], timeline: Sequence[tuple[float, int, int]], rows: int,
-              goodput: dict[str, float] | None = None) -> dict:
+              goodput: dict[str, float] | None = None, measure_after: float = 0.0) -> dict:
     done = [r for r in records if r.end is not None and r.error is None and r.output_tokens > 0
             and r.finish_reason != "abort"]
     aborted = [r for r in records if r.finish_reason == "abort" and r.error is None]  # cut by --time-limit
+    by_position = {"tpot_by_position_ms": tpot_by_position(records)}  # finished or cut: what was delivered
+    if measure_after > 0:
+        by_position["after"] = arrivals_after(records, measure_after)
     if not done:
-        return {"completed": 0, "aborted": len(aborted), "failed": len(records) - len(aborted), "rows": rows}
+        return {"completed": 0, "aborted": len(aborted), "failed": len(records) - len(aborted), "rows": rows,
+                **by_position}
     span = max(r.end for r in done) - min(r.start for r in done)
     output = sum(r.output_tokens for r in done)
     started = [r for r in records if r.start is not None and r.chunks]
@@ -353,7 +376,28 @@ def summarize(records: Sequence[Record], timeline: Sequence[tuple[float, int, in
                 and (r.tpot or 0) * 1e3 <= goodput.get("tpot", math.inf)]
         summary["goodput"] = len(good) / span
     summary["saturated_output_throughput"] = saturated_throughput(records, timeline, rows)
-    return summary
+    return summary | by_position
+
+
+def tpot_by_position(records: Sequence[Record], window: int = TPOT_WINDOW,
+                     starts: Sequence[int] = TPOT_WINDOW_STARTS) -> dict[str, dict]:
+    """TPOT over output tokens [k, k + window) of each request that got that far (finished or cut by the time
+    limit), per start k: {"k": {"requests", "mean", "median", "p99"}}. RaaS's rows hold a fixed pool, so its TPOT
+    should not grow with k."""
+    out = {}
+    for k in starts:
+        values = [v for v in (r.window_tpot(k, window) for r in records) if v is not None]
+        if values:
+            out[str(k)] = {"requests": len(values), **_stats(values)}
+    return out
+
+
+def arrivals_after(records: Sequence[Record], t: float) -> dict:
+    """TTFT of the requests that arrived at or after `t` seconds (the steady state of a run at a fixed rate),
+    whether or not they finished; and how many of them got no first token before the run ended."""
+    later = [r for r in records if r.arrival >= t and r.start is not None]
+    return {"from_s": t, "requests": len(later), "no_first_token": sum(1 for r in later if r.ttft is None),
+            "ttft_ms": _stats([r.ttft for r in later if r.ttft is not None])}
 
 
 def saturated_throughput(records: Sequence[Record], timeline: Sequence[tuple[float, int, int]], rows: int,
@@ -386,6 +430,30 @@ def table(rows: Sequence[dict]) -> str:
                      f"{s['output_throughput']:.0f} | {'' if sat is None else f'{sat:.0f}'} | "
                      f"{ms('ttft_ms', 'median')} / {ms('ttft_ms', 'p99')} | {ms('tpot_ms', 'median')} / "
                      f"{ms('tpot_ms', 'p99')} | {ms('itl_ms', 'median')} | {s['e2el_ms']['median'] / 1e3:.1f} |")
+    return "\n".join(lines)
+
+
+def position_table(rows: Sequence[dict]) -> str:
+    """TPOT median / p99 (ms) per window of output tokens, and the later arrivals' TTFT, for the runs that have
+    them ("" when none has)."""
+    starts = sorted({int(k) for r in rows for k in r["summary"].get("tpot_by_position_ms", {})})
+    lines = []
+    if starts:
+        head = "| run | " + " | ".join(f"TPOT tokens {k}-{k + TPOT_WINDOW - 1} median / p99 ms (requests)"
+                                          for k in starts) + " |"
+        lines += [head, "|" + "---|" * (len(starts) + 1)]
+        for r in rows:
+            cells = []
+            for k in starts:
+                w = r["summary"].get("tpot_by_position_ms", {}).get(str(k))
+                cells.append("" if w is None else f"{w['median']:.2f} / {w['p99']:.2f} ({w['requests']})")
+            lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    for r in rows:
+        after = r["summary"].get("after")
+        if after and after["ttft_ms"]["median"] is not None:
+            lines.append(f"\n{r['name']}: {after['requests']} requests arrived after {after['from_s']:g} s: TTFT median "
+                         f"{after['ttft_ms']['median']:.0f} ms, p99 {after['ttft_ms']['p99']:.0f} ms; "
+                         f"{after['no_first_token']} without a first token at the end")
     return "\n".join(lines)
 
 
@@ -440,7 +508,8 @@ def plot(runs: Sequence[dict], out: Path) -> list[Path]:
 def parse_args(argv: Sequence[str] | None):
     import argparse
 
-    from raas_jax.cli import add_policy_flags, at_least, finite, rows_flag
+    from raas_jax.cli import add_policy_flags
+    from raas_jax.validation import at_least, finite, rows
 
     ap = argparse.ArgumentParser(prog="raas-jax bench serve", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llama3-8b", help="a model path, or a random-weight shape: llama3-8b, "
@@ -453,7 +522,7 @@ def parse_args(argv: Sequence[str] | None):
                     "--budget / --page-size apply to each")
     ap.add_argument("--modes", default="serve", help="serve (continuous batching) and/or static (batches of "
                     "--max-rows in arrival order, each until its longest member is done)")
-    ap.add_argument("--max-rows", type=rows_flag, default="auto")
+    ap.add_argument("--max-rows", type=rows, default="auto")
     ap.add_argument("--max-model-len", type=at_least(2), default=32768,
                     help="Dense / Quest rows hold this many tokens (default 32768)")
     ap.add_argument("--workload", default="random", help="random, milestones:D or phoenix:D")
@@ -472,6 +541,8 @@ def parse_args(argv: Sequence[str] | None):
     ap.add_argument("--goodput", default="", help="e.g. ttft:2000,tpot:100 (milliseconds)")
     ap.add_argument("--decode-steps", type=at_least(1), default=16)
     ap.add_argument("--time-limit", type=finite(1.0), default=600.0, help="seconds per run (then it stops)")
+    ap.add_argument("--measure-after", type=finite(0.0), default=0.0, help="also report the TTFT of the requests "
+                    "arriving after this many seconds (a fixed-rate run's steady state), finished or not")
     ap.add_argument("--out-dir", default="out/bench_serve")
     add_policy_flags(ap)
     args = ap.parse_args(argv)
@@ -482,8 +553,8 @@ def parse_args(argv: Sequence[str] | None):
         ap.error(f"--prompt-len must be LOW:HIGH, got {args.prompt_len!r}")
     if not 1 <= args.prompt_range[0] <= args.prompt_range[1]:
         ap.error(f"--prompt-len must have 1 <= LOW <= HIGH, got {args.prompt_len!r}")
-    if args.output_median >= args.output_p90:
-        ap.error("--output-median must be below --output-p90")
+    if args.output_median > args.output_p90:
+        ap.error("--output-median must not exceed --output-p90 (equal: every output that long)")
     args.goodput_limits = {}
     for part in filter(None, args.goodput.split(",")):
         key, _, value = part.partition(":")
@@ -584,7 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 records, timeline = run_static(gen, params, eos_ids, items, rows=rows,
                                                time_limit=args.time_limit), []
-            summary = summarize(records, timeline, rows, args.goodput_limits)
+            summary = summarize(records, timeline, rows, args.goodput_limits, args.measure_after)
             if is_milestones(args.workload):
                 summary["accuracy"] = accuracy(args.workload, items, records)
             runs.append({"name": name, "policy": spec, "mode": mode, "summary": summary, "timeline": timeline,
@@ -594,6 +665,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             gc.collect()
     save()
     text = table(runs)
+    extra = position_table(runs)
+    text += "\n\n" + extra if extra else ""
     (out / "serve.md").write_text(text + "\n")
     plot(runs, out)
     print(text)
