@@ -168,7 +168,7 @@ def _eval(args: argparse.Namespace) -> int:
                         limit=args.limit, fidelity=args.fidelity, model=args.model, kv_dtype=args.kv_dtype)
     grid(config)  # validates policy names and budgets before anything slow
     samples = load_samples(args.dataset, args.data_dir, args.question_field, args.answer_field, args.limit)
-    out = Path(args.out)
+    out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     check_config(out, config, **_eval_record(args))  # a resumed run must match: refused before loading
     model = raas_jax.load(args.model, dtype=args.dtype, mesh=args.mesh)
@@ -558,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model path (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default=None, choices=["bf16", "f32"])
     add_kv_dtype_flag(p)
-    p.add_argument("--out", default="out/eval", help="output folder; re-running resumes (default out/eval)")
+    p.add_argument("--out-dir", "--out", default="out/eval",
+                   help="output folder; re-running resumes (default out/eval; --out is the older name)")
     add_mesh_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_eval)

@@ -62,7 +62,8 @@ MAX_FILE_BYTES = 8 << 20  # orbax data files of the saved checkpoint (the repo k
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="training state, logs, plot and (by default) the checkpoint")
+    p.add_argument("--out-dir", "--out", required=True,
+                   help="folder of the training state, logs, plot and (by default) the checkpoint (--out: older name)")
     p.add_argument("--ckpt", default=None, help="where to write the final checkpoint (default OUT/checkpoint)")
     p.add_argument("--tiny", action="store_true", help="a tiny model and short problems (CPU, seconds)")
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (schedule and stop)")
@@ -450,7 +451,7 @@ def main(argv=None) -> int:
     from raas_jax.models.config import ModelConfig
     from raas_jax.eval.tasks import milestones as M
 
-    out = Path(args.out)
+    out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ids = M.Ids()
     vocab = -(-len(ids) // 64) * 64

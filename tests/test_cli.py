@@ -264,3 +264,13 @@ def test_an_interrupted_command_exits_130_in_process(monkeypatch, capsys):
     assert main(["generate", "p"]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert signal_module.getsignal(signal_module.SIGINT) is signal_module.default_int_handler
+
+
+def test_output_flags_name_a_file_out_and_a_folder_out_dir():
+    from raas_jax.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["eval", "--out-dir", "a"]).out_dir == "a"
+    assert parser.parse_args(["eval", "--out", "a"]).out_dir == "a"  # the older name still works
+    assert parser.parse_args(["bench", "e2e", "--out-dir", "b"]).out_dir == "b"
+    assert parser.parse_args(["inspect", "attention", "--out", "c.png"]).out == "c.png"

@@ -183,7 +183,7 @@ def test_cli_eval_refuses_a_changed_data_file_before_loading(dataset, tmp_path, 
     monkeypatch.setattr(raas_jax, "load", lambda *a, **k: loads.append(1) or (_ for _ in ()).throw(
         ValueError("stop here")))
     argv = ["eval", "--dataset", str(dataset), "--question-field", "q", "--answer-field", "a", "--policies",
-            "dense", "--out", str(tmp_path / "out"), "--dtype", "f32"]
+            "dense", "--out-dir", str(tmp_path / "out"), "--dtype", "f32"]
     assert cli_main(argv) == 2 and loads == [1] and "stop here" in capsys.readouterr().err
     dataset.write_text(dataset.read_text() + json.dumps({"q": "new", "a": "1"}) + "\n")
     assert cli_main(argv) == 2 and loads == [1]

@@ -91,13 +91,13 @@ def assert_no_export(out: Path) -> None:
 
 
 MOMENTS = {  # moment -> (command builder, marker, delay range in s or None: sent by the child, output check)
-    "compile": (lambda out: EVAL + ["--out", str(out)], "safe point prefill", (0.0, 0.3), assert_stopped_early),
-    "decode": (lambda out: EVAL + ["--out", str(out)], "safe point decode", (0.0, 0.2), assert_stopped_early),
-    "writing rows": (lambda out: EVAL + ["--out", str(out)], "safe point row written", (0.0, 0.0),
+    "compile": (lambda out: EVAL + ["--out-dir", str(out)], "safe point prefill", (0.0, 0.3), assert_stopped_early),
+    "decode": (lambda out: EVAL + ["--out-dir", str(out)], "safe point decode", (0.0, 0.2), assert_stopped_early),
+    "writing rows": (lambda out: EVAL + ["--out-dir", str(out)], "safe point row written", (0.0, 0.0),
                      assert_stopped_early),
     "writing an export": (lambda out: ["export", str(CKPT), str(out), "--dtype", "f32"], "safe point export tensors",
                           None, assert_no_export),
-    "any time": (lambda out: EVAL + ["--out", str(out)], "safe point start", (0.5, 6.0), assert_whole_rows),
+    "any time": (lambda out: EVAL + ["--out-dir", str(out)], "safe point start", (0.5, 6.0), assert_whole_rows),
 }
 
 
@@ -127,10 +127,10 @@ def test_ctrl_c_is_clean_every_time(moment, tmp_path):
 @pytest.mark.slow
 def test_interrupted_eval_resumes_to_the_end(tmp_path):
     out = tmp_path / "out"
-    code, err = run_interrupted(EVAL + ["--out", str(out)], "safe point row written")
+    code, err = run_interrupted(EVAL + ["--out-dir", str(out)], "safe point row written")
     assert_clean(code, err)
     done = (out / "samples.jsonl").read_text().splitlines()
-    proc = subprocess.run([sys.executable, "-m", "raas_jax.cli", *EVAL, "--out", str(out)], cwd=ROOT, text=True,
+    proc = subprocess.run([sys.executable, "-m", "raas_jax.cli", *EVAL, "--out-dir", str(out)], cwd=ROOT, text=True,
                           capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = (out / "samples.jsonl").read_text().splitlines()

@@ -31,7 +31,7 @@ def _train(out: Path, steps: int, capsys, *extra: str) -> str:
 
     original = transformer.causal_attention
     try:
-        assert _script().main(["--out", str(out), "--tiny", "--steps", str(steps), "--eval-every", "100", *extra]) == 0
+        assert _script().main(["--out-dir", str(out), "--tiny", "--steps", str(steps), "--eval-every", "100", *extra]) == 0
     finally:
         transformer.causal_attention = original
     return capsys.readouterr().out
@@ -173,7 +173,7 @@ def phoenix_run(tmp_path_factory):
     buffer = io.StringIO()
     try:
         with contextlib.redirect_stdout(buffer):
-            assert _script().main(["--out", str(out), "--tiny", "--steps", "4", "--eval-every", "100",
+            assert _script().main(["--out-dir", str(out), "--tiny", "--steps", "4", "--eval-every", "100",
                                    "--context-dropout", "1.0", "--dropout-recent", "16",
                                    "--phoenix-fraction", "0.5"]) == 0
     finally:
@@ -207,7 +207,7 @@ def test_eval_cli_on_phoenix_dataset(phoenix_run, tmp_path):
     problem = M.make_problem(0, 0, difficulty=3, recall=True)
     assert main(["eval", "--dataset", "phoenix:3", "--limit", "1", "--model", str(out / "checkpoint"),
                  "--policies", "dense", "--max-new-tokens", "8", "--dtype", "f32",
-                 "--out", str(tmp_path / "eval"), "--quiet"]) == 0
+                 "--out-dir", str(tmp_path / "eval"), "--quiet"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["phoenix:3:0:0"] and rows[0]["gold"] == problem.gold
     assert rows[0]["first_wrong_step"] == 1 and rows[0]["correct"] is False  # 8 tokens: cut short at step 1

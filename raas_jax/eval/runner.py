@@ -237,7 +237,7 @@ def check_config(out: Path, config: EvalConfig, **recorded: Any) -> None:
         try:
             saved = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}): use another --out") from None
+            raise ValueError(f"{path} is not valid JSON ({e}): use another --out-dir") from None
         saved.setdefault("policy_page_sizes", [])
         saved.setdefault("kv_dtype", "auto")  # runs from before the option stored pages in the model's dtype
         fixed = ["dataset", "page_size", "policy_page_sizes", "max_new_tokens", "fidelity", "kv_dtype"]
@@ -246,7 +246,7 @@ def check_config(out: Path, config: EvalConfig, **recorded: Any) -> None:
         changed = [k for k in fixed if saved.get(k) != current.get(k)]
         if changed:
             raise ValueError(f"{out} holds a run with different {', '.join(changed)} "
-                             f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}): use another --out")
+                             f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}): use another --out-dir")
     path.write_text(json.dumps({**saved, **current}, indent=2))
 
 

@@ -1,7 +1,7 @@
 """Which device kernels make up a decode step, and how much of the step is not kernel time?
 
     raas-jax bench profile --policies raas,dense --batches 1,16 --position 2048 [--model llama3-8b]
-        [--out DIR]
+        [--out-dir DIR]
 
 For each (policy, batch): a synthetic cache at `position` (bench.synthetic_cache), a warm-up decode call, then
 `--steps` decode steps inside one jitted `lax.while_loop` call traced with the JAX profiler. The trace's device
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--position", type=at_least(1), default=2048)
     ap.add_argument("--steps", type=at_least(1), default=16)
     ap.add_argument("--top", type=at_least(1), default=12)
-    ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--out-dir", "--out", type=Path, default=Path("."), help="folder of the profile tables")
     ap.add_argument("--plot", default="", help="LABEL=PATH,...: plot saved tables (no profiling) into --png")
     ap.add_argument("--png", type=Path, default=Path("step_parts.png"))
     args = ap.parse_args(argv)
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         profiles = dict(item.split("=", 1) for item in args.plot.split(","))
         print(plot_parts({label: Path(path) for label, path in profiles.items()}, args.png))
         return
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     cfg = bench.MODEL_SHAPES[args.model]
     dtype = jnp.bfloat16
     params = bench.random_params(cfg, dtype)
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
                                    for cat, (count, us) in sorted(categories.items(), key=lambda kv: -kv[1][1])))
             for kernel, (count, us) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
                 lines.append(f"{kernel:60s} {count / args.steps:9.1f} {us / args.steps:9.1f} {us / count:8.1f}")
-            (args.out / f"profile_{name}_b{batch}.txt").write_text("\n".join(lines) + "\n")
+            (args.out_dir / f"profile_{name}_b{batch}.txt").write_text("\n".join(lines) + "\n")
             print("\n".join(lines[:3 + args.top]), flush=True)
             summary.append((name, batch, seconds * 1e3, busy_ms, launches))
     print(f"\n{'policy':8s} {'B':>4s} {'wall ms':>8s} {'kernel ms':>9s} {'busy':>5s} {'kernels':>8s}")
