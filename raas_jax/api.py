@@ -181,15 +181,16 @@ class Model:
 
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]], max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                 policy: Any = None, chat: bool = True, chunk: int | None = None,
+                 policy: Any = None, chat: bool = True, decode_steps: int | None = None,
                  on_text: Callable[[int, str], None] | None = None,
                  prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> list[GenerationResult]:
         """Generate for one prompt or a batch (strings or token-id lists); one result per prompt.
 
-        `on_text(index, new_text)` streams decoded text as it is produced (every `chunk` steps).
+        `on_text(index, new_text)` streams decoded text as it is produced, after every jitted decode call of
+        `decode_steps` steps (default 16 when streaming, else 128, the most).
         Prompts longer than `prefill_chunk` tokens are prefilled in chunks of that many (rounded down to whole
-        pages; None = the whole prompt at once) where the policy keeps every prompt page: same output, activation
-        memory bounded by the chunk, one compiled chunk for any longer prompt.
+        pages; None = the whole prompt at once): same output, activation memory bounded by the chunk, one compiled
+        chunk for any longer prompt.
         """
         if isinstance(prompts, np.ndarray):
             prompts = _array_prompts(prompts)
@@ -201,6 +202,8 @@ class Model:
                              f"prompts must be strings or lists of token ids, got {type(prompts).__name__}")
         validation.max_new_tokens(max_new_tokens)  # the CLI's checks and messages (raas_jax/validation.py)
         validation.sampling(temperature, top_p, top_k, seed)
+        if decode_steps is not None:
+            validation.integer("decode_steps", decode_steps, 1)
         ids = [self.encode(p, chat) for p in prompts]
         longest = max(len(p) for p in ids) + max_new_tokens
         if self.cfg.sliding_window and longest > self.cfg.sliding_window:
@@ -212,8 +215,8 @@ class Model:
         start = time.perf_counter()
         out, state = run_generation(gen, self.params, ids, max_new_tokens=max_new_tokens, eos_ids=self.eos_ids,
                                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                    chunk=chunk or (16 if on_text else None),
-                                    on_chunk=streamer.update if streamer else None, prefill_chunk=prefill_chunk)
+                                    decode_steps=decode_steps or (16 if on_text else None),
+                                    on_tokens=streamer.update if streamer else None, prefill_chunk=prefill_chunk)
         seconds = time.perf_counter() - start
         steps = int(state.step)
         if streamer:

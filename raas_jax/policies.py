@@ -242,11 +242,12 @@ class _FixedBudget(Policy):
                              f"{self.page_size}; {self.name} needs at least {DECODE_HEADROOM_PAGES + 1}")
 
     @property
-    def slots(self) -> int:
+    def slot_count(self) -> int:
+        """S: the pool's slots (pages) per (layer, row, KV head)."""
         return self.budget // self.page_size
 
     def num_slots(self, longest_prompt: int, max_new_tokens: int) -> int:
-        return self.slots
+        return self.slot_count
 
     def prefill_slots(self, longest_prompt: int, num_slots: int) -> int:
         """A prompt longer than the pool is chunked into a staging pool that holds every prompt page (quarter-octave
@@ -264,7 +265,7 @@ class _FixedBudget(Policy):
     def kept_prompt_pages(self, page: jax.Array, count: jax.Array, page_mass: jax.Array | None) -> jax.Array:
         """Which prompt pages stay when a prompt may be longer than the pool: page [N] indices, count [..., 1] each
         row's prompt pages, page_mass [..., N] the attention the prompt gave each page (H2O) -> kept [..., N] bool,
-        at most `slots` per row. This one keeps every prompt page (it must fit)."""
+        at most `slot_count` per row. This one keeps every prompt page (it must fit)."""
         return page < count
 
     def end_chunked_prefill(self, cache):
@@ -272,14 +273,14 @@ class _FixedBudget(Policy):
         pages, in page order, into slots 0, 1, ...; `cur` the slot of the page holding the last prompt token."""
         cache = super().end_chunked_prefill(cache)
         staged = cache["fill"].shape[-1]
-        if staged <= self.slots:
+        if staged <= self.slot_count:
             return cache
         lead = cache["fill"].shape[:-1]  # (L, B, Hkv)
         length = jnp.max(cache["start"] + cache["fill"], axis=-1, keepdims=True)  # [L, B, Hkv, 1]
         count = -(-length // self.page_size)
         page = jnp.arange(staged, dtype=jnp.int32)
         kept = self.kept_prompt_pages(page, count, cache.get("mass")) & (cache["fill"] > 0)  # [L, B, Hkv, S']
-        layout = compact_pages(kept.reshape((-1,) + kept.shape[2:]), self.slots).reshape(lead + (self.slots,))
+        layout = compact_pages(kept.reshape((-1,) + kept.shape[2:]), self.slot_count).reshape(lead + (self.slot_count,))
         source = jnp.maximum(layout, 0)  # [L, B, Hkv, S]
 
         def gather(x):  # [L, B, Hkv, S', ...] -> [L, B, Hkv, S, ...], zero where no page is kept
@@ -326,18 +327,18 @@ class RaaS(_FixedBudget):
             return
         longest = max(lengths)
         need = -(-longest // self.page_size) + DECODE_HEADROOM_PAGES
-        if need > self.slots:
+        if need > self.slot_count:
             fits = need * self.page_size
             raise ValueError(
                 f"a prompt of {longest} tokens needs {need - DECODE_HEADROOM_PAGES} pages of {self.page_size} "
                 f"plus {DECODE_HEADROOM_PAGES} to decode ({need} pages), but raas pins the prompt and budget "
-                f"{self.budget} holds {self.slots}: use budget >= {fits}, a shorter prompt, or Quest, which keeps "
+                f"{self.budget} holds {self.slot_count}: use budget >= {fits}, a shorter prompt, or Quest, which keeps "
                 "everything")
 
     def kept_prompt_pages(self, page, count, page_mass):
         if self.pin_prefill:  # every prompt page, pinned (`check_prompts`: they fit)
             return page < count
-        return (page < count) & (page >= count - self.slots)  # the newest that fit, like StreamingLLM without sinks
+        return (page < count) & (page >= count - self.slot_count)  # the newest that fit, like StreamingLLM without sinks
 
     def prefill(self, cache, layer, q, k, v, positions):
         if not self.pin_prefill:
@@ -345,7 +346,7 @@ class RaaS(_FixedBudget):
             kept = jnp.broadcast_to(self.kept_prompt_pages(page, count, None),
                                     cache["cur"].shape[1:] + page.shape)  # [B, Hkv, N]
             view = write_prompt(layer_at(cache, layer), k, v, positions, self.page_size, pin=False,
-                                layout=compact_pages(kept, self.slots))
+                                layout=compact_pages(kept, self.slot_count))
             return store_layer(cache, layer, view)
         return super().prefill(cache, layer, q, k, v, positions)
 
@@ -429,13 +430,13 @@ class H2O(_FixedBudget):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0 <= self.recent_fraction < 1 or self.recent_pages() > self.slots - DECODE_HEADROOM_PAGES:
+        if not 0 <= self.recent_fraction < 1 or self.recent_pages() > self.slot_count - DECODE_HEADROOM_PAGES:
             raise ValueError(f"recent_fraction {self.recent_fraction} leaves no heavy-hitter page in a pool of "
-                             f"{self.slots} pages; use a smaller fraction or a larger budget")
+                             f"{self.slot_count} pages; use a smaller fraction or a larger budget")
 
     def recent_pages(self) -> int:
         """R: the window's pages, the page being filled included."""
-        return max(1, math.ceil(self.recent_fraction * self.slots))
+        return max(1, math.ceil(self.recent_fraction * self.slot_count))
 
     def init(self, cfg, batch, num_slots, dtype):
         pool = super().init(cfg, batch, num_slots, dtype)
@@ -445,7 +446,7 @@ class H2O(_FixedBudget):
         key_mass = jnp.max(kernels.key_mass(q, k, positions, positions, backend=self.backend), axis=2)  # [B, Hkv, T]
         page_mass = page_sums(key_mass, self.page_size)  # [B, Hkv, N]
         page, count = self.prompt_pages(positions)
-        layout = compact_pages(self.kept_prompt_pages(page, count, page_mass), self.slots)  # [B, Hkv, S]
+        layout = compact_pages(self.kept_prompt_pages(page, count, page_mass), self.slot_count)  # [B, Hkv, S]
         view = write_prompt(layer_at(cache, layer), k, v, positions, self.page_size, pin=False, layout=layout)
         mass = jnp.where(layout >= 0, jnp.take_along_axis(page_mass, jnp.maximum(layout, 0), axis=-1), 0.0)
         return store_layer(cache, layer, {**view, "mass": mass})
@@ -455,15 +456,15 @@ class H2O(_FixedBudget):
         in_prompt = page < count  # [..., N]
         recent = in_prompt & (page >= count - self.recent_pages())
         heavy = in_prompt & ~recent & (rank_descending(page_mass, in_prompt & ~recent)
-                                       < self.slots - jnp.sum(recent, axis=-1, keepdims=True))
+                                       < self.slot_count - jnp.sum(recent, axis=-1, keepdims=True))
         return recent | heavy
 
     def begin_chunked_prefill(self, cfg, cache):
         """Adds `token_mass` [L, B, Hkv, G, S*P]: per query head, the mass each pool token has received from the
         prompt queries so far. Kept per query head because the prompt's statistic is the max over the group of a sum
         over all queries, which per-chunk maxima would overstate."""
-        layers, batch, hkv, slots = cache["fill"].shape
-        shape = (layers, batch, hkv, cfg.num_heads // cfg.num_kv_heads, slots * self.page_size)
+        layers, batch, hkv, num_slots = cache["fill"].shape
+        shape = (layers, batch, hkv, cfg.num_heads // cfg.num_kv_heads, num_slots * self.page_size)
         return {**cache, "token_mass": jnp.zeros(shape, jnp.float32)}
 
     def prefill_chunk(self, cache, layer, q, k, v, positions):
@@ -506,22 +507,22 @@ class StreamingLLM(_FixedBudget):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.sink_tokens < 0 or self.sink_pages() + DECODE_HEADROOM_PAGES > self.slots:
-            raise ValueError(f"{self.sink_tokens} sink tokens fill the {self.slots}-page pool; "
+        if self.sink_tokens < 0 or self.sink_pages() + DECODE_HEADROOM_PAGES > self.slot_count:
+            raise ValueError(f"{self.sink_tokens} sink tokens fill the {self.slot_count}-page pool; "
                              "use fewer sink tokens or a larger budget")
 
     def sink_pages(self) -> int:
         return -(-self.sink_tokens // self.page_size)
 
     def kept_prompt_pages(self, page, count, page_mass):
-        return (page < count) & ((page < self.sink_pages()) | (page >= count - (self.slots - self.sink_pages())))
+        return (page < count) & ((page < self.sink_pages()) | (page >= count - (self.slot_count - self.sink_pages())))
 
     def prefill(self, cache, layer, q, k, v, positions):
         page, count = self.prompt_pages(positions)
         kept = jnp.broadcast_to(self.kept_prompt_pages(page, count, None),
                                 cache["cur"].shape[1:] + page.shape)  # [B, Hkv, N]
         view = write_prompt(layer_at(cache, layer), k, v, positions, self.page_size, pin=False,
-                            layout=compact_pages(kept, self.slots))
+                            layout=compact_pages(kept, self.slot_count))
         return store_layer(cache, layer, view)
 
     def victim(self, view):

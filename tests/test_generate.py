@@ -96,7 +96,7 @@ def test_sampling_is_seeded(model):
 
 def test_text_prompts_stream_and_chat_template(model):
     pieces: list[str] = []
-    result = model.generate("the quick fox", max_new_tokens=20, on_text=lambda i, t: pieces.append(t), chunk=4)[0]
+    result = model.generate("the quick fox", max_new_tokens=20, on_text=lambda i, t: pieces.append(t), decode_steps=4)[0]
     assert "".join(pieces) == result.text
     chat_ids = model.encode("the quick fox", chat=True)
     plain_ids = model.encode("the quick fox", chat=False)
@@ -214,14 +214,14 @@ CHUNK_PROMPTS = [list(range(3, 48)), [7, 8, 9] * 7, [250] * 5]  # 45, 21 and 5 t
 def whole_and_chunked_prefill(model, policy, prompts, chunk, max_new_tokens=20):
     """The same prompts prefilled whole (one forward) and in chunks: ((logits, cache), (logits, cache))."""
     gen = Generator(model.cfg, model.dtype, policy)
-    tokens, lengths, _ = pad_prompts(prompts, chunk=chunk)
+    tokens, lengths, _ = pad_prompts(prompts, prefill_chunk=chunk)
     num_slots = policy.num_slots(int(lengths.max()), max_new_tokens)
     ids = np.arange(tokens.shape[1])[None]
     positions = np.where(ids < lengths[:, None], ids, -1)
     cache = policy.init(model.cfg, tokens.shape[0], num_slots, model.dtype)
     whole = jax.jit(gen.module.apply)({"params": model.params}, jnp.asarray(tokens), jnp.asarray(positions), cache,
                                       logits_index=jnp.asarray(lengths - 1))
-    cache, logits = chunked_prefill(gen, model.params, tokens, lengths, chunk=chunk, num_slots=num_slots)
+    cache, logits = chunked_prefill(gen, model.params, tokens, lengths, prefill_chunk=chunk, num_slots=num_slots)
     return whole, (logits, policy.end_chunked_prefill(cache))
 
 
@@ -273,19 +273,19 @@ def test_a_prompt_longer_than_the_pool_is_chunked_through_a_staging_pool(model, 
     """A prompt longer than a fixed budget is chunked into a staging pool that holds it all; the policy then keeps
     the pages its whole-prompt prefill keeps: same logits, same cache, same greedy tokens."""
     policy = LONG_PROMPT_POLICIES[name]
-    assert policy.prefill_slots(45, policy.slots) > policy.slots and prefill_plan(policy, [45, 21, 5], 16) == 16
+    assert policy.prefill_slots(45, policy.slot_count) > policy.slot_count and prefill_plan(policy, [45, 21, 5], 16) == 16
     (logits, cache), (chunk_logits, chunk_cache) = whole_and_chunked_prefill(model, policy, CHUNK_PROMPTS, 16)
     np.testing.assert_allclose(chunk_logits[:3], logits[:3], rtol=1e-4, atol=1e-4)
     assert chunk_cache["fill"].shape == cache["fill"].shape  # compacted to the budget's pool
     assert_same_cache(chunk_cache, cache, policy.page_size)
-    assert int(np.sum(np.asarray(cache["fill"][0, 0, 0]) > 0)) == policy.slots  # the long row fills the pool
+    assert int(np.sum(np.asarray(cache["fill"][0, 0, 0]) > 0)) == policy.slot_count  # the long row fills the pool
     gen = model._generator(policy)
     whole_tokens, _ = run_generation(gen, model.params, CHUNK_PROMPTS, max_new_tokens=12, eos_ids=(),
                                      prefill_chunk=None)
     chunk_tokens, state = run_generation(gen, model.params, CHUNK_PROMPTS, max_new_tokens=12, eos_ids=(),
                                          prefill_chunk=16)
     np.testing.assert_array_equal(chunk_tokens, whole_tokens)
-    assert state.cache["fill"].shape[-1] == policy.slots
+    assert state.cache["fill"].shape[-1] == policy.slot_count
 
 
 @pytest.mark.parametrize("policy", [pytest.param(Dense(page_size=4), marks=pytest.mark.slow),

@@ -398,7 +398,7 @@ def test_streaming_prefill_keeps_sinks_and_the_newest_prompt_pages():
     policy = StreamingLLM(budget=6 * 2, page_size=2, sink_tokens=3)
     lengths = (9, 4)
     prefill, _ = jitted(policy)
-    cache = policy.init(SIM_CFG, B, policy.slots, jnp.float32)
+    cache = policy.init(SIM_CFG, B, policy.slot_count, jnp.float32)
     t = 9
     positions = np.where(np.arange(t)[None] < np.array(lengths)[:, None], np.arange(t)[None], -1)
     kv = np.random.default_rng(0).normal(size=(B, t, HKV, D)).astype(np.float32)

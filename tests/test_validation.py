@@ -53,7 +53,8 @@ def test_model_generate_uses_the_shared_checks():
     for kwargs, message in (({"seed": 2**40}, "seed must be an integer in [0, 2^32)"),
                             ({"temperature": math.nan}, "temperature must be a finite number >= 0"),
                             ({"top_k": 2.5}, "top_k must be an integer >= 0"),
-                            ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1")):
+                            ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+                            ({"decode_steps": -5}, "decode_steps must be an integer >= 1")):
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
                            .replace("^", r"\^")):
             model.generate([[1, 2]], **kwargs)

@@ -207,7 +207,7 @@ def check_paths(cfg, plan):
     prompts = [rng.integers(0, small.vocab_size, n).tolist() for n in lengths]
     budget = -(-max(lengths) // PAGE) * PAGE + 2 * PAGE
     policy = RaaS(budget=budget, page_size=PAGE)
-    tokens, lens, _ = pad_prompts(prompts, chunk=chunk)
+    tokens, lens, _ = pad_prompts(prompts, prefill_chunk=chunk)
     ids = np.arange(tokens.shape[1])[None]
     positions = jnp.asarray(np.where(ids < lens[:, None], ids, -1))
     num_slots = policy.num_slots(int(lens.max()), 1)
@@ -221,7 +221,7 @@ def check_paths(cfg, plan):
 
     reference = whole("reference")  # the T x T attention every backend ran before
     flash = whole("auto")
-    _, chunked = chunked_prefill(Generator(small, jnp.bfloat16, policy), params, tokens, lens, chunk=chunk,
+    _, chunked = chunked_prefill(Generator(small, jnp.bfloat16, policy), params, tokens, lens, prefill_chunk=chunk,
                                  num_slots=num_slots)
     chunked = np.asarray(chunked, np.float32)
 

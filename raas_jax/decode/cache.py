@@ -156,7 +156,7 @@ def compact_pages(kept: jax.Array, num_slots: int) -> jax.Array:
         jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), kept.shape), mode="drop")
 
 
-def write_prompt(layer: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array, page_size: int,
+def write_prompt(view: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array, page_size: int,
                  pin: bool, layout: jax.Array | None = None) -> LayerCache:
     """Write a right-padded prompt into an empty layer cache.
 
@@ -165,23 +165,23 @@ def write_prompt(layer: LayerCache, k: jax.Array, v: jax.Array, positions: jax.A
     stamp = the last prompt position (all pages are new now); `pin` marks them pinned. The page holding the
     last prompt token becomes the page being filled; it must be in the layout.
     """
-    num_slots = layer["fill"].shape[-1]
+    num_slots = view["fill"].shape[-1]
     length = (jnp.max(positions, axis=1) + 1)[:, None, None]  # [B, 1, 1]
     k_pages, v_pages = prompt_pages(k, page_size), prompt_pages(v, page_size)  # [B, Hkv, N, P, D]
     if layout is None:
-        layout = identity_layout(k_pages.shape[2], num_slots, layer["cur"].shape)
+        layout = identity_layout(k_pages.shape[2], num_slots, view["cur"].shape)
     page = jnp.maximum(layout, 0)  # [B, Hkv, S]
     gather = page[..., None, None]
-    k_pool = to_pool_dtype(jnp.take_along_axis(k_pages, gather, axis=2), layer["k"].dtype)  # [B, Hkv, S, P, D]
-    v_pool = to_pool_dtype(jnp.take_along_axis(v_pages, gather, axis=2), layer["v"].dtype)
+    k_pool = to_pool_dtype(jnp.take_along_axis(k_pages, gather, axis=2), view["k"].dtype)  # [B, Hkv, S, P, D]
+    v_pool = to_pool_dtype(jnp.take_along_axis(v_pages, gather, axis=2), view["v"].dtype)
     start = page * page_size
     fill = jnp.where(layout >= 0, jnp.clip(length - start, 0, page_size), 0).astype(jnp.int32)  # [B, Hkv, S]
     resident = fill > 0
-    kmin, kmax = page_key_bounds(k_pool, fill, layer["kmin"].dtype)
+    kmin, kmax = page_key_bounds(k_pool, fill, view["kmin"].dtype)
     last_page = (length - 1) // page_size  # [B, 1, 1]
     cur = jnp.argmax(resident & (page == last_page), axis=-1).astype(jnp.int32)  # [B, Hkv]
     return {
-        **layer,
+        **view,
         "k": k_pool,
         "v": v_pool,
         "kmin": kmin,

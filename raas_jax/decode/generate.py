@@ -286,13 +286,13 @@ def data_parallelism(policy: Any) -> int:
     return mesh.shape["data"] if mesh is not None else 1
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], multiple: int = 1, chunk: int | None = None
+def pad_prompts(prompts: Sequence[Sequence[int]], multiple: int = 1, prefill_chunk: int | None = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Right-pad to bucketed [B', T'] -> (tokens, lengths [B'], padding-row mask [B']); B' is a multiple of
-    `multiple` (the data-parallel width), T' a power of two or, with `chunk`, a multiple of the chunk."""
+    `multiple` (the data-parallel width), T' a power of two or, with `prefill_chunk`, a multiple of it."""
     batch = -(-next_pow2(len(prompts)) // multiple) * multiple
     longest = max(len(p) for p in prompts)
-    t = next_pow2(longest, MIN_PROMPT_BUCKET) if chunk is None else -(-longest // chunk) * chunk
+    t = next_pow2(longest, MIN_PROMPT_BUCKET) if prefill_chunk is None else -(-longest // prefill_chunk) * prefill_chunk
     tokens = np.zeros((batch, t), np.int32)
     lengths = np.ones((batch,), np.int32)
     for i, p in enumerate(prompts):
@@ -317,21 +317,21 @@ def prefill_plan(policy: Any, lengths: Sequence[int], prefill_chunk: int | None)
     return chunk if longest > chunk else None
 
 
-def chunked_prefill(gen: Generator, params, tokens: np.ndarray, lengths: np.ndarray, *, chunk: int,
+def chunked_prefill(gen: Generator, params, tokens: np.ndarray, lengths: np.ndarray, *, prefill_chunk: int,
                     num_slots: int) -> tuple[dict, jax.Array]:
-    """Prefill right-padded prompts [B, T] (T a multiple of `chunk`) one chunk per call -> (cache, logits [B, V] at
+    """Prefill right-padded prompts [B, T] (T a multiple of `prefill_chunk`) one chunk per call -> (cache, logits [B, V] at
     each row's last prompt token). `num_slots` is the decode pool's; the chunks are written into
     `Policy.prefill_slots` slots. The cache still holds the policy's chunked-prefill extras (`Policy.chunk_extras`)
     and, for a prompt longer than a fixed budget, the staging pool: `Generator.finish` folds both away."""
     batch, t = tokens.shape
-    if t % chunk:
-        raise ValueError(f"prompt length {t} is not a multiple of the prefill chunk {chunk}")
+    if t % prefill_chunk:
+        raise ValueError(f"prompt length {t} is not a multiple of the prefill chunk {prefill_chunk}")
     staged = gen.policy.prefill_slots(int(np.max(lengths)), num_slots)
     cache, logits = gen.begin_chunks(batch=batch, num_slots=staged)
-    for start in range(0, t, chunk):
+    for start in range(0, t, prefill_chunk):
         signals.checkpoint("prefill chunk")
-        positions, last = chunk_positions(lengths, start, chunk)
-        cache, logits = gen.prefill_chunk(params, cache, jnp.asarray(tokens[:, start:start + chunk]),
+        positions, last = chunk_positions(lengths, start, prefill_chunk)
+        cache, logits = gen.prefill_chunk(params, cache, jnp.asarray(tokens[:, start:start + prefill_chunk]),
                                           jnp.asarray(positions), logits, jnp.asarray(last))
     return cache, logits
 
@@ -347,20 +347,20 @@ def chunk_positions(lengths: np.ndarray, start: int, chunk: int) -> tuple[np.nda
 
 def run_generation(gen: Generator, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                    eos_ids: Sequence[int], temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                   seed: int = 0, chunk: int | None = None,
-                   on_chunk: Callable[[np.ndarray, int], None] | None = None,
+                   seed: int = 0, decode_steps: int | None = None,
+                   on_tokens: Callable[[np.ndarray, int], None] | None = None,
                    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> tuple[np.ndarray, DecodeState]:
     """Generate for a batch of token-id prompts; returns (tokens [len(prompts), steps], final state).
 
-    `on_chunk(tokens_so_far, step)` is called after each chunk of `chunk` decode steps (streaming).
-    Prompts longer than `prefill_chunk` tokens (rounded down to whole pages; None: never) are prefilled in chunks
-    of that size where the policy allows it (`prefill_plan`); the output is the same either way.
+    Each jitted decode call runs `decode_steps` steps (default and at most DECODE_CHUNK); `on_tokens(tokens_so_far,
+    step)` is called after each (streaming). Prompts longer than `prefill_chunk` tokens (rounded down to whole pages;
+    None: never) are prefilled in chunks of that size (`prefill_plan`); the output is the same either way.
     """
     if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     gen.policy.check_prompts([len(p) for p in prompts])
     plan = prefill_plan(gen.policy, [len(p) for p in prompts], prefill_chunk)
-    tokens, lengths, is_padding = pad_prompts(prompts, data_parallelism(gen.policy), chunk=plan)
+    tokens, lengths, is_padding = pad_prompts(prompts, data_parallelism(gen.policy), prefill_chunk=plan)
     num_slots = gen.policy.num_slots(int(lengths.max()), max_new_tokens)
     batch = tokens.shape[0]
     settings = RowSettings.make(batch, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -372,20 +372,20 @@ def run_generation(gen: Generator, params, prompts: Sequence[Sequence[int]], *, 
         state = gen.start(params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(is_padding), eos,
                           settings, keys, num_slots=num_slots)
     else:
-        cache, logits = chunked_prefill(gen, params, tokens, lengths, chunk=plan, num_slots=num_slots)
+        cache, logits = chunked_prefill(gen, params, tokens, lengths, prefill_chunk=plan, num_slots=num_slots)
         state = gen.finish(cache, logits, jnp.asarray(lengths), jnp.asarray(is_padding), eos, settings, keys)
-    chunk = min(chunk or DECODE_CHUNK, DECODE_CHUNK)
+    steps_per_call = min(decode_steps or DECODE_CHUNK, DECODE_CHUNK)
     drained: list[np.ndarray] = []
     while True:
         step, base = int(state.step), int(state.base)
         drained.append(np.asarray(state.tokens[:len(prompts), :step - base]))
-        if on_chunk is not None:
-            on_chunk(np.concatenate(drained, axis=1), step)
+        if on_tokens is not None:
+            on_tokens(np.concatenate(drained, axis=1), step)
         if step >= max_new_tokens or bool(jnp.all(state.done)):
             break
         signals.checkpoint("decode")
         state = state.replace(base=jnp.int32(step))
-        state = gen.decode(params, state, jnp.int32(min(step + chunk, max_new_tokens)), eos)
+        state = gen.decode(params, state, jnp.int32(min(step + steps_per_call, max_new_tokens)), eos)
         if int(state.step) <= step and not bool(jnp.all(state.done)):
             raise RuntimeError(f"decoding made no progress at step {step} of {max_new_tokens}")
     out = np.concatenate(drained, axis=1)

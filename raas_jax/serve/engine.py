@@ -116,7 +116,7 @@ class Engine:
         """Plan the prefill of one prompt (nothing runs yet)."""
         self.check_request(len(ids), settings.max_tokens)
         chunk = prefill_plan(self.policy, [len(ids)], self.prefill_chunk)
-        tokens, lengths, _ = pad_prompts([list(ids)], chunk=chunk)
+        tokens, lengths, _ = pad_prompts([list(ids)], prefill_chunk=chunk)
         return Prefill(list(ids), settings, int(seed), chunk, tokens, lengths)
 
     def prefill_step(self, job: Prefill) -> bool:
