@@ -105,7 +105,7 @@ SMEM_BYTES = 232448  # per block on an H200, the reduction scratch included
 
 def smem_bytes(heads: int, d: int, tokens: int, stages: int, exact_sums: bool = True) -> int:
     """SMEM one program allocates: the buffers of `_kernel`, plus ~3.1 KB of barriers, alignment and reduction scratch
-    (what Mosaic GPU's lowering reported over the buffers, tests/test_mosaic_gpu.py checks the bound)."""
+    (what Mosaic GPU's lowering reported over the buffers, tests/kernels/test_mosaic_gpu.py checks the bound)."""
     return (2 * (heads * d + 2 * stages * tokens * d + (2 if exact_sums else 1) * heads * tokens)
             + 4 * (max(d, 128) * heads + 2 * heads) + 3584)
 

@@ -1,4 +1,4 @@
-"""Inputs shared by the kernel tests of both Pallas backends (tests/test_kernels.py, tests/test_pallas_tpu.py)."""
+"""Inputs shared by the kernel tests of both Pallas backends (tests/kernels/test_kernels.py, tests/kernels/test_pallas_tpu.py)."""
 
 from __future__ import annotations
 

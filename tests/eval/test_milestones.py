@@ -10,7 +10,7 @@ import pytest
 
 from raas_jax.eval.tasks import milestones as M
 
-CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "milestones-13m"
+CKPT = Path(__file__).resolve().parents[2] / "checkpoints" / "milestones-13m"
 
 
 def _lines(problem):

@@ -14,7 +14,7 @@ from raas_jax.model_io import default_model
 
 pytestmark = pytest.mark.slow
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def gsm8k_text(min_chars: int = 2000) -> str:

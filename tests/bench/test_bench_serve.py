@@ -93,7 +93,7 @@ def test_served_milestones_answers_equal_the_evals(tmp_path):
     from raas_jax.eval.datasets import load_samples
     from raas_jax.eval.runner import EvalConfig, run_eval
 
-    ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / "milestones-13m"
+    ckpt = Path(__file__).resolve().parents[2] / "checkpoints" / "milestones-13m"
     out = tmp_path / "served"
     assert main(["bench", "serve", "--model", str(ckpt), "--workload", "milestones:1", "--num-prompts", "3",
                  "--max-tokens", "120", "--policies", "raas", "--budget", "256", "--max-rows", "2",

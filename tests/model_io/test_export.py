@@ -10,7 +10,7 @@ import pytest
 import raas_jax
 from raas_jax.model_io.export import export_hf
 
-CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "milestones-13m"
+CKPT = Path(__file__).resolve().parents[2] / "checkpoints" / "milestones-13m"
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ def test_slot_list_matches_reference(group, head_dim, page):
                                                         block_tokens=SMALL_BLOCKS, heads_per_step=4), want)
 
 
-# stacked pools with a traced layer index: tests/test_kernels.py, for every backend
+# stacked pools with a traced layer index: tests/kernels/test_kernels.py, for every backend
 
 
 def test_bf16_pool_matches_reference():
@@ -92,7 +92,7 @@ def test_double_buffer_has_no_races():
         assert not tpu_interpreter.races.races_found
 
 
-# page scores at GQA groups 1/4/7/8 and head_dim 64/128: tests/test_kernels.py, for both Pallas backends
+# page scores at GQA groups 1/4/7/8 and head_dim 64/128: tests/kernels/test_kernels.py, for both Pallas backends
 
 
 def test_page_scores_in_blocks_of_slots():

@@ -24,7 +24,7 @@ import pytest
 import raas_jax
 from raas_jax.policies import H2O, Dense, Quest, RaaS, StreamingLLM
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 240
 NAME = "tiny"
