@@ -239,6 +239,18 @@ def assert_same_cache(chunked, whole, page_size):
             np.testing.assert_array_equal(got, want, err_msg=name)
 
 
+def assert_chunked_generation_equals_whole(model, policy, max_new_tokens):
+    """Greedy generation of CHUNK_PROMPTS prefilled whole and in chunks of 16: the same tokens. -> the chunked
+    run's final state."""
+    gen = model._generator(policy)
+    whole_tokens, _ = run_generation(gen, model.params, CHUNK_PROMPTS, max_new_tokens=max_new_tokens, eos_ids=(),
+                                     prefill_chunk=None)
+    chunk_tokens, state = run_generation(gen, model.params, CHUNK_PROMPTS, max_new_tokens=max_new_tokens,
+                                         eos_ids=(), prefill_chunk=16)
+    np.testing.assert_array_equal(chunk_tokens, whole_tokens)
+    return state
+
+
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_CHUNK_POLICIES else n
                                   for n in sorted(CHUNK_POLICIES)])
 def test_chunked_prefill_equals_the_whole_prompt(model, name):
@@ -250,12 +262,7 @@ def test_chunked_prefill_equals_the_whole_prompt(model, name):
     (logits, cache), (chunk_logits, chunk_cache) = whole_and_chunked_prefill(model, policy, CHUNK_PROMPTS, 16)
     np.testing.assert_allclose(chunk_logits[:3], logits[:3], rtol=1e-4, atol=1e-4)
     assert_same_cache(chunk_cache, cache, policy.page_size)
-    gen = model._generator(policy)
-    whole_tokens, _ = run_generation(gen, model.params, CHUNK_PROMPTS, max_new_tokens=24, eos_ids=(),
-                                     prefill_chunk=None)
-    chunk_tokens, state = run_generation(gen, model.params, CHUNK_PROMPTS, max_new_tokens=24, eos_ids=(),
-                                         prefill_chunk=16)
-    np.testing.assert_array_equal(chunk_tokens, whole_tokens)
+    state = assert_chunked_generation_equals_whole(model, policy, max_new_tokens=24)
     assert set(state.cache) == set(jax.eval_shape(lambda: policy.init(model.cfg, 4, 16, model.dtype)))
 
 
@@ -273,18 +280,14 @@ def test_a_prompt_longer_than_the_pool_is_chunked_through_a_staging_pool(model, 
     """A prompt longer than a fixed budget is chunked into a staging pool that holds it all; the policy then keeps
     the pages its whole-prompt prefill keeps: same logits, same cache, same greedy tokens."""
     policy = LONG_PROMPT_POLICIES[name]
-    assert policy.prefill_slots(45, policy.slot_count) > policy.slot_count and prefill_plan(policy, [45, 21, 5], 16) == 16
+    assert policy.prefill_slots(45, policy.slot_count) > policy.slot_count
+    assert prefill_plan(policy, [45, 21, 5], 16) == 16
     (logits, cache), (chunk_logits, chunk_cache) = whole_and_chunked_prefill(model, policy, CHUNK_PROMPTS, 16)
     np.testing.assert_allclose(chunk_logits[:3], logits[:3], rtol=1e-4, atol=1e-4)
     assert chunk_cache["fill"].shape == cache["fill"].shape  # compacted to the budget's pool
     assert_same_cache(chunk_cache, cache, policy.page_size)
     assert int(np.sum(np.asarray(cache["fill"][0, 0, 0]) > 0)) == policy.slot_count  # the long row fills the pool
-    gen = model._generator(policy)
-    whole_tokens, _ = run_generation(gen, model.params, CHUNK_PROMPTS, max_new_tokens=12, eos_ids=(),
-                                     prefill_chunk=None)
-    chunk_tokens, state = run_generation(gen, model.params, CHUNK_PROMPTS, max_new_tokens=12, eos_ids=(),
-                                         prefill_chunk=16)
-    np.testing.assert_array_equal(chunk_tokens, whole_tokens)
+    state = assert_chunked_generation_equals_whole(model, policy, max_new_tokens=12)
     assert state.cache["fill"].shape[-1] == policy.slot_count
 
 
