@@ -335,6 +335,11 @@ class RaaS(_FixedBudget):
                 f"{self.budget} holds {self.slot_count}: use budget >= {fits}, a shorter prompt, or Quest, which keeps "
                 "everything")
 
+    def prefill_slots(self, longest_prompt: int, num_slots: int) -> int:
+        if self.pin_prefill:  # a pinned prompt fits the pool (`check_prompts` refuses a longer one): no staging
+            return num_slots
+        return super().prefill_slots(longest_prompt, num_slots)
+
     def kept_prompt_pages(self, page, count, page_mass):
         if self.pin_prefill:  # every prompt page, pinned (`check_prompts`: they fit)
             return page < count

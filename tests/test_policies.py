@@ -422,6 +422,7 @@ def test_chunked_prefill_stages_a_prompt_longer_than_the_pool():
         assert policy.prefill_slots(64, 16) == 16 and policy.prefill_slots(65, 16) == 20, policy  # 17 pages -> 20
         assert policy.prefill_slots(4000, 16) == 1024, policy  # 1000 pages -> 8/4 x 512
     assert H2O(budget=64, page_size=1).prefill_slots(65, 64) == 80
+    assert RaaS(budget=64, page_size=4).prefill_slots(65, 16) == 16  # pinned: a longer prompt is refused, not staged
     assert H2O.chunk_extras == ("token_mass",) and RaaS.chunk_extras == ()
 
 

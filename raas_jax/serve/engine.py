@@ -197,19 +197,37 @@ def warm_up(engine: Engine, decode_steps: int, prompt_lengths: Sequence[int] = (
     jax.block_until_ready(engine.free(state, 0))
 
 
+def admission_bytes(gen: Generator, max_model_len: int) -> tuple[int, int]:
+    """(bytes of one row's pool, bytes that admitting one request adds beside the running rows): the prefilled
+    one-row pool and the insert's copy of it, plus, where a prompt may be longer than a fixed budget's pool (H2O,
+    StreamingLLM, unpinned RaaS), the staging pool its chunked prefill fills (`Policy.prefill_slots`) with the
+    policy's chunked-prefill extras, at the longest prompt `max_model_len` allows."""
+    from raas_jax.decode.cache import cache_bytes
+
+    def pool_bytes(num_slots: int, extras: bool = False) -> int:
+        def init():
+            cache = gen.policy.init(gen.cfg, 1, num_slots, gen.dtype)
+            return gen.policy.begin_chunked_prefill(gen.cfg, cache) if extras else cache
+        return cache_bytes(jax.eval_shape(init))
+
+    num_slots = gen.policy.num_slots(0, max_model_len)
+    per_row = pool_bytes(num_slots)
+    staged = gen.policy.prefill_slots(max_model_len, num_slots)
+    return per_row, 2 * per_row + (pool_bytes(staged, extras=True) if staged > num_slots else 0)
+
+
 def rows_that_fit(gen: Generator, params: Any, max_model_len: int, *, limit: int | None, reserve: int = 2 * 2**30,
                   cap: int = 4096) -> int:
     """`--max-rows auto`: the most rows whose compiled decode fits the device (raas_jax.decode.memory) beside what
-    admitting a request takes at the same time (the prefilled one-row pool and the insert's copy of it: two rows
-    more in the reserve); on a device that reports no limit (the CPU), `cap` rows of at most 1 GiB of pool."""
+    admitting a request takes at the same time (`admission_bytes`, added to the reserve); on a device that reports
+    no limit (the CPU), `cap` rows of at most 1 GiB of pool."""
     from raas_jax.decode import memory
-    from raas_jax.decode.cache import cache_bytes
 
     num_slots = gen.policy.num_slots(0, max_model_len)
-    per_row = cache_bytes(jax.eval_shape(lambda: gen.policy.init(gen.cfg, 1, num_slots, gen.dtype)))
+    per_row, admission = admission_bytes(gen, max_model_len)
     if limit is None:
         return max(1, min(cap, 2**30 // max(per_row, 1)))
-    rows, _ = memory.largest_batch(gen, params, num_slots, limit, reserve=reserve + 2 * per_row, cap=cap)
+    rows, _ = memory.largest_batch(gen, params, num_slots, limit, reserve=reserve + admission, cap=cap)
     if rows < 1:
         raise ValueError(f"not even one row of {num_slots} pages fits the device's {limit / 2**30:.1f} GiB with the "
                          "weights: lower --max-model-len (Dense / Quest) or the budget")

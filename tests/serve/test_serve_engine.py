@@ -139,3 +139,29 @@ def test_sampled_and_greedy_rows_share_a_batch(model):
     assert len(greedy) == 20 and greedy[:len(alone)] == alone
     assert run(PROMPTS[2])[0] == sampled  # the sampled row does not depend on its neighbour
     assert sampled != _alone(model, policy, PROMPTS[0], 20)[:20]  # and it did sample (temperature 1)
+
+
+def test_admission_reserves_the_staging_pool_of_a_prompt_longer_than_the_pool(model):
+    """`--max-rows auto` leaves room for admitting a request: two rows' pools, and where a prompt may be longer than a
+    fixed budget (H2O, StreamingLLM, unpinned RaaS) the staging pool its chunked prefill fills, with H2O's
+    accumulator; a pinned RaaS prompt always fits its pool, Dense's pool holds the whole sequence."""
+    import jax
+
+    from raas_jax.decode.cache import cache_bytes
+    from raas_jax.serve.engine import admission_bytes
+
+    def pool(policy, num_slots, extras=False):
+        def init():
+            cache = policy.init(model.cfg, 1, num_slots, model.dtype)
+            return policy.begin_chunked_prefill(model.cfg, cache) if extras else cache
+        return cache_bytes(jax.eval_shape(init))
+
+    for policy in (RaaS(budget=32, page_size=4), Dense(page_size=4)):
+        per_row, admission = admission_bytes(model._generator(policy), 256)
+        assert per_row == pool(policy, policy.num_slots(0, 256)) and admission == 2 * per_row, policy
+    for policy in (H2O(budget=32, page_size=4), StreamingLLM(budget=32, page_size=4),
+                   RaaS(budget=32, page_size=4, pin_prefill=False)):
+        per_row, admission = admission_bytes(model._generator(policy), 256)
+        staging = pool(policy, 64, extras=True)  # 256 tokens = 64 pages of 4, a quarter octave
+        assert per_row == pool(policy, 8) and admission == 2 * per_row + staging, policy
+        assert (staging > pool(policy, 64)) == isinstance(policy, H2O)  # H2O's accumulator is counted
