@@ -190,7 +190,8 @@ class Model:
         `decode_steps` steps (default 16 when streaming, else 128, the most).
         Prompts longer than `prefill_chunk` tokens are prefilled in chunks of that many (rounded down to whole
         pages; None = the whole prompt at once): same output, activation memory bounded by the chunk, one compiled
-        chunk for any longer prompt.
+        chunk for any longer prompt (per pool size: a prompt longer than a fixed budget fills a staging pool sized
+        for it in quarter-octave steps).
         """
         if isinstance(prompts, np.ndarray):
             prompts = _array_prompts(prompts)

@@ -225,7 +225,8 @@ def _serve(args: argparse.Namespace) -> int:
     gen = model._generator(policy)
     rows = args.max_rows
     if rows == "auto":
-        rows = rows_that_fit(gen, model.params, max_model_len, limit=device_memory_limit())
+        rows = rows_that_fit(gen, model.params, max_model_len, limit=device_memory_limit(),
+                             prefill_chunk=args.prefill_chunk or None)
     engine = Engine(gen, model.params, model.eos_ids, max_rows=rows, max_model_len=max_model_len,
                     prefill_chunk=args.prefill_chunk or None)
     name = args.served_model_name or (Path(model.path).name if model.path else "default")

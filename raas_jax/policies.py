@@ -176,8 +176,8 @@ class Policy:
     def prefill_chunk(self, cache, layer, q, k, v, positions):
         """One chunk of the prompts (chunked prefill): q [B, C, Hq, D], k/v [B, C, Hkv, D],
         positions [B, C] (c0, c0 + 1, ... or -1) -> (out [B, C, Hq, D], cache). The chunk attends the prompt pages
-        written so far and itself (causal), then its pages are written, page j in slot j: after the last chunk
-        the cache is what `prefill` writes for the whole prompt."""
+        written so far and itself (causal), then its pages are written, page j in slot j: after the last chunk and
+        `end_chunked_prefill` the cache is what `prefill` writes for the whole prompt."""
         out = kernels.chunk_attention(q, k, v, positions, cache["k"], cache["v"], layer=layer, backend=self.backend)
         return out, write_chunk(cache, layer, k, v, positions, self.page_size, pin=self.pin_prefill)
 

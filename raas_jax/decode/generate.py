@@ -10,7 +10,7 @@ in one batch) and a finished row can take a new request (`Generator.insert`) bet
 
 Prompts longer than `prefill_chunk` tokens are prefilled chunk by chunk (`chunked_prefill`): one jitted call per
 chunk of that many tokens writes it into the page pool, so activation memory is bounded by the chunk and any
-longer prompt reuses the same compiled chunk. A prompt longer than a fixed budget's pool (H2O, StreamingLLM,
+longer prompt reuses the same compiled chunk (per staging-pool size, below). A prompt longer than a fixed budget's pool (H2O, StreamingLLM,
 unpinned RaaS) is chunked into a staging pool that holds all of it, and the policy then keeps the pages its
 whole-prompt prefill would (`Policy.prefill_slots`, `Policy.end_chunked_prefill`, docs/design.md).
 """
@@ -251,7 +251,7 @@ class Generator:
         return jax.jit(self._insert, donate_argnums=(1,))
 
     def _insert(self, prefix: DecodeState, state: DecodeState, row) -> DecodeState:
-        """Put a prefilled one-row state (`start` / `finish_chunks` at batch 1, the same pool size) into row `row`
+        """Put a prefilled one-row state (`start` / `finish` at batch 1, the same pool size) into row `row`
         of `state`, between decode chunks (`state.base == state.step`): its pool, position, first token, count,
         settings and key. The row's token buffer restarts empty: the caller has the first token from `prefix`."""
         def put(rows, one):  # rows [B, ...] <- one [1, ...] at `row` along axis 0
@@ -372,8 +372,8 @@ def run_generation(gen: Generator, params, prompts: Sequence[Sequence[int]], *, 
         state = gen.start(params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(is_padding), eos,
                           settings, keys, num_slots=num_slots)
     else:
-        cache, logits = chunked_prefill(gen, params, tokens, lengths, prefill_chunk=plan, num_slots=num_slots)
-        state = gen.finish(cache, logits, jnp.asarray(lengths), jnp.asarray(is_padding), eos, settings, keys)
+        state = gen.finish(*chunked_prefill(gen, params, tokens, lengths, prefill_chunk=plan, num_slots=num_slots),
+                           jnp.asarray(lengths), jnp.asarray(is_padding), eos, settings, keys)  # no staging pool kept
     steps_per_call = min(decode_steps or DECODE_CHUNK, DECODE_CHUNK)
     drained: list[np.ndarray] = []
     while True:

@@ -46,6 +46,7 @@ class Prefill:
     settings: RequestSettings
     seed: int
     chunk: int | None  # tokens per call; None: the whole prompt in one call
+    pool_slots: int  # slots of the pool the chunks fill (`Policy.prefill_slots`: > the row's for a staging pool)
     tokens: np.ndarray  # [1, T] the padded prompt
     lengths: np.ndarray  # [1]
     next_start: int = 0  # the next chunk's first position
@@ -117,7 +118,8 @@ class Engine:
         self.check_request(len(ids), settings.max_tokens)
         chunk = prefill_plan(self.policy, [len(ids)], self.prefill_chunk)
         tokens, lengths, _ = pad_prompts([list(ids)], prefill_chunk=chunk)
-        return Prefill(list(ids), settings, int(seed), chunk, tokens, lengths)
+        pool_slots = self.policy.prefill_slots(len(ids), self.num_slots) if chunk else self.num_slots
+        return Prefill(list(ids), settings, int(seed), chunk, pool_slots, tokens, lengths)
 
     def prefill_step(self, job: Prefill) -> bool:
         """Run the next call of `job` (the whole prompt, or one chunk); True once its prefix is ready."""
@@ -132,8 +134,7 @@ class Engine:
                                    num_slots=self.num_slots)
             return True
         if job.cache is None:
-            staged = self.policy.prefill_slots(len(job.ids), self.num_slots)  # > num_slots: a staging pool
-            job.cache, job.logits = gen.begin_chunks(batch=1, num_slots=staged)
+            job.cache, job.logits = gen.begin_chunks(batch=1, num_slots=job.pool_slots)
         start, chunk = job.next_start, job.chunk
         positions, last = chunk_positions(job.lengths, start, chunk)
         job.cache, job.logits = gen.prefill_chunk(self.params, job.cache, jnp.asarray(job.tokens[:, start:start + chunk]),
@@ -187,7 +188,7 @@ def warm_up(engine: Engine, decode_steps: int, prompt_lengths: Sequence[int] = (
     buckets = {}
     for length in prompt_lengths:  # one prompt per distinct padded shape
         job = engine.start_prefill([token] * int(length), RequestSettings(max_tokens=1), seed=0)
-        buckets.setdefault((job.tokens.shape, job.chunk), job)
+        buckets.setdefault((job.tokens.shape, job.chunk, job.pool_slots), job)
     for job in buckets.values():  # one one-row pool alive at a time (a Dense row can be GBs)
         while not engine.prefill_step(job):
             pass
@@ -197,11 +198,12 @@ def warm_up(engine: Engine, decode_steps: int, prompt_lengths: Sequence[int] = (
     jax.block_until_ready(engine.free(state, 0))
 
 
-def admission_bytes(gen: Generator, max_model_len: int) -> tuple[int, int]:
+def admission_bytes(gen: Generator, max_model_len: int,
+                    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> tuple[int, int]:
     """(bytes of one row's pool, bytes that admitting one request adds beside the running rows): the prefilled
     one-row pool and the insert's copy of it, plus, where a prompt may be longer than a fixed budget's pool (H2O,
-    StreamingLLM, unpinned RaaS), the staging pool its chunked prefill fills (`Policy.prefill_slots`) with the
-    policy's chunked-prefill extras, at the longest prompt `max_model_len` allows."""
+    StreamingLLM, unpinned RaaS) and than `prefill_chunk`, the staging pool its chunked prefill fills
+    (`Policy.prefill_slots`) with the policy's chunked-prefill extras, at the longest prompt `max_model_len` allows."""
     from raas_jax.decode.cache import cache_bytes
 
     def pool_bytes(num_slots: int, extras: bool = False) -> int:
@@ -212,19 +214,21 @@ def admission_bytes(gen: Generator, max_model_len: int) -> tuple[int, int]:
 
     num_slots = gen.policy.num_slots(0, max_model_len)
     per_row = pool_bytes(num_slots)
-    staged = gen.policy.prefill_slots(max_model_len, num_slots)
+    longest = max_model_len - 1  # a prompt leaves room for one new token
+    chunked = prefill_plan(gen.policy, [longest], prefill_chunk) is not None
+    staged = gen.policy.prefill_slots(longest, num_slots) if chunked else num_slots
     return per_row, 2 * per_row + (pool_bytes(staged, extras=True) if staged > num_slots else 0)
 
 
 def rows_that_fit(gen: Generator, params: Any, max_model_len: int, *, limit: int | None, reserve: int = 2 * 2**30,
-                  cap: int = 4096) -> int:
+                  cap: int = 4096, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> int:
     """`--max-rows auto`: the most rows whose compiled decode fits the device (raas_jax.decode.memory) beside what
     admitting a request takes at the same time (`admission_bytes`, added to the reserve); on a device that reports
     no limit (the CPU), `cap` rows of at most 1 GiB of pool."""
     from raas_jax.decode import memory
 
     num_slots = gen.policy.num_slots(0, max_model_len)
-    per_row, admission = admission_bytes(gen, max_model_len)
+    per_row, admission = admission_bytes(gen, max_model_len, prefill_chunk)
     if limit is None:
         return max(1, min(cap, 2**30 // max(per_row, 1)))
     rows, _ = memory.largest_batch(gen, params, num_slots, limit, reserve=reserve + admission, cap=cap)

@@ -157,11 +157,34 @@ def test_admission_reserves_the_staging_pool_of_a_prompt_longer_than_the_pool(mo
         return cache_bytes(jax.eval_shape(init))
 
     for policy in (RaaS(budget=32, page_size=4), Dense(page_size=4)):
-        per_row, admission = admission_bytes(model._generator(policy), 256)
+        per_row, admission = admission_bytes(model._generator(policy), 256, prefill_chunk=16)
         assert per_row == pool(policy, policy.num_slots(0, 256)) and admission == 2 * per_row, policy
     for policy in (H2O(budget=32, page_size=4), StreamingLLM(budget=32, page_size=4),
                    RaaS(budget=32, page_size=4, pin_prefill=False)):
-        per_row, admission = admission_bytes(model._generator(policy), 256)
-        staging = pool(policy, 64, extras=True)  # 256 tokens = 64 pages of 4, a quarter octave
+        gen = model._generator(policy)
+        per_row, admission = admission_bytes(gen, 256, prefill_chunk=16)
+        staging = pool(policy, 64, extras=True)  # a 255-token prompt: 64 pages of 4, a quarter octave
         assert per_row == pool(policy, 8) and admission == 2 * per_row + staging, policy
         assert (staging > pool(policy, 64)) == isinstance(policy, H2O)  # H2O's accumulator is counted
+        # no staging where prompts are never chunked: no chunking, or no prompt longer than the chunk
+        assert admission_bytes(gen, 256, prefill_chunk=None)[1] == admission_bytes(gen, 256)[1] == 2 * per_row
+
+
+def test_warm_up_compiles_each_staging_pool_size(model):
+    """Two prompts of one padded length (32 tokens, chunks of 16) fill staging pools of 5 and 8 pages in a 4-page H2O
+    pool: the warm-up compiles both, so neither request compiles while served."""
+    from raas_jax.serve.engine import warm_up
+
+    policy = H2O(budget=16, page_size=4, recent_fraction=0.25)
+    engine = Engine(model._generator(policy), model.params, model.eos_ids, max_rows=2, max_model_len=64,
+                    prefill_chunk=16)
+    jobs = [engine.start_prefill([5] * n, RequestSettings(max_tokens=2), seed=0) for n in (17, 31)]
+    assert [j.tokens.shape for j in jobs] == [(1, 32)] * 2 and [j.pool_slots for j in jobs] == [5, 8]
+    warm_up(engine, 4, [17, 31])
+    compiled = engine.gen.begin_chunks._cache_size(), engine.gen.prefill_chunk._cache_size()
+    assert compiled[0] == 2
+    for job in jobs:
+        while not engine.prefill_step(job):
+            pass
+        assert job.prefix.cache["fill"].shape[-1] == policy.slot_count
+    assert (engine.gen.begin_chunks._cache_size(), engine.gen.prefill_chunk._cache_size()) == compiled
