@@ -343,7 +343,7 @@ class RaaS(_FixedBudget):
     def kept_prompt_pages(self, page, count, page_mass):
         if self.pin_prefill:  # every prompt page, pinned (`check_prompts`: they fit)
             return page < count
-        return (page < count) & (page >= count - self.slot_count)  # the newest that fit, like StreamingLLM without sinks
+        return (page < count) & (page >= count - self.slot_count)  # the newest that fit: StreamingLLM without sinks
 
     def prefill(self, cache, layer, q, k, v, positions):
         if not self.pin_prefill:

@@ -43,7 +43,8 @@ def number(name: str, value: Any, low: float | None = None, high: float | None =
             rule = f"{'>' if open_low else '>='} {low:g}"
         else:
             rule = "finite"
-        raise ValueError(f"{name} must be a {'finite ' if rule != 'finite' else ''}number {rule}, got {value!r}".lstrip())
+        rule = "" if rule == "finite" else f" {rule}"
+        raise ValueError(f"{name} must be a finite number{rule}, got {value!r}".lstrip())
     return float(value)
 
 

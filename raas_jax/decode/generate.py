@@ -10,9 +10,9 @@ in one batch) and a finished row can take a new request (`Generator.insert`) bet
 
 Prompts longer than `prefill_chunk` tokens are prefilled chunk by chunk (`chunked_prefill`): one jitted call per
 chunk of that many tokens writes it into the page pool, so activation memory is bounded by the chunk and any
-longer prompt reuses the same compiled chunk (per staging-pool size, below). A prompt longer than a fixed budget's pool (H2O, StreamingLLM,
-unpinned RaaS) is chunked into a staging pool that holds all of it, and the policy then keeps the pages its
-whole-prompt prefill would (`Policy.prefill_slots`, `Policy.end_chunked_prefill`, docs/design.md).
+longer prompt reuses the same compiled chunk (per staging-pool size). A prompt longer than a fixed budget's pool
+(H2O, StreamingLLM, unpinned RaaS) is chunked into a staging pool that holds all of it, and the policy then keeps
+the pages its whole-prompt prefill would (`Policy.prefill_slots`, `Policy.end_chunked_prefill`, docs/design.md).
 """
 
 from __future__ import annotations
@@ -319,8 +319,8 @@ def prefill_plan(policy: Any, lengths: Sequence[int], prefill_chunk: int | None)
 
 def chunked_prefill(gen: Generator, params, tokens: np.ndarray, lengths: np.ndarray, *, prefill_chunk: int,
                     num_slots: int) -> tuple[dict, jax.Array]:
-    """Prefill right-padded prompts [B, T] (T a multiple of `prefill_chunk`) one chunk per call -> (cache, logits [B, V] at
-    each row's last prompt token). `num_slots` is the decode pool's; the chunks are written into
+    """Prefill right-padded prompts [B, T] (T a multiple of `prefill_chunk`) one chunk per call -> (cache, logits
+    [B, V] at each row's last prompt token). `num_slots` is the decode pool's; the chunks are written into
     `Policy.prefill_slots` slots. The cache still holds the policy's chunked-prefill extras (`Policy.chunk_extras`)
     and, for a prompt longer than a fixed budget, the staging pool: `Generator.finish` folds both away."""
     batch, t = tokens.shape
