@@ -248,7 +248,7 @@ def _inspect(args: argparse.Namespace) -> int:
     raas = RaaS(budget=args.budget, page_size=args.page_size, kv_dtype=args.kv_dtype)
     others = compare_policies(args.compare, budget=args.budget, page_size=args.page_size, kv_dtype=args.kv_dtype)
     out = png_path(args.out)
-    check_writable_dir(out.parent, "--out")
+    validation.check_writable(out.parent, out.name, "choose an --out in a folder you can write", create=True)
     if not args.dataset and not args.prompt:
         raise ValueError("give --prompt TEXT or --dataset NAME [--index I]")
     samples = None
@@ -338,19 +338,6 @@ def png_path(text: str):
     if out.suffix:
         raise ValueError(f"--out {text!r}: the plot is a PNG; give a path ending in .png")
     return out.with_name(out.name + ".png")
-
-
-def check_writable_dir(directory, flag: str) -> None:
-    """Create `directory` and check a file can be written there, before any work whose output goes there."""
-    import tempfile
-
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".raas-jax-write-check-"):
-            pass
-    except OSError as e:
-        raise ValueError(f"{flag}: cannot write into {directory} ({e.strerror or e}); choose a folder you can "
-                         "write") from None
 
 
 def write_atomically(path, write) -> None:

@@ -74,6 +74,22 @@ def seed(value: Any) -> int:
     return integer("seed", value, 0, SEED_LIMIT)
 
 
+def check_writable(directory: Any, what: str, remedy: str, *, create: bool = False) -> None:
+    """Refuse, before the work whose output goes there, a folder `what` cannot be written into (`create`: make it
+    first): ValueError 'cannot write {what} into {directory} ({reason}): {remedy}'."""
+    import tempfile
+    from pathlib import Path
+
+    directory = Path(directory)
+    try:
+        if create:
+            directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".raas-jax-write-check-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write {what} into {directory} ({e.strerror or e}): {remedy}") from None
+
+
 def sampling(temperature_: Any, top_p_: Any, top_k_: Any, seed_: Any) -> tuple[float, float, int, int]:
     return temperature(temperature_), top_p(top_p_), top_k(top_k_), seed(seed_)
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from raas_jax import signals
+from raas_jax import signals, validation
 from raas_jax.model_io.checkpoint import give_umask_mode
 
 SCALES_FILE = "kv_scales.json"
@@ -64,13 +64,8 @@ def write_kv_absmax(directory: str | Path, kv_absmax: tuple[Sequence[float], Seq
 
 def check_writable(directory: str | Path) -> None:
     """Refuse, before any calibration, a checkpoint directory kv_scales.json cannot be written into."""
-    directory = Path(directory)
-    try:
-        with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp"):
-            pass
-    except OSError as e:
-        raise ValueError(f"cannot write {SCALES_FILE} into {directory} ({e.strerror}): calibrate a copy you can "
-                         "write (`raas-jax convert SRC OUT`, then calibrate OUT)") from None
+    validation.check_writable(directory, SCALES_FILE, "calibrate a copy you can write (`raas-jax convert SRC OUT`, "
+                              "then calibrate OUT)")
 
 
 def read_kv_absmax(directory: str | Path, num_layers: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:

@@ -117,7 +117,8 @@ def test_inspect_unwritable_out_is_refused_before_loading(monkeypatch, tmp_path,
     (tmp_path / "file").write_text("a file where the folder would be")  # unwritable for root too
     monkeypatch.setattr(raas_jax, "load", lambda *a, **k: pytest.fail("a model was loaded"))
     assert main(["inspect", "attention", "--prompt", "p", "--out", str(tmp_path / "file" / "a.png")]) == 2
-    assert "--out: cannot write into" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot write a.png into" in err and "choose an --out in a folder you can write" in err
 
 
 def test_inspect_out_without_suffix_reports_the_file_it_writes(tiny_llama_converted, tmp_path, capsys):
