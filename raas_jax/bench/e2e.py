@@ -44,6 +44,13 @@ MODEL_SHAPES = {
 }
 
 
+def noise_key(seed: int) -> jax.Array:
+    """The key the synthetic weights and pools are drawn with: XLA's RngBitGenerator ("rbg"), not JAX's default
+    threefry. Benchmark noise needs no counter-based stream, and threefry's hash, unrolled over every value drawn,
+    makes these programs compile up to 10x longer on the CPU."""
+    return jax.random.key(seed, impl="rbg")
+
+
 def random_params(cfg: ModelConfig, dtype: Any, seed: int = 0, fused: bool = True) -> dict:
     """Random weights of the model's shapes, made on the device (norm weights near one); in the fused layout
     `load` gives (models.fuse_projections) unless `fused=False` (the checkpoint's layout)."""
@@ -63,7 +70,7 @@ def random_params(cfg: ModelConfig, dtype: Any, seed: int = 0, fused: bool = Tru
         params = jax.tree.unflatten(treedef, out)
         return fuse_projections(cfg, params) if fused else params
 
-    return make(jax.random.PRNGKey(seed))
+    return make(noise_key(seed))
 
 
 @functools.partial(jax.jit, donate_argnums=(0,), static_argnums=(3,))
@@ -74,7 +81,7 @@ def write_random_layer(pools: tuple, fill: jax.Array, layer: jax.Array, seed: in
     stacked copy of it (what `lax.map`'s outputs cost, and a loop carry can cost), would not fit beside the pools
     at the largest batch. Unfilled tokens hold noise; `fill` [L, B, Hkv, S] masks them."""
     k, v, kmin, kmax = pools
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), layer)
+    key = jax.random.fold_in(noise_key(seed), layer)
     draw = lambda i: to_pool_dtype(jax.random.normal(jax.random.fold_in(key, i), k.shape[1:], kmin.dtype),  # noqa: E731
                                    k.dtype)  # [B, Hkv, S, P, D] (an FP8 pool: drawn in the bounds' dtype, then cast)
     k_layer, v_layer = draw(0), draw(1)
