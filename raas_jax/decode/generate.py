@@ -183,7 +183,7 @@ class Generator:
                    keys)
 
     def _begin_chunks(self, *, batch: int, num_slots: int) -> tuple[PagePool, jax.Array]:
-        """The empty cache (with the policy's chunked-prefill extras) and logits [B, V] to fill."""
+        """The empty cache (with the policy's chunked-prefill accumulators) and logits [B, V] to fill."""
         cache = self.policy.init(self.cfg, batch, num_slots, self.dtype)
         return self.policy.begin_chunked_prefill(self.cfg, cache), jnp.zeros((batch, self.cfg.vocab_size), jnp.float32)
 

@@ -52,7 +52,7 @@ class MassTrace:
     def prefill(self, cache, layer, q, k, v, positions):
         traced = cache.policy_state
         cache = self.policy.prefill(cache.replace(policy_state=traced.policy_state), layer, q, k, v, positions)
-        return cache.replace(policy_state=traced.replace(policy_state=cache.policy_state))
+        return cache.replace(policy_state=TracedState(cache.policy_state, traced.mass))
 
     def decode(self, cache, layer, q, k, v, positions):
         traced = cache.policy_state
