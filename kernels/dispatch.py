@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from . import mosaic_gpu, pallas_gpu, pallas_tpu, prefill, reference
 
 APPEND_ARRAYS = reference.APPEND_ARRAYS
+REFRESH_ARRAYS = reference.REFRESH_ARRAYS
 BACKENDS = ("auto", "reference", "pallas", "pallas_tpu")
 AUTO_ON_GPU = "pallas"  # measured faster than XLA for every kernel and bench shape (docs/kernels.md)
 AUTO_ON_TPU = "pallas_tpu"  # not measured yet (no TPU): a bandwidth model in docs/kernels.md
@@ -102,7 +103,7 @@ def append_token(pool, layer, k, v, positions, victim, page_size: int, *, backen
 
 def refresh_top_half(q, pool, layer, positions, page_size: int, *, backend: str = "auto"):
     """RaaS's default refresh of `layer`: the top half of the evictable pages by the Quest bound get stamp =
-    the position. q [B,Hq,D]; pool: the stacked kmin/kmax/fill/pinned/cur/stamp; positions [B] -> stamp [L,B,Hkv,S].
+    the position. q [B,Hq,D]; pool: the stacked arrays in REFRESH_ARRAYS; positions [B] -> stamp [L,B,Hkv,S].
 
     The Pallas GPU kernel scores, ranks and stamps in one launch, in place; rows longer than it keeps in registers
     (pallas_gpu.MAX_REFRESH_SLOTS) take the reference: the page-score kernel, a sort and XLA fusions."""

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from .reference import APPEND_ARRAYS, MASK_VALUE, compute_dtype, is_float8, to_pool_dtype
+from .reference import APPEND_ARRAYS, MASK_VALUE, REFRESH_ARRAYS, compute_dtype, is_float8, to_pool_dtype
 
 MIN_ROWS = 16  # Triton dots need every dimension >= 16: the query heads of a group are padded to this
 
@@ -614,7 +614,7 @@ def refresh_top_half(q, pool, layer, positions, *, page_size: int, interpret: bo
         q_spec = pl.BlockSpec((None, heads, q_columns, d), lambda i, h: (i, h, 0, 0))
         q_in = jnp.pad(q.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, q_columns - group), (0, 0)))
 
-    arrays = [pool[name] for name in ("kmin", "kmax", "fill", "pinned", "cur", "stamp")]
+    arrays = [pool[name] for name in REFRESH_ARRAYS]
 
     pool_specs = whole_head_specs(arrays, heads)  # this sequence's `heads` KV heads, every layer
     return pl.pallas_call(

@@ -151,6 +151,8 @@ def top_k_mask(scores, k: int):
 
 # what `append_token` edits, in the order of the Pallas kernels' refs
 APPEND_ARRAYS = ("k", "v", "kmin", "kmax", "fill", "start", "stamp", "pinned", "cur")
+# what `refresh_top_half` reads (it writes `stamp`), in the order of the Pallas kernel's refs
+REFRESH_ARRAYS = ("kmin", "kmax", "fill", "pinned", "cur", "stamp")
 
 
 def _slot_of(array, slot):
@@ -221,8 +223,8 @@ def top_half_mask(scores, candidates):
 
 def refresh_top_half(q, pool, layer, positions, page_size: int, scores=None):
     """RaaS's default refresh of `layer` after the append: among the evictable pages (full, unpinned, not `cur`),
-    the top half by the Quest page bound get stamp = the position. q [B, Hq, D]; pool: the stacked kmin, kmax,
-    fill, pinned, cur and stamp (see `append_token`); positions [B] -> the new stamp array [L, B, Hkv, S]."""
+    the top half by the Quest page bound get stamp = the position. q [B, Hq, D]; pool: the stacked arrays named
+    in REFRESH_ARRAYS (shapes as in `append_token`); positions [B] -> the new stamp array [L, B, Hkv, S]."""
     fill, cur, stamp = pool["fill"][layer], pool["cur"][layer], pool["stamp"][layer]  # `scores`: the bounds if known
     slot_ids = jnp.arange(fill.shape[-1])
     candidates = (fill >= page_size) & ~pool["pinned"][layer] & (slot_ids != cur[..., None])

@@ -6,10 +6,10 @@ Flax linen used functionally:
 
 * `params` is a plain nested dict; the layers are stacked on a leading axis (`nn.scan`). The model takes the
   checkpoint's layout (q/k/v, gate/up as HF has them) or the fused one of `fuse_projections` (what `load` gives).
-* `cache` is `None` (a full causal forward) or a dict of arrays stacked over layers, carried through the
-  layer scan (so one decode step writes one token per layer in place); the model never looks inside it:
-  `policy` (a frozen, hashable policy from `raas_jax.policies`) writes keys and values into it and
-  runs decode attention over it. With `decode=False` the tokens are a prompt: they
+* `cache` is `None` (a full causal forward) or a `PagePool` (raas_jax/decode/cache.py), arrays stacked over
+  layers, carried through the layer scan (so one decode step writes one token per layer in place); the model reads
+  only its page dtype and FP8 scales: `policy` (a frozen, hashable policy from `raas_jax.policies`) writes keys and
+  values into it and runs decode attention over it. With `decode=False` the tokens are a prompt: they
   attend to each other causally (dense) and are written into the cache; with `chunked=True` they are one
   chunk of a prompt whose earlier chunks are in the cache (`policy.prefill_chunk` attends and writes); with
   `decode=True` there is one token per sequence and attention goes through `policy.decode`.
@@ -155,9 +155,9 @@ class Attention(nn.Module):
         inv_freq = rope_inv_freq(d, cfg.rope_theta, cfg.rope_scaling)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        scaled = cache is not None and "k_scale" in cache  # FP8 pages with calibrated scales (cache.kv_scales)
+        scaled = cache is not None and cache.k_scale is not None  # FP8 pages with calibrated scales (cache.kv_scales)
         if scaled:  # pages hold k / k_scale, v / v_scale; q * k_scale keeps every logit and page score as it was
-            k_scale, v_scale = cache["k_scale"][layer], cache["v_scale"][layer]  # float32 scalars
+            k_scale, v_scale = cache.k_scale[layer], cache.v_scale[layer]  # float32 scalars
             q, k, v = ((x.astype(jnp.float32) * s).astype(x.dtype) for x, s in ((q, k_scale), (k, 1 / k_scale),
                                                                                 (v, 1 / v_scale)))
         if mode == "decode":
@@ -169,11 +169,11 @@ class Attention(nn.Module):
             out, cache = self.policy.decode(cache, layer, q[:, 0], k[:, 0], v[:, 0], positions[:, 0])
             out = out[:, None]  # [B, 1, Hq, D]
         elif mode == "chunk":
-            k, v = as_stored(k, cache["k"].dtype), as_stored(v, cache["v"].dtype)
+            k, v = as_stored(k, cache.k.dtype), as_stored(v, cache.v.dtype)
             out, cache = self.policy.prefill_chunk(cache, layer, q, k, v, positions)  # [B, C, Hq, D]
         else:
             if cache is not None:  # the prompt attends the keys and values its pages will hold (as decode reads them)
-                k, v = as_stored(k, cache["k"].dtype), as_stored(v, cache["v"].dtype)
+                k, v = as_stored(k, cache.k.dtype), as_stored(v, cache.v.dtype)
             out = self.prompt_attention(q, k, v, positions)  # [B, T, Hq, D]
             if cache is not None:
                 cache = self.policy.prefill(cache, layer, q, k, v, positions)

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 
 from raas_jax.kernels import dispatch as kernels
 from raas_jax.kernels.reference import rank_descending, top_half_mask
-from raas_jax.decode.cache import (LayerCache, append_token, check_kv_dtype, compact_pages, init_pool, layer_at, page_sums,
-                            refresh_stamps, store_layer, write_chunk, write_prompt)
+from raas_jax.decode.cache import (PagePool, append_token, check_kv_dtype, compact_pages, init_pool, layer_at,
+                                   page_sums, refresh_stamps, store_layer, write_chunk, write_prompt)
 from raas_jax.models.config import ModelConfig
 from raas_jax.validation import is_int
 
@@ -65,11 +65,11 @@ def oldest_victim(order_key: jax.Array, candidates: jax.Array, start: jax.Array)
     return jnp.argmin(jnp.where(tied, start, INT32_MAX), axis=-1).astype(jnp.int32)
 
 
-def evictable(view: LayerCache, page_size: int) -> jax.Array:
+def evictable(view: PagePool, page_size: int) -> jax.Array:
     """Full, unpinned slots other than the one being filled: [B, Hkv, S] bool."""
-    slot_ids = jnp.arange(view["fill"].shape[-1])
-    not_current = slot_ids[None, None, :] != view["cur"][..., None]
-    return (view["fill"] >= page_size) & ~view["pinned"] & not_current
+    slot_ids = jnp.arange(view.fill.shape[-1])
+    not_current = slot_ids[None, None, :] != view.cur[..., None]
+    return (view.fill >= page_size) & ~view.pinned & not_current
 
 
 def quest_select(scores: jax.Array, cur: jax.Array, fill: jax.Array, k: int, backend: str = "auto") -> jax.Array:
@@ -134,7 +134,6 @@ class Policy:
     name: ClassVar[str] = "policy"
     fixed_budget: ClassVar[bool] = False  # True: the cache size depends on the budget alone
     pin_prefill = False  # pin the prompt pages (never evicted); a RaaS option (a class attribute here: not a field)
-    chunk_extras: ClassVar[tuple[str, ...]] = ()  # cache entries that live only during a chunked prefill
 
     def __post_init__(self):
         if not is_int(self.page_size) or self.page_size < 1:
@@ -150,7 +149,7 @@ class Policy:
     def check_prompts(self, lengths: list[int]) -> None:
         """Raise a ValueError that says what to change when a prompt cannot fit."""
 
-    def init(self, cfg: ModelConfig, batch: int, num_slots: int, dtype: Any) -> dict[str, jax.Array]:
+    def init(self, cfg: ModelConfig, batch: int, num_slots: int, dtype: Any) -> PagePool:
         return init_pool(cfg, batch, num_slots, self.page_size, dtype, self.kv_dtype, self.kv_absmax)
 
     # chunked prefill (docs/design.md, generation) -------------------------------------------------------------
@@ -159,11 +158,11 @@ class Policy:
         for the whole sequence, so it is that pool."""
         return num_slots
 
-    def begin_chunked_prefill(self, cfg: ModelConfig, cache: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    def begin_chunked_prefill(self, cfg: ModelConfig, cache: PagePool) -> PagePool:
         """The cache before the first chunk (H2O adds an accumulator that `end_chunked_prefill` folds away)."""
         return cache
 
-    def end_chunked_prefill(self, cache: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    def end_chunked_prefill(self, cache: PagePool) -> PagePool:
         """The cache after the last chunk, with the layout and the pool size `init` gives (what decode expects)."""
         return cache
 
@@ -178,7 +177,7 @@ class Policy:
         positions [B, C] (c0, c0 + 1, ... or -1) -> (out [B, C, Hq, D], cache). The chunk attends the prompt pages
         written so far and itself (causal), then its pages are written, page j in slot j: after the last chunk and
         `end_chunked_prefill` the cache is what `prefill` writes for the whole prompt."""
-        out = kernels.chunk_attention(q, k, v, positions, cache["k"], cache["v"], layer=layer, backend=self.backend)
+        out = kernels.chunk_attention(q, k, v, positions, cache.k, cache.v, layer=layer, backend=self.backend)
         return out, write_chunk(cache, layer, k, v, positions, self.page_size, pin=self.pin_prefill)
 
     def decode(self, cache, layer, q, k, v, positions):
@@ -190,15 +189,15 @@ class Policy:
         return out, self.update_stats(cache, layer, view, q, mass, positions, slot)
 
     # policy-specific ------------------------------------------------------------------------
-    def victim(self, view: LayerCache) -> jax.Array:
+    def victim(self, view: PagePool) -> jax.Array:
         """The slot to evict if a new page is needed and none is free: [B, Hkv]."""
-        return jnp.zeros(view["cur"].shape, jnp.int32)  # O(N) policies never evict
+        return jnp.zeros(view.cur.shape, jnp.int32)  # O(N) policies never evict
 
-    def attend(self, cache, layer, view: LayerCache, q) -> tuple[jax.Array, jax.Array | None]:
+    def attend(self, cache, layer, view: PagePool, q) -> tuple[jax.Array, jax.Array | None]:
         """(out [B, Hq, D], per-slot mass [B, Hkv, S] or None) over `layer` of the stacked `cache`."""
-        return kernels.decode_attention(q, cache["k"], cache["v"], view["fill"], layer=layer, backend=self.backend)
+        return kernels.decode_attention(q, cache.k, cache.v, view.fill, layer=layer, backend=self.backend)
 
-    def update_stats(self, cache, layer, view: LayerCache, q, mass, positions, slot):
+    def update_stats(self, cache, layer, view: PagePool, q, mass, positions, slot):
         return cache
 
 
@@ -213,12 +212,12 @@ class Dense(Policy):
         tokens, and Dense's largest batch is set by its pool (Quest keeps powers of two for its top-k kernel)."""
         return quarter_octave(-(-(longest_prompt + max_new_tokens) // self.page_size), MIN_DENSE_SLOTS)
 
-    def attend(self, cache, layer, view: LayerCache, q) -> tuple[jax.Array, jax.Array | None]:
+    def attend(self, cache, layer, view: PagePool, q) -> tuple[jax.Array, jax.Array | None]:
         # A Dense pool holds page j in slot j (prompt pages from slot 0, each new page in the lowest free slot),
         # so the slots past the current one are empty: the kernel skips them (the pool is sized for the whole
         # generation, so early on most of it is). tests/test_policies.py checks the invariant.
-        live_slots = jnp.max(view["cur"], axis=1) + 1  # [B]
-        return kernels.decode_attention(q, cache["k"], cache["v"], view["fill"], layer=layer, live_slots=live_slots,
+        live_slots = jnp.max(view.cur, axis=1) + 1  # [B]
+        return kernels.decode_attention(q, cache.k, cache.v, view.fill, layer=layer, live_slots=live_slots,
                                         backend=self.backend)
 
 
@@ -269,17 +268,20 @@ class _FixedBudget(Policy):
         return page < count
 
     def end_chunked_prefill(self, cache):
+        return self.compact_staging_pool(super().end_chunked_prefill(cache), page_mass=None)
+
+    def compact_staging_pool(self, cache: PagePool, page_mass: jax.Array | None) -> PagePool:
         """A staging pool (`prefill_slots`) is compacted to the budget's: per (layer, row, KV head) the kept prompt
-        pages, in page order, into slots 0, 1, ...; `cur` the slot of the page holding the last prompt token."""
-        cache = super().end_chunked_prefill(cache)
-        staged = cache["fill"].shape[-1]
+        pages (`kept_prompt_pages`, given `page_mass` [L, B, Hkv, S'] or None), in page order, into slots 0, 1, ...;
+        `cur` the slot of the page holding the last prompt token. A pool of the budget's size is returned as is."""
+        staged = cache.fill.shape[-1]
         if staged <= self.slot_count:
             return cache
-        lead = cache["fill"].shape[:-1]  # (L, B, Hkv)
-        length = jnp.max(cache["start"] + cache["fill"], axis=-1, keepdims=True)  # [L, B, Hkv, 1]
+        lead = cache.fill.shape[:-1]  # (L, B, Hkv)
+        length = jnp.max(cache.start + cache.fill, axis=-1, keepdims=True)  # [L, B, Hkv, 1]
         count = -(-length // self.page_size)
         page = jnp.arange(staged, dtype=jnp.int32)
-        kept = self.kept_prompt_pages(page, count, cache.get("mass")) & (cache["fill"] > 0)  # [L, B, Hkv, S']
+        kept = self.kept_prompt_pages(page, count, page_mass) & (cache.fill > 0)  # [L, B, Hkv, S']
         layout = compact_pages(kept.reshape((-1,) + kept.shape[2:]), self.slot_count).reshape(lead + (self.slot_count,))
         source = jnp.maximum(layout, 0)  # [L, B, Hkv, S]
 
@@ -288,11 +290,10 @@ class _FixedBudget(Policy):
             taken = jnp.take_along_axis(x, index, axis=3)
             return jnp.where((layout >= 0).reshape(index.shape), taken, jnp.zeros((), x.dtype))
 
-        pool = {name: gather(x) if x.ndim >= 4 and x.shape[:4] == lead + (staged,) else x
-                for name, x in cache.items()}
+        pool = jax.tree.map(lambda x: gather(x) if x.ndim >= 4 and x.shape[:4] == lead + (staged,) else x, cache)
         last_page = count - 1  # [L, B, Hkv, 1]
-        pool["cur"] = jnp.argmax((layout >= 0) & (layout == last_page), axis=-1).astype(jnp.int32)  # [L, B, Hkv]
-        return pool
+        cur = jnp.argmax((layout >= 0) & (layout == last_page), axis=-1).astype(jnp.int32)  # [L, B, Hkv]
+        return pool.replace(cur=cur)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,14 +350,14 @@ class RaaS(_FixedBudget):
         if not self.pin_prefill:
             page, count = self.prompt_pages(positions)
             kept = jnp.broadcast_to(self.kept_prompt_pages(page, count, None),
-                                    cache["cur"].shape[1:] + page.shape)  # [B, Hkv, N]
+                                    cache.cur.shape[1:] + page.shape)  # [B, Hkv, N]
             view = write_prompt(layer_at(cache, layer), k, v, positions, self.page_size, pin=False,
                                 layout=compact_pages(kept, self.slot_count))
             return store_layer(cache, layer, view)
         return super().prefill(cache, layer, q, k, v, positions)
 
     def victim(self, view):
-        return oldest_victim(view["stamp"], evictable(view, self.page_size), view["start"])
+        return oldest_victim(view.stamp, evictable(view, self.page_size), view.start)
 
     def importance(self, cache, layer, view, q, mass) -> jax.Array:
         """Pages judged important this step, among the pages that can be evicted: [B, Hkv, S] bool."""
@@ -364,18 +365,18 @@ class RaaS(_FixedBudget):
         if self.score == "exact":
             scores = mass
         else:
-            scores = kernels.page_scores(q, cache["kmin"], cache["kmax"], view["fill"], layer=layer,
-                                         backend=self.backend)
+            scores = kernels.page_scores(q, cache.kmin, cache.kmax, view.fill, layer=layer, backend=self.backend)
         if self.refresh == "top_half":
             return top_half_mask(scores, candidates)
         if self.score == "estimate":  # the bound as a distribution over resident pages (mass already is one)
-            scores = softmax_over_resident(scores * q.shape[-1] ** -0.5, view["fill"] > 0)
+            scores = softmax_over_resident(scores * q.shape[-1] ** -0.5, view.fill > 0)
         return candidates & (scores > self.refresh)
 
     def update_stats(self, cache, layer, view, q, mass, positions, slot):
         if self.score == "estimate" and self.refresh == "top_half":  # the authors' rule: one kernel on a GPU
-            stamp = kernels.refresh_top_half(q, cache, layer, positions, self.page_size, backend=self.backend)
-            return {**cache, "stamp": stamp}
+            pool = {name: getattr(cache, name) for name in kernels.REFRESH_ARRAYS}
+            stamp = kernels.refresh_top_half(q, pool, layer, positions, self.page_size, backend=self.backend)
+            return cache.replace(stamp=stamp)
         return refresh_stamps(cache, layer, self.importance(cache, layer, view, q, mass), positions)
 
 
@@ -407,31 +408,39 @@ class Quest(Policy):
 
     def attend(self, cache, layer, view, q):
         def dense(_):
-            out, _ = kernels.decode_attention(q, cache["k"], cache["v"], view["fill"], layer=layer,
-                                              backend=self.backend)
+            out, _ = kernels.decode_attention(q, cache.k, cache.v, view.fill, layer=layer, backend=self.backend)
             return out
 
         def sparse(_):
-            scores = kernels.page_scores(q, cache["kmin"], cache["kmax"], view["fill"], layer=layer,
-                                         backend=self.backend)
-            slots = quest_select(scores, view["cur"], view["fill"], self.selected_pages, self.backend)
-            out, _ = kernels.decode_attention(q, cache["k"], cache["v"], view["fill"], slots, layer=layer,
-                                              backend=self.backend)
+            scores = kernels.page_scores(q, cache.kmin, cache.kmax, view.fill, layer=layer, backend=self.backend)
+            slots = quest_select(scores, view.cur, view.fill, self.selected_pages, self.backend)
+            out, _ = kernels.decode_attention(q, cache.k, cache.v, view.fill, slots, layer=layer, backend=self.backend)
             return out
 
         return jax.lax.cond(layer < self.dense_layers, dense, sparse, None), None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class HeavyHitterMass:
+    """H2O's own arrays in the pool (`PagePool.policy_state`); a layer view has them without the leading L."""
+
+    mass: jax.Array  # [L, B, Hkv, S] float32 attention mass each page has accumulated
+    token_mass: jax.Array | None = None  # [L, B, Hkv, G, S*P] float32 chunked prefill only: per query head
+
+    def replace(self, **changes: Any) -> HeavyHitterMass:
+        return dataclasses.replace(self, **changes)
 
 
 @dataclasses.dataclass(frozen=True)
 class H2O(_FixedBudget):
     """Heavy-Hitter Oracle: a recent window (recent_fraction of the pages) plus the pages with the most
     accumulated attention mass; evict the lowest mass outside the window. Nothing is pinned: a prompt longer
-    than the pool keeps its recent window and its heaviest pages."""
+    than the pool keeps its recent window and its heaviest pages. Its arrays: `HeavyHitterMass`."""
 
     recent_fraction: float = option(0.5, "H2O: share of the pool kept as the recent window", float)
 
     name: ClassVar[str] = "h2o"
-    chunk_extras: ClassVar[tuple[str, ...]] = ("token_mass",)
 
     def __post_init__(self):
         super().__post_init__()
@@ -445,7 +454,7 @@ class H2O(_FixedBudget):
 
     def init(self, cfg, batch, num_slots, dtype):
         pool = super().init(cfg, batch, num_slots, dtype)
-        return {**pool, "mass": jnp.zeros(pool["fill"].shape, jnp.float32)}  # [L, B, Hkv, S]
+        return pool.replace(policy_state=HeavyHitterMass(jnp.zeros(pool.fill.shape, jnp.float32)))  # [L, B, Hkv, S]
 
     def prefill(self, cache, layer, q, k, v, positions):
         key_mass = jnp.max(kernels.key_mass(q, k, positions, positions, backend=self.backend), axis=2)  # [B, Hkv, T]
@@ -454,7 +463,7 @@ class H2O(_FixedBudget):
         layout = compact_pages(self.kept_prompt_pages(page, count, page_mass), self.slot_count)  # [B, Hkv, S]
         view = write_prompt(layer_at(cache, layer), k, v, positions, self.page_size, pin=False, layout=layout)
         mass = jnp.where(layout >= 0, jnp.take_along_axis(page_mass, jnp.maximum(layout, 0), axis=-1), 0.0)
-        return store_layer(cache, layer, {**view, "mass": mass})
+        return store_layer(cache, layer, view.replace(policy_state=view.policy_state.replace(mass=mass)))
 
     def kept_prompt_pages(self, page, count, page_mass):
         """The recent window and, in the rest of the pool, the heaviest older pages."""
@@ -468,37 +477,39 @@ class H2O(_FixedBudget):
         """Adds `token_mass` [L, B, Hkv, G, S*P]: per query head, the mass each pool token has received from the
         prompt queries so far. Kept per query head because the prompt's statistic is the max over the group of a sum
         over all queries, which per-chunk maxima would overstate."""
-        layers, batch, hkv, num_slots = cache["fill"].shape
+        layers, batch, hkv, num_slots = cache.fill.shape
         shape = (layers, batch, hkv, cfg.num_heads // cfg.num_kv_heads, num_slots * self.page_size)
-        return {**cache, "token_mass": jnp.zeros(shape, jnp.float32)}
+        return cache.replace(policy_state=cache.policy_state.replace(token_mass=jnp.zeros(shape, jnp.float32)))
 
     def prefill_chunk(self, cache, layer, q, k, v, positions):
         out, cache = super().prefill_chunk(cache, layer, q, k, v, positions)
-        mass = kernels.chunk_key_mass(q, positions, cache["k"], layer=layer, backend=self.backend)  # [B, Hkv, G, S*P]
-        return out, {**cache, "token_mass": cache["token_mass"].at[layer].add(mass)}
+        mass = kernels.chunk_key_mass(q, positions, cache.k, layer=layer, backend=self.backend)  # [B, Hkv, G, S*P]
+        state = cache.policy_state
+        return out, cache.replace(policy_state=state.replace(token_mass=state.token_mass.at[layer].add(mass)))
 
     def end_chunked_prefill(self, cache):
         """Folds `token_mass` into `mass` as `prefill` computes it (max over the group, summed per page), then
-        keeps the pages `kept_prompt_pages` chooses by that mass (`_FixedBudget.end_chunked_prefill`)."""
-        cache = dict(cache)
-        key_mass = jnp.max(cache.pop("token_mass"), axis=3)  # [L, B, Hkv, S*P]
+        keeps the pages `kept_prompt_pages` chooses by that mass (`_FixedBudget.compact_staging_pool`)."""
+        key_mass = jnp.max(cache.policy_state.token_mass, axis=3)  # [L, B, Hkv, S*P]
         page_mass = key_mass.reshape(key_mass.shape[:-1] + (-1, self.page_size)).sum(-1)  # [L, B, Hkv, S]
-        return super().end_chunked_prefill({**cache, "mass": jnp.where(cache["fill"] > 0, page_mass, 0.0)})
+        mass = jnp.where(cache.fill > 0, page_mass, 0.0)  # [L, B, Hkv, S]
+        return self.compact_staging_pool(cache.replace(policy_state=HeavyHitterMass(mass)), page_mass=mass)
 
     def protected(self, view) -> jax.Array:
         """Before the append that opens a page: the R - 1 newest resident pages, which stay in the window once
         the new page joins it: [B, Hkv, S]."""
-        newest_start = jnp.max(jnp.where(view["fill"] > 0, view["start"], -1), axis=-1, keepdims=True)
-        return (view["fill"] > 0) & (view["start"] > newest_start - (self.recent_pages() - 1) * self.page_size)
+        newest_start = jnp.max(jnp.where(view.fill > 0, view.start, -1), axis=-1, keepdims=True)
+        return (view.fill > 0) & (view.start > newest_start - (self.recent_pages() - 1) * self.page_size)
 
     def victim(self, view):
         candidates = evictable(view, self.page_size) & ~self.protected(view)
-        return oldest_victim(view["mass"], candidates, view["start"])  # the lightest; ties to the oldest page
+        return oldest_victim(view.policy_state.mass, candidates, view.start)  # the lightest; ties to the oldest page
 
     def update_stats(self, cache, layer, view, q, mass, positions, slot):
-        opened = (jnp.arange(view["fill"].shape[-1]) == slot[..., None]) & (view["fill"] == 1)  # new this step
-        total = jnp.where(opened, 0.0, view["mass"]) + mass  # [B, Hkv, S]
-        return store_layer(cache, layer, {"mass": total})
+        opened = (jnp.arange(view.fill.shape[-1]) == slot[..., None]) & (view.fill == 1)  # new this step
+        total = jnp.where(opened, 0.0, view.policy_state.mass) + mass  # [B, Hkv, S]
+        state = cache.policy_state
+        return cache.replace(policy_state=state.replace(mass=state.mass.at[layer].set(total)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -525,14 +536,14 @@ class StreamingLLM(_FixedBudget):
     def prefill(self, cache, layer, q, k, v, positions):
         page, count = self.prompt_pages(positions)
         kept = jnp.broadcast_to(self.kept_prompt_pages(page, count, None),
-                                cache["cur"].shape[1:] + page.shape)  # [B, Hkv, N]
+                                cache.cur.shape[1:] + page.shape)  # [B, Hkv, N]
         view = write_prompt(layer_at(cache, layer), k, v, positions, self.page_size, pin=False,
                             layout=compact_pages(kept, self.slot_count))
         return store_layer(cache, layer, view)
 
     def victim(self, view):
-        candidates = evictable(view, self.page_size) & (view["start"] >= self.sink_tokens)
-        return oldest_victim(view["start"], candidates, view["start"])
+        candidates = evictable(view, self.page_size) & (view.start >= self.sink_tokens)
+        return oldest_victim(view.start, candidates, view.start)
 
 
 POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (Dense, RaaS, Quest, H2O, StreamingLLM)}

@@ -221,7 +221,7 @@ def test_dense_pool_holds_page_j_in_slot_j():
     k = rng.normal(size=(B, t, HKV, D)).astype(np.float32)
     cache = prefill(cache, jnp.int32(0), k.repeat(GROUP, axis=2), k, k, jnp.asarray(positions))
     for step in range(14):
-        fill, start, cur = (np.asarray(cache[name][0]) for name in ("fill", "start", "cur"))
+        fill, start, cur = (np.asarray(x[0]) for x in (cache.fill, cache.start, cache.cur))
         pos = lengths + step  # the next token's position
         for b in range(B):
             for h in range(HKV):
@@ -234,30 +234,30 @@ def test_dense_pool_holds_page_j_in_slot_j():
 
 
 def oldest_stamp_then_oldest_page(st_, b, h, candidates):
-    return min(candidates, key=lambda s: (st_["stamp"][b, h, s], st_["start"][b, h, s]))
+    return min(candidates, key=lambda s: (st_.stamp[b, h, s], st_.start[b, h, s]))
 
 
 def check_common(policy, before, after, pos, victim_rule):
     page = policy.page_size
-    slots = after["fill"].shape[-1]
+    slots = after.fill.shape[-1]
     for b in range(B):
         for h in range(HKV):
-            assert (after["fill"][b, h] <= page).all() and (after["fill"][b, h] >= 0).all()
-            assert (after["fill"][b, h] > 0).sum() <= slots
-            cur = before["cur"][b, h]
-            needs_page = before["fill"][b, h, cur] >= page
-            free = np.flatnonzero(before["fill"][b, h] == 0)
-            slot = after["cur"][b, h]
+            assert (after.fill[b, h] <= page).all() and (after.fill[b, h] >= 0).all()
+            assert (after.fill[b, h] > 0).sum() <= slots
+            cur = before.cur[b, h]
+            needs_page = before.fill[b, h, cur] >= page
+            free = np.flatnonzero(before.fill[b, h] == 0)
+            slot = after.cur[b, h]
             if not needs_page:
-                assert slot == cur and after["fill"][b, h, cur] == before["fill"][b, h, cur] + 1
+                assert slot == cur and after.fill[b, h, cur] == before.fill[b, h, cur] + 1
                 continue
-            assert after["start"][b, h, slot] == pos[b] and after["fill"][b, h, slot] == 1
+            assert after.start[b, h, slot] == pos[b] and after.fill[b, h, slot] == 1
             if len(free):
                 assert slot == free[0]
                 continue
             assert slot != cur, "the page filled at this step was evicted"
-            assert not before["pinned"][b, h, slot], "a pinned page was evicted"
-            candidates = [s for s in range(slots) if before["fill"][b, h, s] == page and not before["pinned"][b, h, s]
+            assert not before.pinned[b, h, slot], "a pinned page was evicted"
+            candidates = [s for s in range(slots) if before.fill[b, h, s] == page and not before.pinned[b, h, s]
                           and s != cur]
             assert slot == victim_rule(before, b, h, candidates)
 
@@ -273,15 +273,15 @@ def test_raas_evicts_the_oldest_stamp_and_refreshes_the_top_half(seed, lengths):
         # refresh: brute-force Quest bound on the post-append pages, max over the group, ranked over the pages
         # that can be evicted (full, unpinned, not the page written now)
         qg = q.reshape(B, HKV, GROUP, D)
-        bound = np.maximum(qg[:, :, :, None] * after["kmax"][:, :, None], qg[:, :, :, None] * after["kmin"][:, :, None])
+        bound = np.maximum(qg[:, :, :, None] * after.kmax[:, :, None], qg[:, :, :, None] * after.kmin[:, :, None])
         bound = bound.sum(-1).max(2)  # [B, Hkv, S]
         for b in range(B):
             for h in range(HKV):
-                cur = after["cur"][b, h]
-                candidates = [s for s in range(bound.shape[-1]) if after["fill"][b, h, s] == policy.page_size
-                              and not after["pinned"][b, h, s] and s != cur]
+                cur = after.cur[b, h]
+                candidates = [s for s in range(bound.shape[-1]) if after.fill[b, h, s] == policy.page_size
+                              and not after.pinned[b, h, s] and s != cur]
                 top = sorted(candidates, key=lambda s: (-bound[b, h, s], s))[:(len(candidates) + 1) // 2]
-                refreshed = set(np.flatnonzero(after["stamp"][b, h] == pos[b]))
+                refreshed = set(np.flatnonzero(after.stamp[b, h] == pos[b]))
                 assert refreshed == set(top) | {cur}  # the page written now is stamped too (novice protection)
 
 
@@ -291,11 +291,11 @@ def test_streaming_keeps_sinks_and_newest_pages(seed, lengths):
     policy = StreamingLLM(budget=6 * 2, page_size=2, sink_tokens=3)
     for before, after, pos, _ in simulate(policy, lengths, 30, seed):
         check_common(policy, before, after, pos,
-                     lambda st_, b, h, c: min([s for s in c if st_["start"][b, h, s] >= 3],
-                                              key=lambda s: (st_["start"][b, h, s], s)))
+                     lambda st_, b, h, c: min([s for s in c if st_.start[b, h, s] >= 3],
+                                              key=lambda s: (st_.start[b, h, s], s)))
         for b in range(B):
             for h in range(HKV):
-                starts = sorted(after["start"][b, h][after["fill"][b, h] > 0])
+                starts = sorted(after.start[b, h][after.fill[b, h] > 0])
                 sinks = [s for s in (0, 2) if s <= pos[b]]  # the sink tokens 0..2 live in pages 0 and 1
                 assert starts[:len(sinks)] == sinks
                 rest = starts[len(sinks):]
@@ -311,14 +311,14 @@ def test_h2o_keeps_its_recent_window_and_evicts_the_lightest(seed, lengths):
     for before, after, pos, _ in simulate(policy, lengths, 30, seed):
         def lightest(st_, b, h, c):
             # 4 recent pages: the new page joins the window, so the 3 newest resident pages are protected
-            protected = sorted(st_["start"][b, h][st_["fill"][b, h] > 0])[-3:]
-            outside = [s for s in c if st_["start"][b, h, s] not in protected]
-            return min(outside, key=lambda s: (st_["mass"][b, h, s], st_["start"][b, h, s]))
+            protected = sorted(st_.start[b, h][st_.fill[b, h] > 0])[-3:]
+            outside = [s for s in c if st_.start[b, h, s] not in protected]
+            return min(outside, key=lambda s: (st_.policy_state.mass[b, h, s], st_.start[b, h, s]))
 
         check_common(policy, before, after, pos, lightest)
         for b in range(B):
             for h in range(HKV):
-                starts = set(after["start"][b, h][after["fill"][b, h] > 0])
+                starts = set(after.start[b, h][after.fill[b, h] > 0])
                 newest = max(starts)
                 assert {newest - 2 * i for i in range(4) if newest - 2 * i >= 0} <= starts
 
@@ -329,7 +329,7 @@ def test_token_level_raas_step():
     evictions = 0
     for before, after, pos, _ in simulate(policy, (3, 2), 12, 0):
         check_common(policy, before, after, pos, oldest_stamp_then_oldest_page)
-        evictions += int((before["fill"] > 0).all())
+        evictions += int((before.fill > 0).all())
     assert evictions > 0
 
 
@@ -406,11 +406,11 @@ def test_streaming_prefill_keeps_sinks_and_the_newest_prompt_pages():
     cache = jax.tree.map(lambda x: np.asarray(x[0]), prefill(cache, jnp.int32(0), q, kv, kv, jnp.asarray(positions)))
     for b, length in enumerate(lengths):
         for h in range(HKV):
-            starts = sorted(cache["start"][b, h][cache["fill"][b, h] > 0])
+            starts = sorted(cache.start[b, h][cache.fill[b, h] > 0])
             pages = list(range(0, length, 2))
             want = pages if len(pages) <= 6 else pages[:2] + pages[-4:]  # sinks 0..2 live in pages 0 and 1
             assert starts == want
-            assert cache["start"][b, h, cache["cur"][b, h]] == pages[-1]
+            assert cache.start[b, h, cache.cur[b, h]] == pages[-1]
 
 
 def test_chunked_prefill_stages_a_prompt_longer_than_the_pool():
@@ -423,7 +423,10 @@ def test_chunked_prefill_stages_a_prompt_longer_than_the_pool():
         assert policy.prefill_slots(4000, 16) == 1024, policy  # 1000 pages -> 8/4 x 512
     assert H2O(budget=64, page_size=1).prefill_slots(65, 64) == 80
     assert RaaS(budget=64, page_size=4).prefill_slots(65, 16) == 16  # pinned: a longer prompt is refused, not staged
-    assert H2O.chunk_extras == ("token_mass",) and RaaS.chunk_extras == ()
+    h2o, raas = H2O(budget=64, page_size=4), RaaS(budget=64, page_size=4, pin_prefill=False)
+    staging = h2o.begin_chunked_prefill(SIM_CFG, h2o.init(SIM_CFG, B, 20, jnp.float32))
+    assert staging.policy_state.token_mass is not None  # H2O's accumulator over the chunks (folded away after them)
+    assert raas.begin_chunked_prefill(SIM_CFG, raas.init(SIM_CFG, B, 20, jnp.float32)).policy_state is None
 
 
 def test_dense_pool_buckets_are_quarter_octaves():

@@ -128,11 +128,12 @@ SLOW = [
 
 # ------------------------------------------------------------------------------------ the driver
 
-META = ("fill", "start", "stamp", "pinned", "cur", "mass")
-
-
 def meta(cache) -> dict[str, np.ndarray]:
-    return {name: np.asarray(a[0]) for name, a in jax.device_get({n: cache[n] for n in META if n in cache}).items()}
+    """Layer 0's metadata (and H2O's mass) on the host, by the oracle's names."""
+    arrays = {name: getattr(cache, name) for name in ("fill", "start", "stamp", "pinned", "cur")}
+    if cache.policy_state is not None:  # H2O's HeavyHitterMass
+        arrays["mass"] = cache.policy_state.mass
+    return {name: np.asarray(a[0]) for name, a in jax.device_get(arrays).items()}
 
 
 class Mismatch(AssertionError):

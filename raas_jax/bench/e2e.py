@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from raas_jax.decode.cache import cache_bytes, page_key_bounds, pool_dtype
+from raas_jax.decode.cache import PagePool, cache_bytes, page_key_bounds, pool_dtype
 from raas_jax.kernels.reference import to_pool_dtype
 from raas_jax.model_io.checkpoint import param_shapes
 from raas_jax.decode import memory
@@ -90,12 +90,12 @@ def write_random_layer(pools: tuple, fill: jax.Array, layer: jax.Array, seed: in
 
 
 def synthetic_cache(policy: Policy, cfg: ModelConfig, batch: int, position: int, prompt_len: int,
-                    headroom: int, dtype: Any, seed: int = 0) -> dict:
+                    headroom: int, dtype: Any, seed: int = 0) -> PagePool:
     """The cache a run would hold after `position` tokens (prompt `prompt_len`), room for `headroom` more."""
     page = policy.page_size
     slots = policy.num_slots(prompt_len, position - prompt_len + headroom)
     pool = jax.eval_shape(lambda: policy.init(cfg, batch, slots, dtype))
-    shape = pool["fill"].shape  # [L, B, Hkv, S]
+    shape = pool.fill.shape  # [L, B, Hkv, S]
     prompt_pages = -(-prompt_len // page)
     rng = np.random.default_rng(seed)
     if policy.fixed_budget:
@@ -119,7 +119,6 @@ def synthetic_cache(policy: Policy, cfg: ModelConfig, batch: int, position: int,
         pinned = np.zeros(shape, bool)
         cur_slot = resident - 1
 
-    small = {name: x for name, x in pool.items() if name not in ("k", "v")}  # shapes only: k and v are made
     k_shape, bounds_shape = (*shape, page, cfg.head_dim), (*shape, cfg.head_dim)
     mesh = getattr(policy, "mesh", None)  # a ShardedPolicy: batch over data, KV heads over model
 
@@ -127,7 +126,7 @@ def synthetic_cache(policy: Policy, cfg: ModelConfig, batch: int, position: int,
         return jnp.asarray(x) if mesh is None else jax.device_put(x, NamedSharding(mesh, cache_spec(x.ndim)))
 
     fill = place(fill)
-    pages = pool["k"].dtype  # the policy's kv_dtype
+    pages = pool.k.dtype  # the policy's kv_dtype
     zeros = jax.jit(lambda: (jnp.zeros(k_shape, pages), jnp.zeros(k_shape, pages), jnp.zeros(bounds_shape, dtype),
                              jnp.zeros(bounds_shape, dtype)),
                     out_shardings=None if mesh is None else (NamedSharding(mesh, cache_spec(6)),) * 2
@@ -136,12 +135,14 @@ def synthetic_cache(policy: Policy, cfg: ModelConfig, batch: int, position: int,
     for layer in range(k_shape[0]):  # in place (donated), one layer per call: see write_random_layer
         pools = write_random_layer(pools, fill, jnp.int32(layer), seed)
     k, v, kmin, kmax = pools
-    cache = {"k": k, "v": v, "kmin": kmin, "kmax": kmax, "fill": fill, "start": place(start.astype(np.int32)),
-             "stamp": place(stamp), "pinned": place(pinned), "cur": place(np.full(shape[:-1], cur_slot, np.int32))}
-    for name, spec in small.items():  # policy-specific extras (e.g. H2O's accumulated mass)
-        if name not in cache:
-            cache[name] = place(np.zeros(spec.shape, spec.dtype))
-    return cache
+
+    def zeros_like(spec):  # the scales and the policy's own arrays (e.g. H2O's accumulated mass): zeros
+        return place(np.zeros(spec.shape, spec.dtype))
+
+    return PagePool(k=k, v=v, kmin=kmin, kmax=kmax, fill=fill, start=place(start.astype(np.int32)),
+                    stamp=place(stamp), pinned=place(pinned), cur=place(np.full(shape[:-1], cur_slot, np.int32)),
+                    k_scale=jax.tree.map(zeros_like, pool.k_scale), v_scale=jax.tree.map(zeros_like, pool.v_scale),
+                    policy_state=jax.tree.map(zeros_like, pool.policy_state))
 
 
 def _slots(gen: Generator, position: int, prompt_len: int, headroom: int) -> int:

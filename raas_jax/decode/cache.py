@@ -1,24 +1,14 @@
-"""The page-pool KV cache (docs/design.md, the page pool): arrays and the pure functions that edit them.
+"""The page-pool KV cache (docs/design.md, the page pool): `PagePool` and the pure functions that edit it.
 
-Per (layer, sequence, KV head) the cache owns S slots of P tokens. Arrays are stacked over layers so
-the model can scan over them; the policies (raas_jax/policies.py) see one layer at a time:
-
-    k, v        [B, Hkv, S, P, D]   the pages, in the policy's kv_dtype (KV_DTYPES: the model's dtype or FP8)
-    kmin, kmax  [B, Hkv, S, D]      per-channel key min / max of each page as stored (Quest bound), model dtype
-    fill        [B, Hkv, S] int32   tokens held by the slot, 0 = free
-    start       [B, Hkv, S] int32   position of the slot's first token
-    stamp       [B, Hkv, S] int32   RaaS timestamp: last position at which the page was written or judged important
-    pinned      [B, Hkv, S] bool    prompt pages (never evicted)
-    cur         [B, Hkv]    int32   slot being filled
-    k_scale, v_scale  [L] float32   FP8 pages with calibrated scales only: pages hold k / k_scale, v / v_scale
-    (+ policy-specific arrays, e.g. H2O's accumulated attention mass)
-
-Slot order does not matter to attention (RoPE is applied before caching), so evicting page X to start
-page Y is overwriting slot X.
+Per (layer, sequence, KV head) the cache owns S slots of P tokens. The arrays are stacked over layers so the
+model can scan over them; the policies (raas_jax/policies.py) see one layer at a time (`layer_at`: the same
+type, every leaf without its leading L). `PagePool` lists the fields and their shapes. Slot order does not
+matter to attention (RoPE is applied before caching), so evicting page X to start page Y is overwriting slot X.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,10 +20,32 @@ from raas_jax.kernels import dispatch as kernels
 from raas_jax.kernels.reference import is_float8, to_pool_dtype
 from raas_jax.models.config import ModelConfig
 
-LayerCache = dict[str, jax.Array]
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagePool:
+    """The page pool, a pytree: every array stacked over layers. One layer's view (`layer_at`) is a PagePool too,
+    every leaf without the leading L (the scales are scalars there); `layer_at(..., pages=False)` leaves k, v,
+    kmin and kmax out (None)."""
+
+    k: jax.Array | None  # [L, B, Hkv, S, P, D] the pages, in the policy's kv_dtype (KV_DTYPES)
+    v: jax.Array | None  # [L, B, Hkv, S, P, D]
+    kmin: jax.Array | None  # [L, B, Hkv, S, D] per-channel key min of each page as stored (Quest bound), model dtype
+    kmax: jax.Array | None  # [L, B, Hkv, S, D] per-channel key max
+    fill: jax.Array  # [L, B, Hkv, S] int32 tokens held by the slot, 0 = free
+    start: jax.Array  # [L, B, Hkv, S] int32 position of the slot's first token
+    stamp: jax.Array  # [L, B, Hkv, S] int32 RaaS: last position at which the page was written or judged important
+    pinned: jax.Array  # [L, B, Hkv, S] bool prompt pages (never evicted)
+    cur: jax.Array  # [L, B, Hkv] int32 slot being filled
+    k_scale: jax.Array | None = None  # [L] float32 FP8 pages with calibrated scales only: pages hold k / k_scale
+    v_scale: jax.Array | None = None  # [L] float32 ... and v / v_scale
+    policy_state: Any = None  # the policy's own arrays (H2O: policies.HeavyHitterMass), None for the others
+
+    def replace(self, **changes: Any) -> PagePool:
+        return dataclasses.replace(self, **changes)
 
 
-def cache_bytes(cache: dict[str, jax.Array]) -> int:
+def cache_bytes(cache: Any) -> int:
     """Device bytes held by a cache pytree."""
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache)))
 
@@ -78,26 +90,28 @@ def kv_scales(kv_absmax: tuple[Sequence[float], Sequence[float]], pages: Any, nu
 
 def init_pool(cfg: ModelConfig, batch: int, num_slots: int, page_size: int, dtype: Any,
               kv_dtype: str = "auto", kv_absmax: tuple[Sequence[float], Sequence[float]] | None = None
-              ) -> dict[str, jax.Array]:
+              ) -> PagePool:
     """An empty pool, every array stacked over layers: [L, B, Hkv, S, ...]. Pages in `kv_dtype` (KV_DTYPES),
     key bounds in `dtype`. FP8 pages with `kv_absmax` (per-layer key and value maxima) also carry the per-layer
     `k_scale` / `v_scale` [L] the attention divides the pages by (models/transformer.py)."""
     slots = (cfg.num_layers, batch, cfg.num_kv_heads, num_slots)
     pages = pool_dtype(kv_dtype, dtype)
-    scales = {}
+    k_scale = v_scale = None
     if kv_absmax is not None and is_float8(pages):
-        scales = dict(zip(("k_scale", "v_scale"), kv_scales(kv_absmax, pages, cfg.num_layers)))
-    return scales | {
-        "k": jnp.zeros(slots + (page_size, cfg.head_dim), pages),  # [L, B, Hkv, S, P, D]
-        "v": jnp.zeros(slots + (page_size, cfg.head_dim), pages),  # [L, B, Hkv, S, P, D]
-        "kmin": jnp.zeros(slots + (cfg.head_dim,), dtype),  # [L, B, Hkv, S, D]
-        "kmax": jnp.zeros(slots + (cfg.head_dim,), dtype),  # [L, B, Hkv, S, D]
-        "fill": jnp.zeros(slots, jnp.int32),  # [L, B, Hkv, S]
-        "start": jnp.zeros(slots, jnp.int32),  # [L, B, Hkv, S]
-        "stamp": jnp.zeros(slots, jnp.int32),  # [L, B, Hkv, S]
-        "pinned": jnp.zeros(slots, jnp.bool_),  # [L, B, Hkv, S]
-        "cur": jnp.zeros(slots[:-1], jnp.int32),  # [L, B, Hkv]
-    }
+        k_scale, v_scale = kv_scales(kv_absmax, pages, cfg.num_layers)  # [L] each
+    return PagePool(
+        k=jnp.zeros(slots + (page_size, cfg.head_dim), pages),  # [L, B, Hkv, S, P, D]
+        v=jnp.zeros(slots + (page_size, cfg.head_dim), pages),  # [L, B, Hkv, S, P, D]
+        kmin=jnp.zeros(slots + (cfg.head_dim,), dtype),  # [L, B, Hkv, S, D]
+        kmax=jnp.zeros(slots + (cfg.head_dim,), dtype),  # [L, B, Hkv, S, D]
+        fill=jnp.zeros(slots, jnp.int32),  # [L, B, Hkv, S]
+        start=jnp.zeros(slots, jnp.int32),  # [L, B, Hkv, S]
+        stamp=jnp.zeros(slots, jnp.int32),  # [L, B, Hkv, S]
+        pinned=jnp.zeros(slots, jnp.bool_),  # [L, B, Hkv, S]
+        cur=jnp.zeros(slots[:-1], jnp.int32),  # [L, B, Hkv]
+        k_scale=k_scale,
+        v_scale=v_scale,
+    )
 
 
 @jax.jit
@@ -107,13 +121,13 @@ def _entries_at_limit(x: jax.Array, layer: jax.Array) -> jax.Array:
     return jnp.sum(jnp.abs(values.astype(jnp.float32)) >= float(jnp.finfo(x.dtype).max), dtype=jnp.int32)
 
 
-def saturated_entries(cache: dict[str, jax.Array]) -> int:
+def saturated_entries(cache: PagePool) -> int:
     """Key / value entries of an FP8 pool stored at the format's largest magnitude (448 for e4m3fn): writes clip
     values past it (`to_pool_dtype`), so a count above 0 says some were likely clipped. 0 for pools of other
     dtypes. One layer at a time: a backend that does not fuse the upcast into the sum (XLA on the CPU) then holds
     one layer in float32, not the pool."""
-    return sum(int(_entries_at_limit(cache[name], jnp.int32(layer)))
-               for name in ("k", "v") if is_float8(cache[name].dtype) for layer in range(cache[name].shape[0]))
+    return sum(int(_entries_at_limit(pages, jnp.int32(layer)))
+               for pages in (cache.k, cache.v) if is_float8(pages.dtype) for layer in range(pages.shape[0]))
 
 
 def prompt_pages(x: jax.Array, page_size: int) -> jax.Array:
@@ -156,8 +170,8 @@ def compact_pages(kept: jax.Array, num_slots: int) -> jax.Array:
         jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), kept.shape), mode="drop")
 
 
-def write_prompt(view: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array, page_size: int,
-                 pin: bool, layout: jax.Array | None = None) -> LayerCache:
+def write_prompt(view: PagePool, k: jax.Array, v: jax.Array, positions: jax.Array, page_size: int,
+                 pin: bool, layout: jax.Array | None = None) -> PagePool:
     """Write a right-padded prompt into an empty layer cache.
 
     k, v [B, T, Hkv, D]; positions [B, T] (-1 = padding). `layout` [B, Hkv, S] names the prompt page each slot
@@ -165,37 +179,36 @@ def write_prompt(view: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Ar
     stamp = the last prompt position (all pages are new now); `pin` marks them pinned. The page holding the
     last prompt token becomes the page being filled; it must be in the layout.
     """
-    num_slots = view["fill"].shape[-1]
+    num_slots = view.fill.shape[-1]
     length = (jnp.max(positions, axis=1) + 1)[:, None, None]  # [B, 1, 1]
     k_pages, v_pages = prompt_pages(k, page_size), prompt_pages(v, page_size)  # [B, Hkv, N, P, D]
     if layout is None:
-        layout = identity_layout(k_pages.shape[2], num_slots, view["cur"].shape)
+        layout = identity_layout(k_pages.shape[2], num_slots, view.cur.shape)
     page = jnp.maximum(layout, 0)  # [B, Hkv, S]
     gather = page[..., None, None]
-    k_pool = to_pool_dtype(jnp.take_along_axis(k_pages, gather, axis=2), view["k"].dtype)  # [B, Hkv, S, P, D]
-    v_pool = to_pool_dtype(jnp.take_along_axis(v_pages, gather, axis=2), view["v"].dtype)
+    k_pool = to_pool_dtype(jnp.take_along_axis(k_pages, gather, axis=2), view.k.dtype)  # [B, Hkv, S, P, D]
+    v_pool = to_pool_dtype(jnp.take_along_axis(v_pages, gather, axis=2), view.v.dtype)
     start = page * page_size
     fill = jnp.where(layout >= 0, jnp.clip(length - start, 0, page_size), 0).astype(jnp.int32)  # [B, Hkv, S]
     resident = fill > 0
-    kmin, kmax = page_key_bounds(k_pool, fill, view["kmin"].dtype)
+    kmin, kmax = page_key_bounds(k_pool, fill, view.kmin.dtype)
     last_page = (length - 1) // page_size  # [B, 1, 1]
     cur = jnp.argmax(resident & (page == last_page), axis=-1).astype(jnp.int32)  # [B, Hkv]
-    return {
-        **view,
-        "k": k_pool,
-        "v": v_pool,
-        "kmin": kmin,
-        "kmax": kmax,
-        "fill": fill,
-        "start": jnp.where(resident, start, 0).astype(jnp.int32),
-        "stamp": jnp.where(resident, length - 1, 0).astype(jnp.int32),
-        "pinned": resident & pin,
-        "cur": cur,
-    }
+    return view.replace(
+        k=k_pool,
+        v=v_pool,
+        kmin=kmin,
+        kmax=kmax,
+        fill=fill,
+        start=jnp.where(resident, start, 0).astype(jnp.int32),
+        stamp=jnp.where(resident, length - 1, 0).astype(jnp.int32),
+        pinned=resident & pin,
+        cur=cur,
+    )
 
 
-def write_chunk(cache: dict[str, jax.Array], layer: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
-                page_size: int, pin: bool) -> dict[str, jax.Array]:
+def write_chunk(cache: PagePool, layer: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
+                page_size: int, pin: bool) -> PagePool:
     """Write one chunk of right-padded prompts into `layer` of the stacked cache, page j in slot j (chunked prefill).
 
     k, v [B, C, Hkv, D]; positions [B, C]: c0, c0 + 1, ... then -1 (padding), c0 a multiple of the page size and
@@ -212,28 +225,30 @@ def write_chunk(cache: dict[str, jax.Array], layer: jax.Array, k: jax.Array, v: 
     last = jnp.max(positions, axis=1)  # [B] last position so far, -1 = no token in this chunk
     active = last >= 0  # [B]
     token_valid = (positions >= 0)[..., None, None]  # [B, C, 1, 1]
-    k_pages = to_pool_dtype(prompt_pages(jnp.where(token_valid, k, 0), page_size), cache["k"].dtype)  # [B,Hkv,C/P,P,D]
-    v_pages = to_pool_dtype(prompt_pages(jnp.where(token_valid, v, 0), page_size), cache["v"].dtype)
+    k_pages = to_pool_dtype(prompt_pages(jnp.where(token_valid, k, 0), page_size), cache.k.dtype)  # [B,Hkv,C/P,P,D]
+    v_pages = to_pool_dtype(prompt_pages(jnp.where(token_valid, v, 0), page_size), cache.v.dtype)
     start = (first + jnp.arange(pages, dtype=jnp.int32)) * page_size  # [C/P]
     fill = jnp.broadcast_to(jnp.clip(last[:, None] + 1 - start, 0, page_size)[:, None, :], (b, hkv, pages))
-    kmin, kmax = page_key_bounds(k_pages, fill, cache["kmin"].dtype)  # [B, Hkv, C/P, D]
+    kmin, kmax = page_key_bounds(k_pages, fill, cache.kmin.dtype)  # [B, Hkv, C/P, D]
     chunk = {"k": k_pages, "v": v_pages, "kmin": kmin, "kmax": kmax, "fill": fill.astype(jnp.int32),
              "start": jnp.where(fill > 0, start, 0).astype(jnp.int32), "pinned": (fill > 0) & pin}
     # Page j goes to slot j. The last chunk of a padded batch can reach past the pool (a Dense pool holds the longest
     # prompt plus the new tokens, not the padding to a whole chunk): those pages are padding and are dropped, where a
     # slice update would clamp its start and write the chunk over earlier pages.
     slots = first + jnp.arange(pages, dtype=jnp.int32)  # [C/P]
-    cache = dict(cache)
-    for name, value in chunk.items():  # only the chunk's slots, and only in rows with tokens here
-        index = (layer, slice(None), slice(None), slots)  # picks [C/P, B, Hkv, ...] (the advanced indices lead)
-        old = cache[name].at[index].get(mode="fill", fill_value=0)
-        new = jnp.moveaxis(value.astype(cache[name].dtype), 2, 0)  # [C/P, B, Hkv, ...]
+    index = (layer, slice(None), slice(None), slots)  # picks [C/P, B, Hkv, ...] (the advanced indices lead)
+
+    def write(pool: jax.Array, value: jax.Array) -> jax.Array:  # only the chunk's slots, only in rows with tokens
+        old = pool.at[index].get(mode="fill", fill_value=0)
+        new = jnp.moveaxis(value.astype(pool.dtype), 2, 0)  # [C/P, B, Hkv, ...]
         row = active.reshape((1, b) + (1,) * (value.ndim - 2))
-        cache[name] = cache[name].at[index].set(jnp.where(row, new, old), mode="drop")
-    resident = cache["fill"][layer] > 0  # [B, Hkv, S]
-    stamp = jnp.where(active[:, None, None] & resident, last[:, None, None], cache["stamp"][layer])
-    cur = jnp.where(active[:, None], (last // page_size)[:, None], cache["cur"][layer]).astype(jnp.int32)
-    return store_layer(cache, layer, {"stamp": stamp, "cur": cur})
+        return pool.at[index].set(jnp.where(row, new, old), mode="drop")
+
+    cache = cache.replace(**{name: write(getattr(cache, name), value) for name, value in chunk.items()})
+    resident = cache.fill[layer] > 0  # [B, Hkv, S]
+    stamp = jnp.where(active[:, None, None] & resident, last[:, None, None], cache.stamp[layer])
+    cur = jnp.where(active[:, None], (last // page_size)[:, None], cache.cur[layer]).astype(jnp.int32)
+    return cache.replace(stamp=cache.stamp.at[layer].set(stamp), cur=cache.cur.at[layer].set(cur))
 
 
 def page_sums(token_values: jax.Array, page_size: int) -> jax.Array:
@@ -247,22 +262,24 @@ def page_sums(token_values: jax.Array, page_size: int) -> jax.Array:
 PAGE_ARRAYS = ("k", "v", "kmin", "kmax")  # pool-sized: the kernels read them stacked, in place
 
 
-def layer_at(cache: dict[str, jax.Array], layer: jax.Array, pages: bool = True) -> LayerCache:
-    """One layer's view of the stacked cache (`layer` may be traced).
+def layer_at(cache: PagePool, layer: jax.Array, pages: bool = True) -> PagePool:
+    """One layer's view of the stacked cache: every leaf indexed at `layer` (which may be traced).
 
-    `pages=False` leaves out the pool-sized arrays (PAGE_ARRAYS): decode passes those to the kernels stacked,
-    with the layer index, since a slice of them handed to a custom call is a copy."""
-    return {name: array[layer] for name, array in cache.items() if pages or name not in PAGE_ARRAYS}
-
-
-def store_layer(cache: dict[str, jax.Array], layer: jax.Array, values: LayerCache) -> dict[str, jax.Array]:
-    """Write whole-layer arrays back into the stacked cache (prefill and small metadata)."""
-    return {**cache, **{name: cache[name].at[layer].set(value) for name, value in values.items()}}
+    `pages=False` leaves out the pool-sized arrays (PAGE_ARRAYS, None in the view): decode passes those to the
+    kernels stacked, with the layer index, since a slice of them handed to a custom call is a copy."""
+    if not pages:
+        cache = cache.replace(**dict.fromkeys(PAGE_ARRAYS))
+    return jax.tree.map(lambda x: x[layer], cache)
 
 
-def append_token(cache: dict[str, jax.Array], layer: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
+def store_layer(cache: PagePool, layer: jax.Array, view: PagePool) -> PagePool:
+    """Write a whole layer's view (`layer_at`, pages included) back into the stacked cache (prefill)."""
+    return jax.tree.map(lambda whole, part: whole.at[layer].set(part), cache, view)
+
+
+def append_token(cache: PagePool, layer: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
                  victim: jax.Array, page_size: int, backend: str = "reference"
-                 ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
+                 ) -> tuple[PagePool, jax.Array, jax.Array]:
     """Append one token per (sequence, KV head) of `layer`, opening a new page when the current one is full.
 
     Works on the stacked cache and writes only what changes (one token of k/v, one slot of metadata per
@@ -271,15 +288,14 @@ def append_token(cache: dict[str, jax.Array], layer: jax.Array, k: jax.Array, v:
     kernels/reference.py's `append_token`; on a GPU one Pallas kernel writes everything.
     k, v [B, Hkv, D], positions [B]. Returns (cache, slot written [B, Hkv], evicted slot or -1 [B, Hkv]).
     """
-    pool = {name: cache[name] for name in kernels.APPEND_ARRAYS}
+    pool = {name: getattr(cache, name) for name in kernels.APPEND_ARRAYS}
     written, slot, evicted = kernels.append_token(pool, layer, k, v, positions, victim, page_size, backend=backend)
-    return {**cache, **written}, slot, evicted
+    return cache.replace(**written), slot, evicted
 
 
-def refresh_stamps(cache: dict[str, jax.Array], layer: jax.Array, important: jax.Array,
-                   positions: jax.Array) -> dict[str, jax.Array]:
+def refresh_stamps(cache: PagePool, layer: jax.Array, important: jax.Array, positions: jax.Array) -> PagePool:
     """RaaS: the pages judged important at this step get stamp = the current position.
 
     important [B, Hkv, S] bool, positions [B]."""
-    stamp = jnp.where(important, positions[:, None, None], cache["stamp"][layer])
-    return {**cache, "stamp": cache["stamp"].at[layer].set(stamp)}
+    stamp = jnp.where(important, positions[:, None, None], cache.stamp[layer])
+    return cache.replace(stamp=cache.stamp.at[layer].set(stamp))

@@ -30,7 +30,7 @@ from flax import struct
 
 from raas_jax import signals
 
-from raas_jax.decode.cache import saturated_entries
+from raas_jax.decode.cache import PagePool, saturated_entries
 from raas_jax.policies import Dense, next_pow2
 from raas_jax.models.config import ModelConfig
 from raas_jax.models.transformer import Transformer
@@ -71,7 +71,7 @@ class RowSettings:
 class DecodeState:
     """The decode state over B rows; every array's leading axis (the cache's second) is the row."""
 
-    cache: dict  # the policy's page pool, arrays stacked over layers: [L, B, ...] (FP8 scales [L])
+    cache: PagePool  # the policy's page pool, arrays stacked over layers: [L, B, ...] (FP8 scales [L])
     tokens: jax.Array  # [B, DECODE_CHUNK] int32 tokens sampled since `base` (column = step - base)
     last: jax.Array  # [B] int32 last sampled token (the next input)
     pos: jax.Array  # [B] int32 position of `last`
@@ -83,7 +83,7 @@ class DecodeState:
     base: jax.Array  # [] int32 value of `step` when `tokens` was last drained
 
 
-def decode_state(cache: dict, last: jax.Array, pos: jax.Array, *, max_new_tokens: int = 2**30,
+def decode_state(cache: PagePool | None, last: jax.Array, pos: jax.Array, *, max_new_tokens: int = 2**30,
                  seed: int = 0) -> DecodeState:
     """A decode state over a given pool (e.g. a synthetic one for benchmarks): row b has just sampled `last[b]` at
     position `pos[b]` ([B] int32 each), greedy, no row done, stopping after `max_new_tokens`."""
@@ -173,17 +173,17 @@ class Generator:
         return jax.jit(self._finish_chunks)  # a staging pool is larger than the decode pool: nothing to donate into
 
     def finish(self, cache, logits, lengths, done, eos_ids, settings: RowSettings, keys) -> DecodeState:
-        """The decode state after the last chunk: the policy's chunked-prefill extras are split off (they are not
-        donated) and the cache goes through `finish_chunks`, or `finish_staged_chunks` when it is a staging pool
-        (a prompt longer than a fixed budget, `Policy.prefill_slots`)."""
-        cache = dict(cache)
-        extras = {name: cache.pop(name) for name in self.policy.chunk_extras}
-        staged = self.policy.fixed_budget and cache["fill"].shape[-1] > self.policy.num_slots(0, 0)
+        """The decode state after the last chunk: the policy's own arrays are split off (not donated: during a
+        chunked prefill they may hold accumulators decode has no place for, e.g. H2O's `token_mass`) and the cache
+        goes through `finish_chunks`, or `finish_staged_chunks` when it is a staging pool (a prompt longer than a
+        fixed budget, `Policy.prefill_slots`)."""
+        staged = self.policy.fixed_budget and cache.fill.shape[-1] > self.policy.num_slots(0, 0)
         run = self.finish_staged_chunks if staged else self.finish_chunks
-        return run(cache, extras, logits, lengths, done, eos_ids, settings, keys)
+        return run(cache.replace(policy_state=None), cache.policy_state, logits, lengths, done, eos_ids, settings,
+                   keys)
 
-    def _begin_chunks(self, *, batch: int, num_slots: int) -> tuple[dict, jax.Array]:
-        """The empty cache (with the policy's chunked-prefill extras) and logits [B, V] to fill."""
+    def _begin_chunks(self, *, batch: int, num_slots: int) -> tuple[PagePool, jax.Array]:
+        """The empty cache (with the policy's chunked-prefill accumulators) and logits [B, V] to fill."""
         cache = self.policy.init(self.cfg, batch, num_slots, self.dtype)
         return self.policy.begin_chunked_prefill(self.cfg, cache), jnp.zeros((batch, self.cfg.vocab_size), jnp.float32)
 
@@ -194,11 +194,11 @@ class Generator:
                                                 logits_index=jnp.maximum(last, 0))  # [B, V]
         return cache, jnp.where((last >= 0)[:, None], chunk_logits, logits)
 
-    def _finish_chunks(self, cache, extras, logits, lengths, done, eos_ids, settings: RowSettings,
+    def _finish_chunks(self, cache, policy_state, logits, lengths, done, eos_ids, settings: RowSettings,
                        keys) -> DecodeState:
-        """The decode state after the last chunk: the policy folds its chunked-prefill `extras` (arrays that are
-        not donated, since decode has no place for them) into the cache, then the first token is sampled."""
-        cache = self.policy.end_chunked_prefill({**cache, **extras})
+        """The decode state after the last chunk: the policy's own arrays (`policy_state`, not donated) go back into
+        the cache, the policy folds its chunked-prefill accumulators away, then the first token is sampled."""
+        cache = self.policy.end_chunked_prefill(cache.replace(policy_state=policy_state))
         return self._first_token(cache, logits, lengths, done, eos_ids, settings, keys)
 
     def _first_token(self, cache, logits, lengths, done, eos_ids, settings: RowSettings, keys) -> DecodeState:
@@ -262,7 +262,7 @@ class Generator:
                 return rows
             return jax.lax.dynamic_update_slice_in_dim(rows, one.astype(rows.dtype), row, axis=1)
 
-        cache = {name: put_pool(state.cache[name], prefix.cache[name]) for name in state.cache}
+        cache = jax.tree.map(put_pool, state.cache, prefix.cache)
         return state.replace(
             cache=cache, tokens=put(state.tokens, jnp.zeros_like(prefix.tokens)), last=put(state.last, prefix.last),
             pos=put(state.pos, prefix.pos), done=put(state.done, prefix.done), count=put(state.count, prefix.count),
@@ -318,11 +318,12 @@ def prefill_plan(policy: Any, lengths: Sequence[int], prefill_chunk: int | None)
 
 
 def chunked_prefill(gen: Generator, params, tokens: np.ndarray, lengths: np.ndarray, *, prefill_chunk: int,
-                    num_slots: int) -> tuple[dict, jax.Array]:
+                    num_slots: int) -> tuple[PagePool, jax.Array]:
     """Prefill right-padded prompts [B, T] (T a multiple of `prefill_chunk`) one chunk per call -> (cache, logits
     [B, V] at each row's last prompt token). `num_slots` is the decode pool's; the chunks are written into
-    `Policy.prefill_slots` slots. The cache still holds the policy's chunked-prefill extras (`Policy.chunk_extras`)
-    and, for a prompt longer than a fixed budget, the staging pool: `Generator.finish` folds both away."""
+    `Policy.prefill_slots` slots. The cache still holds the policy's chunked-prefill accumulators (H2O's
+    `token_mass`) and, for a prompt longer than a fixed budget, the staging pool: `Generator.finish` folds both
+    away."""
     batch, t = tokens.shape
     if t % prefill_chunk:
         raise ValueError(f"prompt length {t} is not a multiple of the prefill chunk {prefill_chunk}")
@@ -392,10 +393,10 @@ def run_generation(gen: Generator, params, prompts: Sequence[Sequence[int]], *, 
     clipped = saturated_entries(state.cache)
     if clipped:
         remedy = ("past the range of the model's calibrated scales: re-run `raas-jax calibrate-kv` on more or longer "
-                  "prompts" if "k_scale" in state.cache else "no k/v scales are applied: `raas-jax calibrate-kv` "
-                  "measures them for this model")
+                  "prompts" if state.cache.k_scale is not None
+                  else "no k/v scales are applied: `raas-jax calibrate-kv` measures them for this model")
         warnings.warn(f"{clipped} key/value entries of the FP8 page pool sit at its largest magnitude "
-                      f"({float(jnp.finfo(state.cache['k'].dtype).max):g}): values were clipped ({remedy}). Compare the "
+                      f"({float(jnp.finfo(state.cache.k.dtype).max):g}): values were clipped ({remedy}). Compare the "
                       "output with --kv-dtype auto (kv_dtype='auto').", stacklevel=2)
     return out, state
 

@@ -29,11 +29,11 @@ def abstract_decode_args(gen: Generator, params: Any, batch: int, num_slots: int
     params = jax.tree.map(lambda x: s(x.shape, x.dtype), params)
     mesh = getattr(policy, "mesh", None)
     if mesh is not None:  # the shards each device holds
-        cache = {name: s(x.shape, x.dtype, sharding=NamedSharding(mesh, cache_spec(x.ndim))) for name, x in cache.items()}
+        cache = jax.tree.map(lambda x: s(x.shape, x.dtype, sharding=NamedSharding(mesh, cache_spec(x.ndim))), cache)
         params = jax.tree.map(lambda x, sharding: s(x.shape, x.dtype, sharding=sharding), params,
                               param_shardings(params, mesh))
     rows = jnp.zeros((batch,), jnp.int32)
-    state = jax.eval_shape(lambda: decode_state({}, rows, rows)).replace(cache=cache)
+    state = jax.eval_shape(lambda: decode_state(None, rows, rows)).replace(cache=cache)
     return params, state, s((), jnp.int32), s((1,), jnp.int32)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from raas_jax.decode.cache import PagePool
 from raas_jax.models.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -163,10 +164,6 @@ class ShardedPolicy:
     def fixed_budget(self) -> bool:
         return self.policy.fixed_budget
 
-    @property
-    def chunk_extras(self) -> tuple[str, ...]:
-        return self.policy.chunk_extras
-
     def num_slots(self, longest_prompt: int, max_new_tokens: int) -> int:
         return self.policy.num_slots(longest_prompt, max_new_tokens)
 
@@ -176,20 +173,20 @@ class ShardedPolicy:
     def prefill_slots(self, longest_prompt: int, num_slots: int) -> int:
         return self.policy.prefill_slots(longest_prompt, num_slots)
 
-    def begin_chunked_prefill(self, cfg: ModelConfig, cache: dict) -> dict:
+    def begin_chunked_prefill(self, cfg: ModelConfig, cache: PagePool) -> PagePool:
         return self.policy.begin_chunked_prefill(cfg, cache)
 
-    def end_chunked_prefill(self, cache: dict) -> dict:
+    def end_chunked_prefill(self, cache: PagePool) -> PagePool:
         return self.policy.end_chunked_prefill(cache)
 
     # --------------------------------------------------------------------------------- per shard
 
-    def init(self, cfg: ModelConfig, batch: int, num_slots: int, dtype: Any) -> dict:
+    def init(self, cfg: ModelConfig, batch: int, num_slots: int, dtype: Any) -> PagePool:
         cache = self.policy.init(cfg, batch, num_slots, dtype)
         return jax.lax.with_sharding_constraint(cache, cache_shardings(cache, self.mesh))
 
-    def _cache_specs(self, cache: dict) -> dict:
-        return {name: cache_spec(x.ndim) for name, x in cache.items()}
+    def _cache_specs(self, cache: PagePool) -> PagePool:
+        return jax.tree.map(lambda x: cache_spec(x.ndim), cache)
 
     def prefill(self, cache, layer, q, k, v, positions):
         heads = P("data", None, "model", None)  # [B, T, H, D]

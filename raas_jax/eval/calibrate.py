@@ -45,8 +45,8 @@ def measure_kv_absmax(model, prompts: Sequence[Sequence[int]], max_new_tokens: i
         signals.checkpoint("calibration batch")
         _, state = run_generation(gen, model.params, batch, max_new_tokens=max_new_tokens, eos_ids=model.eos_ids)
         rows = slice(0, len(batch))  # the padding rows a mesh may add hold no prompt
-        k_max = np.maximum(k_max, np.asarray(_layer_absmax(state.cache["k"][:, rows])))
-        v_max = np.maximum(v_max, np.asarray(_layer_absmax(state.cache["v"][:, rows])))
+        k_max = np.maximum(k_max, np.asarray(_layer_absmax(state.cache.k[:, rows])))
+        v_max = np.maximum(v_max, np.asarray(_layer_absmax(state.cache.v[:, rows])))
     return tuple(map(float, k_max)), tuple(map(float, v_max))
 
 

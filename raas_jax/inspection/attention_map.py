@@ -19,14 +19,23 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from raas_jax.kernels import dispatch as kernels
-from raas_jax.decode.cache import store_layer
 from raas_jax.models.transformer import Transformer
 from raas_jax.policies import Policy
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TracedState:
+    """`MassTrace`'s `PagePool.policy_state`: the traced policy's own state, wrapped, and the recorded mass."""
+
+    policy_state: Any  # the traced policy's (H2O: HeavyHitterMass), None for the others
+    mass: jax.Array  # [L, B, Hkv, S] float32 the mass each slot received at the last decode step
+
+
 @dataclasses.dataclass(frozen=True)
 class MassTrace:
-    """Any policy, plus `trace_mass` [L, B, Hkv, S]: the mass each slot received at the last decode step."""
+    """Any policy, recording the mass each slot received at the last decode step (`TracedState.mass`). The
+    traced policy sees the pool with its own state in place, as without the trace."""
 
     policy: Policy
 
@@ -37,16 +46,21 @@ class MassTrace:
 
     def init(self, cfg, batch, num_slots, dtype):
         cache = self.policy.init(cfg, batch, num_slots, dtype)
-        return {**cache, "trace_mass": jnp.zeros(cache["fill"].shape, jnp.float32)}
+        traced = TracedState(cache.policy_state, jnp.zeros(cache.fill.shape, jnp.float32))  # [L, B, Hkv, S]
+        return cache.replace(policy_state=traced)
 
     def prefill(self, cache, layer, q, k, v, positions):
-        return self.policy.prefill(cache, layer, q, k, v, positions)
+        traced = cache.policy_state
+        cache = self.policy.prefill(cache.replace(policy_state=traced.policy_state), layer, q, k, v, positions)
+        return cache.replace(policy_state=TracedState(cache.policy_state, traced.mass))
 
     def decode(self, cache, layer, q, k, v, positions):
-        out, cache = self.policy.decode(cache, layer, q, k, v, positions)
-        _, mass = kernels.decode_attention(q, cache["k"], cache["v"], cache["fill"][layer], layer=layer,
+        traced = cache.policy_state
+        out, cache = self.policy.decode(cache.replace(policy_state=traced.policy_state), layer, q, k, v, positions)
+        _, mass = kernels.decode_attention(q, cache.k, cache.v, cache.fill[layer], layer=layer,
                                            backend="reference")  # [B, Hkv, S] over every resident page
-        return out, store_layer(cache, layer, {"trace_mass": mass})
+        traced = TracedState(cache.policy_state, traced.mass.at[layer].set(mass))
+        return out, cache.replace(policy_state=traced)
 
 
 @dataclasses.dataclass
@@ -107,15 +121,12 @@ def trace(model, prompt: Sequence[int], continuation: Sequence[int], policy: Pol
                                 logits_index=jnp.zeros((1,), jnp.int32))
         return cache
 
-    fields = ("trace_mass", "start", "fill", "stamp")
-    rows: dict[str, list[np.ndarray]] = {f: [] for f in fields}
+    rows = []  # per step: mass, start, fill, stamp [L, Hkv, S] of the one sequence
     for t in tqdm(range(steps), desc=f"trace {policy.name}", unit="tok", disable=not progress):
         cache = step(model.params, cache, jnp.int32(continuation[t]), jnp.int32(len(prompt) + t))
-        for f in fields:
-            rows[f].append(np.asarray(cache[f][:, 0]))  # [L, Hkv, S]
-    stacked = {f: np.stack(v) for f, v in rows.items()}
-    return Trace(stacked["trace_mass"], stacked["start"], stacked["fill"], stacked["stamp"], len(prompt),
-                 policy.page_size)
+        rows.append([np.asarray(x[:, 0]) for x in (cache.policy_state.mass, cache.start, cache.fill, cache.stamp)])
+    mass, start, fill, stamp = (np.stack(column) for column in zip(*rows))  # [steps, L, Hkv, S] each
+    return Trace(mass, start, fill, stamp, len(prompt), policy.page_size)
 
 
 def plot(dense: Trace, raas: Trace | None, layer: int, head: int, path: Path, title: str) -> Path:

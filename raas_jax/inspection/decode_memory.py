@@ -51,11 +51,11 @@ def main(argv: list[str] | None = None) -> None:
     for batch in args.batches:
         state = bench.abstract_decode_args(gen, batch, args.position)[1]
         m = bench.decode_memory(gen, batch, args.position)
-        print(f"{batch:5d} {cache_bytes(state.cache) / gib:8.2f} {state.cache['k'].size * 2 / gib:8.2f} "
+        print(f"{batch:5d} {cache_bytes(state.cache) / gib:8.2f} {state.cache.k.size * 2 / gib:8.2f} "
               f"{m['argument'] / gib:8.2f} {m['output'] / gib:8.2f} {m['alias'] / gib:8.2f} {m['temp'] / gib:8.2f} "
               f"{m['total'] / gib:8.2f}", flush=True)
-        pools = (state.cache["k"], state.cache["v"], state.cache["kmin"], state.cache["kmax"])
-        write = bench.write_random_layer.lower(pools, state.cache["fill"], jax.ShapeDtypeStruct((), jnp.int32),
+        pools = (state.cache.k, state.cache.v, state.cache.kmin, state.cache.kmax)
+        write = bench.write_random_layer.lower(pools, state.cache.fill, jax.ShapeDtypeStruct((), jnp.int32),
                                                0).compile().memory_analysis()
         print(f"      synthetic pool, one layer written in place: arguments {write.argument_size_in_bytes / gib:.2f}, "
               f"aliased {write.alias_size_in_bytes / gib:.2f}, temp {write.temp_size_in_bytes / gib:.2f} GiB")

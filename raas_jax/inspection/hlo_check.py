@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     decode_args = bench.abstract_decode_args(gen, args.batch, args.position, headroom=0)
     text = gen.decode.lower(*decode_args).compile().as_text()
     shapes, b = decode_args[1].cache, args.batch
-    k_shape = shapes["k"].shape  # [L, B, Hkv, S, P, D]
+    k_shape = shapes.k.shape  # [L, B, Hkv, S, P, D]
     flat = (*k_shape[:3], k_shape[3] * k_shape[4], k_shape[5])  # the Pallas kernel's [.., S*P, D] view
     packed = (*flat[:-1], flat[-1] // 2)  # an FP8 pool read as uint16 pairs (pallas_gpu.AttentionTuning.pack_fp8)
     kinds = {",".join(map(str, k_shape)): "stacked", ",".join(map(str, k_shape[1:])): "layer",

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from raas_jax.decode.cache import PagePool
 from raas_jax.decode.generate import (DECODE_CHUNK, DEFAULT_PREFILL_CHUNK, DecodeState, Generator, RowSettings,
                                       chunk_positions, eos_array, pad_prompts, prefill_plan, row_keys)
 from raas_jax.policies import Policy
@@ -50,7 +51,7 @@ class Prefill:
     tokens: np.ndarray  # [1, T] the padded prompt
     lengths: np.ndarray  # [1]
     next_start: int = 0  # the next chunk's first position
-    cache: dict | None = None  # the pool being filled (chunked)
+    cache: PagePool | None = None  # the pool being filled (chunked)
     logits: jax.Array | None = None  # [1, V] at the last prompt token so far (chunked)
     prefix: DecodeState | None = None  # the one-row state once done (its first token sampled)
 
@@ -203,7 +204,8 @@ def admission_bytes(gen: Generator, max_model_len: int,
     """(bytes of one row's pool, bytes that admitting one request adds beside the running rows): the prefilled
     one-row pool and the insert's copy of it, plus, where a prompt may be longer than a fixed budget's pool (H2O,
     StreamingLLM, unpinned RaaS) and than `prefill_chunk`, the staging pool its chunked prefill fills
-    (`Policy.prefill_slots`) with the policy's chunked-prefill extras, at the longest prompt `max_model_len` allows."""
+    (`Policy.prefill_slots`) with the policy's chunked-prefill accumulators, at the longest prompt `max_model_len`
+    allows."""
     from raas_jax.decode.cache import cache_bytes
 
     def pool_bytes(num_slots: int, extras: bool = False) -> int:

@@ -25,21 +25,21 @@ CFG = bench.MODEL_SHAPES["tiny"]
 def test_synthetic_state_is_consistent_and_decodes(policy):
     position, prompt = 100, 12
     cache = bench.synthetic_cache(policy, CFG, 2, position, prompt, 10, jnp.float32)
-    fill, start = np.asarray(cache["fill"]), np.asarray(cache["start"])
+    fill, start = np.asarray(cache.fill), np.asarray(cache.start)
     page = policy.page_size
     assert (fill <= page).all() and (start % page == 0).all()
     resident_tokens = fill.sum(axis=-1)
     if policy.fixed_budget:
-        assert (fill > 0).all() and np.asarray(cache["pinned"])[..., :3].all()  # 12 prompt tokens = 3 pages
-        assert (np.asarray(cache["stamp"]) >= start).all() and (np.asarray(cache["stamp"]) < position).all()
+        assert (fill > 0).all() and np.asarray(cache.pinned)[..., :3].all()  # 12 prompt tokens = 3 pages
+        assert (np.asarray(cache.stamp) >= start).all() and (np.asarray(cache.stamp) < position).all()
         assert (start + fill).max() == position  # the current page ends at the position
     else:
         assert (resident_tokens == position).all()
-    assert cache["k"].dtype == pool_dtype(policy.kv_dtype, jnp.float32) and cache["kmin"].dtype == jnp.float32
-    k = np.asarray(cache["k"], np.float32)
-    assert not np.allclose(k[0], k[1]) and np.asarray(cache["v"], np.float32).std() > 0.5  # every layer drawn, v too
+    assert cache.k.dtype == pool_dtype(policy.kv_dtype, jnp.float32) and cache.kmin.dtype == jnp.float32
+    k = np.asarray(cache.k, np.float32)
+    assert not np.allclose(k[0], k[1]) and np.asarray(cache.v, np.float32).std() > 0.5  # every layer drawn, v too
     valid = np.arange(page)[None, None, None, None, :, None] < fill[..., None, None]
-    np.testing.assert_allclose(np.asarray(cache["kmax"]), np.where(valid, k, -np.inf).max(4).clip(
+    np.testing.assert_allclose(np.asarray(cache.kmax), np.where(valid, k, -np.inf).max(4).clip(
         min=np.where(fill[..., None] > 0, -np.inf, 0)), rtol=1e-6)
     gen = Generator(CFG, jnp.float32, policy)
     params = bench.random_params(CFG, jnp.float32)

@@ -226,12 +226,12 @@ def whole_and_chunked_prefill(model, policy, prompts, chunk, max_new_tokens=20):
 
 
 def assert_same_cache(chunked, whole, page_size):
-    assert set(chunked) == set(whole)
-    filled = np.arange(page_size) < np.asarray(whole["fill"])[..., None]  # [L, B, Hkv, S, P]
-    for name in whole:
-        got, want = (np.asarray(x, np.float32 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype)
-                     for x in (chunked[name], whole[name]))
-        if name in ("k", "v"):  # empty slots and unfilled offsets hold anything
+    assert jax.tree.structure(chunked) == jax.tree.structure(whole)
+    filled = np.arange(page_size) < np.asarray(whole.fill)[..., None]  # [L, B, Hkv, S, P]
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(whole), jax.tree.leaves(chunked)):
+        name = jax.tree_util.keystr(path)  # e.g. ".fill", ".policy_state.mass"
+        got, want = (np.asarray(a, np.float32 if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype) for a in (y, x))
+        if name in (".k", ".v"):  # empty slots and unfilled offsets hold anything
             got, want = got * filled[..., None], want * filled[..., None]
         if np.issubdtype(want.dtype, np.floating):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
@@ -263,7 +263,8 @@ def test_chunked_prefill_equals_the_whole_prompt(model, name):
     np.testing.assert_allclose(chunk_logits[:3], logits[:3], rtol=1e-4, atol=1e-4)
     assert_same_cache(chunk_cache, cache, policy.page_size)
     state = assert_chunked_generation_equals_whole(model, policy, max_new_tokens=24)
-    assert set(state.cache) == set(jax.eval_shape(lambda: policy.init(model.cfg, 4, 16, model.dtype)))
+    assert jax.tree.structure(state.cache) == jax.tree.structure(
+        jax.eval_shape(lambda: policy.init(model.cfg, 4, 16, model.dtype)))
 
 
 LONG_PROMPT_POLICIES = {  # 32-token pools: the 45-token prompt's 12 pages do not fit
@@ -284,11 +285,11 @@ def test_a_prompt_longer_than_the_pool_is_chunked_through_a_staging_pool(model, 
     assert prefill_plan(policy, [45, 21, 5], 16) == 16
     (logits, cache), (chunk_logits, chunk_cache) = whole_and_chunked_prefill(model, policy, CHUNK_PROMPTS, 16)
     np.testing.assert_allclose(chunk_logits[:3], logits[:3], rtol=1e-4, atol=1e-4)
-    assert chunk_cache["fill"].shape == cache["fill"].shape  # compacted to the budget's pool
+    assert chunk_cache.fill.shape == cache.fill.shape  # compacted to the budget's pool
     assert_same_cache(chunk_cache, cache, policy.page_size)
-    assert int(np.sum(np.asarray(cache["fill"][0, 0, 0]) > 0)) == policy.slot_count  # the long row fills the pool
+    assert int(np.sum(np.asarray(cache.fill[0, 0, 0]) > 0)) == policy.slot_count  # the long row fills the pool
     state = assert_chunked_generation_equals_whole(model, policy, max_new_tokens=12)
-    assert state.cache["fill"].shape[-1] == policy.slot_count
+    assert state.cache.fill.shape[-1] == policy.slot_count
 
 
 @pytest.mark.parametrize("policy", [pytest.param(Dense(page_size=4), marks=pytest.mark.slow),
@@ -303,7 +304,7 @@ def test_chunks_padded_past_the_pool_are_dropped(model, policy):
     whole, _ = run_generation(gen, model.params, prompts, max_new_tokens=8, eos_ids=(), prefill_chunk=None)
     chunked, state = run_generation(gen, model.params, prompts, max_new_tokens=8, eos_ids=(), prefill_chunk=32)
     np.testing.assert_array_equal(chunked, whole)
-    fill = np.asarray(state.cache["fill"][0, 0, 0])  # layer 0, the 65-token row, KV head 0
+    fill = np.asarray(state.cache.fill[0, 0, 0])  # layer 0, the 65-token row, KV head 0
     # the prompt and the 7 new tokens fed back (the 8th is sampled, not cached): 18 pages, none lost
     np.testing.assert_array_equal(np.flatnonzero(fill), np.arange(-(-(65 + 7) // 4)))
 
@@ -377,9 +378,9 @@ def test_fp8_kv_cache_stores_8_bit_pages_and_stays_close(model, policy):
         assert error(fp8) > 3 * error(bf16)
     gen = model._generator(dataclasses.replace(policy, kv_dtype="fp8"))
     tokens, state = run_generation(gen, model.params, prompts, max_new_tokens=40, eos_ids=(), prefill_chunk=16)
-    assert state.cache["k"].dtype == state.cache["v"].dtype == jnp.float8_e4m3fn
-    assert state.cache["kmin"].dtype == jnp.float32
-    assert np.isfinite(np.asarray(state.cache["k"], np.float32)).all()
+    assert state.cache.k.dtype == state.cache.v.dtype == jnp.float8_e4m3fn
+    assert state.cache.kmin.dtype == jnp.float32
+    assert np.isfinite(np.asarray(state.cache.k, np.float32)).all()
     assert all(len(t) == 40 for t in tokens)
 
 
@@ -436,8 +437,9 @@ def test_calibrated_fp8_scales_store_large_keys_and_values(model):
 
     def stored_keys(policy):  # the prompt's keys as the pages give them back (times k_scale if any) [L, B, Hkv, S, P, D]
         _, state = run_generation(loud._generator(policy), loud.params, prompts, max_new_tokens=1, eos_ids=())
-        k = np.asarray(state.cache["k"], np.float32)
-        return k * np.asarray(state.cache["k_scale"]).reshape(-1, 1, 1, 1, 1, 1) if "k_scale" in state.cache else k
+        k = np.asarray(state.cache.k, np.float32)
+        scale = state.cache.k_scale
+        return k if scale is None else k * np.asarray(scale).reshape(-1, 1, 1, 1, 1, 1)
 
     want_keys = stored_keys(Dense(page_size=4))
     relative = lambda k: np.linalg.norm(k - want_keys) / np.linalg.norm(want_keys)  # noqa: E731
@@ -448,7 +450,7 @@ def test_calibrated_fp8_scales_store_large_keys_and_values(model):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _, state = run_generation(gen, loud.params, prompts, max_new_tokens=8, eos_ids=())
-    assert state.cache["k_scale"].shape == (model.cfg.num_layers,)
+    assert state.cache.k_scale.shape == (model.cfg.num_layers,)
     assert not [w for w in caught if "FP8 page pool" in str(w.message)]  # scaled: nothing at the limit
 
 

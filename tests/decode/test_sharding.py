@@ -58,7 +58,7 @@ SCRIPT = textwrap.dedent('''
         gathers = [l for l in hlo.splitlines() if " all-gather(" in l or "all-gather-start(" in l]
         pool_gathers = [l for l in gathers if re.search(r"= \\w+\\[(\\d+,){4,}\\d+\\]", l)]
         report[spec] = {**layout, "same": same, "chunked_same": chunked,
-                        "pool_gathers": len(pool_gathers), "cache_spec": list(state.cache["k"].sharding.spec)}
+                        "pool_gathers": len(pool_gathers), "cache_spec": list(state.cache.k.sharding.spec)}
     print("REPORT" + json.dumps(report))
 ''')
 

@@ -29,9 +29,9 @@ def test_scales_follow_the_maxima_and_the_format():
     np.testing.assert_allclose(np.asarray(kv_scales(absmax, jnp.float8_e5m2, 3)[1]),
                                np.array([4.0, 8.0, 16.0]) * KV_SCALE_HEADROOM / 57344, rtol=1e-6)
     pool = init_pool(CFG, 2, 4, 4, jnp.float32, "fp8", absmax)
-    assert pool["k_scale"].shape == pool["v_scale"].shape == (3,)
-    assert "k_scale" not in init_pool(CFG, 2, 4, 4, jnp.float32, "bfloat16", absmax)  # only FP8 pages are scaled
-    assert "k_scale" not in init_pool(CFG, 2, 4, 4, jnp.float32, "fp8")
+    assert pool.k_scale.shape == pool.v_scale.shape == (3,)
+    assert init_pool(CFG, 2, 4, 4, jnp.float32, "bfloat16", absmax).k_scale is None  # only FP8 pages are scaled
+    assert init_pool(CFG, 2, 4, 4, jnp.float32, "fp8").k_scale is None
     with pytest.raises(ValueError, match="3 finite values >= 0"):
         kv_scales(((1.0, 2.0), (1.0, 2.0)), jnp.float8_e4m3fn, 3)
     with pytest.raises(ValueError, match="3 finite values >= 0"):
@@ -75,7 +75,7 @@ def test_calibrate_cli_writes_scales_the_loaded_model_applies(tiny_llama_convert
     out = model.generate(["one two"], max_new_tokens=4, policy=Dense(page_size=4, kv_dtype="fp8"))[0]
     assert len(out.token_ids) == 4
     cache = model._generator(Dense(page_size=4, kv_dtype="fp8")).policy.init(model.cfg, 1, 4, model.dtype)
-    np.testing.assert_allclose(np.asarray(cache["k_scale"]), np.asarray(k_max) * 2 / 448, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(cache.k_scale), np.asarray(k_max) * 2 / 448, rtol=1e-6)
     assert main(["calibrate-kv", "--model", str(model_dir), "--dataset", str(tmp_path / "missing.jsonl")]) == 2
 
 

@@ -87,7 +87,7 @@ def test_requests_that_cannot_have_a_row_are_refused(model):
         raas.start_prefill(list(range(1, 40)), RequestSettings(max_tokens=8), seed=0)
     # a RaaS row is never refused for its length: 400 new tokens in a 32-token pool
     job = raas.start_prefill([3, 4, 5], RequestSettings(max_tokens=400), seed=0)
-    assert raas.prefill_step(job) and job.prefix.cache["k"].shape[3] == raas.num_slots
+    assert raas.prefill_step(job) and job.prefix.cache.k.shape[3] == raas.num_slots
 
 
 def test_free_stops_a_row_and_insert_reuses_it(model):
@@ -186,5 +186,5 @@ def test_warm_up_compiles_each_staging_pool_size(model):
     for job in jobs:
         while not engine.prefill_step(job):
             pass
-        assert job.prefix.cache["fill"].shape[-1] == policy.slot_count
+        assert job.prefix.cache.fill.shape[-1] == policy.slot_count
     assert (engine.gen.begin_chunks._cache_size(), engine.gen.prefill_chunk._cache_size()) == compiled
