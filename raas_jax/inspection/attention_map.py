@@ -44,23 +44,41 @@ class MassTrace:
             raise AttributeError(name)
         return getattr(self.policy, name)
 
+    @staticmethod
+    def _untraced(cache):
+        """The pool as the traced policy keeps it (its own state in place)."""
+        return cache.replace(policy_state=cache.policy_state.policy_state)
+
+    @staticmethod
+    def _traced(cache, mass=None):
+        """The traced policy's pool back under the trace, with `mass` [L, B, Hkv, S] (None: zeros, none yet)."""
+        mass = jnp.zeros(cache.fill.shape, jnp.float32) if mass is None else mass
+        return cache.replace(policy_state=TracedState(cache.policy_state, mass))
+
     def init(self, cfg, batch, num_slots, dtype):
-        cache = self.policy.init(cfg, batch, num_slots, dtype)
-        traced = TracedState(cache.policy_state, jnp.zeros(cache.fill.shape, jnp.float32))  # [L, B, Hkv, S]
-        return cache.replace(policy_state=traced)
+        return self._traced(self.policy.init(cfg, batch, num_slots, dtype))
 
     def prefill(self, cache, layer, q, k, v, positions):
-        traced = cache.policy_state
-        cache = self.policy.prefill(cache.replace(policy_state=traced.policy_state), layer, q, k, v, positions)
-        return cache.replace(policy_state=TracedState(cache.policy_state, traced.mass))
+        mass = cache.policy_state.mass
+        return self._traced(self.policy.prefill(self._untraced(cache), layer, q, k, v, positions), mass)
+
+    def begin_chunked_prefill(self, cfg, cache):
+        return self._traced(self.policy.begin_chunked_prefill(cfg, self._untraced(cache)), cache.policy_state.mass)
+
+    def prefill_chunk(self, cache, layer, q, k, v, positions):
+        mass = cache.policy_state.mass
+        out, cache = self.policy.prefill_chunk(self._untraced(cache), layer, q, k, v, positions)
+        return out, self._traced(cache, mass)
+
+    def end_chunked_prefill(self, cache):
+        return self._traced(self.policy.end_chunked_prefill(self._untraced(cache)))  # may shrink the pool: new zeros
 
     def decode(self, cache, layer, q, k, v, positions):
-        traced = cache.policy_state
-        out, cache = self.policy.decode(cache.replace(policy_state=traced.policy_state), layer, q, k, v, positions)
-        _, mass = kernels.decode_attention(q, cache.k, cache.v, cache.fill[layer], layer=layer,
-                                           backend="reference")  # [B, Hkv, S] over every resident page
-        traced = TracedState(cache.policy_state, traced.mass.at[layer].set(mass))
-        return out, cache.replace(policy_state=traced)
+        mass = cache.policy_state.mass
+        out, cache = self.policy.decode(self._untraced(cache), layer, q, k, v, positions)
+        _, step_mass = kernels.decode_attention(q, cache.k, cache.v, cache.fill[layer], layer=layer,
+                                                backend="reference")  # [B, Hkv, S] over every resident page
+        return out, self._traced(cache, mass.at[layer].set(step_mass))
 
 
 @dataclasses.dataclass

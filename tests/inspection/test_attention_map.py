@@ -143,3 +143,32 @@ def test_inspect_and_calibrate_take_the_dataset_field_flags(monkeypatch, tmp_pat
         assert "use --question-field / --answer-field" in capsys.readouterr().err
         with pytest.raises(pytest.fail.Exception, match="a model was loaded"):
             main(argv + ["--question-field", "q", "--answer-field", "a"])
+
+
+def test_mass_trace_keeps_the_traced_policys_own_state_through_a_chunked_prefill():
+    """MassTrace(H2O): H2O's hooks see H2O's state (HeavyHitterMass), never the tracer's, in every hook."""
+    import jax
+    import jax.numpy as jnp
+
+    from raas_jax.models.config import ModelConfig
+    from raas_jax.policies import H2O, HeavyHitterMass
+
+    cfg = ModelConfig(model_type="llama", vocab_size=8, hidden_size=32, intermediate_size=8, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8)
+    policy = H2O(budget=16, page_size=4)
+    traced = attention_map.MassTrace(policy)
+    pool = traced.init(cfg, 2, policy.slot_count, jnp.float32)
+    assert isinstance(pool.policy_state, attention_map.TracedState)
+    assert isinstance(pool.policy_state.policy_state, HeavyHitterMass)
+    chunked = traced.begin_chunked_prefill(cfg, pool)
+    assert chunked.policy_state.policy_state.token_mass is not None  # H2O's accumulator, inside the trace
+    q = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 4, 8))
+    k, v = jax.random.normal(jax.random.PRNGKey(1), (2, 2, 8, 2, 8))
+    positions = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 8))
+    for layer in range(2):
+        _, chunked = traced.prefill_chunk(chunked, jnp.int32(layer), q, k, v, positions)
+    folded = traced.end_chunked_prefill(chunked)
+    alone = policy.end_chunked_prefill(chunked.replace(policy_state=chunked.policy_state.policy_state))
+    assert folded.policy_state.policy_state.token_mass is None
+    np.testing.assert_array_equal(folded.policy_state.policy_state.mass, alone.policy_state.mass)
+    assert folded.policy_state.mass.shape == folded.fill.shape
