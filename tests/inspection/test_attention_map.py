@@ -160,15 +160,20 @@ def test_mass_trace_keeps_the_traced_policys_own_state_through_a_chunked_prefill
     pool = traced.init(cfg, 2, policy.slot_count, jnp.float32)
     assert isinstance(pool.policy_state, attention_map.TracedState)
     assert isinstance(pool.policy_state.policy_state, HeavyHitterMass)
-    chunked = traced.begin_chunked_prefill(cfg, pool)
-    assert chunked.policy_state.policy_state.token_mass is not None  # H2O's accumulator, inside the trace
     q = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 4, 8))
     k, v = jax.random.normal(jax.random.PRNGKey(1), (2, 2, 8, 2, 8))
     positions = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 8))
-    for layer in range(2):
-        _, chunked = traced.prefill_chunk(chunked, jnp.int32(layer), q, k, v, positions)
-    folded = traced.end_chunked_prefill(chunked)
-    alone = policy.end_chunked_prefill(chunked.replace(policy_state=chunked.policy_state.policy_state))
+
+    @jax.jit  # op by op, the chunk's hooks take seconds to compile
+    def chunked_prefill(pool):
+        chunked = traced.begin_chunked_prefill(cfg, pool)
+        assert chunked.policy_state.policy_state.token_mass is not None  # H2O's accumulator, inside the trace
+        for layer in range(2):
+            _, chunked = traced.prefill_chunk(chunked, jnp.int32(layer), q, k, v, positions)
+        alone = policy.end_chunked_prefill(chunked.replace(policy_state=chunked.policy_state.policy_state))
+        return traced.end_chunked_prefill(chunked), alone
+
+    folded, alone = chunked_prefill(pool)
     assert folded.policy_state.policy_state.token_mass is None
     np.testing.assert_array_equal(folded.policy_state.policy_state.mass, alone.policy_state.mass)
     assert folded.policy_state.mass.shape == folded.fill.shape
