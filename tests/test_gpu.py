@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from raas_jax import kernels
+from raas_jax.kernels import dispatch as kernels
 from raas_jax.bench import e2e as bench
 from raas_jax.decode.generate import Generator, run_generation
 from raas_jax.policies import H2O, Dense, RaaS, StreamingLLM
