@@ -25,15 +25,19 @@ if _XLA_CACHE_OWNED:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(64 << 30))
 
-# On the CPU the tests' time is mostly XLA compiling the tiny model's programs that then run for milliseconds.
-# XLA's CPU fusion emitters compile those programs about 3x slower than its older elemental emitters (the six
-# of test_large_budget_equals_dense[raas]: 10.8 s against 3.1 s), so the tests use the older ones. Set here,
-# before jax starts, so the workers and child processes inherit it; not where a CUDA plugin is installed (GPU
-# runs keep XLA's defaults), nor when XLA_FLAGS already chooses.
-_FAST_CPU_COMPILE = "--xla_cpu_use_fusion_emitters=false"
-if (importlib.util.find_spec("jax_cuda12_plugin") is None and importlib.util.find_spec("jax_cuda13_plugin") is None
-        and "fusion_emitters" not in os.environ.get("XLA_FLAGS", "")):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_CPU_COMPILE}".strip()
+# On the CPU the tests' time is mostly XLA compiling the tiny model's programs that then run for milliseconds,
+# so the tests ask XLA for its quickest compiles:
+# - the older elemental emitters: XLA's CPU fusion emitters compile those programs about 3x slower (the six of
+#   test_large_budget_equals_dense[raas]: 10.8 s against 3.1 s);
+# - no LLVM optimization (`jax_disable_most_optimizations`): tests/test_policies.py and
+#   tests/decode/test_generate.py's fast tests took 139 s with it off, 62 s with it on, on two workers.
+#   Tests that run real weights for many steps turn it off again with the `optimized_compiles` fixture.
+# Set here, before jax starts, so the workers and child processes inherit them; not where a CUDA plugin is
+# installed (GPU runs keep XLA's defaults), nor where the environment already chooses.
+if importlib.util.find_spec("jax_cuda12_plugin") is None and importlib.util.find_spec("jax_cuda13_plugin") is None:
+    if "fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_use_fusion_emitters=false".strip()
+    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402  (after the cache and XLA variables)
 
@@ -45,6 +49,17 @@ VOCAB = 320
 def pytest_unconfigure(config):
     if _XLA_CACHE_OWNED:
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def optimized_compiles():
+    """XLA's full optimization for this module's compiles: for real weights run for many steps, where an
+    unoptimized program's run costs more than the optimization (the GGUF model's policy test: 96 s without,
+    32 s with)."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
 
 
 def pytest_collection_modifyitems(config, items):

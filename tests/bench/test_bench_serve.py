@@ -84,7 +84,8 @@ def test_bad_flags_are_refused_before_anything_loads(capsys):
     assert "error" in capsys.readouterr().err
 
 
-def test_served_milestones_answers_equal_the_evals(tmp_path):
+@pytest.mark.parametrize("max_tokens", [40, pytest.param(120, marks=pytest.mark.slow)])  # 120: whole answers
+def test_served_milestones_answers_equal_the_evals(tmp_path, max_tokens):
     """`bench serve --workload milestones:D` on the committed checkpoint, greedy and in process: every problem's
     text, and so its grade, equals what `raas-jax eval` gets for it."""
     from pathlib import Path
@@ -96,11 +97,11 @@ def test_served_milestones_answers_equal_the_evals(tmp_path):
     ckpt = Path(__file__).resolve().parents[2] / "checkpoints" / "milestones-13m"
     out = tmp_path / "served"
     assert main(["bench", "serve", "--model", str(ckpt), "--workload", "milestones:1", "--num-prompts", "3",
-                 "--max-tokens", "120", "--policies", "raas", "--budget", "256", "--max-rows", "2",
+                 "--max-tokens", str(max_tokens), "--policies", "raas", "--budget", "256", "--max-rows", "2",
                  "--decode-steps", "16", "--time-limit", "300", "--out-dir", str(out)]) == 0
     run = json.loads((out / "serve.json").read_text())["runs"][0]
-    config = EvalConfig(dataset="milestones:1", policies=("raas",), budgets=(256,), max_new_tokens=120, batch_size=3,
-                        model=str(ckpt))
+    config = EvalConfig(dataset="milestones:1", policies=("raas",), budgets=(256,), max_new_tokens=max_tokens,
+                        batch_size=3, model=str(ckpt))
     rows = run_eval(raas_jax.load(ckpt), load_samples("milestones:1", limit=3), config, tmp_path / "eval",
                     progress=False)
     assert [r["text"] for r in run["records"]] == [row["text"] for row in rows]

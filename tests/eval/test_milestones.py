@@ -140,6 +140,7 @@ def test_committed_checkpoint_encodes_the_task(model):
     assert model.encode(p.prompt + " " + p.solution, chat=False) == prompt + solution[:-1]
 
 
+@pytest.mark.slow  # the fast set: the runner on the tiny model (tests/eval/test_eval.py), the checker above
 def test_eval_end_to_end_on_committed_checkpoint(model, tmp_path):
     """CI's run of the whole path: held-out problems, raw prompt, dense and RaaS, exact checker, rows written."""
     from raas_jax.eval.datasets import load_samples

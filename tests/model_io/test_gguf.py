@@ -12,7 +12,7 @@ import pytest
 import raas_jax
 from raas_jax.model_io import default_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("optimized_compiles")]  # real weights, many steps
 
 DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
 

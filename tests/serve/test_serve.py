@@ -174,7 +174,9 @@ def test_staggered_requests_equal_generate_alone_raas(raas_server, model):
     assert _staggered(raas_server) == _alone(model, POLICY_FLAGS["raas"][0])
 
 
-@pytest.mark.parametrize("name", ["dense", pytest.param("quest", marks=pytest.mark.slow),
+# the fast set: RaaS over HTTP above, and every policy's rows in process (tests/serve/test_serve_engine.py)
+@pytest.mark.parametrize("name", [pytest.param("dense", marks=pytest.mark.slow),
+                                  pytest.param("quest", marks=pytest.mark.slow),
                                   pytest.param("h2o", marks=pytest.mark.slow),
                                   pytest.param("streaming", marks=pytest.mark.slow)])
 def test_staggered_requests_equal_generate_alone(name, model, tiny_llama_converted, tmp_path):
