@@ -155,7 +155,8 @@ def identity_pool(k, v, page, slots):
 
 
 @pytest.mark.parametrize("impl", ["reference", "blockwise"])
-@pytest.mark.parametrize("chunk,page", [(16, 4), (24, 8), (48, 16)])
+@pytest.mark.parametrize("chunk,page", [pytest.param(16, 4, marks=pytest.mark.slow), (24, 8),
+                                        pytest.param(48, 16, marks=pytest.mark.slow)])  # the sizes: slow
 def test_chunks_over_the_pool_equal_the_whole_prompt(impl, chunk, page):
     """Each chunk's queries over the pool (the earlier chunks) and the chunk itself give the whole prompt's
     attention; summed over chunks, the key masses give the whole prompt's."""

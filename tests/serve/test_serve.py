@@ -293,22 +293,22 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(endless_server):
 
 
 def test_a_full_queue_answers_429_and_the_rest_complete(tiny_llama_converted, tmp_path):
-    with running_server(tiny_llama_converted, tmp_path, "--max-rows", "2", "--max-waiting", "50",
+    with running_server(tiny_llama_converted, tmp_path, "--max-rows", "2", "--max-waiting", "10",
                         *POLICY_FLAGS["raas"][1]) as server:
         def send(i):
             return server.request("POST", "/v1/completions", {"prompt": [5 + i % 50, 6], "max_tokens": 8,
                                                               "ignore_eos": True, "temperature": 0}, timeout=240)
 
-        with concurrent.futures.ThreadPoolExecutor(max_workers=200) as pool:
-            futures = [pool.submit(send, i) for i in range(200)]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=60) as pool:
+            futures = [pool.submit(send, i) for i in range(60)]
             done, pending = concurrent.futures.wait(futures, timeout=300)
-        assert not pending, f"{len(pending)} of 200 requests did not come back in 300 s"
+        assert not pending, f"{len(pending)} of 60 requests did not come back in 300 s"
         answers = [f.result() for f in futures]
         statuses = [status for status, _ in answers]
         assert set(statuses) <= {200, 429}, set(statuses)
-        # at least the queue's 50 are served (plus whatever the scheduler had moved into the 2 rows by then: on a
+        # at least the queue's 10 are served (plus whatever the scheduler had moved into the 2 rows by then: on a
         # loaded machine the burst can fill the queue before the first turn admits anyone)
-        assert statuses.count(429) >= 1 and statuses.count(200) >= 50, statuses.count(200)
+        assert statuses.count(429) >= 1 and statuses.count(200) >= 10, statuses.count(200)
         for status, body in answers:
             if status == 200:
                 assert body["usage"]["completion_tokens"] == 8
