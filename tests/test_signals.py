@@ -32,7 +32,8 @@ def run_interrupted(argv: list[str], marker: str, delay: float | None = 0.0, tim
     """Start `raas-jax ARGV` with safe points traced, send SIGINT `delay` seconds after the first stderr line
     holding `marker`, and return (exit code, stderr). The marker is not seen: (None, stderr) after killing it.
     `delay` None: the child sends itself SIGINT just after passing the safe point `marker` names."""
-    env = dict(os.environ, **{signals.TRACE_ENV: "1"}, PYTHONUNBUFFERED="1")
+    # JAX_DISABLE_MOST_OPTIMIZATIONS: the child decodes real weights for many steps, where XLA's optimization pays
+    env = dict(os.environ, **{signals.TRACE_ENV: "1"}, PYTHONUNBUFFERED="1", JAX_DISABLE_MOST_OPTIMIZATIONS="0")
     if delay is None:
         env[signals.SELF_SIGINT_ENV] = marker.removeprefix("safe point ")
     proc = subprocess.Popen([sys.executable, "-m", "raas_jax.cli", *argv], cwd=ROOT, env=env, text=True,
