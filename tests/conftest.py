@@ -57,7 +57,7 @@ def pytest_unconfigure(config):
 def optimized_compiles():
     """XLA's full optimization for this module's compiles: for real weights run for many steps, where an
     unoptimized program's run costs more than the optimization (the GGUF model's policy test: 96 s without,
-    32 s with)."""
+    35 s with)."""
     before = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", False)
     yield
