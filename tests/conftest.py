@@ -36,7 +36,15 @@ if _XLA_CACHE_OWNED:
 #   Tests that run real weights for many steps turn it off again with the `optimized_compiles` fixture.
 # Set here, before jax starts, so the workers and child processes inherit them; not where a CUDA plugin is
 # installed (GPU runs keep XLA's defaults), nor where the environment already chooses.
-if importlib.util.find_spec("jax_cuda12_plugin") is None and importlib.util.find_spec("jax_cuda13_plugin") is None:
+def _gpu_plugin_installed() -> bool:
+    names = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
+    try:
+        return any(importlib.util.find_spec(name) is not None for name in names)
+    except ImportError:  # no jax_plugins package
+        return any(importlib.util.find_spec(name) is not None for name in names[:2])
+
+
+if not _gpu_plugin_installed():
     if "fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_use_fusion_emitters=false".strip()
     os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
