@@ -114,8 +114,7 @@ def interrupt_at(moment: str, tries: int, tmp_path: Path) -> None:
         check(out)
 
 
-@pytest.mark.parametrize("moment", ["compile", pytest.param("writing rows", marks=pytest.mark.slow),
-                                    "writing an export"])  # the slow set repeats every moment
+@pytest.mark.parametrize("moment", ["compile", "writing an export"])  # every moment, repeated: the slow test below
 def test_ctrl_c_exits_130_with_nothing_half_written(moment, tmp_path):
     interrupt_at(moment, 1, tmp_path)
 
